@@ -1,0 +1,160 @@
+//! `annealed_renoiser`: TAFS's stochastic step — re-noise the one-step prediction with a
+//! temperature-annealed amount of fresh noise.
+//!
+//! x_{t'} = (1 − t')·x̂0 + t'·(√(1−τ²)·ε̂ + τ·ε), ε ~ N(0, I) fresh. The step is a Gaussian
+//! policy with mean μ = (1 − t')·x̂0 + t'·√(1−τ²)·ε̂ and std σ = t'·τ; its log-probability
+//! (mean over dimensions, f32) is kept as the "old" log-prob for the GRPO ratio.
+
+use anyhow::{Result, bail};
+use burn::tensor::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry};
+
+use crate::grpo::{LinearGaussian, kernel::HALF_LN_2PI};
+use crate::model::{sample_standard_normal, tensor_from_vec};
+use crate::types::{Images, Prediction, Transition, to_vec};
+
+pub fn register(r: &mut Registry) {
+    r.add_node(NodeType {
+        name: "annealed_renoiser",
+        summary: "TAFS step: re-noise x̂0 to t_next with temperature τ (a Gaussian policy)",
+        doc: "x_next = (1 − t_next)·x̂0 + t_next·(√(1−τ²)·ε̂ + τ·ε) with fresh ε ~ N(0, I).\n\
+              τ = 1 is plain consistency-style re-noising; τ → 0 is deterministic (then the step\n\
+              has no log-probability and is not trained). τ may also be annealed over training\n\
+              iterations: τ(i) = τ·(1 + (iter_scale_end − 1)·s(i/iterations)) with s the\n\
+              `iter_schedule` (none, linear, cosine).",
+        inputs: vec![PortDef::new(
+            "pred",
+            "prediction",
+            "the one-step prediction at t",
+        )],
+        outputs: vec![
+            PortDef::new("x_next", "images", "the re-noised state x_{t_next}"),
+            PortDef::new(
+                "transition",
+                "transition",
+                "the step with its old log-prob (for GRPO)",
+            ),
+        ],
+        params: vec![
+            ParamDef::float("t_next", 0.5, 0.0, 1.0, "timestep after the step"),
+            ParamDef::float("tau", 1.0, 0.0, 1.0, "temperature τ of this step"),
+            ParamDef::choice(
+                "iter_schedule",
+                "none",
+                &["none", "linear", "cosine"],
+                "annealing of τ over training iterations",
+            ),
+            ParamDef::float(
+                "iter_scale_end",
+                1.0,
+                0.0,
+                1e3,
+                "τ multiplier reached at the last iteration",
+            ),
+        ],
+        resources: vec![],
+        factory: |ctx| {
+            let p = ctx.params;
+            Ok(Box::new(Renoiser {
+                t_next: p.f32("t_next")?,
+                tau: p.f32("tau")?,
+                schedule: p.str("iter_schedule")?.to_string(),
+                scale_end: p.f32("iter_scale_end")?,
+            }))
+        },
+    });
+}
+
+struct Renoiser {
+    t_next: f32,
+    tau: f32,
+    schedule: String,
+    scale_end: f32,
+}
+
+impl Renoiser {
+    fn tau_at(&self, it: u64, iterations: u64) -> f32 {
+        let u = if iterations <= 1 {
+            0.0
+        } else {
+            (it - 1) as f32 / (iterations - 1) as f32
+        };
+        let s = match self.schedule.as_str() {
+            "linear" => u,
+            "cosine" => 0.5 * (1.0 - (std::f32::consts::PI * u).cos()),
+            _ => 0.0,
+        };
+        (self.tau * (1.0 + (self.scale_end - 1.0) * s)).clamp(0.0, 1.0)
+    }
+}
+
+/// Per-sample mean-over-dimensions log N(x; μ, σ²) of a batch, [B, C, H, W] → B values.
+pub fn log_prob(x: Tensor<4>, mean: Tensor<4>, std: f32) -> Tensor<1> {
+    let [b, c, h, w] = x.dims();
+    let d = (c * h * w) as f32;
+    let sq = (x - mean)
+        .square()
+        .reshape([b, c * h * w])
+        .sum_dim(1)
+        .reshape([b]);
+    sq.mul_scalar(-1.0 / (2.0 * std * std * d))
+        .sub_scalar(std.ln() + HALF_LN_2PI)
+}
+
+impl Node for Renoiser {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+        let pred = inputs.get::<Prediction>("pred")?;
+        let tau = self.tau_at(ctx.iteration, ctx.iterations);
+        if self.t_next >= pred.t {
+            bail!(
+                "t_next = {} must be below the prediction's t = {}",
+                self.t_next,
+                pred.t
+            );
+        }
+        let kernel = LinearGaussian::tafs(pred.t, self.t_next, tau)?;
+        let [b, c, h, w] = pred.x_t.dims();
+        let device = pred.x_t.device();
+        let mean = pred.x_t.clone().mul_scalar(kernel.a) + pred.v.clone().mul_scalar(kernel.b);
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
+        let eps = tensor_from_vec(
+            sample_standard_normal(&mut rng, b * c * h * w),
+            [b, c, h, w],
+            &device,
+        );
+        let x_next = if kernel.is_stochastic() {
+            mean.clone() + eps.mul_scalar(kernel.std)
+        } else {
+            mean.clone()
+        };
+        let old_logprob = if kernel.is_stochastic() {
+            to_vec(&log_prob(x_next.clone(), mean, kernel.std))?
+        } else {
+            vec![0.0; b]
+        };
+        ctx.metric("tau", tau as f64);
+        let tr = Transition {
+            step: pred.step,
+            t: pred.t,
+            t_next: self.t_next,
+            tau,
+            kernel,
+            cfg: pred.cfg,
+            x_t: pred.x_t.clone(),
+            x_next: x_next.clone(),
+            old_logprob,
+            sampler: "tafs",
+        };
+        Ok(Outputs::new()
+            .with(
+                "x_next",
+                Images {
+                    tensor: x_next,
+                    t: self.t_next,
+                },
+            )
+            .with("transition", tr))
+    }
+}

@@ -1,0 +1,62 @@
+//! The `device` of a pipeline: which burn backend runs the tensors.
+//!
+//! `flex` (default) is burn's pure-Rust CPU backend. `libtorch` and `libtorch-cuda:N` run on
+//! libtorch through burn-tch; they need a binary built with `--features tch`.
+
+use burn::tensor::Device;
+
+/// A parsed device name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Flex,
+    LibTorch,
+    LibTorchCuda(usize),
+}
+
+/// Parse a device name, checking that this binary can run it.
+pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
+    let kind = match s {
+        "flex" => DeviceKind::Flex,
+        "libtorch" | "libtorch-cpu" => DeviceKind::LibTorch,
+        other => match other.strip_prefix("libtorch-cuda") {
+            Some("") => DeviceKind::LibTorchCuda(0),
+            Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse().ok()) {
+                Some(i) => DeviceKind::LibTorchCuda(i),
+                None => {
+                    return Err(format!(
+                        "invalid device `{s}`: write `libtorch-cuda:N` with N the GPU index"
+                    ));
+                }
+            },
+            None => {
+                return Err(format!(
+                    "unknown device `{s}`: use `flex` (pure-Rust CPU), `libtorch` (CPU) or `libtorch-cuda:N`"
+                ));
+            }
+        },
+    };
+    if kind != DeviceKind::Flex && !cfg!(feature = "tch") {
+        return Err(format!(
+            "device `{s}` needs libtorch, but this flowrun was built without it; rebuild with `cargo build --release --features tch` (see README, \"Running on libtorch\")"
+        ));
+    }
+    Ok(kind)
+}
+
+/// The burn device for inference (no autodiff).
+pub fn device(kind: DeviceKind) -> Device {
+    match kind {
+        DeviceKind::Flex => Device::flex(),
+        #[cfg(feature = "tch")]
+        DeviceKind::LibTorch => Device::libtorch(),
+        #[cfg(feature = "tch")]
+        DeviceKind::LibTorchCuda(i) => Device::libtorch_cuda(i),
+        #[cfg(not(feature = "tch"))]
+        _ => Device::flex(),
+    }
+}
+
+/// Check a pipeline's `device` string (for validation).
+pub fn check(s: &str) -> Result<(), String> {
+    parse_device(s).map(|_| ())
+}

@@ -1,0 +1,170 @@
+//! `flow_model` resource: the flow-matching model being trained, with its AdamW state, its EMA
+//! copy and (optionally) a frozen reference copy for the KL penalty of GRPO.
+
+use std::any::Any;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::module::Module;
+use burn::tensor::Device;
+use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
+
+use crate::device::{device, parse_device};
+use crate::model::{
+    FlowModel, FlowModelConfig, Trainer, TrainerConfig, load_safetensors, save_safetensors,
+};
+use crate::world;
+
+pub const TYPE: &str = "flow_model";
+
+pub fn register(r: &mut Registry) {
+    r.add_resource(ResourceType {
+        name: TYPE,
+        summary: "a flow-matching text-to-image model with its optimizer, EMA and reference copy",
+        doc: "Loads `checkpoint` (safetensors written by flowrun) or initialises a fresh model of\n\
+              `size`. Trained in place by `flow_matching_train` or `grpo_update` (its one writer);\n\
+              samplers read it. Every run checkpoint stores trainer.safetensors (weights, EMA,\n\
+              AdamW moments, step), model.safetensors (the weights used for sampling: loadable by\n\
+              `flowrun sample` and from Python) and reference.safetensors (the KL reference).",
+        params: vec![
+            ParamDef::new("checkpoint", ParamKind::Path, "model weights to start from; empty = fresh init")
+                .default(ParamValue::Str(String::new())),
+            ParamDef::choice("size", "small", &["tiny", "small"], "architecture when starting fresh"),
+            ParamDef::float("lr", 1e-5, 0.0, 1.0, "AdamW learning rate"),
+            ParamDef::int("warmup_steps", 0, 0, i64::MAX, "linear learning-rate warmup (optimizer steps)"),
+            ParamDef::float("weight_decay", 0.0, 0.0, 1.0, "decoupled weight decay"),
+            ParamDef::float("beta1", 0.9, 0.0, 1.0, "AdamW β1"),
+            ParamDef::float("beta2", 0.999, 0.0, 1.0, "AdamW β2"),
+            ParamDef::float("grad_clip_norm", 1.0, 0.0, 1e9, "global gradient-norm clip (0 = off)"),
+            ParamDef::float("ema_decay", 0.999, 0.0, 1.0, "EMA decay of the weights"),
+            ParamDef::choice(
+                "sample_with",
+                "current",
+                &["current", "ema"],
+                "weights samplers use: the current ones (on-policy RL) or the EMA (pretraining eval)",
+            ),
+            ParamDef::boolean("reference", false, "keep a frozen copy of the starting weights (needed for a KL penalty)"),
+        ],
+        factory: build,
+    });
+}
+
+/// The `flow_model` resource.
+pub struct FlowModelRes {
+    pub trainer: Trainer,
+    pub reference: Option<FlowModel>,
+    pub sample_with_ema: bool,
+    /// Plain (non-autodiff) device for inference.
+    pub device: Device,
+    pub source: Option<PathBuf>,
+    config: TrainerConfig,
+}
+
+fn trainer_config(ctx: &BuildCtx) -> Result<TrainerConfig> {
+    let p = ctx.params;
+    Ok(TrainerConfig::new()
+        .with_lr(p.f64("lr")?)
+        .with_warmup_steps(p.i64("warmup_steps")? as u64)
+        .with_weight_decay(p.f32("weight_decay")?)
+        .with_beta1(p.f32("beta1")?)
+        .with_beta2(p.f32("beta2")?)
+        .with_grad_clip_norm(p.f32("grad_clip_norm")?)
+        .with_ema_decay(p.f64("ema_decay")?)
+        .with_seed(ctx.seed))
+}
+
+fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
+    let p = ctx.params;
+    let kind = parse_device(ctx.device).map_err(anyhow::Error::msg)?;
+    let dev = device(kind);
+    let config = trainer_config(ctx)?;
+    let (model, source) = match p.opt_str("checkpoint")? {
+        Some(path) => {
+            let path = PathBuf::from(path);
+            if !path.exists() {
+                bail!(
+                    "checkpoint {} does not exist (set `checkpoint` to a .safetensors file written by flowrun, or leave it empty for a fresh model)",
+                    path.display()
+                );
+            }
+            let (_, m) = load_safetensors(&path, &dev)?;
+            (m, Some(path))
+        }
+        None => {
+            let cfg = match p.str("size")? {
+                "tiny" => FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS),
+                _ => FlowModelConfig::small(world::vocab_size(), world::MAX_TOKENS),
+            }
+            .with_seed(ctx.seed);
+            (cfg.init(&dev), None)
+        }
+    };
+    if model.config().vocab_size != world::vocab_size()
+        || model.config().max_tokens != world::MAX_TOKENS
+    {
+        bail!(
+            "model vocabulary ({} tokens, max {}) does not match ShapeWorld's ({}, max {})",
+            model.config().vocab_size,
+            model.config().max_tokens,
+            world::vocab_size(),
+            world::MAX_TOKENS
+        );
+    }
+    let reference = p.bool("reference")?.then(|| model.clone());
+    let trainer = Trainer::from_model(model, config.clone());
+    Ok(Box::new(FlowModelRes {
+        trainer,
+        reference,
+        sample_with_ema: p.str("sample_with")? == "ema",
+        device: dev,
+        source,
+        config,
+    }))
+}
+
+impl FlowModelRes {
+    /// The model samplers use, on the plain device.
+    pub fn sampling_model(&self) -> FlowModel {
+        if self.sample_with_ema {
+            self.trainer.ema().clone()
+        } else {
+            self.trainer.model().valid()
+        }
+    }
+}
+
+impl Resource for FlowModelRes {
+    fn save(&self, dir: &Path) -> Result<()> {
+        self.trainer.save_state(&dir.join("trainer.safetensors"))?;
+        save_safetensors(&self.sampling_model(), &dir.join("model.safetensors"))?;
+        if let Some(r) = &self.reference {
+            save_safetensors(r, &dir.join("reference.safetensors"))?;
+        }
+        Ok(())
+    }
+    fn load(&mut self, dir: &Path) -> Result<()> {
+        let p = dir.join("trainer.safetensors");
+        let mut t = Trainer::load_state(&p, &self.device)
+            .with_context(|| format!("loading {}", p.display()))?;
+        // Hyper-parameters come from the (possibly overridden) pipeline, the state from disk.
+        t.config = self.config.clone();
+        self.trainer = t;
+        let r = dir.join("reference.safetensors");
+        if self.reference.is_some() {
+            if !r.exists() {
+                bail!(
+                    "{} is missing (the pipeline asks for a reference model)",
+                    r.display()
+                );
+            }
+            self.reference = Some(load_safetensors(&r, &self.device)?.1);
+        }
+        Ok(())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}

@@ -1,0 +1,122 @@
+//! `flow_sde_step`: Flow-GRPO's SDE sampler step (the baseline), a Gaussian policy.
+//!
+//! σ = t, σ' = t_next, Δt = σ' − σ < 0, s = a·√(σ/(1−σ̃)) (σ̃ = σ, or t₂ when σ = 1):
+//! μ = x·(1 + s²Δt/(2σ)) + v·(1 + s²(1−σ)/(2σ))·Δt, x' = μ + s·√(−Δt)·ε.
+
+use anyhow::{Result, bail};
+use burn::tensor::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
+
+use crate::annealed_renoiser::log_prob;
+use crate::flow_model::{FlowModelRes, TYPE};
+use crate::grpo::LinearGaussian;
+use crate::model::{sample_standard_normal, tensor_from_vec};
+use crate::types::{Images, PromptBatch, Transition, to_vec};
+
+pub fn register(r: &mut Registry) {
+    r.add_node(NodeType {
+        name: "flow_sde_step",
+        summary: "Flow-GRPO SDE step from t to t_next (baseline sampler)",
+        doc: "Evaluates v_θ(x_t, t, c) and takes one step of Flow-GRPO's SDE with noise level `a`.\n\
+              Outputs the next state, the transition (with its old log-prob, mean over\n\
+              dimensions) and the one-step prediction x̂0 = x_t − t·v (for optional dense rewards).",
+        inputs: vec![
+            PortDef::new("x", "images", "the state x_t"),
+            PortDef::new("prompts", "prompts", "the batch's prompts"),
+        ],
+        outputs: vec![
+            PortDef::new("x_next", "images", "the state x_{t_next}"),
+            PortDef::new("transition", "transition", "the step with its old log-prob (for GRPO)"),
+            PortDef::new("x0", "images", "one-step prediction x̂0 at t"),
+        ],
+        params: vec![
+            ParamDef::float("t", 1.0, 0.0, 1.0, "timestep of the input state"),
+            ParamDef::float("t_next", 0.9, 0.0, 1.0, "timestep after the step"),
+            ParamDef::float("noise_level", 0.7, 0.0, 10.0, "a: the SDE noise level"),
+            ParamDef::float("t2", 0.9, 0.0, 0.999, "the second timestep (σ̃ used when σ = 1)"),
+            ParamDef::float("cfg", 1.0, 0.0, 50.0, "classifier-free guidance scale (1 = off)"),
+        ],
+        resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: false, doc: "the model being trained" }],
+        factory: |ctx| {
+            let p = ctx.params;
+            let kernel = LinearGaussian::flow_sde(p.f32("t")?, p.f32("t_next")?, p.f32("noise_level")?, p.f32("t2")?)?;
+            Ok(Box::new(FlowSdeStep {
+                t: p.f32("t")?,
+                t_next: p.f32("t_next")?,
+                noise_level: p.f32("noise_level")?,
+                cfg: p.f32("cfg")?,
+                kernel,
+                step: ctx.step.map_or(1, |s| s.0),
+            }))
+        },
+    });
+}
+
+struct FlowSdeStep {
+    t: f32,
+    t_next: f32,
+    noise_level: f32,
+    cfg: f32,
+    kernel: LinearGaussian,
+    step: usize,
+}
+
+impl Node for FlowSdeStep {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+        let x = inputs.get::<Images>("x")?;
+        let prompts = inputs.get::<PromptBatch>("prompts")?;
+        if x.batch() != prompts.len() {
+            bail!(
+                "`x` has {} samples but `prompts` has {}",
+                x.batch(),
+                prompts.len()
+            );
+        }
+        let (model, device) = ctx.read("policy", |m: &FlowModelRes| {
+            Ok((m.sampling_model(), m.device.clone()))
+        })?;
+        let [b, c, h, w] = x.tensor.dims();
+        let x_t = x.tensor.clone();
+        let v = model.forward_cfg(
+            x_t.clone(),
+            Tensor::<1>::full([b], self.t, &device),
+            prompts.tokens_tensor(&device),
+            self.cfg,
+        );
+        let k = self.kernel;
+        let mean = x_t.clone().mul_scalar(k.a) + v.clone().mul_scalar(k.b);
+        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
+        let eps = tensor_from_vec(
+            sample_standard_normal(&mut rng, b * c * h * w),
+            [b, c, h, w],
+            &device,
+        );
+        let x_next = mean.clone() + eps.mul_scalar(k.std);
+        let old_logprob = to_vec(&log_prob(x_next.clone(), mean, k.std))?;
+        let x0 = x_t.clone() - v.mul_scalar(self.t);
+        let tr = Transition {
+            step: self.step,
+            t: self.t,
+            t_next: self.t_next,
+            tau: self.noise_level,
+            kernel: k,
+            cfg: self.cfg,
+            x_t,
+            x_next: x_next.clone(),
+            old_logprob,
+            sampler: "flow_sde",
+        };
+        Ok(Outputs::new()
+            .with(
+                "x_next",
+                Images {
+                    tensor: x_next,
+                    t: self.t_next,
+                },
+            )
+            .with("transition", tr)
+            .with("x0", Images { tensor: x0, t: 0.0 }))
+    }
+}

@@ -1,0 +1,8 @@
+//! The algorithmic core of GRPO for flow models, independent of the model: transition kernels
+//! as Gaussian policies and group-relative, step-aware advantages.
+
+pub mod advantage;
+pub mod kernel;
+
+pub use advantage::{AdvantageMode, StdScope, normalise, step_advantages};
+pub use kernel::LinearGaussian;

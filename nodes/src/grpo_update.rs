@@ -1,0 +1,314 @@
+//! `grpo_update`: the clipped policy-gradient (GRPO) update of the flow model.
+//!
+//! For every (sample, transition) the policy's log-probability is recomputed from a fresh
+//! velocity: μ_θ = a·x_t + b·v_θ(x_t, t, c), log π_θ(x_next | x_t) (mean over dimensions, f32).
+//! ratio ρ = exp(log π_θ − log π_old); loss = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))) + β·KL,
+//! with A clipped to ±adv_clip and KL = mean_d (μ_θ − μ_ref)²/(2σ²) to the frozen reference
+//! (analytic Gaussian KL, same reduction). Several epochs over shuffled minibatches of samples;
+//! each minibatch's loss covers all of its samples' transitions.
+
+use anyhow::{Result, bail};
+use burn::tensor::{Device, Tensor};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
+
+use crate::annealed_renoiser::log_prob;
+use crate::flow_model::{FlowModelRes, TYPE};
+use crate::model::{FlowModel, tensor_from_vec};
+use crate::types::{Advantages, PromptBatch, Transition, to_vec};
+use crate::world::IMAGE_LEN;
+
+pub fn register(r: &mut Registry) {
+    r.add_node(NodeType {
+        name: "grpo_update",
+        summary: "clipped policy-gradient (GRPO) update from transitions and advantages",
+        doc: "Recomputes log π_θ of every stored transition with the current model, forms the\n\
+              ratio to the sampling-time log-prob and minimises the clipped surrogate plus β·KL to\n\
+              the reference model, for `epochs` passes over shuffled minibatches (AdamW and\n\
+              gradient clipping from the `policy` resource). Logs loss, pg_loss, kl, approx_kl,\n\
+              clip_frac, ratio_mean/min/max, grad_norm, lr. A non-finite loss stops the run\n\
+              before the update is applied.",
+        inputs: vec![
+            PortDef::new("transitions", "transition", "the sampled policy steps").many(),
+            PortDef::new("advantages", "advantages", "one advantage per transition and sample"),
+            PortDef::new("prompts", "prompts", "the batch's prompts"),
+        ],
+        outputs: vec![],
+        params: vec![
+            ParamDef::float("clip_range", 1e-4, 0.0, 10.0, "ε of the ratio clip (small: log-probs are means over dimensions)"),
+            ParamDef::float("adv_clip", 5.0, 0.0, 1e6, "advantages are clipped to ±adv_clip"),
+            ParamDef::float("beta", 0.0, 0.0, 1e6, "weight of the KL penalty (needs `reference: true` on the model)"),
+            ParamDef::int("epochs", 1, 1, 1000, "passes over the batch"),
+            ParamDef::int("minibatch", 0, 0, 1 << 20, "samples per optimizer step (0 = whole batch)"),
+        ],
+        resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: true, doc: "the model to update" }],
+        factory: |ctx| {
+            let p = ctx.params;
+            Ok(Box::new(GrpoUpdate {
+                clip: p.f32("clip_range")?,
+                adv_clip: p.f32("adv_clip")?,
+                beta: p.f32("beta")?,
+                epochs: p.usize("epochs")?,
+                minibatch: p.usize("minibatch")?,
+            }))
+        },
+    });
+}
+
+pub struct GrpoUpdate {
+    pub clip: f32,
+    pub adv_clip: f32,
+    pub beta: f32,
+    pub epochs: usize,
+    pub minibatch: usize,
+}
+
+/// Host copies of one transition, for slicing minibatches.
+struct HostTransition<'a> {
+    tr: &'a Transition,
+    x_t: Vec<f32>,
+    x_next: Vec<f32>,
+    adv: &'a [f32],
+}
+
+/// Statistics of one update, summed over minibatches.
+#[derive(Debug, Default, Clone)]
+pub struct UpdateStats {
+    pub loss: f64,
+    pub pg_loss: f64,
+    pub kl: f64,
+    pub approx_kl: f64,
+    pub clip_frac: f64,
+    pub ratio_mean: f64,
+    pub ratio_min: f64,
+    pub ratio_max: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub steps: usize,
+    /// Ratios of the very first minibatch (before any update): exactly on-policy.
+    pub first_ratio_max_dev: f64,
+    pub first_kl: f64,
+}
+
+fn rows(v: &[f32], idx: &[usize], len: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(idx.len() * len);
+    for &i in idx {
+        out.extend_from_slice(&v[i * len..(i + 1) * len]);
+    }
+    out
+}
+
+impl GrpoUpdate {
+    /// Run the update on `m`; `seed` shuffles the minibatches.
+    pub fn update(
+        &self,
+        m: &mut FlowModelRes,
+        transitions: &[&Transition],
+        adv: &Advantages,
+        prompts: &PromptBatch,
+        seed: u64,
+    ) -> Result<UpdateStats> {
+        let b = prompts.len();
+        let mut host = Vec::new();
+        for (k, tr) in transitions.iter().enumerate() {
+            if !tr.kernel.is_stochastic() {
+                continue;
+            }
+            let a = adv
+                .values
+                .get(k)
+                .ok_or_else(|| anyhow::anyhow!("no advantages for transition {}", k + 1))?;
+            if a.len() != b || tr.old_logprob.len() != b {
+                bail!(
+                    "transition {} has {} samples, advantages {}, prompts {b}",
+                    k + 1,
+                    tr.old_logprob.len(),
+                    a.len()
+                );
+            }
+            host.push(HostTransition {
+                tr,
+                x_t: to_vec(&tr.x_t)?,
+                x_next: to_vec(&tr.x_next)?,
+                adv: a,
+            });
+        }
+        if host.is_empty() {
+            bail!("no stochastic transitions to train on (is every τ 0?)");
+        }
+        if self.beta > 0.0 && m.reference.is_none() {
+            bail!(
+                "`beta` > 0 needs a reference model: set `reference: true` on the flow_model resource"
+            );
+        }
+        let ad: Device = m.trainer.device().clone();
+        let plain = m.device.clone();
+        let mb = if self.minibatch == 0 {
+            b
+        } else {
+            self.minibatch.min(b)
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut st = UpdateStats {
+            ratio_min: f64::INFINITY,
+            ratio_max: f64::NEG_INFINITY,
+            ..Default::default()
+        };
+        let mut n_ratio = 0usize;
+        for epoch in 0..self.epochs {
+            let mut order: Vec<usize> = (0..b).collect();
+            if epoch > 0 || self.minibatch > 0 {
+                order.shuffle(&mut rng);
+            }
+            for idx in order.chunks(mb) {
+                let n = idx.len();
+                let tokens_ad = prompts.tokens_rows(idx, &ad);
+                let mut loss: Option<Tensor<1>> = None;
+                let (mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
+                    (0f64, 0f64, 0f64, 0usize, 0f64);
+                for h in &host {
+                    let tr = h.tr;
+                    let k = tr.kernel;
+                    let x = tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
+                    let x_next =
+                        tensor_from_vec(rows(&h.x_next, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
+                    let old =
+                        tensor_from_vec(idx.iter().map(|&i| tr.old_logprob[i]).collect(), [n], &ad);
+                    let a = tensor_from_vec(
+                        idx.iter()
+                            .map(|&i| h.adv[i].clamp(-self.adv_clip, self.adv_clip))
+                            .collect(),
+                        [n],
+                        &ad,
+                    );
+                    let model: &FlowModel = m.trainer.model();
+                    let v = model.forward_cfg(
+                        x.clone(),
+                        Tensor::<1>::full([n], tr.t, &ad),
+                        tokens_ad.clone(),
+                        tr.cfg,
+                    );
+                    let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
+                    let logp = log_prob(x_next, mean.clone(), k.std);
+                    let ratio = (logp.clone() - old.clone()).exp();
+                    let unclipped = ratio.clone().mul(a.clone()).neg();
+                    let clipped_t = ratio
+                        .clone()
+                        .clamp(1.0 - self.clip, 1.0 + self.clip)
+                        .mul(a)
+                        .neg();
+                    let pg = unclipped.max_pair(clipped_t).mean();
+                    let mut term = pg.clone();
+                    // Diagnostics (host).
+                    let r = to_vec(&ratio)?;
+                    let lp = to_vec(&logp)?;
+                    for (j, &ri) in r.iter().enumerate() {
+                        let ri = ri as f64;
+                        st.ratio_min = st.ratio_min.min(ri);
+                        st.ratio_max = st.ratio_max.max(ri);
+                        rsum += ri;
+                        clipped += ((ri - 1.0).abs() > self.clip as f64) as usize;
+                        akl += (tr.old_logprob[idx[j]] - lp[j]) as f64;
+                        if st.steps == 0 {
+                            st.first_ratio_max_dev = st.first_ratio_max_dev.max((ri - 1.0).abs());
+                        }
+                    }
+                    pg_sum += pg.clone().into_scalar::<f32>() as f64;
+                    if self.beta > 0.0 {
+                        let reference = m.reference.as_ref().expect("checked above");
+                        let xp =
+                            tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &plain);
+                        let vr = reference.forward_cfg(
+                            xp.clone(),
+                            Tensor::<1>::full([n], tr.t, &plain),
+                            prompts.tokens_rows(idx, &plain),
+                            tr.cfg,
+                        );
+                        let mean_ref = tensor_from_vec(
+                            to_vec(&(xp.mul_scalar(k.a) + vr.mul_scalar(k.b)))?,
+                            [n, 3, 32, 32],
+                            &ad,
+                        );
+                        let kl = (mean - mean_ref)
+                            .square()
+                            .mean()
+                            .mul_scalar(1.0 / (2.0 * k.std * k.std));
+                        let klv = kl.clone().into_scalar::<f32>() as f64;
+                        if st.steps == 0 {
+                            st.first_kl += klv;
+                        }
+                        kl_sum += klv;
+                        term = term + kl.mul_scalar(self.beta);
+                    }
+                    loss = Some(match loss {
+                        None => term,
+                        Some(l) => l + term,
+                    });
+                }
+                let nt = host.len() as f32;
+                let loss = loss.expect("at least one transition").div_scalar(nt);
+                let lv = loss.clone().into_scalar::<f32>();
+                if !lv.is_finite() {
+                    bail!(
+                        "the GRPO loss is {lv}; the update is not applied (lower the learning rate or check the rewards)"
+                    );
+                }
+                let stats = m.trainer.apply_loss(loss);
+                let cnt = (n * host.len()) as f64;
+                st.loss += lv as f64;
+                st.pg_loss += pg_sum / nt as f64;
+                st.kl += kl_sum / nt as f64;
+                st.approx_kl += akl / cnt;
+                st.clip_frac += clipped as f64 / cnt;
+                st.ratio_mean += rsum / cnt;
+                n_ratio += 1;
+                st.grad_norm += stats.grad_norm as f64;
+                st.lr = stats.lr;
+                st.steps += 1;
+            }
+        }
+        let s = n_ratio.max(1) as f64;
+        for v in [
+            &mut st.loss,
+            &mut st.pg_loss,
+            &mut st.kl,
+            &mut st.approx_kl,
+            &mut st.clip_frac,
+            &mut st.ratio_mean,
+            &mut st.grad_norm,
+        ] {
+            *v /= s;
+        }
+        Ok(st)
+    }
+}
+
+impl Node for GrpoUpdate {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+        let transitions = inputs.all::<Transition>("transitions")?;
+        let adv = inputs.get::<Advantages>("advantages")?;
+        let prompts = inputs.get::<PromptBatch>("prompts")?;
+        let seed = ctx.seed_for("minibatches");
+        let st = ctx.write("policy", |m: &mut FlowModelRes| {
+            self.update(m, &transitions, adv, prompts, seed)
+        })?;
+        for (k, v) in [
+            ("loss", st.loss),
+            ("pg_loss", st.pg_loss),
+            ("kl", st.kl),
+            ("approx_kl", st.approx_kl),
+            ("clip_frac", st.clip_frac),
+            ("ratio_mean", st.ratio_mean),
+            ("ratio_min", st.ratio_min),
+            ("ratio_max", st.ratio_max),
+            ("grad_norm", st.grad_norm),
+            ("lr", st.lr),
+            ("optimizer_steps", st.steps as f64),
+        ] {
+            ctx.metric(k, v);
+        }
+        Ok(Outputs::new())
+    }
+}

@@ -1,0 +1,47 @@
+//! # flowrun node library
+//!
+//! Each node type lives in its own file with its parameters, ports and docs together;
+//! [`registry`] collects them for the engine. `flowrun nodes` prints their documentation.
+
+pub mod annealed_renoiser;
+pub mod device;
+pub mod flow_matching_train;
+pub mod flow_model;
+pub mod flow_sde_step;
+pub mod gaussian_noise;
+pub mod grpo;
+pub mod grpo_update;
+pub mod image_reward;
+pub mod model;
+pub mod one_step_sampler;
+pub mod prompt_loader;
+pub mod sample_eval;
+pub mod shape_eval;
+pub mod step_advantage;
+pub mod types;
+pub mod util;
+pub mod world;
+
+use runner::Registry;
+
+/// Every node and resource type this library provides.
+pub fn registry() -> Registry {
+    let mut r = Registry {
+        device_check: Some(device::check),
+        ..Registry::default()
+    };
+    util::register(&mut r);
+    flow_model::register(&mut r);
+    flow_matching_train::register(&mut r);
+    sample_eval::register(&mut r);
+    prompt_loader::register(&mut r);
+    shape_eval::register(&mut r);
+    image_reward::register(&mut r);
+    gaussian_noise::register(&mut r);
+    one_step_sampler::register(&mut r);
+    annealed_renoiser::register(&mut r);
+    flow_sde_step::register(&mut r);
+    step_advantage::register(&mut r);
+    grpo_update::register(&mut r);
+    r
+}

@@ -1,0 +1,502 @@
+//! Training helper: AdamW (burn-optim's `AdamW` update rule, driven per parameter with state
+//! keyed by module path), global grad-norm clipping, linear LR warmup, CFG prompt dropout,
+//! an EMA copy of the weights, and atomic save/resume of the whole training state.
+//!
+//! Optimizer state is keyed by parameter *path* (not burn's random `ParamId`), so a resumed
+//! trainer matches its state to a freshly built model exactly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use burn::config::Config;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::{
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
+};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::checkpoint::{
+    CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params, config_from_file,
+    load_params, serialize_safetensors, tensor_values, write_atomic,
+};
+use super::{FlowModel, FlowModelConfig, flow_matching_loss};
+
+/// Value of the `flowrun.format` metadata key for trainer-state files.
+pub const TRAINER_FORMAT: &str = "flowrun.trainer_state.v1";
+const TRAINER_CONFIG_KEY: &str = "flowrun.trainer_config";
+const STEP_KEY: &str = "flowrun.step";
+const ADAM_TIME_KEY: &str = "flowrun.adam_time";
+
+/// Optimisation hyper-parameters.
+#[derive(Config, Debug, PartialEq)]
+pub struct TrainerConfig {
+    /// Peak learning rate.
+    #[config(default = 3e-4)]
+    pub lr: f64,
+    /// Linear warmup from 0 to `lr` over this many steps (0 = none).
+    #[config(default = 0)]
+    pub warmup_steps: u64,
+    /// Decoupled (AdamW) weight decay.
+    #[config(default = 0.0)]
+    pub weight_decay: f32,
+    #[config(default = 0.9)]
+    pub beta1: f32,
+    #[config(default = 0.999)]
+    pub beta2: f32,
+    #[config(default = 1e-8)]
+    pub epsilon: f32,
+    /// Global gradient L2-norm clipping threshold (<= 0 disables).
+    #[config(default = 1.0)]
+    pub grad_clip_norm: f32,
+    /// EMA decay; the effective decay is `min(ema_decay, (1 + n) / (10 + n))` at update n.
+    #[config(default = 0.999)]
+    pub ema_decay: f64,
+    /// Seed of the CFG-dropout stream (combined with the step index, so resume is exact).
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+/// Per-parameter AdamW state, flattened.
+#[derive(Clone)]
+struct AdamSlot {
+    time: usize,
+    /// [numel]
+    m: Tensor<1>,
+    /// [numel]
+    v: Tensor<1>,
+}
+
+/// Statistics of one optimisation step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    pub loss: f32,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f32,
+    /// Learning rate used for this step.
+    pub lr: f64,
+}
+
+/// Owns the trained model (on an autodiff device), its EMA copy (plain device), AdamW state.
+pub struct Trainer {
+    pub config: TrainerConfig,
+    model: FlowModel,
+    ema: FlowModel,
+    optim: AdamW,
+    states: HashMap<String, AdamSlot>,
+    step: u64,
+    device: Device,
+}
+
+impl Trainer {
+    /// Fresh trainer with a freshly initialised model (deterministic from `model_config.seed`).
+    /// `device` may be plain or autodiff; training always runs on `device.autodiff()`.
+    pub fn new(model_config: &FlowModelConfig, config: TrainerConfig, device: &Device) -> Self {
+        let ad = device.clone().autodiff();
+        let model = model_config.init(&ad);
+        Self::from_model(model, config)
+    }
+
+    /// Trainer around an existing model (e.g. loaded with `load_safetensors`). The EMA starts
+    /// as a copy of the model.
+    pub fn from_model(model: FlowModel, config: TrainerConfig) -> Self {
+        let device = model_device(&model).autodiff();
+        let model = if model_device(&model).is_autodiff() {
+            model
+        } else {
+            model.train()
+        };
+        let ema = model.valid();
+        let optim = build_optim(&config);
+        Self {
+            config,
+            model,
+            ema,
+            optim,
+            states: HashMap::new(),
+            step: 0,
+            device,
+        }
+    }
+
+    /// The model being trained (autodiff device). Use `.valid()` for inference.
+    pub fn model(&self) -> &FlowModel {
+        &self.model
+    }
+
+    /// EMA weights (plain device), ready for inference or `save_safetensors`.
+    pub fn ema(&self) -> &FlowModel {
+        &self.ema
+    }
+
+    /// Number of optimisation steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Learning rate the next step will use (warmup applied).
+    pub fn current_lr(&self) -> f64 {
+        let w = self.config.warmup_steps;
+        if w == 0 {
+            self.config.lr
+        } else {
+            self.config.lr * ((self.step + 1) as f64 / w as f64).min(1.0)
+        }
+    }
+
+    /// Replaces the prompts of a seeded fraction `cfg_dropout` of rows by the null prompt.
+    /// Deterministic in (`config.seed`, step index). tokens: [B, L] → [B, L]
+    pub fn cfg_dropout(&self, tokens: Tensor<2, Int>) -> Tensor<2, Int> {
+        let p = self.model.config().cfg_dropout;
+        if p <= 0.0 {
+            return tokens;
+        }
+        let [b, l] = tokens.dims();
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.config.seed ^ (self.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let drop: Vec<bool> = (0..b).map(|_| rng.random::<f64>() < p).collect();
+        if !drop.iter().any(|d| *d) {
+            return tokens;
+        }
+        let device = tokens.device();
+        let mask =
+            Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(drop, [b, 1]), &device)
+                .expand([b, l]);
+        tokens.mask_fill(mask, 0)
+    }
+
+    /// One AdamW step on the flow-matching loss (with CFG dropout). Returns the loss.
+    ///
+    /// x0, noise: [B, 3, H, W], t: [B] in [0, 1], tokens: [B, L]
+    pub fn step(
+        &mut self,
+        x0: Tensor<4>,
+        noise: Tensor<4>,
+        t: Tensor<1>,
+        tokens: Tensor<2, Int>,
+    ) -> f32 {
+        self.step_with_stats(x0, noise, t, tokens).loss
+    }
+
+    /// Like [`step`](Self::step) but also returns the gradient norm and learning rate.
+    pub fn step_with_stats(
+        &mut self,
+        x0: Tensor<4>,
+        noise: Tensor<4>,
+        t: Tensor<1>,
+        tokens: Tensor<2, Int>,
+    ) -> StepStats {
+        let tokens = self.cfg_dropout(tokens);
+        let loss = flow_matching_loss(&self.model, x0, noise, t, tokens);
+        self.apply_loss(loss)
+    }
+
+    /// One AdamW step on an arbitrary scalar `loss` computed from [`model`](Self::model) on
+    /// the autodiff device (the flow-matching loss, or the GRPO surrogate): backward,
+    /// global-norm clipping, AdamW, EMA update.
+    pub fn apply_loss(&mut self, loss: Tensor<1>) -> StepStats {
+        let grads = loss.backward();
+        let loss_value = loss.into_scalar::<f32>();
+        let mut grads = GradientsParams::from_grads(grads, &self.model);
+
+        // Global gradient norm (one host sync).
+        let mut norm_visitor = GradNorm {
+            grads: &grads,
+            sum: None,
+        };
+        self.model.visit(&mut norm_visitor);
+        let grad_norm = norm_visitor
+            .sum
+            .map(|s| s.into_scalar::<f32>().sqrt())
+            .unwrap_or(0.0);
+        let clip = self.config.grad_clip_norm;
+        let scale = if clip > 0.0 && grad_norm.is_finite() && grad_norm > clip {
+            clip / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+
+        let lr = self.current_lr();
+        let mut mapper = AdamMapper {
+            optim: &self.optim,
+            states: &mut self.states,
+            grads: &mut grads,
+            scale,
+            lr,
+            path: Vec::new(),
+            updated: HashMap::new(),
+        };
+        self.model = self.model.clone().map(&mut mapper);
+        let updated = mapper.updated;
+
+        // EMA update with warmup of the decay.
+        let n = self.step as f64;
+        let decay = self.config.ema_decay.min((1.0 + n) / (10.0 + n));
+        self.ema = self.ema.clone().map(&mut EmaMapper {
+            updated: &updated,
+            decay,
+            path: Vec::new(),
+        });
+
+        self.step += 1;
+        StepStats {
+            loss: loss_value,
+            grad_norm,
+            lr,
+        }
+    }
+
+    /// Saves model, EMA, AdamW moments, step counter and configs to one safetensors file,
+    /// atomically (temp file + fsync + rename). Tensor names: `model.<path>`, `ema.<path>`,
+    /// `adam.m.<path>`, `adam.v.<path>`.
+    pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
+        let mut tensors = collect_params(&self.model, "model.");
+        tensors.extend(collect_params(&self.ema, "ema."));
+        let mut times = BTreeMap::new();
+        let mut names: Vec<&String> = self.states.keys().collect();
+        names.sort();
+        for name in names {
+            let slot = &self.states[name];
+            let [numel] = slot.m.dims();
+            times.insert(name.clone(), slot.time);
+            tensors.push(NamedTensor {
+                name: format!("adam.m.{name}"),
+                shape: vec![numel],
+                values: tensor_values(slot.m.clone()),
+            });
+            tensors.push(NamedTensor {
+                name: format!("adam.v.{name}"),
+                shape: vec![numel],
+                values: tensor_values(slot.v.clone()),
+            });
+        }
+        let mut metadata = HashMap::new();
+        metadata.insert(
+            CONFIG_KEY.to_string(),
+            serde_json::to_string(self.model.config())?,
+        );
+        metadata.insert(
+            TRAINER_CONFIG_KEY.to_string(),
+            serde_json::to_string(&self.config)?,
+        );
+        metadata.insert(STEP_KEY.to_string(), self.step.to_string());
+        metadata.insert(ADAM_TIME_KEY.to_string(), serde_json::to_string(&times)?);
+        metadata.insert(FORMAT_KEY.to_string(), TRAINER_FORMAT.to_string());
+        let bytes = serialize_safetensors(&tensors, metadata)?;
+        write_atomic(path, &bytes)
+            .with_context(|| format!("saving trainer state {}", path.display()))
+    }
+
+    /// Restores a trainer written by [`save_state`](Self::save_state). Training continues
+    /// bit-for-bit as if it had not been interrupted (same CFG-dropout stream, moments, EMA).
+    pub fn load_state(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        let file = SafetensorsFile::read(path)?;
+        let format = file.meta(FORMAT_KEY)?;
+        if format != TRAINER_FORMAT {
+            bail!(
+                "{}: not a trainer state file (format {format:?}, expected {TRAINER_FORMAT:?})",
+                path.display()
+            );
+        }
+        let model_config = config_from_file(&file)?;
+        let config: TrainerConfig = serde_json::from_str(file.meta(TRAINER_CONFIG_KEY)?)
+            .with_context(|| format!("{}: invalid {TRAINER_CONFIG_KEY}", path.display()))?;
+        let step: u64 = file
+            .meta(STEP_KEY)?
+            .parse()
+            .with_context(|| format!("{}: invalid {STEP_KEY}", path.display()))?;
+        let times: BTreeMap<String, usize> = serde_json::from_str(file.meta(ADAM_TIME_KEY)?)
+            .with_context(|| format!("{}: invalid {ADAM_TIME_KEY}", path.display()))?;
+
+        let plain = device.clone().without_autodiff();
+        let ad = plain.clone().autodiff();
+        let (model, mut used) = load_params(model_config.init_zeros(&ad), &file, "model.")?;
+        let (ema, used_ema) = load_params(model_config.init_zeros(&plain), &file, "ema.")?;
+        used.extend(used_ema);
+
+        let mut states = HashMap::new();
+        let shapes: HashMap<String, usize> = super::checkpoint::param_paths(&model)
+            .into_iter()
+            .map(|(p, _, s)| (p, s.iter().product()))
+            .collect();
+        for (name, time) in times {
+            let Some(&numel) = shapes.get(&name) else {
+                bail!(
+                    "{}: optimizer state for unknown parameter {name:?}",
+                    path.display()
+                );
+            };
+            let mut load = |kind: &str| -> anyhow::Result<Tensor<1>> {
+                let key = format!("adam.{kind}.{name}");
+                let (shape, values) = file.get(&key)?;
+                if shape != [numel] {
+                    bail!(
+                        "{}: tensor {key:?} has shape {shape:?}, expected [{numel}]",
+                        path.display()
+                    );
+                }
+                used.insert(key);
+                Ok(super::tensor_from_vec(values, [numel], &plain))
+            };
+            let m = load("m")?;
+            let v = load("v")?;
+            states.insert(name, AdamSlot { time, m, v });
+        }
+        let extra: Vec<String> = file
+            .tensors()
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(*n))
+            .map(str::to_string)
+            .collect();
+        if !extra.is_empty() {
+            bail!(
+                "{}: unexpected tensor(s): {:?}",
+                path.display(),
+                &extra[..extra.len().min(8)]
+            );
+        }
+        let optim = build_optim(&config);
+        Ok(Self {
+            config,
+            model,
+            ema,
+            optim,
+            states,
+            step,
+            device: ad,
+        })
+    }
+
+    /// The autodiff device training runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+fn build_optim(config: &TrainerConfig) -> AdamW {
+    AdamWConfig::new()
+        .with_beta_1(config.beta1)
+        .with_beta_2(config.beta2)
+        .with_epsilon(config.epsilon)
+        .with_weight_decay(config.weight_decay)
+        .build()
+}
+
+fn model_device(model: &FlowModel) -> Device {
+    model.out_conv.weight.val().device()
+}
+
+struct GradNorm<'a> {
+    grads: &'a GradientsParams,
+    /// Running sum of squared gradient entries. [1]
+    sum: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for GradNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = g.square().sum();
+            self.sum = Some(match self.sum.take() {
+                Some(acc) => acc + s,
+                None => s,
+            });
+        }
+    }
+}
+
+struct AdamMapper<'a> {
+    optim: &'a AdamW,
+    states: &'a mut HashMap<String, AdamSlot>,
+    grads: &'a mut GradientsParams,
+    scale: f32,
+    lr: f64,
+    path: Vec<String>,
+    /// Updated parameter values (plain device, flattened) for the EMA.
+    updated: HashMap<String, Tensor<1>>,
+}
+
+impl ModuleMapper for AdamMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper): (ParamId, Tensor<D>, _) = param.consume();
+        let Some(grad) = self.grads.remove::<D>(id) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let path = self.path.join(".");
+        let grad = if self.scale != 1.0 {
+            grad.mul_scalar(self.scale)
+        } else {
+            grad
+        };
+        let shape: [usize; D] = tensor.dims();
+        let numel: usize = shape.iter().product();
+        let state = self.states.remove(&path).map(|s| AdamWState {
+            momentum: AdaptiveMomentumState {
+                time: s.time,
+                moment_1: s.m.reshape(shape),
+                moment_2: s.v.reshape(shape),
+                max_moment_2: None,
+            },
+        });
+        let require_grad = tensor.is_require_grad();
+        let (new, state) = self.optim.step(self.lr, tensor.inner(), grad, state);
+        if let Some(state) = state {
+            let mom = state.momentum;
+            self.states.insert(
+                path.clone(),
+                AdamSlot {
+                    time: mom.time,
+                    m: mom.moment_1.reshape([numel]),
+                    v: mom.moment_2.reshape([numel]),
+                },
+            );
+        }
+        self.updated.insert(path, new.clone().reshape([numel]));
+        let mut new = new.autodiff();
+        if require_grad {
+            new = new.require_grad();
+        }
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+struct EmaMapper<'a> {
+    updated: &'a HashMap<String, Tensor<1>>,
+    decay: f64,
+    path: Vec<String>,
+}
+
+impl ModuleMapper for EmaMapper<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, ema, mapper) = param.consume();
+        let path = self.path.join(".");
+        let new = match self.updated.get(&path) {
+            Some(p) => {
+                let shape: [usize; D] = ema.dims();
+                let p = p.clone().reshape(shape);
+                ema.mul_scalar(self.decay) + p.mul_scalar(1.0 - self.decay)
+            }
+            None => ema,
+        };
+        Param::from_mapped_value(id, new, mapper)
+    }
+}

@@ -1,0 +1,213 @@
+//! `sample_eval`: sample the evaluation prompts and report verifier accuracy per category and
+//! per number of sampling steps (the pipeline's view of `flowrun eval`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Result;
+use burn::tensor::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use runner::{
+    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, Registry,
+    ResourceSlot,
+};
+
+use crate::flow_model::{FlowModelRes, TYPE};
+use crate::model::{FlowModel, sample_euler, sample_standard_normal, tensor_from_vec};
+use crate::prompt_loader::{load_prompts, make_batch};
+use crate::types::to_vec;
+use crate::world::{self, IMAGE_LEN, PromptRecord};
+
+pub fn register(r: &mut Registry) {
+    r.add_node(NodeType {
+        name: "sample_eval",
+        summary: "sample evaluation prompts and log verifier accuracy per category and step count",
+        doc: "For each number of steps in `steps`, samples every prompt of `prompts` once (fixed\n\
+              noise seeds, so runs are comparable) with the chosen sampler and logs\n\
+              `acc_<n>step` (overall) and `acc_<n>step/<category>`, plus held-out accuracy when the\n\
+              file has `eval_heldout` prompts. Writes a PNG grid of the first prompts to\n\
+              <run>/samples/. Use `every: N` to run it periodically.",
+        inputs: vec![],
+        outputs: vec![],
+        params: vec![
+            ParamDef::new("prompts", ParamKind::Path, "JSONL prompts with targets").default(ParamValue::Str(
+                "datasets/shapes/eval.jsonl".into(),
+            )),
+            ParamDef::int("limit", 0, 0, i64::MAX, "use the first N prompts per split (0 = all)"),
+            ParamDef::new("steps", ParamKind::FloatList { min: 1.0, max: 1000.0 }, "numbers of sampling steps")
+                .default(ParamValue::FloatList(vec![1.0, 2.0, 4.0, 40.0])),
+            ParamDef::choice("sampler", "euler", &["euler", "tafs"], "deterministic Euler ODE, or TAFS re-noising"),
+            ParamDef::float("tau", 1.0, 0.0, 1.0, "TAFS temperature (sampler: tafs)"),
+            ParamDef::float("cfg", 1.0, 0.0, 50.0, "classifier-free guidance scale (1 = off)"),
+            ParamDef::int("batch", 64, 1, 4096, "sampling batch size"),
+            ParamDef::int("seed", 1234, 0, i64::MAX, "noise seed (fixed across evaluations)"),
+            ParamDef::int("grid", 16, 0, 256, "prompts shown in the PNG grid (0 = none)"),
+        ],
+        resources: vec![ResourceSlot {
+            name: "model",
+            ty: TYPE,
+            write: false,
+            doc: "the model to evaluate",
+        }],
+        factory: |ctx| {
+            let p = ctx.params;
+            let mut records = load_prompts(Path::new(p.str("prompts")?))?;
+            let limit = p.usize("limit")?;
+            if limit > 0 {
+                let mut per: BTreeMap<String, usize> = BTreeMap::new();
+                records.retain(|r| {
+                    let c = per.entry(r.split.as_str().to_string()).or_default();
+                    *c += 1;
+                    *c <= limit
+                });
+            }
+            Ok(Box::new(SampleEval {
+                records: records.into_iter().map(Arc::new).collect(),
+                steps: p.f64_list("steps")?.into_iter().map(|s| s as usize).collect(),
+                tafs: p.str("sampler")? == "tafs",
+                tau: p.f32("tau")?,
+                cfg: p.f32("cfg")?,
+                batch: p.usize("batch")?,
+                seed: p.i64("seed")? as u64,
+                grid: p.usize("grid")?,
+            }))
+        },
+    });
+}
+
+pub struct SampleEval {
+    pub records: Vec<Arc<PromptRecord>>,
+    pub steps: Vec<usize>,
+    pub tafs: bool,
+    pub tau: f32,
+    pub cfg: f32,
+    pub batch: usize,
+    pub seed: u64,
+    pub grid: usize,
+}
+
+/// Uniform timesteps 1 = t_1 > … > t_K for K-step samplers.
+pub fn uniform_timesteps(k: usize) -> Vec<f32> {
+    (0..k).map(|i| 1.0 - i as f32 / k as f32).collect()
+}
+
+/// TAFS sampling: predict x̂0, re-noise to the next timestep with temperature tau, repeat;
+/// returns the last x̂0. noise: [B, 3, H, W]
+pub fn sample_tafs(
+    model: &FlowModel,
+    noise: Tensor<4>,
+    tokens: Tensor<2, burn::tensor::Int>,
+    steps: usize,
+    tau: f32,
+    cfg: f32,
+    rng: &mut ChaCha8Rng,
+) -> Tensor<4> {
+    let ts = uniform_timesteps(steps.max(1));
+    let [b, c, h, w] = noise.dims();
+    let device = noise.device();
+    let mut x = noise;
+    let mut x0 = x.clone();
+    for (k, &t) in ts.iter().enumerate() {
+        let tt = Tensor::<1>::full([b], t, &device);
+        let v = model.forward_cfg(x.clone(), tt, tokens.clone(), cfg);
+        x0 = x.clone() - v.clone().mul_scalar(t);
+        if let Some(&tn) = ts.get(k + 1) {
+            let eps_hat = x.clone() + v.mul_scalar(1.0 - t);
+            let fresh = tensor_from_vec(
+                sample_standard_normal(rng, b * c * h * w),
+                [b, c, h, w],
+                &device,
+            );
+            let keep = (1.0 - tau * tau).max(0.0).sqrt();
+            x = x0.clone().mul_scalar(1.0 - tn)
+                + (eps_hat.mul_scalar(keep) + fresh.mul_scalar(tau)).mul_scalar(tn);
+        }
+    }
+    x0
+}
+
+/// Accuracy results: (steps, category or "all"/"heldout") → (correct, total).
+pub type EvalTable = BTreeMap<(usize, String), (usize, usize)>;
+
+impl SampleEval {
+    /// Sample and score every prompt for every step count. Returns the table and, per step
+    /// count, the first `grid` images.
+    pub fn evaluate(
+        &self,
+        model: &FlowModel,
+        device: &Device,
+    ) -> Result<(EvalTable, Vec<(usize, Vec<Vec<f32>>)>)> {
+        let mut table = EvalTable::new();
+        let mut grids = Vec::new();
+        for &steps in &self.steps {
+            let mut shown = Vec::new();
+            for (ci, chunk) in self.records.chunks(self.batch).enumerate() {
+                let batch = make_batch(chunk, 1)?;
+                let b = batch.len();
+                // Noise depends only on (seed, chunk), so all step counts see the same noise.
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(self.seed ^ (ci as u64).wrapping_mul(0x9e37_79b9));
+                let noise = tensor_from_vec(
+                    sample_standard_normal(&mut rng, b * IMAGE_LEN),
+                    [b, 3, 32, 32],
+                    device,
+                );
+                let tokens = batch.tokens_tensor(device);
+                let x0 = if self.tafs {
+                    sample_tafs(model, noise, tokens, steps, self.tau, self.cfg, &mut rng)
+                } else {
+                    sample_euler(model, noise, tokens, steps, self.cfg)
+                };
+                let imgs = to_vec(&x0)?;
+                for (i, rec) in chunk.iter().enumerate() {
+                    let img = &imgs[i * IMAGE_LEN..(i + 1) * IMAGE_LEN];
+                    let ev = world::evaluate(img, &rec.target)
+                        .map_err(|e| anyhow::anyhow!("prompt `{}`: {e}", rec.id))?;
+                    let heldout = rec.split == world::Split::EvalHeldout;
+                    let keys = if heldout {
+                        vec!["heldout".to_string()]
+                    } else {
+                        vec!["all".to_string(), rec.category.as_str().to_string()]
+                    };
+                    for key in keys {
+                        let e = table.entry((steps, key)).or_default();
+                        e.0 += ev.correct as usize;
+                        e.1 += 1;
+                    }
+                    if shown.len() < self.grid {
+                        shown.push(img.to_vec());
+                    }
+                }
+            }
+            grids.push((steps, shown));
+        }
+        Ok((table, grids))
+    }
+}
+
+impl Node for SampleEval {
+    fn run(&mut self, ctx: &NodeCtx, _: &Inputs) -> Result<Outputs> {
+        let (model, device) = ctx.read("model", |m: &FlowModelRes| {
+            Ok((m.sampling_model(), m.device.clone()))
+        })?;
+        let (table, grids) = self.evaluate(&model, &device)?;
+        for ((steps, key), (c, n)) in &table {
+            let name = match key.as_str() {
+                "all" => format!("acc_{steps}step"),
+                k => format!("acc_{steps}step/{k}"),
+            };
+            ctx.metric(&name, *c as f64 / (*n).max(1) as f64);
+        }
+        if let Some(dir) = &ctx.run_dir {
+            let out = dir.join("samples");
+            std::fs::create_dir_all(&out)?;
+            for (steps, imgs) in grids.iter().filter(|g| !g.1.is_empty()) {
+                let p = out.join(format!("iter-{:06}-{steps}step.png", ctx.iteration));
+                world::write_png_grid(&p, imgs, 8, 2)?;
+            }
+        }
+        Ok(Outputs::new())
+    }
+}

@@ -1,0 +1,164 @@
+//! `step_advantage`: group-relative, step-aware advantages from dense per-step rewards.
+
+use anyhow::{Result, bail};
+use runner::{
+    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, PortDef, Registry,
+};
+
+use crate::grpo::{AdvantageMode, StdScope, step_advantages};
+use crate::types::{Advantages, PromptBatch, Rewards, Transition};
+
+pub fn register(r: &mut Registry) {
+    r.add_node(NodeType {
+        name: "step_advantage",
+        summary: "normalise rewards per prompt group and per step; credit each transition",
+        doc: "Â_k = (r_k − mean_group)/(std + eps) for each step's rewards (std over the group or\n\
+              the batch). Transition k (x_{t_k} → x_{t_{k+1}}) gets, by `mode`:\n\
+                final   Â_K for every transition (Flow-GRPO's uniform credit)\n\
+                step    Â_{k+1}, the reward right after the transition\n\
+                gain    normalised r_{k+1} − r_k (Stepwise-Flow-GRPO)\n\
+                return  Σ_{j>k} γ^{j−k−1}·Â_j\n\
+                mix     λ·Â_{k+1} + (1−λ)·Â_K\n\
+              optionally scaled by `step_weights`. With one reward per sample (the final image)\n\
+              only `final` applies. Non-finite rewards stop the iteration before any update,\n\
+              naming the prompt.",
+        inputs: vec![
+            PortDef::new(
+                "rewards",
+                "rewards",
+                "rewards of each step's prediction, in step order",
+            )
+            .many(),
+            PortDef::new("prompts", "prompts", "the batch (its GRPO groups)"),
+            PortDef::new(
+                "transitions",
+                "transition",
+                "the policy steps (their number)",
+            )
+            .many(),
+        ],
+        outputs: vec![PortDef::new(
+            "advantages",
+            "advantages",
+            "[transitions][samples]",
+        )],
+        params: vec![
+            ParamDef::choice(
+                "mode",
+                "mix",
+                AdvantageMode::NAMES,
+                "how transitions are credited",
+            ),
+            ParamDef::choice(
+                "std",
+                "group",
+                &["group", "batch"],
+                "std of the normalisation",
+            ),
+            ParamDef::float("eps", 1e-4, 0.0, 1.0, "added to the std"),
+            ParamDef::float("gamma", 1.0, 0.0, 1.0, "discount of mode `return`"),
+            ParamDef::float(
+                "lambda",
+                0.5,
+                0.0,
+                1.0,
+                "weight of the step reward in mode `mix`",
+            ),
+            ParamDef::new(
+                "step_weights",
+                ParamKind::FloatList { min: 0.0, max: 1e6 },
+                "per-transition weights (empty = all 1)",
+            )
+            .default(ParamValue::FloatList(vec![])),
+        ],
+        resources: vec![],
+        factory: |ctx| {
+            let p = ctx.params;
+            Ok(Box::new(StepAdvantage {
+                mode: AdvantageMode::parse(p.str("mode")?, p.f32("gamma")?, p.f32("lambda")?)?,
+                mode_name: p.str("mode")?.to_string(),
+                scope: if p.str("std")? == "batch" {
+                    StdScope::Batch
+                } else {
+                    StdScope::Group
+                },
+                eps: p.f32("eps")?,
+                weights: p
+                    .f64_list("step_weights")?
+                    .into_iter()
+                    .map(|w| w as f32)
+                    .collect(),
+            }))
+        },
+    });
+}
+
+struct StepAdvantage {
+    mode: AdvantageMode,
+    mode_name: String,
+    scope: StdScope,
+    eps: f32,
+    weights: Vec<f32>,
+}
+
+impl Node for StepAdvantage {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+        let rewards = inputs.all::<Rewards>("rewards")?;
+        let prompts = inputs.get::<PromptBatch>("prompts")?;
+        let transitions = inputs.all::<Transition>("transitions")?;
+        for r in &rewards {
+            if let Some(i) = r.values.iter().position(|v| !v.is_finite()) {
+                bail!(
+                    "reward of step {} for sample {i} (prompt `{}`: \"{}\") is {}; the iteration is not applied",
+                    r.step,
+                    prompts.records[i].id,
+                    prompts.records[i].prompt,
+                    r.values[i]
+                );
+            }
+        }
+        let values: Vec<Vec<f32>> = rewards.iter().map(|r| r.values.clone()).collect();
+        let weights = (!self.weights.is_empty()).then_some(self.weights.as_slice());
+        let adv = step_advantages(
+            &values,
+            &prompts.group,
+            transitions.len(),
+            self.mode,
+            self.scope,
+            self.eps,
+            weights,
+        )?;
+        for (k, r) in rewards.iter().enumerate() {
+            let m = r.values.iter().map(|v| *v as f64).sum::<f64>() / r.values.len().max(1) as f64;
+            ctx.metric(&format!("reward_step{}", k + 1), m);
+        }
+        let flat: Vec<f32> = adv.iter().flatten().copied().collect();
+        ctx.metric(
+            "abs_mean",
+            flat.iter().map(|a| a.abs() as f64).sum::<f64>() / flat.len().max(1) as f64,
+        );
+        // Fraction of groups whose final rewards all tie (no learning signal).
+        let last = &values[values.len() - 1];
+        let g = prompts.groups();
+        let mut tied = 0;
+        for gi in 0..g {
+            let vs: Vec<f32> = last
+                .iter()
+                .zip(&prompts.group)
+                .filter(|(_, gg)| **gg == gi)
+                .map(|(v, _)| *v)
+                .collect();
+            if vs.windows(2).all(|w| w[0] == w[1]) {
+                tied += 1;
+            }
+        }
+        ctx.metric("tied_groups", tied as f64 / g.max(1) as f64);
+        Ok(Outputs::new().with(
+            "advantages",
+            Advantages {
+                values: adv,
+                mode: self.mode_name.clone(),
+            },
+        ))
+    }
+}

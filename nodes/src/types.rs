@@ -1,0 +1,147 @@
+//! The values that travel along edges, with their port type names.
+//!
+//! | port type    | Rust type        | what                                                   |
+//! |--------------|------------------|--------------------------------------------------------|
+//! | `prompts`    | [`PromptBatch`]  | B = P·G samples: P prompts, each repeated G times       |
+//! | `images`     | [`Images`]       | [B, 3, 32, 32] in [-1, 1]: noisy states x_t or x̂0      |
+//! | `prediction` | [`Prediction`]   | one model evaluation at t: x_t, v, x̂0, ε̂               |
+//! | `transition` | [`Transition`]   | a stochastic policy step x_t → x_t' with its log-prob  |
+//! | `rewards`    | [`Rewards`]      | one reward per sample (+ verifier criteria)            |
+//! | `advantages` | [`Advantages`]   | [transitions][samples] group-relative advantages       |
+
+use std::sync::Arc;
+
+use burn::tensor::{Device, Int, Tensor};
+
+use crate::grpo::LinearGaussian;
+use crate::model::{int_tensor_from_vec, tensor_from_vec};
+use crate::world::PromptRecord;
+
+/// Prompts of one iteration, already expanded into GRPO groups.
+#[derive(Debug, Clone)]
+pub struct PromptBatch {
+    /// One record per sample (each prompt's record repeated G times, consecutively).
+    pub records: Vec<Arc<PromptRecord>>,
+    /// Group (prompt) index of each sample, 0..P.
+    pub group: Vec<usize>,
+    /// Index of each sample within its group, 0..G.
+    pub member: Vec<usize>,
+    /// Token ids, [B, L] row-major.
+    pub tokens: Vec<i64>,
+    pub max_tokens: usize,
+}
+
+impl PromptBatch {
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+    pub fn groups(&self) -> usize {
+        self.group.iter().copied().max().map_or(0, |g| g + 1)
+    }
+    /// [B, L]
+    pub fn tokens_tensor(&self, device: &Device) -> Tensor<2, Int> {
+        int_tensor_from_vec(self.tokens.clone(), [self.len(), self.max_tokens], device)
+    }
+    /// Rows `idx` of the tokens, [idx.len(), L].
+    pub fn tokens_rows(&self, idx: &[usize], device: &Device) -> Tensor<2, Int> {
+        let l = self.max_tokens;
+        let mut v = Vec::with_capacity(idx.len() * l);
+        for &i in idx {
+            v.extend_from_slice(&self.tokens[i * l..(i + 1) * l]);
+        }
+        int_tensor_from_vec(v, [idx.len(), l], device)
+    }
+}
+
+/// A batch of images or noisy states. x_t = (1 − t)·x0 + t·ε; t = 0 for clean images.
+#[derive(Debug, Clone)]
+pub struct Images {
+    /// [B, 3, H, W]
+    pub tensor: Tensor<4>,
+    pub t: f32,
+}
+
+impl Images {
+    pub fn from_vec(v: Vec<f32>, batch: usize, t: f32, device: &Device) -> Self {
+        Images {
+            tensor: tensor_from_vec(v, [batch, 3, 32, 32], device),
+            t,
+        }
+    }
+    pub fn batch(&self) -> usize {
+        self.tensor.dims()[0]
+    }
+    pub fn to_vec(&self) -> anyhow::Result<Vec<f32>> {
+        to_vec(&self.tensor)
+    }
+}
+
+/// Copy a tensor to the host as f32.
+pub fn to_vec<const D: usize>(t: &Tensor<D>) -> anyhow::Result<Vec<f32>> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("cannot read tensor data: {e:?}"))
+}
+
+/// One model evaluation at timestep t.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub t: f32,
+    /// Step index k (1-based) within the sampler's loop.
+    pub step: usize,
+    /// [B, 3, H, W] the state x_t the model saw
+    pub x_t: Tensor<4>,
+    /// [B, 3, H, W] velocity v_θ(x_t, t, c) (with CFG if used)
+    pub v: Tensor<4>,
+    /// [B, 3, H, W] one-step prediction x̂0 = x_t − t·v
+    pub x0: Tensor<4>,
+    /// [B, 3, H, W] noise estimate ε̂ = x_t + (1 − t)·v
+    pub eps: Tensor<4>,
+    pub cfg: f32,
+}
+
+/// A stochastic policy step x_t → x_next, x_next ~ N(a·x_t + b·v_θ(x_t, t, c), std²).
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// Transition index k (1-based): from prediction k to prediction k+1.
+    pub step: usize,
+    pub t: f32,
+    pub t_next: f32,
+    /// Temperature τ (TAFS) or noise level (Flow-GRPO SDE).
+    pub tau: f32,
+    pub kernel: LinearGaussian,
+    /// Classifier-free guidance scale used when sampling (the updater recomputes v the same way).
+    pub cfg: f32,
+    /// [B, 3, H, W]
+    pub x_t: Tensor<4>,
+    /// [B, 3, H, W]
+    pub x_next: Tensor<4>,
+    /// log π_old(x_next | x_t) per sample (mean over dimensions).
+    pub old_logprob: Vec<f32>,
+    /// Name of the sampler (`tafs`, `flow_sde`).
+    pub sampler: &'static str,
+}
+
+/// One reward per sample.
+#[derive(Debug, Clone, Default)]
+pub struct Rewards {
+    pub values: Vec<f32>,
+    /// Whether the sample is fully correct (verifier rewards), else empty.
+    pub correct: Vec<bool>,
+    /// Per-criterion results (name, passed or None when not applicable), per sample.
+    pub criteria: Vec<Vec<(String, Option<bool>)>>,
+    /// Which step's prediction was scored (1-based), or 0 for the final image.
+    pub step: usize,
+}
+
+/// Advantages per transition and sample: `values[k][i]`.
+#[derive(Debug, Clone)]
+pub struct Advantages {
+    pub values: Vec<Vec<f32>>,
+    pub mode: String,
+}

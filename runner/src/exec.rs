@@ -1,0 +1,700 @@
+//! Execution: run directories, the concurrent per-iteration scheduler, metrics, checkpoints and
+//! resume.
+//!
+//! Each iteration runs the DAG once. A node starts as soon as all the nodes it reads from have
+//! finished, on tokio's blocking pool, so independent nodes (scoring step k and sampling step
+//! k+1, say) overlap. A node with `every: N` runs on iterations N, 2N, …; nodes that read an
+//! output of a node that did not run are skipped too in that iteration.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tracing::{info, info_span, warn};
+
+use crate::compile::Pipeline;
+use crate::fsutil::{clean_temporaries, sync_dir, write_atomic};
+use crate::node::{BuildCtx, Inputs, Node, NodeCtx, Outputs, Registry, SharedResource, Value};
+
+/// How to run.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Directory under which `runs/<name>-<timestamp>/` is created.
+    pub runs_root: PathBuf,
+    /// Continue the run in this directory from its last checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Show the progress bar.
+    pub progress: bool,
+    /// Set to stop at the next iteration boundary (Ctrl-C sets it).
+    pub stop: Arc<AtomicBool>,
+    /// Text of the original pipeline file and the overrides, recorded in the run directory.
+    pub source_name: String,
+    pub overrides: Vec<String>,
+    /// Listen for Ctrl-C.
+    pub handle_ctrl_c: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            runs_root: PathBuf::from("runs"),
+            resume: None,
+            progress: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            source_name: String::new(),
+            overrides: vec![],
+            handle_ctrl_c: false,
+        }
+    }
+}
+
+/// What a finished (or stopped) run reports.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub last_iteration: u64,
+    pub iterations: u64,
+    pub stopped_early: bool,
+    pub last_metrics: BTreeMap<String, f64>,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A run failure, with the directory and checkpoint to resume from.
+#[derive(Debug)]
+pub struct RunError {
+    pub error: anyhow::Error,
+    pub run_dir: Option<PathBuf>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.error)
+    }
+}
+
+/// Where this run's logs go (set once the run directory exists); the CLI's tracing writer
+/// writes here.
+pub static RUN_LOG: Mutex<Option<fs::File>> = Mutex::new(None);
+
+const STATE_FILE: &str = "state.json";
+const LATEST: &str = "latest";
+
+struct Runtime {
+    pipeline: Pipeline,
+    nodes: Vec<Arc<Mutex<Box<dyn Node>>>>,
+    resources: Vec<SharedResource>,
+    /// For each node: the distinct nodes it reads from.
+    deps: Vec<Vec<usize>>,
+    dependents: Vec<Vec<usize>>,
+    run_dir: PathBuf,
+}
+
+/// Run `pipeline` (compiled from the file) with `registry`'s node types.
+pub fn run(
+    pipeline: Pipeline,
+    registry: &Registry,
+    opts: RunOptions,
+) -> Result<RunSummary, RunError> {
+    let err = |e: anyhow::Error, dir: Option<&Path>| RunError {
+        error: e,
+        run_dir: dir.map(Path::to_path_buf),
+        checkpoint: dir.and_then(latest_checkpoint),
+    };
+    let run_dir = match &opts.resume {
+        Some(d) => d.clone(),
+        None => create_run_dir(&opts.runs_root, &pipeline.name).map_err(|e| err(e, None))?,
+    };
+    let rd = Some(run_dir.as_path());
+    let ckdir = run_dir.join("checkpoints");
+    fs::create_dir_all(&ckdir)
+        .with_context(|| format!("cannot create {}", ckdir.display()))
+        .map_err(|e| err(e, rd))?;
+    let cleaned = clean_temporaries(&ckdir) + clean_temporaries(&run_dir);
+    if cleaned > 0 {
+        warn!(
+            cleaned,
+            "removed leftover temporary files of an interrupted run"
+        );
+    }
+    if let Ok(f) = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("log.jsonl"))
+        && let Ok(mut g) = RUN_LOG.lock()
+    {
+        *g = Some(f);
+    }
+    if opts.resume.is_none() {
+        record_run(&run_dir, &pipeline, &opts).map_err(|e| err(e, rd))?;
+    } else {
+        // The resolved pipeline of this continuation (it may extend `iterations`, say).
+        let text = resolved_yaml(&pipeline, &opts);
+        write_atomic(&run_dir.join("pipeline.yaml"), text.as_bytes()).map_err(|e| err(e, rd))?;
+    }
+
+    let mut rt = build(pipeline, registry, &run_dir).map_err(|e| err(e, rd))?;
+    let mut start = 1;
+    if opts.resume.is_some() {
+        match latest_checkpoint(&run_dir) {
+            Some(ck) => {
+                let it = restore(&mut rt, &ck).map_err(|e| err(e, rd))?;
+                truncate_metrics(&run_dir, it).map_err(|e| err(e, rd))?;
+                info!(iteration = it, checkpoint = %ck.display(), "resumed");
+                start = it + 1;
+            }
+            None => {
+                warn!(
+                    "no checkpoint in {}; starting from the first iteration",
+                    run_dir.display()
+                );
+                truncate_metrics(&run_dir, 0).map_err(|e| err(e, rd))?;
+            }
+        }
+    }
+
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| err(e.into(), rd))?;
+    let result = tokio_rt.block_on(run_loop(&mut rt, start, &opts));
+    tokio_rt.shutdown_background();
+    if let Ok(mut g) = RUN_LOG.lock() {
+        *g = None;
+    }
+    result.map_err(|e| err(e, rd))
+}
+
+fn create_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S");
+    for n in 0..1000 {
+        let dir = if n == 0 {
+            root.join(format!("{name}-{stamp}"))
+        } else {
+            root.join(format!("{name}-{stamp}-{n}"))
+        };
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+        }
+    }
+    bail!(
+        "cannot find a free run directory name under {}",
+        root.display()
+    )
+}
+
+fn resolved_yaml(p: &Pipeline, opts: &RunOptions) -> String {
+    let mut text = format!(
+        "# Resolved pipeline written by flowrun {}\n# source: {}\n",
+        env!("CARGO_PKG_VERSION"),
+        opts.source_name
+    );
+    for o in &opts.overrides {
+        text.push_str(&format!("# --set {o}\n"));
+    }
+    text.push_str(&crate::yaml::to_yaml_string(&p.document).unwrap_or_default());
+    text
+}
+
+fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions) -> Result<()> {
+    write_atomic(
+        &dir.join("pipeline.yaml"),
+        resolved_yaml(p, opts).as_bytes(),
+    )?;
+    let meta = serde_json::json!({
+        "name": p.name,
+        "source": opts.source_name,
+        "overrides": opts.overrides,
+        "seed": p.seed,
+        "device": p.device,
+        "iterations": p.iterations,
+        "started": chrono::Local::now().to_rfc3339(),
+        "flowrun_version": env!("CARGO_PKG_VERSION"),
+        "nodes": p.nodes.iter().map(|n| serde_json::json!({"id": n.id, "type": n.ty, "params": n.params.to_json()})).collect::<Vec<_>>(),
+    });
+    write_atomic(
+        &dir.join("run.json"),
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )
+}
+
+fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runtime> {
+    let mut resources = Vec::new();
+    for r in &pipeline.resources {
+        let rt = registry
+            .resources
+            .get(r.ty)
+            .ok_or_else(|| anyhow!("unknown resource type `{}`", r.ty))?;
+        let ctx = BuildCtx {
+            id: &r.name,
+            params: &r.params,
+            device: &pipeline.device,
+            seed: pipeline.seed,
+            run_dir: Some(run_dir),
+            step: None,
+        };
+        let res = (rt.factory)(&ctx).with_context(|| format!("creating resource `{}`", r.name))?;
+        resources.push(Arc::new(RwLock::new(res)));
+    }
+    let mut nodes = Vec::new();
+    for n in &pipeline.nodes {
+        let nt = registry
+            .nodes
+            .get(n.ty)
+            .ok_or_else(|| anyhow!("unknown node type `{}`", n.ty))?;
+        let ctx = BuildCtx {
+            id: &n.id,
+            params: &n.params,
+            device: &pipeline.device,
+            seed: pipeline.seed,
+            run_dir: Some(run_dir),
+            step: n.step.as_ref().map(|(k, c, _)| (*k, *c)),
+        };
+        let node = (nt.factory)(&ctx).with_context(|| format!("creating node `{}`", n.id))?;
+        nodes.push(Arc::new(Mutex::new(node)));
+    }
+    let count = pipeline.nodes.len();
+    let mut deps = vec![Vec::new(); count];
+    let mut dependents = vec![Vec::new(); count];
+    for (i, n) in pipeline.nodes.iter().enumerate() {
+        let sources = n
+            .inputs
+            .iter()
+            .flat_map(|(_, srcs)| srcs.iter().map(|(s, _)| *s));
+        for s in sources.chain(n.after.iter().copied()) {
+            if !deps[i].contains(&s) {
+                deps[i].push(s);
+                dependents[s].push(i);
+            }
+        }
+    }
+    Ok(Runtime {
+        pipeline,
+        nodes,
+        resources,
+        deps,
+        dependents,
+        run_dir: run_dir.to_path_buf(),
+    })
+}
+
+struct Done {
+    idx: usize,
+    result: Result<Outputs>,
+    metrics: Vec<(String, f64)>,
+    secs: f64,
+}
+
+async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<RunSummary> {
+    let total = rt.pipeline.iterations;
+    if opts.handle_ctrl_c {
+        let stop = opts.stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\nCtrl-C: stopping after this iteration and writing a checkpoint (press again to abort)"
+                );
+                stop.store(true, Ordering::SeqCst);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("aborted; resume from the last checkpoint");
+                    std::process::exit(130);
+                }
+            }
+        });
+    }
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} ({eta}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(rt.pipeline.name.clone());
+        b.set_position(start - 1);
+        Some(b)
+    } else {
+        None
+    };
+    let metrics_path = rt.run_dir.join("metrics.jsonl");
+    let mut metrics_file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    let run_start = Instant::now();
+    let mut last_metrics = BTreeMap::new();
+    let mut last_checkpoint = latest_checkpoint(&rt.run_dir);
+    let mut last_done = start - 1;
+    let every = rt.pipeline.checkpoint_every;
+    for it in start..=total {
+        let span = info_span!("iteration", it);
+        let _g = span.enter();
+        let t0 = Instant::now();
+        let (row, node_times) = run_iteration(rt, it).await?;
+        let iter_s = t0.elapsed().as_secs_f64();
+        let mut out = serde_json::Map::new();
+        out.insert("iteration".into(), it.into());
+        out.insert("iter_s".into(), serde_json::json!(iter_s));
+        out.insert(
+            "elapsed_s".into(),
+            serde_json::json!(run_start.elapsed().as_secs_f64()),
+        );
+        last_metrics.clear();
+        for (k, v) in &row {
+            out.insert(k.clone(), json_num(*v));
+            last_metrics.insert(k.clone(), *v);
+        }
+        for (k, v) in &node_times {
+            out.insert(format!("time/{k}"), json_num(*v));
+        }
+        writeln!(metrics_file, "{}", serde_json::Value::Object(out))?;
+        metrics_file.flush()?;
+        info!(iter_s, metrics = %headline(&row), "iteration done");
+        last_done = it;
+        if let Some(b) = &bar {
+            b.set_position(it);
+            b.set_message(headline(&row));
+        }
+        let stop = opts.stop.load(Ordering::SeqCst);
+        if it == total || stop || (every > 0 && it % every == 0) {
+            let ck = write_checkpoint(rt, it)?;
+            last_checkpoint = Some(ck);
+        }
+        if stop && it < total {
+            if let Some(b) = &bar {
+                b.abandon();
+            }
+            return Ok(RunSummary {
+                run_dir: rt.run_dir.clone(),
+                last_iteration: it,
+                iterations: total,
+                stopped_early: true,
+                last_metrics,
+                last_checkpoint,
+            });
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    Ok(RunSummary {
+        run_dir: rt.run_dir.clone(),
+        last_iteration: last_done,
+        iterations: total,
+        stopped_early: false,
+        last_metrics,
+        last_checkpoint,
+    })
+}
+
+fn json_num(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// A short summary of the metrics a person watches (losses, rewards, accuracies).
+fn headline(row: &BTreeMap<String, f64>) -> String {
+    let keys = ["loss", "reward_mean", "accuracy", "reward"];
+    let mut picked: Vec<String> = row
+        .iter()
+        .filter(|(k, _)| keys.iter().any(|s| k.ends_with(s)))
+        .filter(|(k, _)| !k.contains('@') || k.contains("@last") || is_last_step(k, row))
+        .take(4)
+        .map(|(k, v)| format!("{k}={v:.4}"))
+        .collect();
+    if picked.is_empty() {
+        picked = row
+            .iter()
+            .take(3)
+            .map(|(k, v)| format!("{k}={v:.4}"))
+            .collect();
+    }
+    picked.join(" ")
+}
+
+fn is_last_step(key: &str, row: &BTreeMap<String, f64>) -> bool {
+    // For `node@k/metric`, keep only the highest k present.
+    let Some((node, metric)) = key.split_once('/') else {
+        return true;
+    };
+    let Some((base, k)) = node.split_once('@') else {
+        return true;
+    };
+    let k: usize = k.parse().unwrap_or(0);
+    !row.keys().any(|o| {
+        o.split_once('/').is_some_and(|(n, m)| {
+            m == metric
+                && n.split_once('@')
+                    .is_some_and(|(b, j)| b == base && j.parse::<usize>().unwrap_or(0) > k)
+        })
+    })
+}
+
+/// Run the DAG once. Returns the metrics (`node/name`) and node wall times.
+async fn run_iteration(
+    rt: &Runtime,
+    it: u64,
+) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+    let n = rt.nodes.len();
+    let mut outputs: Vec<Option<HashMap<String, Value>>> = vec![None; n];
+    let mut skipped = vec![false; n];
+    let mut pending: Vec<usize> = rt.deps.iter().map(Vec::len).collect();
+    let mut set: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
+    let mut metrics = BTreeMap::new();
+    let mut times = BTreeMap::new();
+    let mut finished = 0;
+    let mut ready: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    loop {
+        while let Some(i) = ready.pop() {
+            let node = &rt.pipeline.nodes[i];
+            // Skip: not this iteration, or a required source did not run.
+            let missing_input = node
+                .inputs
+                .iter()
+                .any(|(_, srcs)| srcs.iter().any(|(s, _)| skipped[*s]));
+            if it % node.every != 0 || missing_input {
+                skipped[i] = true;
+                finished += 1;
+                for &d in &rt.dependents[i] {
+                    pending[d] -= 1;
+                    if pending[d] == 0 {
+                        ready.push(d);
+                    }
+                }
+                continue;
+            }
+            let mut inputs = Inputs {
+                values: HashMap::new(),
+                node: node.id.clone(),
+            };
+            for (port, srcs) in &node.inputs {
+                let mut vs = Vec::with_capacity(srcs.len());
+                for (s, p) in srcs {
+                    let v = outputs[*s]
+                        .as_ref()
+                        .and_then(|o| o.get(*p))
+                        .ok_or_else(|| {
+                            anyhow!("internal: output {}.{p} missing", rt.pipeline.nodes[*s].id)
+                        })?;
+                    vs.push(v.clone());
+                }
+                inputs.values.insert(port, vs);
+            }
+            let ctx = NodeCtx {
+                id: node.id.clone(),
+                iteration: it,
+                iterations: rt.pipeline.iterations,
+                seed: rt.pipeline.seed,
+                run_dir: Some(rt.run_dir.clone()),
+                resources: node
+                    .uses
+                    .iter()
+                    .map(|(slot, ri, w)| (*slot, (rt.resources[*ri].clone(), *w)))
+                    .collect(),
+                metrics: Mutex::new(Vec::new()),
+            };
+            let handle = rt.nodes[i].clone();
+            let span = info_span!("node", id = %node.id, it);
+            set.spawn_blocking(move || {
+                let _g = span.enter();
+                let t0 = Instant::now();
+                let result = match handle.lock() {
+                    Ok(mut node) => node.run(&ctx, &inputs),
+                    Err(_) => Err(anyhow!("node state was poisoned by an earlier failure")),
+                };
+                let metrics = ctx.metrics.into_inner().unwrap_or_default();
+                Done {
+                    idx: i,
+                    result,
+                    metrics,
+                    secs: t0.elapsed().as_secs_f64(),
+                }
+            });
+        }
+        if finished == n {
+            break;
+        }
+        let Some(joined) = set.join_next().await else {
+            bail!(
+                "internal: scheduler stalled with {} of {n} nodes done",
+                finished
+            );
+        };
+        let done = match joined {
+            Ok(d) => d,
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                bail!("a node panicked at iteration {it}: {msg}");
+            }
+            Err(e) => bail!("a node task failed at iteration {it}: {e}"),
+        };
+        let node = &rt.pipeline.nodes[done.idx];
+        let outs = done
+            .result
+            .with_context(|| format!("node `{}` failed at iteration {it}", node.id))?;
+        for (k, v) in done.metrics {
+            metrics.insert(format!("{}/{k}", node.id), v);
+        }
+        times.insert(node.id.clone(), done.secs);
+        outputs[done.idx] = Some(outs.values);
+        finished += 1;
+        for &d in &rt.dependents[done.idx] {
+            pending[d] -= 1;
+            if pending[d] == 0 {
+                ready.push(d);
+            }
+        }
+    }
+    Ok((metrics, times))
+}
+
+/// The newest complete checkpoint of a run directory.
+pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
+    let ckdir = run_dir.join("checkpoints");
+    let name = fs::read_to_string(ckdir.join(LATEST)).ok()?;
+    let p = ckdir.join(name.trim());
+    p.join(STATE_FILE).exists().then_some(p)
+}
+
+fn write_checkpoint(rt: &Runtime, it: u64) -> Result<PathBuf> {
+    let ckdir = rt.run_dir.join("checkpoints");
+    let name = format!("iter-{it:06}");
+    let tmp = ckdir.join(format!(".tmp-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp)?;
+    for (r, res) in rt.pipeline.resources.iter().zip(&rt.resources) {
+        let d = tmp.join("resources").join(&r.name);
+        fs::create_dir_all(&d)?;
+        let guard = res
+            .read()
+            .map_err(|_| anyhow!("resource `{}` is poisoned", r.name))?;
+        guard
+            .save(&d)
+            .with_context(|| format!("saving resource `{}`", r.name))?;
+    }
+    let mut states = serde_json::Map::new();
+    for (n, node) in rt.pipeline.nodes.iter().zip(&rt.nodes) {
+        let guard = node
+            .lock()
+            .map_err(|_| anyhow!("node `{}` is poisoned", n.id))?;
+        if let Some(s) = guard.state() {
+            states.insert(n.id.clone(), s);
+        }
+    }
+    let state = serde_json::json!({"iteration": it, "pipeline": rt.pipeline.name, "nodes": states});
+    write_atomic(
+        &tmp.join(STATE_FILE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
+    sync_dir(&tmp);
+    let dest = ckdir.join(&name);
+    if dest.exists() {
+        fs::remove_dir_all(&dest)?;
+    }
+    fs::rename(&tmp, &dest)
+        .with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
+    sync_dir(&ckdir);
+    write_atomic(&ckdir.join(LATEST), name.as_bytes())?;
+    prune_checkpoints(&ckdir, rt.pipeline.keep_checkpoints, &name);
+    info!(checkpoint = %dest.display(), "checkpoint written");
+    Ok(dest)
+}
+
+fn prune_checkpoints(ckdir: &Path, keep: usize, latest: &str) {
+    let Ok(entries) = fs::read_dir(ckdir) else {
+        return;
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("iter-"))
+        .collect();
+    names.sort();
+    let excess = names.len().saturating_sub(keep.max(1));
+    for n in names.into_iter().take(excess) {
+        if n != latest {
+            let _ = fs::remove_dir_all(ckdir.join(n));
+        }
+    }
+}
+
+fn restore(rt: &mut Runtime, ck: &Path) -> Result<u64> {
+    let text = fs::read_to_string(ck.join(STATE_FILE))
+        .with_context(|| format!("cannot read {}", ck.join(STATE_FILE).display()))?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", ck.join(STATE_FILE).display()))?;
+    let it = state["iteration"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("{}: no `iteration`", ck.join(STATE_FILE).display()))?;
+    for (r, res) in rt.pipeline.resources.iter().zip(&rt.resources) {
+        let d = ck.join("resources").join(&r.name);
+        let mut guard = res
+            .write()
+            .map_err(|_| anyhow!("resource `{}` is poisoned", r.name))?;
+        guard
+            .load(&d)
+            .with_context(|| format!("restoring resource `{}` from {}", r.name, d.display()))?;
+    }
+    for (n, node) in rt.pipeline.nodes.iter().zip(&rt.nodes) {
+        if let Some(s) = state["nodes"].get(&n.id) {
+            let mut guard = node
+                .lock()
+                .map_err(|_| anyhow!("node `{}` is poisoned", n.id))?;
+            guard
+                .restore(s.clone())
+                .with_context(|| format!("restoring node `{}`", n.id))?;
+        }
+    }
+    Ok(it)
+}
+
+/// Keep metric rows up to `it`; rows of iterations that will be run again move to
+/// `metrics.superseded.jsonl`, so nothing written is lost.
+fn truncate_metrics(run_dir: &Path, it: u64) -> Result<()> {
+    let path = run_dir.join("metrics.jsonl");
+    let Ok(text) = fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let mut keep = String::new();
+    let mut moved = String::new();
+    for line in text.lines() {
+        let row_it = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v["iteration"].as_u64());
+        match row_it {
+            Some(r) if r <= it => {
+                keep.push_str(line);
+                keep.push('\n');
+            }
+            _ if line.trim().is_empty() => {}
+            _ => {
+                moved.push_str(line);
+                moved.push('\n');
+            }
+        }
+    }
+    if !moved.is_empty() {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(run_dir.join("metrics.superseded.jsonl"))?;
+        f.write_all(moved.as_bytes())?;
+        f.sync_all()?;
+        write_atomic(&path, keep.as_bytes())?;
+    }
+    Ok(())
+}

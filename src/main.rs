@@ -1,0 +1,306 @@
+//! `flowrun`: run, validate and inspect declarative pipelines.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use runner::{Diagnostics, Registry, RunOptions};
+
+mod logging;
+
+#[derive(Parser)]
+#[command(
+    name = "flowrun",
+    version,
+    about = "Declarative pipeline runner for RL alignment of flow-matching text-to-image models",
+    long_about = "Declarative pipeline runner for RL alignment of flow-matching text-to-image models.\n\n`flowrun PIPELINE.yaml` validates and runs a pipeline (the same as `flowrun run PIPELINE.yaml`).",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Pipeline file to run.
+    pipeline: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(clap::Args, Clone, Default)]
+struct RunArgs {
+    /// Override a field: `--set nodes.update.params.lr=1e-5` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
+    /// Device for this run (overrides the pipeline's `device`): flex, libtorch, libtorch-cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// Continue the run in this directory from its last checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// Directory where run directories are created.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// No progress bar and only warnings on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+    /// More log output on stderr (info level).
+    #[arg(long, short)]
+    verbose: bool,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum, Default)]
+enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum GraphFormat {
+    Dot,
+    Mermaid,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate and run a pipeline (or resume a run with `--resume runs/<dir>`).
+    Run {
+        pipeline: Option<PathBuf>,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Check a pipeline and report every error with its file, line and column.
+    Validate {
+        pipeline: PathBuf,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print the pipeline graph after repeat expansion (what actually runs).
+    Graph {
+        pipeline: PathBuf,
+        #[arg(long, value_enum, default_value_t = GraphFormat::Dot)]
+        format: GraphFormat,
+        #[arg(long = "set", value_name = "PATH=VALUE")]
+        set: Vec<String>,
+    },
+    /// List node types, or document one (ports, params, defaults).
+    Nodes { name: Option<String> },
+}
+
+fn main() -> ExitCode {
+    // A bug must never show a Rust backtrace to a user: print one clear line instead.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown error".into());
+        let at = info
+            .location()
+            .map(|l| format!(" ({}:{})", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("flowrun: internal error: {msg}{at}");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let registry = nodes::registry();
+    match cli.command {
+        None => match cli.pipeline {
+            Some(p) => cmd_run(Some(&p), &cli.run, &registry),
+            None if cli.run.resume.is_some() => cmd_run(None, &cli.run, &registry),
+            None => {
+                eprintln!(
+                    "flowrun: give a pipeline file, e.g. `flowrun pipelines/tafs_grpo.yaml` (see `flowrun --help`)"
+                );
+                ExitCode::from(2)
+            }
+        },
+        Some(Command::Run { pipeline, args }) => cmd_run(pipeline.as_deref(), &args, &registry),
+        Some(Command::Validate { pipeline, set }) => cmd_validate(&pipeline, &set, &registry),
+        Some(Command::Graph {
+            pipeline,
+            format,
+            set,
+        }) => cmd_graph(&pipeline, format, &set, &registry),
+        Some(Command::Nodes { name }) => cmd_nodes(name.as_deref(), &registry),
+    }
+}
+
+fn print_diags(d: &Diagnostics) {
+    eprint!("{d}");
+    if d.has_errors() {
+        eprintln!();
+    }
+}
+
+fn cmd_validate(path: &Path, set: &[String], registry: &Registry) -> ExitCode {
+    match runner::load(path, set, registry) {
+        Ok((p, warnings)) => {
+            print_diags(&warnings);
+            println!(
+                "{}: ok — pipeline `{}`, {} nodes after expansion, {} resources, {} iterations",
+                path.display(),
+                p.name,
+                p.nodes.len(),
+                p.resources.len(),
+                p.iterations
+            );
+            ExitCode::SUCCESS
+        }
+        Err(d) => {
+            print_diags(&d);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn cmd_graph(path: &Path, format: GraphFormat, set: &[String], registry: &Registry) -> ExitCode {
+    match runner::load(path, set, registry) {
+        Ok((p, _)) => {
+            let text = match format {
+                GraphFormat::Dot => runner::graph::to_dot(&p),
+                GraphFormat::Mermaid => runner::graph::to_mermaid(&p),
+                GraphFormat::Text => runner::graph::to_text(&p),
+            };
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(d) => {
+            print_diags(&d);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn cmd_nodes(name: Option<&str>, registry: &Registry) -> ExitCode {
+    match name {
+        None => {
+            print!("{}", runner::graph::list_types(registry));
+            ExitCode::SUCCESS
+        }
+        Some(n) => {
+            if let Some(t) = registry.nodes.get(n) {
+                print!("{}", runner::graph::describe_node(t));
+                ExitCode::SUCCESS
+            } else if let Some(t) = registry.resources.get(n) {
+                print!("{}", runner::graph::describe_resource(t));
+                ExitCode::SUCCESS
+            } else {
+                let all = registry
+                    .nodes
+                    .keys()
+                    .chain(registry.resources.keys())
+                    .copied();
+                let hint = runner::diag::did_you_mean(n, all)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "flowrun: unknown node or resource type `{n}`{hint}; `flowrun nodes` lists them"
+                );
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> ExitCode {
+    let mut overrides = args.set.clone();
+    if let Some(d) = &args.device {
+        overrides.push(format!("device={d}"));
+    }
+    // A resumed run continues its own resolved pipeline (plus any new overrides).
+    let (path, source_name) = match (&args.resume, pipeline) {
+        (Some(dir), None) => {
+            let p = dir.join("pipeline.yaml");
+            if !p.exists() {
+                eprintln!(
+                    "flowrun: {} is not a run directory (no pipeline.yaml in it)",
+                    dir.display()
+                );
+                return ExitCode::from(2);
+            }
+            (p, dir.join("pipeline.yaml").display().to_string())
+        }
+        (Some(_), Some(_)) => {
+            eprintln!("flowrun: give either a pipeline file or `--resume RUN_DIR`, not both");
+            return ExitCode::from(2);
+        }
+        (None, Some(p)) => (p.to_path_buf(), p.display().to_string()),
+        (None, None) => {
+            eprintln!("flowrun run: give a pipeline file or `--resume RUN_DIR`");
+            return ExitCode::from(2);
+        }
+    };
+    let (pipeline, warnings) = match runner::load(&path, &overrides, registry) {
+        Ok(x) => x,
+        Err(d) => {
+            print_diags(&d);
+            return ExitCode::from(2);
+        }
+    };
+    print_diags(&warnings);
+    let progress =
+        !args.quiet && args.log_format == LogFormat::Text && std::io::stderr().is_terminal();
+    logging::init(args.log_format == LogFormat::Json, args.verbose, args.quiet);
+    let opts = RunOptions {
+        runs_root: args.runs_dir.clone(),
+        resume: args.resume.clone(),
+        progress,
+        source_name,
+        overrides,
+        handle_ctrl_c: true,
+        ..RunOptions::default()
+    };
+    let name = pipeline.name.clone();
+    match runner::run(pipeline, registry, opts) {
+        Ok(s) => {
+            let dir = s.run_dir.display();
+            if s.stopped_early {
+                eprintln!(
+                    "stopped after iteration {}/{}; checkpoint written.",
+                    s.last_iteration, s.iterations
+                );
+                eprintln!("resume with:\n  flowrun run --resume {dir}");
+            } else if !args.quiet {
+                eprintln!(
+                    "`{name}` finished {} iterations; run directory: {dir}",
+                    s.iterations
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flowrun: error: {e}");
+            if let Some(dir) = &e.run_dir {
+                match &e.checkpoint {
+                    Some(ck) => eprintln!(
+                        "the last checkpoint ({}) is intact; resume with:\n  flowrun run --resume {}",
+                        ck.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        dir.display()
+                    ),
+                    None => eprintln!(
+                        "no checkpoint was written; run directory: {}",
+                        dir.display()
+                    ),
+                }
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

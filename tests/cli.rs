@@ -1,0 +1,290 @@
+//! End-to-end tests of the `flowrun` binary on small pipelines of utility nodes.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_flowrun"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flowrun-cli-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn only_run_dir(runs: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = fs::read_dir(runs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}
+
+fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, yaml).unwrap();
+    p
+}
+
+const ACC: &str = "name: acc\nseed: 3\niterations: 6\ncheckpoint_every: 1\nresources:\n  acc: {type: accumulator}\nnodes:\n  - id: c\n    type: constant\n    params: {value: 1, slope: 1}\n  - id: f\n    type: fail\n    params: {at: 4}\n    inputs: {x: c.value}\n  - id: keep\n    type: accumulate\n    uses: [acc]\n    inputs: {x: f.y}\n";
+
+#[test]
+fn should_run_a_pipeline_and_write_the_run_directory() {
+    let dir = tmpdir("run");
+    let runs = dir.join("runs");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/valid-sum.yaml");
+    let o = bin()
+        .arg(&p)
+        .arg("--runs-dir")
+        .arg(&runs)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rd = only_run_dir(&runs);
+    assert!(
+        rd.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("valid_sum-")
+    );
+    let rows = metrics(&rd);
+    assert_eq!(rows.len(), 3);
+    // total = 1 + (2 + it) per iteration; accumulator starts at 10.
+    let totals: Vec<f64> = rows
+        .iter()
+        .map(|r| r["keep/total"].as_f64().unwrap())
+        .collect();
+    assert_eq!(totals, vec![14.0, 19.0, 25.0]);
+    assert!(rows[0]["time/keep"].as_f64().unwrap() >= 0.0);
+    let resolved = fs::read_to_string(rd.join("pipeline.yaml")).unwrap();
+    assert!(resolved.contains("valid_sum"));
+    assert!(rd.join("checkpoints/latest").exists());
+    assert!(rd.join("run.json").exists());
+}
+
+#[test]
+fn should_record_overrides_in_the_resolved_pipeline() {
+    let dir = tmpdir("set");
+    let runs = dir.join("runs");
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/valid-sum.yaml");
+    let o = bin()
+        .arg("run")
+        .arg(&p)
+        .args([
+            "--set",
+            "iterations=2",
+            "--set",
+            "nodes.one.params.value=5",
+            "--quiet",
+            "--runs-dir",
+        ])
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rd = only_run_dir(&runs);
+    let rows = metrics(&rd);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["total/sum"].as_f64(), Some(5.0 + 3.0));
+    let resolved = fs::read_to_string(rd.join("pipeline.yaml")).unwrap();
+    assert!(
+        resolved.contains("# --set nodes.one.params.value=5"),
+        "{resolved}"
+    );
+}
+
+#[test]
+fn should_fail_cleanly_then_resume_from_the_last_checkpoint() {
+    let dir = tmpdir("resume");
+    let runs = dir.join("runs");
+    let p = write(&dir, "acc.yaml", ACC);
+    let o = bin()
+        .arg(&p)
+        .arg("--quiet")
+        .arg("--runs-dir")
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("node `f` failed at iteration 4"), "{out}");
+    assert!(out.contains("flowrun run --resume"), "{out}");
+    assert!(
+        !out.contains("panicked") && !out.contains("RUST_BACKTRACE"),
+        "{out}"
+    );
+    let rd = only_run_dir(&runs);
+    assert_eq!(metrics(&rd).len(), 3);
+    // Resume with the failure moved past the end.
+    let o = bin()
+        .arg("run")
+        .arg("--resume")
+        .arg(&rd)
+        .args(["--set", "nodes.f.params.at=100", "--quiet"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = metrics(&rd);
+    let its: Vec<u64> = rows
+        .iter()
+        .map(|r| r["iteration"].as_u64().unwrap())
+        .collect();
+    assert_eq!(its, vec![1, 2, 3, 4, 5, 6]);
+    // Same totals as an uninterrupted run: sum of (1 + it) = 2+3+...+7 = 27; calls restored.
+    assert_eq!(rows[5]["keep/total"].as_f64(), Some(27.0));
+    assert_eq!(rows[5]["keep/calls"].as_f64(), Some(6.0));
+}
+
+#[test]
+fn should_report_a_node_panic_without_a_backtrace() {
+    let dir = tmpdir("panic");
+    let runs = dir.join("runs");
+    let p = write(
+        &dir,
+        "p.yaml",
+        "name: p\niterations: 3\nnodes:\n  - id: f\n    type: fail\n    params: {at: 2, panic: true}\n",
+    );
+    let o = bin()
+        .arg(&p)
+        .arg("--quiet")
+        .arg("--runs-dir")
+        .arg(&runs)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("deliberate panic at iteration 2"), "{out}");
+    assert!(!out.contains("stack backtrace"), "{out}");
+}
+
+#[test]
+fn should_stop_on_ctrl_c_at_an_iteration_boundary_with_a_checkpoint() {
+    let dir = tmpdir("sigint");
+    let runs = dir.join("runs");
+    let p = write(
+        &dir,
+        "s.yaml",
+        "name: s\niterations: 1000\nnodes:\n  - id: s\n    type: sleep\n    params: {ms: 50}\n",
+    );
+    let child = bin()
+        .arg(&p)
+        .arg("--quiet")
+        .arg("--runs-dir")
+        .arg(&runs)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has run a few iterations.
+    let start = std::time::Instant::now();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let rows = fs::read_dir(&runs)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .and_then(|e| fs::read_to_string(e.path().join("metrics.jsonl")).ok())
+            .map(|t| t.lines().count())
+            .unwrap_or(0);
+        if rows >= 3 || start.elapsed().as_secs() > 60 {
+            break;
+        }
+    }
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("resume with:") && out.contains("flowrun run --resume"),
+        "{out}"
+    );
+    let rd = only_run_dir(&runs);
+    let n = metrics(&rd).len() as u64;
+    assert!(n >= 3 && n < 1000);
+    let latest = fs::read_to_string(rd.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("iter-{n:06}"));
+}
+
+#[test]
+fn should_exit_2_with_located_errors_for_invalid_pipelines() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/invalid-ports.yaml");
+    let o = bin().arg("validate").arg(&p).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let out = text(&o);
+    assert!(out.contains("invalid-ports.yaml:16:"), "{out}");
+    assert!(out.contains("4 errors"), "{out}");
+    // Running an invalid file refuses before creating anything.
+    let dir = tmpdir("invalid-run");
+    let o = bin()
+        .arg(&p)
+        .arg("--runs-dir")
+        .arg(dir.join("runs"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(!dir.join("runs").exists());
+    // A missing file is an error naming it.
+    let o = bin()
+        .arg("validate")
+        .arg("nope/missing.yaml")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("nope/missing.yaml"));
+}
+
+#[test]
+fn should_print_the_expanded_graph_and_node_docs() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/valid-repeat.yaml");
+    let o = bin()
+        .args(["graph", "--format", "mermaid"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("carry_at_4") && out.contains("side_at_3") && !out.contains("side_at_4"),
+        "{out}"
+    );
+    let o = bin()
+        .args(["graph", "--format", "dot"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"carry@3\" -> \"carry@4\""));
+    let o = bin().args(["nodes", "sum"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("xs") && out.contains("scale") && out.contains("default: 1"),
+        "{out}"
+    );
+    let o = bin().args(["nodes", "summ"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("did you mean `sum`?"));
+}

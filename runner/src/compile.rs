@@ -233,7 +233,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
                         diags.push(d);
                         continue;
                     };
-                    let params = validate_params(&what, r.get("params"), &rt.params, &mut diags);
+                    let params = validate_params(&what, r.get("params"), &rt.params, &mut diags, r);
                     resources.push(ResourceInst {
                         name: key.name.clone(),
                         ty: rt.name,
@@ -310,7 +310,13 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         };
         let nt = &registry.nodes[tname];
         let what = format!("node `{}`", e.id);
-        let params = validate_params(&what, e.params.as_ref(), &nt.params, &mut diags);
+        let params = validate_params(
+            &what,
+            e.params.as_ref(),
+            &nt.params,
+            &mut diags,
+            e.id_node.unwrap_or(e.entry),
+        );
         let every = e.every;
 
         // Inputs.
@@ -397,7 +403,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         }
         for p in &nt.inputs {
             if !p.optional && !entries.iter().any(|(k, _)| k.name == p.name) {
-                let at = inputs_node.unwrap_or(e.id_node.unwrap_or(e.entry));
+                let at = e.id_node.unwrap_or(e.entry);
                 diags.push(at.error(format!(
                     "{what} is missing input `{}` (`{}`): {}",
                     p.name, p.ty, p.doc
@@ -409,6 +415,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         let mut uses = Vec::new();
         let uses_node = e.entry.get("uses");
         let mut bound: HashSet<&str> = HashSet::new();
+        let errors_before = diags.error_count();
         if let Some(un) = uses_node {
             let names: Vec<&YNode> = match &un.kind {
                 YKind::Seq(items) => items.iter().collect(),
@@ -464,8 +471,9 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
                 uses.push((slot.name, ri, slot.write));
             }
         }
+        let uses_failed = diags.error_count() > errors_before;
         for slot in &nt.resources {
-            if !bound.contains(slot.name) {
+            if !bound.contains(slot.name) && !uses_failed {
                 let at = uses_node.unwrap_or(e.id_node.unwrap_or(e.entry));
                 diags.push(
                     at.error(format!(
@@ -593,6 +601,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
     }
 
     diags.sort();
+    diags.dedup();
     if diags.has_errors() {
         return Err(diags);
     }

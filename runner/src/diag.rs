@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 
 /// A position in a source file (1-based line and column; 0 means unknown).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
 pub struct Loc {
     pub line: u32,
     pub col: u32,
@@ -166,6 +166,26 @@ impl Diagnostics {
             let ka = (a.source.as_ref().map(|s| s.name.clone()), a.loc);
             let kb = (b.source.as_ref().map(|s| s.name.clone()), b.loc);
             ka.cmp(&kb)
+        });
+    }
+    /// Drop repeated diagnostics (the same message at the same place, e.g. from the K expanded
+    /// copies of a node in a repeat block) and cascades (a second error at the same place).
+    pub fn dedup(&mut self) {
+        let mut seen = std::collections::HashSet::new();
+        self.0.retain(|d| {
+            seen.insert((
+                d.source.as_ref().map(|s| s.name.clone()),
+                d.loc,
+                d.message.clone(),
+            ))
+        });
+        // One error per place: later errors at a known position already reported are
+        // consequences of the first (e.g. a `$var` left unsubstituted, then mistyped).
+        let mut places = std::collections::HashSet::new();
+        self.0.retain(|d| {
+            !d.is_error()
+                || !d.loc.is_known()
+                || places.insert((d.source.as_ref().map(|s| s.name.clone()), d.loc))
         });
     }
     pub fn error_count(&self) -> usize {

@@ -244,6 +244,7 @@ pub fn validate_params(
     node: Option<&YNode>,
     defs: &[ParamDef],
     diags: &mut Diagnostics,
+    fallback: &YNode,
 ) -> Params {
     let mut values = BTreeMap::new();
     let entries: &[(crate::yaml::YKey, YNode)] = match node {
@@ -300,15 +301,9 @@ pub fn validate_params(
                     def.name,
                     def.kind.describe()
                 ));
-                let d = match node {
-                    Some(n) => {
-                        let mut e = n.error(d.message.clone());
-                        e.help = Some(def.doc.to_string());
-                        e
-                    }
-                    None => d.help(def.doc),
-                };
-                diags.push(d);
+                let mut e = node.unwrap_or(fallback).error(d.message);
+                e.help = Some(def.doc.to_string());
+                diags.push(e);
             }
         }
     }

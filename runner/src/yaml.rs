@@ -325,7 +325,16 @@ pub fn parse(source: &Arc<Source>) -> Result<YNode, Diagnostic> {
 fn first_line_without_location(s: &str) -> String {
     let line = s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim();
     let line = line.strip_prefix("error:").unwrap_or(line).trim();
-    // Drop a trailing " at line X column Y" if present.
+    // Drop a leading "line X column Y: " or a trailing " at line X column Y" if present.
+    let line = match line.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((pos, rest)) if pos.contains("column") => rest,
+        _ => line,
+    };
+    // Advice meant for programmers using the parser, not for pipeline authors.
+    let line = line
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(line);
     match line.find(" at line ") {
         Some(i) => line[..i].to_string(),
         None => line.to_string(),
@@ -382,7 +391,9 @@ mod tests {
     #[test]
     fn should_reject_duplicate_keys() {
         let e = parse_str("a: 1\na: 2\n").unwrap_err();
-        assert!(e.message.contains("duplicate key `a`"), "{e}");
+        assert!(e.message.contains("duplicate mapping key: a"), "{e}");
+        assert!(!e.message.contains("DuplicateKeyPolicy"), "{e}");
+        assert_eq!(e.loc.line, 2);
     }
 
     #[test]

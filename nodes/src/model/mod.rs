@@ -11,10 +11,13 @@
 //!
 //! Architecture (see [`FlowModel`]): a transformer text encoder (token + learned positional
 //! embeddings, pre-norm layers, pad key-masking, masked-mean pooled vector) and a conditional
-//! UNet velocity net (levels `channels = [32, 64, 128]` at 32→16→8, GroupNorm+SiLU residual
-//! blocks with FiLM scale/shift from `MLP(sinusoidal(t)) + Linear(pooled text)`, joint
-//! attention at 16×16 and 8×8 where image tokens attend over `[image tokens ; text tokens]`,
-//! concatenated skip connections, zero-initialised output conv).
+//! UNet velocity net: levels `channels = [32, 64, 128]` at 32→16→8, GroupNorm+SiLU residual
+//! blocks with FiLM scale/shift from `MLP(sinusoidal(t)) + Linear(pooled text)`; attention
+//! at 16×16 (cross-attention to the text tokens) and at 8×8 + bottleneck (joint attention:
+//! image tokens attend over `[image tokens ; text tokens]` in one softmax) — see
+//! `attn_resolutions` / `joint_attn_resolutions`; concatenated skip connections with a 1×1
+//! channel reduction before each nearest upsampling; zero-initialised output conv.
+//! Default config: ~2.42M parameters.
 //!
 //! All randomness is explicit: weights are initialised from `FlowModelConfig::seed` with a
 //! ChaCha RNG (never burn's global RNG), and noise / timesteps are passed in as tensors.
@@ -59,6 +62,9 @@ pub struct FlowModelConfig {
     /// Residual blocks per level on the down path (the up path has the same count).
     #[config(default = 1)]
     pub res_blocks: usize,
+    /// Residual blocks in the bottleneck (the joint attention follows the first one).
+    #[config(default = 1)]
+    pub mid_blocks: usize,
     /// Resolutions (side length) at which text-conditioned attention is applied.
     #[config(default = "vec![16, 8]")]
     pub attn_resolutions: Vec<usize>,
@@ -191,14 +197,17 @@ impl FlowModelConfig {
             let attn = attn_at(i).then(|| {
                 AttnBlock::new(c, self.text_dim, self.attn_head_dim, g, joint_at(i), device)
             });
-            down.push(Level { blocks, attn });
+            down.push(Level {
+                blocks,
+                attn,
+                reduce: None,
+            });
         }
         let c_mid = ch[n - 1];
         let mid = Level {
-            blocks: vec![
-                ResBlock::new(c_mid, c_mid, e, g, device),
-                ResBlock::new(c_mid, c_mid, e, g, device),
-            ],
+            blocks: (0..self.mid_blocks.max(1))
+                .map(|_| ResBlock::new(c_mid, c_mid, e, g, device))
+                .collect(),
             attn: Some(AttnBlock::new(
                 c_mid,
                 self.text_dim,
@@ -207,6 +216,7 @@ impl FlowModelConfig {
                 true,
                 device,
             )),
+            reduce: None,
         };
         let mut up = Vec::with_capacity(n);
         let mut c_cur = c_mid;
@@ -216,11 +226,18 @@ impl FlowModelConfig {
             for _ in 1..self.res_blocks {
                 blocks.push(ResBlock::new(c, c, e, g, device));
             }
-            c_cur = c;
             let attn = attn_at(i).then(|| {
                 AttnBlock::new(c, self.text_dim, self.attn_head_dim, g, joint_at(i), device)
             });
-            up.push(Level { blocks, attn });
+            // 1×1 channel reduction before upsampling (cheap at the lower resolution; keeps
+            // the next level's skip-concat at 2·c instead of c_prev + c).
+            let reduce = (i > 0).then(|| layers::conv1x1(c, ch[i - 1], device));
+            c_cur = if i > 0 { ch[i - 1] } else { c };
+            up.push(Level {
+                blocks,
+                attn,
+                reduce,
+            });
         }
         FlowModel {
             text,
@@ -243,6 +260,9 @@ impl FlowModelConfig {
 pub struct Level {
     pub blocks: Vec<ResBlock>,
     pub attn: Option<AttnBlock>,
+    /// Up path only: 1×1 conv to the next (higher-resolution) level's width, applied
+    /// before the nearest-neighbour upsampling.
+    pub reduce: Option<Conv2d>,
 }
 
 impl Level {
@@ -273,7 +293,7 @@ pub struct FlowModel {
     pub conv_in: Conv2d,
     /// Down path, highest resolution first.
     pub down: Vec<Level>,
-    /// Bottleneck: ResBlock → attention → ResBlock (`blocks[0]`, `attn`, `blocks[1]`).
+    /// Bottleneck: `blocks[0]` → joint attention → `blocks[1..]`.
     pub mid: Level,
     /// Up path, lowest resolution first; the first block of each level takes the skip concat.
     pub up: Vec<Level>,
@@ -319,6 +339,9 @@ impl FlowModel {
         for (j, level) in self.up.iter().enumerate() {
             let skip = skips.pop().expect("one skip per level");
             h = level.forward(Tensor::cat(vec![h, skip], 1), &cond_act, &text);
+            if let Some(reduce) = &level.reduce {
+                h = reduce.forward(h);
+            }
             if j + 1 < n {
                 h = upsample(h);
             }

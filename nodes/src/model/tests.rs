@@ -472,18 +472,36 @@ fn should_report_timings() {
         .map(|i| ((i * 7) % 63 + 1) as i64 * ((i % 16 < 10) as i64))
         .collect();
     let tokens = int_tensor_from_vec(toks, [b, 16], &dev);
-    for i in 0..3 {
+    let iters: usize = std::env::var("FLOWRUN_BENCH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let mut best = f64::MAX;
+    for i in 0..iters {
         let s = Instant::now();
         let loss = trainer.step(x0.clone(), noise.clone(), t.clone(), tokens.clone());
+        best = best.min(s.elapsed().as_secs_f64());
         println!("train step {i} (batch {b}): {:?} loss {loss}", s.elapsed());
     }
+    println!("train step best (batch {b}): {best:.3}s");
     let model = trainer.model().valid();
-    for i in 0..3 {
+    let mut best = f64::MAX;
+    for i in 0..iters {
         let s = Instant::now();
         let v = model.forward(x0.clone(), t.clone(), tokens.clone());
         let _ = values(v.sum());
+        best = best.min(s.elapsed().as_secs_f64());
         println!("forward {i} (batch {b}): {:?}", s.elapsed());
     }
+    println!("forward best (batch {b}): {best:.3}s");
+    let mut best = f64::MAX;
+    for _ in 0..iters {
+        let s = Instant::now();
+        let v = model.forward_cfg(x0.clone(), t.clone(), tokens.clone(), 4.0);
+        let _ = values(v.sum());
+        best = best.min(s.elapsed().as_secs_f64());
+    }
+    println!("forward_cfg best (batch {b}, 2x{b} rows): {best:.3}s");
 }
 
 /// Micro-benchmarks of the building blocks at batch 64 (release build):
@@ -555,4 +573,74 @@ fn should_report_op_timings() {
     time("cat skip 32+64 @32", || {
         Tensor::cat(vec![x32.clone(), layers::upsample(x64.clone())], 1).sum()
     });
+}
+
+/// Per-stage forward timing of the default model (plain device, batch 64).
+#[test]
+#[ignore]
+fn should_report_forward_breakdown() {
+    use burn::tensor::activation::silu;
+    let b = 64;
+    let dev = device();
+    let model = FlowModelConfig::small(64, 16).init(&dev);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let x = tensor_from_vec(
+        sample_standard_normal(&mut rng, b * 3072),
+        [b, 3, 32, 32],
+        &dev,
+    );
+    let t = tensor_from_vec(sample_logit_normal(&mut rng, b, 0.0, 1.0), [b], &dev);
+    let toks: Vec<i64> = (0..b * 16)
+        .map(|i| ((i * 7) % 63 + 1) as i64 * ((i % 16 < 10) as i64))
+        .collect();
+    let tokens = int_tensor_from_vec(toks, [b, 16], &dev);
+    for _ in 0..2 {
+        let mut s = Instant::now();
+        let mut lap = |name: &str| {
+            println!("  {name}: {:?}", s.elapsed());
+            s = Instant::now();
+        };
+        let text = model.text.forward(tokens.clone());
+        lap("text");
+        let temb = layers::timestep_embedding(t.clone(), model.config.time_freq_dim);
+        let cond = model.time_fc2.forward(silu(model.time_fc1.forward(temb)))
+            + model.text_cond.forward(text.pooled.clone());
+        let cond_act = silu(cond);
+        lap("cond");
+        let mut h = model.conv_in.forward(x.clone());
+        lap("conv_in");
+        let mut skips = vec![];
+        for (i, level) in model.down.iter().enumerate() {
+            h = level.forward(h, &cond_act, &text);
+            lap(&format!("down {i}"));
+            skips.push(h.clone());
+            if i + 1 < 3 {
+                h = layers::downsample(h);
+                lap("downsample");
+            }
+        }
+        h = model.mid.blocks[0].forward(h, cond_act.clone());
+        if let Some(a) = &model.mid.attn {
+            h = a.forward(h, text.tokens.clone(), text.key_bias.clone());
+        }
+        lap("mid");
+        for (j, level) in model.up.iter().enumerate() {
+            let skip = skips.pop().unwrap();
+            let hc = Tensor::cat(vec![h, skip], 1);
+            lap("cat");
+            h = level.forward(hc, &cond_act, &text);
+            if let Some(r) = &level.reduce {
+                h = r.forward(h);
+            }
+            lap(&format!("up {j}"));
+            if j + 1 < 3 {
+                h = layers::upsample(h);
+                lap("upsample");
+            }
+        }
+        let out = model.out_conv.forward(silu(model.out_norm.forward(h)));
+        let _ = values(out.sum());
+        lap("out");
+        println!("--");
+    }
 }

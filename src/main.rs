@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use runner::{Diagnostics, Registry, RunOptions};
 
 mod logging;
+mod tools;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +90,57 @@ enum Command {
     },
     /// List node types, or document one (ports, params, defaults).
     Nodes { name: Option<String> },
+    /// Sample images for prompts from a checkpoint and write a PNG grid.
+    Sample {
+        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+        checkpoint: PathBuf,
+        /// A prompt (repeatable), e.g. "two red circles".
+        #[arg(long, required = true)]
+        prompt: Vec<String>,
+        #[arg(long, default_value_t = 4)]
+        steps: usize,
+        #[arg(long, default_value = "tafs", value_parser = ["euler", "tafs"])]
+        sampler: String,
+        /// TAFS temperature.
+        #[arg(long, default_value_t = 1.0)]
+        tau: f32,
+        /// Classifier-free guidance scale (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        cfg: f32,
+        /// Images per prompt.
+        #[arg(long, default_value_t = 8)]
+        seeds: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "grid.png")]
+        out: PathBuf,
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Verifier accuracy of a checkpoint per category and number of steps.
+    Eval {
+        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+        checkpoint: PathBuf,
+        #[arg(long, default_value = "datasets/shapes/eval.jsonl")]
+        prompts: PathBuf,
+        /// Comma-separated step counts.
+        #[arg(long, default_value = "1,2,4,40", value_delimiter = ',')]
+        steps: Vec<usize>,
+        #[arg(long, default_value = "euler", value_parser = ["euler", "tafs"])]
+        sampler: String,
+        #[arg(long, default_value_t = 1.0)]
+        tau: f32,
+        #[arg(long, default_value_t = 1.0)]
+        cfg: f32,
+        /// Prompts per split and category (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+        /// Also write the table as CSV.
+        #[arg(long)]
+        csv: Option<PathBuf>,
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -137,6 +189,60 @@ fn main() -> ExitCode {
             set,
         }) => cmd_graph(&pipeline, format, &set, &registry),
         Some(Command::Nodes { name }) => cmd_nodes(name.as_deref(), &registry),
+        Some(Command::Sample {
+            checkpoint,
+            prompt,
+            steps,
+            sampler,
+            tau,
+            cfg,
+            seeds,
+            seed,
+            out,
+            device,
+        }) => report(tools::sample(
+            &checkpoint,
+            &prompt,
+            steps,
+            &sampler,
+            tau,
+            cfg,
+            seeds,
+            seed,
+            &out,
+            &device,
+        )),
+        Some(Command::Eval {
+            checkpoint,
+            prompts,
+            steps,
+            sampler,
+            tau,
+            cfg,
+            limit,
+            csv,
+            device,
+        }) => report(tools::eval(
+            &checkpoint,
+            &prompts,
+            &steps,
+            &sampler,
+            tau,
+            cfg,
+            limit,
+            csv.as_deref(),
+            &device,
+        )),
+    }
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flowrun: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

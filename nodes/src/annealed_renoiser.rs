@@ -158,3 +158,54 @@ impl Node for Renoiser {
             .with("transition", tr))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn should_match_the_closed_form_log_density_per_sample() {
+        let dev = Device::flex();
+        let x = tensor_from_vec(vec![0.3, -0.2, 0.0, 1.0], [1, 1, 2, 2], &dev);
+        let m = tensor_from_vec(vec![0.0; 4], [1, 1, 2, 2], &dev);
+        let got = to_vec(&log_prob(x, m, 0.5)).unwrap()[0];
+        let k = LinearGaussian {
+            a: 1.0,
+            b: 0.0,
+            std: 0.5,
+        };
+        let want = k.log_prob(&[0.3, -0.2, 0.0, 1.0], &[0.0; 4]);
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn should_be_deterministic_as_tau_goes_to_zero() {
+        let r = Renoiser {
+            t_next: 0.5,
+            tau: 0.0,
+            schedule: "none".into(),
+            scale_end: 1.0,
+        };
+        let k = LinearGaussian::tafs(0.75, r.t_next, r.tau_at(1, 10)).unwrap();
+        assert!(!k.is_stochastic());
+        // τ = 0 re-noises with the model's own noise estimate: x' = (1−t')·x̂0 + t'·ε̂.
+        let (x, v) = (0.2f32, -0.7f32);
+        let x0 = x - 0.75 * v;
+        let eps = x + 0.25 * v;
+        assert!((k.a * x + k.b * v - (0.5 * x0 + 0.5 * eps)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn should_anneal_tau_over_iterations() {
+        let r = Renoiser {
+            t_next: 0.5,
+            tau: 0.8,
+            schedule: "linear".into(),
+            scale_end: 0.5,
+        };
+        assert!((r.tau_at(1, 11) - 0.8).abs() < 1e-6);
+        assert!((r.tau_at(6, 11) - 0.6).abs() < 1e-6);
+        assert!((r.tau_at(11, 11) - 0.4).abs() < 1e-6);
+    }
+}

@@ -123,6 +123,29 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
 }
 
 impl FlowModelRes {
+    /// A resource around `model` (on a plain device), e.g. for tests and tools.
+    pub fn new(
+        model: FlowModel,
+        config: TrainerConfig,
+        reference: bool,
+        sample_with_ema: bool,
+    ) -> Self {
+        let device = model
+            .devices()
+            .into_iter()
+            .next()
+            .unwrap_or_else(Device::flex);
+        let reference = reference.then(|| model.clone());
+        FlowModelRes {
+            trainer: Trainer::from_model(model, config.clone()),
+            reference,
+            sample_with_ema,
+            device,
+            source: None,
+            config,
+        }
+    }
+
     /// The model samplers use, on the plain device.
     pub fn sampling_model(&self) -> FlowModel {
         if self.sample_with_ema {

@@ -312,3 +312,195 @@ impl Node for GrpoUpdate {
         Ok(Outputs::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::annealed_renoiser::log_prob;
+    use crate::grpo::LinearGaussian;
+    use crate::model::{FlowModelConfig, TrainerConfig, sample_standard_normal};
+    use crate::prompt_loader::make_batch;
+    use crate::world;
+    use burn::tensor::Device;
+    use rand::SeedableRng;
+    use std::sync::Arc;
+
+    /// A tiny model moved away from its zero-velocity init by a few flow-matching steps.
+    fn trained_tiny() -> FlowModelRes {
+        let dev = Device::flex();
+        let cfg = FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS).with_seed(3);
+        let mut res = FlowModelRes::new(
+            cfg.init(&dev),
+            TrainerConfig::new().with_lr(1e-2),
+            true,
+            false,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..3 {
+            let x0 = tensor_from_vec(
+                sample_standard_normal(&mut rng, 4 * IMAGE_LEN),
+                [4, 3, 32, 32],
+                &dev,
+            );
+            let n = tensor_from_vec(
+                sample_standard_normal(&mut rng, 4 * IMAGE_LEN),
+                [4, 3, 32, 32],
+                &dev,
+            );
+            let t = tensor_from_vec(vec![0.3, 0.5, 0.7, 0.9], [4], &dev);
+            let tok = crate::model::int_tensor_from_vec(
+                vec![1; 4 * world::MAX_TOKENS],
+                [4, world::MAX_TOKENS],
+                &dev,
+            );
+            let ad = res.trainer.device().clone();
+            res.trainer.step(
+                x0.to_device(&ad),
+                n.to_device(&ad),
+                t.to_device(&ad),
+                tok.to_device(&ad),
+            );
+        }
+        // The reference is the model *before* RL: take it now.
+        res.reference = Some(res.sampling_model());
+        res
+    }
+
+    /// Sample one TAFS transition of the batch with the current policy.
+    fn sample(res: &FlowModelRes, prompts: &PromptBatch, tau: f32) -> Transition {
+        let dev = res.device.clone();
+        let b = prompts.len();
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = tensor_from_vec(
+            sample_standard_normal(&mut rng, b * IMAGE_LEN),
+            [b, 3, 32, 32],
+            &dev,
+        );
+        let model = res.sampling_model();
+        let v = model.forward(
+            x.clone(),
+            Tensor::<1>::full([b], 0.75, &dev),
+            prompts.tokens_tensor(&dev),
+        );
+        let k = LinearGaussian::tafs(0.75, 0.5, tau).unwrap();
+        let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
+        let eps = tensor_from_vec(
+            sample_standard_normal(&mut rng, b * IMAGE_LEN),
+            [b, 3, 32, 32],
+            &dev,
+        );
+        let x_next = mean.clone() + eps.mul_scalar(k.std);
+        let old = to_vec(&log_prob(x_next.clone(), mean, k.std)).unwrap();
+        Transition {
+            step: 1,
+            t: 0.75,
+            t_next: 0.5,
+            tau,
+            kernel: k,
+            cfg: 1.0,
+            x_t: x,
+            x_next,
+            old_logprob: old,
+            sampler: "tafs",
+        }
+    }
+
+    fn batch() -> PromptBatch {
+        let recs: Vec<_> = world::generate_split(5, world::Split::Train, 2)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        make_batch(&recs, 3).unwrap()
+    }
+
+    #[test]
+    fn should_have_ratio_one_and_zero_kl_on_the_first_on_policy_minibatch() {
+        let mut res = trained_tiny();
+        let prompts = batch();
+        let tr = sample(&res, &prompts, 0.8);
+        let adv = Advantages {
+            values: vec![vec![1.0, -1.0, 0.5, -0.5, 0.0, 0.2]],
+            mode: "step".into(),
+        };
+        let up = GrpoUpdate {
+            clip: 0.2,
+            adv_clip: 5.0,
+            beta: 0.1,
+            epochs: 1,
+            minibatch: 0,
+        };
+        let st = up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap();
+        assert!(
+            st.first_ratio_max_dev < 1e-5,
+            "ratio deviates by {}",
+            st.first_ratio_max_dev
+        );
+        assert!(st.first_kl.abs() < 1e-9, "kl {}", st.first_kl);
+        assert_eq!(st.clip_frac, 0.0);
+        // The update moved the model: a second pass is off-policy.
+        let st2 = up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap();
+        assert!(st2.first_ratio_max_dev > 1e-7, "the model did not change");
+        assert!(st2.first_kl > 0.0);
+    }
+
+    #[test]
+    fn should_raise_the_log_prob_of_positive_advantage_samples() {
+        let mut res = trained_tiny();
+        res.trainer.config.lr = 1e-3;
+        let prompts = batch();
+        let tr = sample(&res, &prompts, 0.8);
+        let a = vec![1.0, -1.0, 1.0, -1.0, 1.0, -1.0];
+        let adv = Advantages {
+            values: vec![a.clone()],
+            mode: "step".into(),
+        };
+        let up = GrpoUpdate {
+            clip: 10.0,
+            adv_clip: 5.0,
+            beta: 0.0,
+            epochs: 3,
+            minibatch: 0,
+        };
+        up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap();
+        let after = sample(&res, &prompts, 0.8);
+        // Same noise, new policy: log π(x_next_old) moved up where A > 0 and down where A < 0.
+        let dev = res.device.clone();
+        let model = res.sampling_model();
+        let v = model.forward(
+            tr.x_t.clone(),
+            Tensor::<1>::full([6], 0.75, &dev),
+            prompts.tokens_tensor(&dev),
+        );
+        let mean = tr.x_t.clone().mul_scalar(tr.kernel.a) + v.mul_scalar(tr.kernel.b);
+        let new = to_vec(&log_prob(tr.x_next.clone(), mean, tr.kernel.std)).unwrap();
+        let gain: f32 = (0..6).map(|i| a[i] * (new[i] - tr.old_logprob[i])).sum();
+        assert!(gain > 0.0, "advantage-weighted log-prob change {gain}");
+        drop(after);
+    }
+
+    #[test]
+    fn should_refuse_kl_without_a_reference_and_non_finite_losses() {
+        let mut res = trained_tiny();
+        res.reference = None;
+        let prompts = batch();
+        let tr = sample(&res, &prompts, 0.8);
+        let adv = Advantages {
+            values: vec![vec![0.0; 6]],
+            mode: "step".into(),
+        };
+        let up = GrpoUpdate {
+            clip: 0.2,
+            adv_clip: 5.0,
+            beta: 0.1,
+            epochs: 1,
+            minibatch: 0,
+        };
+        let e = up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap_err();
+        assert!(e.to_string().contains("reference"), "{e}");
+        let mut bad = tr.clone();
+        bad.old_logprob[0] = f32::NAN;
+        let up = GrpoUpdate { beta: 0.0, ..up };
+        let e = up.update(&mut res, &[&bad], &adv, &prompts, 0).unwrap_err();
+        assert!(e.to_string().contains("not applied"), "{e}");
+    }
+}

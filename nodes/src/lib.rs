@@ -14,10 +14,12 @@ pub mod grpo_update;
 pub mod image_reward;
 pub mod model;
 pub mod one_step_sampler;
+pub mod parquet_source;
 pub mod prompt_loader;
 pub mod sample_eval;
 pub mod shape_eval;
 pub mod step_advantage;
+pub mod trajectory_sink;
 pub mod types;
 pub mod util;
 pub mod world;
@@ -43,5 +45,7 @@ pub fn registry() -> Registry {
     flow_sde_step::register(&mut r);
     step_advantage::register(&mut r);
     grpo_update::register(&mut r);
+    trajectory_sink::register(&mut r);
+    parquet_source::register(&mut r);
     r
 }

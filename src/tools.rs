@@ -1,0 +1,152 @@
+//! `flowrun sample` and `flowrun eval`: use a checkpoint directly, outside a pipeline.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use nodes::device::{device, parse_device};
+use nodes::model::{load_safetensors, sample_euler, sample_standard_normal, tensor_from_vec};
+use nodes::prompt_loader::{load_prompts, make_batch, parse_prompt};
+use nodes::sample_eval::{SampleEval, sample_tafs};
+use nodes::types::to_vec;
+use nodes::world::{self, IMAGE_LEN, PromptRecord};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn load(checkpoint: &Path, dev: &str) -> Result<(nodes::model::FlowModel, burn::tensor::Device)> {
+    let kind = parse_device(dev).map_err(anyhow::Error::msg)?;
+    let device = device(kind);
+    if !checkpoint.exists() {
+        bail!("checkpoint {} does not exist", checkpoint.display());
+    }
+    let (_, model) = load_safetensors(checkpoint, &device)?;
+    Ok((model, device))
+}
+
+/// Sample `seeds` images per prompt and write them as a PNG grid (one row per prompt).
+#[allow(clippy::too_many_arguments)]
+pub fn sample(
+    checkpoint: &Path,
+    prompts: &[String],
+    steps: usize,
+    sampler: &str,
+    tau: f32,
+    cfg: f32,
+    seeds: usize,
+    seed: u64,
+    out: &Path,
+    dev: &str,
+) -> Result<()> {
+    let (model, device) = load(checkpoint, dev)?;
+    let mut records = Vec::new();
+    for p in prompts {
+        let target = parse_prompt(p)?;
+        records.push(Arc::new(PromptRecord {
+            id: p.clone(),
+            prompt: target.prompt(),
+            category: target.category(),
+            split: world::Split::Train,
+            target,
+        }));
+    }
+    let batch = make_batch(&records, seeds)?;
+    let b = batch.len();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let noise = tensor_from_vec(
+        sample_standard_normal(&mut rng, b * IMAGE_LEN),
+        [b, 3, 32, 32],
+        &device,
+    );
+    let tokens = batch.tokens_tensor(&device);
+    let x0 = match sampler {
+        "tafs" => sample_tafs(&model, noise, tokens, steps, tau, cfg, &mut rng),
+        _ => sample_euler(&model, noise, tokens, steps, cfg),
+    };
+    let imgs = to_vec(&x0)?;
+    let images: Vec<Vec<f32>> = imgs.chunks(IMAGE_LEN).map(<[f32]>::to_vec).collect();
+    let mut correct = 0;
+    for (i, img) in images.iter().enumerate() {
+        correct += world::evaluate(img, &batch.records[i].target)?.correct as usize;
+    }
+    world::write_png_grid(out, &images, seeds, 4)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "wrote {} ({} prompts × {seeds} seeds, {steps} {sampler} steps); shape_eval correct: {correct}/{b}",
+        out.display(),
+        prompts.len()
+    );
+    Ok(())
+}
+
+/// Verifier accuracy per category and step count; optionally written as CSV.
+#[allow(clippy::too_many_arguments)]
+pub fn eval(
+    checkpoint: &Path,
+    prompts: &Path,
+    steps: &[usize],
+    sampler: &str,
+    tau: f32,
+    cfg: f32,
+    limit: usize,
+    csv: Option<&Path>,
+    dev: &str,
+) -> Result<()> {
+    let (model, device) = load(checkpoint, dev)?;
+    let mut records = load_prompts(prompts)?;
+    if limit > 0 {
+        let mut per = std::collections::BTreeMap::<String, usize>::new();
+        records.retain(|r| {
+            let c = per
+                .entry(format!("{}/{}", r.split.as_str(), r.category.as_str()))
+                .or_default();
+            *c += 1;
+            *c <= limit
+        });
+    }
+    let ev = SampleEval {
+        records: records.into_iter().map(Arc::new).collect(),
+        steps: steps.to_vec(),
+        tafs: sampler == "tafs",
+        tau,
+        cfg,
+        batch: 64,
+        seed: 1234,
+        grid: 0,
+    };
+    let (table, _) = ev.evaluate(&model, &device)?;
+    let mut cats: Vec<String> = table.keys().map(|(_, c)| c.clone()).collect();
+    cats.sort();
+    cats.dedup();
+    // "all" first, "heldout" last.
+    cats.sort_by_key(|c| (c != "all", c == "heldout", c.clone()));
+    let mut text = format!("{:<14}", "category");
+    for s in steps {
+        text.push_str(&format!(
+            "{:>10}",
+            format!("{s} step{}", if *s == 1 { "" } else { "s" })
+        ));
+    }
+    text.push('\n');
+    let mut rows = vec!["category,steps,correct,total,accuracy".to_string()];
+    for c in &cats {
+        text.push_str(&format!("{c:<14}"));
+        for s in steps {
+            let (k, n) = table.get(&(*s, c.clone())).copied().unwrap_or((0, 0));
+            let acc = k as f64 / n.max(1) as f64;
+            text.push_str(&format!("{:>10}", format!("{:.1}%", 100.0 * acc)));
+            rows.push(format!("{c},{s},{k},{n},{acc:.4}"));
+        }
+        text.push('\n');
+    }
+    print!("{text}");
+    println!(
+        "(checkpoint {}, sampler {sampler}, cfg {cfg}, prompts {})",
+        checkpoint.display(),
+        prompts.display()
+    );
+    if let Some(p) = csv {
+        runner::fsutil::write_atomic(p, (rows.join("\n") + "\n").as_bytes())?;
+        println!("wrote {}", p.display());
+    }
+    Ok(())
+}

@@ -43,7 +43,9 @@ pub fn parse_device(s: &str) -> Result<DeviceKind, String> {
     Ok(kind)
 }
 
-/// The burn device for inference (no autodiff).
+/// The burn device for inference (no autodiff). burn marks burn-tch deprecated in 0.22 (it is
+/// the last release with it); we use it on purpose for libtorch CPU/CUDA.
+#[allow(deprecated)]
 pub fn device(kind: DeviceKind) -> Device {
     match kind {
         DeviceKind::Flex => Device::flex(),

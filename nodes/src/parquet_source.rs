@@ -352,7 +352,10 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
 }
 
 /// Read `x_t` and `x_next` (as f32) of the given rows of a file: row → (x_t, x_next).
-fn read_tensors(path: &Path, rows: &[usize]) -> Result<HashMap<usize, (Vec<f32>, Vec<f32>)>> {
+/// Row index → (x_t, x_next) of the rows read.
+type RowTensors = HashMap<usize, (Vec<f32>, Vec<f32>)>;
+
+fn read_tensors(path: &Path, rows: &[usize]) -> Result<RowTensors> {
     let mut sorted = rows.to_vec();
     sorted.sort_unstable();
     sorted.dedup();

@@ -131,14 +131,13 @@ pub fn sample_tafs(
 /// Accuracy results: (steps, category or "all"/"heldout") → (correct, total).
 pub type EvalTable = BTreeMap<(usize, String), (usize, usize)>;
 
+/// Per step count, the first images sampled (for PNG grids).
+pub type EvalGrids = Vec<(usize, Vec<Vec<f32>>)>;
+
 impl SampleEval {
     /// Sample and score every prompt for every step count. Returns the table and, per step
     /// count, the first `grid` images.
-    pub fn evaluate(
-        &self,
-        model: &FlowModel,
-        device: &Device,
-    ) -> Result<(EvalTable, Vec<(usize, Vec<Vec<f32>>)>)> {
+    pub fn evaluate(&self, model: &FlowModel, device: &Device) -> Result<(EvalTable, EvalGrids)> {
         let mut table = EvalTable::new();
         let mut grids = Vec::new();
         for &steps in &self.steps {

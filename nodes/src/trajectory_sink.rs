@@ -27,6 +27,10 @@ use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Regist
 use crate::types::{Advantages, PromptBatch, Rewards, Transition, to_vec};
 use crate::world::{CRITERIA, IMAGE_LEN};
 
+/// The Arrow and Parquet crates the files are written with (for readers and tests).
+pub use arrow;
+pub use parquet;
+
 /// Name of the trajectory directory inside a run directory.
 pub const DIR: &str = "trajectories";
 /// Shape of one stored state, [C, H, W].
@@ -156,6 +160,19 @@ impl TensorMode {
 /// The file name of an iteration's trajectories.
 pub fn file_name(iteration: u64) -> String {
     format!("iter-{iteration:06}.parquet")
+}
+
+/// Read a whole trajectory file into one record batch (errors name the file).
+pub fn read_file(path: &Path) -> Result<RecordBatch> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let r = (|| -> Result<RecordBatch> {
+        let f = fs::File::open(path)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(f)?;
+        let schema = builder.schema().clone();
+        let batches = builder.build()?.collect::<Result<Vec<_>, _>>()?;
+        Ok(arrow::compute::concat_batches(&schema, &batches)?)
+    })();
+    r.with_context(|| format!("cannot read trajectory file {}", path.display()))
 }
 
 /// The iteration of a trajectory file name (`iter-000123.parquet`).

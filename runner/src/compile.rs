@@ -148,6 +148,12 @@ fn get_uint(map: &YNode, key: &str, what: &str, min: i64, diags: &mut Diagnostic
     }
 }
 
+/// The repeat block a node is expanded in: its members and its variables.
+type BlockCtx<'b> = (
+    &'b Arc<HashMap<String, Vec<usize>>>,
+    &'b BTreeMap<String, Vec<YNode>>,
+);
+
 /// A node after repeat expansion, before reference resolution.
 struct Expanded<'a> {
     id: String,
@@ -677,10 +683,7 @@ fn cycle_chain(g: &DiGraph<usize, ()>, scc: &[NodeIndex]) -> Vec<NodeIndex> {
 fn push_node<'a>(
     item: &'a YNode,
     step: Option<(usize, usize, String)>,
-    block: Option<(
-        &Arc<HashMap<String, Vec<usize>>>,
-        &BTreeMap<String, Vec<YNode>>,
-    )>,
+    block: Option<BlockCtx>,
     registry: &Registry,
     out: &mut Vec<Expanded<'a>>,
     diags: &mut Diagnostics,

@@ -366,7 +366,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
             b.set_message(headline(&row));
         }
         let stop = opts.stop.load(Ordering::SeqCst);
-        if it == total || stop || (every > 0 && it % every == 0) {
+        if it == total || stop || (every > 0 && it.is_multiple_of(every)) {
             let ck = write_checkpoint(rt, it)?;
             last_checkpoint = Some(ck);
         }
@@ -461,7 +461,7 @@ async fn run_iteration(
                 .inputs
                 .iter()
                 .any(|(_, srcs)| srcs.iter().any(|(s, _)| skipped[*s]));
-            if it % node.every != 0 || missing_input {
+            if !it.is_multiple_of(node.every) || missing_input {
                 skipped[i] = true;
                 finished += 1;
                 for &d in &rt.dependents[i] {

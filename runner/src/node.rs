@@ -68,6 +68,9 @@ pub struct BuildCtx<'a> {
     pub step: Option<(usize, usize)>,
 }
 
+/// Checks a pipeline's `device` string; `Err` is the message to show.
+pub type DeviceCheck = fn(&str) -> std::result::Result<(), String>;
+
 pub type NodeFactory = fn(&BuildCtx) -> Result<Box<dyn Node>>;
 pub type ResourceFactory = fn(&BuildCtx) -> Result<Box<dyn Resource>>;
 
@@ -97,7 +100,7 @@ pub struct Registry {
     pub nodes: BTreeMap<&'static str, NodeType>,
     pub resources: BTreeMap<&'static str, ResourceType>,
     /// Checks the pipeline's `device` string; `Err` is the message to show.
-    pub device_check: Option<fn(&str) -> std::result::Result<(), String>>,
+    pub device_check: Option<DeviceCheck>,
 }
 
 impl Registry {

@@ -52,7 +52,7 @@ pub(crate) fn group_norm(
 /// Largest divisor of `channels` that is `<= groups`.
 pub(crate) fn num_groups(groups: usize, channels: usize) -> usize {
     let mut g = groups.clamp(1, channels.max(1));
-    while channels % g != 0 {
+    while !channels.is_multiple_of(g) {
         g -= 1;
     }
     g
@@ -340,7 +340,7 @@ impl AttnBlock {
     ) -> Self {
         let heads = (channels / head_dim.max(1)).max(1);
         assert!(
-            channels % heads == 0,
+            channels.is_multiple_of(heads),
             "attention channels {channels} not divisible by heads {heads}"
         );
         let q_width = if self_attn { 3 * channels } else { channels };

@@ -132,17 +132,20 @@ impl FlowModelConfig {
         anyhow::ensure!(self.res_blocks >= 1, "res_blocks must be >= 1");
         let down = 1usize << (self.channels.len() - 1);
         anyhow::ensure!(
-            self.image_size % down == 0,
+            self.image_size.is_multiple_of(down),
             "image_size {} not divisible by {down}",
             self.image_size
         );
         anyhow::ensure!(
-            self.text_dim % self.text_heads == 0,
+            self.text_dim.is_multiple_of(self.text_heads),
             "text_dim {} not divisible by text_heads {}",
             self.text_dim,
             self.text_heads
         );
-        anyhow::ensure!(self.time_freq_dim % 2 == 0, "time_freq_dim must be even");
+        anyhow::ensure!(
+            self.time_freq_dim.is_multiple_of(2),
+            "time_freq_dim must be even"
+        );
         for &c in &self.channels {
             let heads = (c / self.attn_head_dim.max(1)).max(1);
             anyhow::ensure!(

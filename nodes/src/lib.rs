@@ -4,6 +4,7 @@
 //! [`registry`] collects them for the engine. `flowrun nodes` prints their documentation.
 
 pub mod annealed_renoiser;
+pub mod compressibility_reward;
 pub mod device;
 pub mod flow_matching_train;
 pub mod flow_model;
@@ -11,8 +12,10 @@ pub mod flow_sde_step;
 pub mod gaussian_noise;
 pub mod grpo;
 pub mod grpo_update;
+pub mod http_reward;
 pub mod image_reward;
 pub mod model;
+pub mod nonfinite;
 pub mod one_step_sampler;
 pub mod parquet_source;
 pub mod prompt_loader;
@@ -22,6 +25,7 @@ pub mod step_advantage;
 pub mod trajectory_sink;
 pub mod types;
 pub mod util;
+pub mod weighted_reward;
 pub mod world;
 
 use runner::Registry;
@@ -39,6 +43,9 @@ pub fn registry() -> Registry {
     prompt_loader::register(&mut r);
     shape_eval::register(&mut r);
     image_reward::register(&mut r);
+    http_reward::register(&mut r);
+    weighted_reward::register(&mut r);
+    compressibility_reward::register(&mut r);
     gaussian_noise::register(&mut r);
     one_step_sampler::register(&mut r);
     annealed_renoiser::register(&mut r);

@@ -1,35 +1,11 @@
 //! End-to-end tests of the `flowrun` binary on small pipelines of utility nodes.
 
+mod common;
+use common::{bin, metrics, text, tmpdir};
+
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flowrun"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowrun-cli-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
+use std::process::{Command, Stdio};
 
 fn only_run_dir(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(runs)

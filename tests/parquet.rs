@@ -2,10 +2,13 @@
 //! iteration through the real binary, files survive a SIGKILL, and `parquet_source` replays
 //! them into `grpo_update`.
 
+mod common;
+use common::{bin, metrics, root, text, tmpdir};
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nodes::trajectory_sink::arrow::array::{
@@ -20,38 +23,6 @@ const P: usize = 4;
 const G: usize = 4;
 const K: usize = 3;
 const ROWS: usize = P * G * (K - 1);
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flowrun"))
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowrun-parquet-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
-    fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 fn only_run_dir(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(runs)

@@ -1,15 +1,11 @@
 //! End-to-end TAFS-GRPO and Flow-GRPO runs through the real binary, on a tiny model.
 
+mod common;
+use common::tmpdir;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flowrun-tafs-{name}-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn pipeline(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

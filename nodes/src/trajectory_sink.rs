@@ -43,7 +43,7 @@ pub const SUPERSEDED_DIR: &str = "_superseded";
 
 pub const DOC: &str = "Writes one Parquet file per iteration, <run_dir>/trajectories/iter-000123.parquet,\n\
 with one row per (sample, transition step), sample-major. A file is written to a hidden\n\
-temporary (.iter-000123.parquet.tmp-<pid>) in the same directory, closed, fsynced and renamed,\n\
+temporary (.iter-000123.parquet.tmp-<pid>-<n>) in the same directory, closed, fsynced and renamed,\n\
 so readers and `*.parquet` globs only ever see complete files; leftovers of a crash are\n\
 removed when the node is built. Writing runs on a writer thread owned by the node (bounded\n\
 queue of `queue` iterations); a write error fails the next iteration. Checkpoints wait for\n\

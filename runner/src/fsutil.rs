@@ -4,17 +4,21 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 
-/// The hidden temporary name used for `path` (`.name.tmp-<pid>` in the same directory): not
-/// matched by `*.parquet`-style globs, and removed by [`clean_temporaries`].
+/// A hidden temporary name for `path` (`.name.tmp-<pid>-<n>` in the same directory, unique
+/// within the process so concurrent writers never share one): not matched by
+/// `*.parquet`-style globs, and removed by [`clean_temporaries`].
 pub fn temp_path(path: &Path) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.tmp-{}-{n}", std::process::id()))
 }
 
 /// Write `bytes` to `path` atomically.

@@ -1,6 +1,5 @@
 //! PNG output for ShapeWorld images: 8-bit RGB conversion and image grids.
 
-use std::io::Write;
 use std::path::Path;
 
 use super::{IMAGE_SIZE, WorldError, check_image};
@@ -87,28 +86,10 @@ pub fn write_png_grid(
     write_atomic(path.as_ref(), &bytes)
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same directory is
-/// written and synced, then renamed over `path`.
+/// Writes `bytes` to `path` atomically with the engine's crash-safe writer.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WorldError> {
-    let name = path.file_name().ok_or_else(|| {
-        WorldError::InvalidInput(format!("`{}` has no file name", path.display()))
-    })?;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let tmp_name = format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id());
-    let tmp = match dir {
-        Some(d) => d.join(tmp_name),
-        None => tmp_name.into(),
-    };
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    Ok(result?)
+    runner::fsutil::write_atomic(path, bytes)
+        .map_err(|e| WorldError::Io(std::io::Error::other(format!("{e:#}"))))
 }
 
 #[cfg(test)]

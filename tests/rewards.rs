@@ -148,11 +148,13 @@ fn only_run_dir(runs: &Path) -> PathBuf {
     dirs[0].clone()
 }
 
+/// The complete rows of metrics.jsonl; a row still being appended (no newline yet) while the
+/// test polls a live run is not counted.
 fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
     fs::read_to_string(run_dir.join("metrics.jsonl"))
         .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.trim().is_empty())
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }

@@ -93,7 +93,16 @@ struct Runtime {
     deps: Vec<Vec<usize>>,
     dependents: Vec<Vec<usize>>,
     run_dir: PathBuf,
+    /// Each node's wall time the last time it ran (∞ before its first run). Nodes that took
+    /// less than [`INLINE_BELOW_S`] run inline on the scheduler's thread: a hop to the blocking
+    /// pool costs more than they do.
+    last_secs: Vec<f64>,
 }
+
+/// Nodes faster than this (as last measured) skip the blocking pool. Long enough for glue nodes
+/// (sums, constants, bookkeeping), far too short for anything that does tensor work, so Ctrl-C
+/// and concurrency are unaffected.
+const INLINE_BELOW_S: f64 = 100e-6;
 
 /// Run `pipeline` (compiled from the file) with `registry`'s node types.
 pub fn run(
@@ -282,6 +291,7 @@ fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runt
         nodes,
         resources,
         deps,
+        last_secs: vec![f64::INFINITY; count],
         dependents,
         run_dir: run_dir.to_path_buf(),
     })
@@ -357,7 +367,11 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         for (k, v) in &node_times {
             out.insert(format!("time/{k}"), json_num(*v));
         }
-        writeln!(metrics_file, "{}", serde_json::Value::Object(out))?;
+        // One `write_all` of the whole line: a reader tailing the file (a test, `flowrun
+        // report` on a live run) sees whole rows, never half of one.
+        let mut line = serde_json::Value::Object(out).to_string();
+        line.push('\n');
+        metrics_file.write_all(line.as_bytes())?;
         metrics_file.flush()?;
         info!(iter_s, metrics = %headline(&row), "iteration done");
         last_done = it;
@@ -441,7 +455,7 @@ fn is_last_step(key: &str, row: &BTreeMap<String, f64>) -> bool {
 
 /// Run the DAG once. Returns the metrics (`node/name`) and node wall times.
 async fn run_iteration(
-    rt: &Runtime,
+    rt: &mut Runtime,
     it: u64,
 ) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
     let n = rt.nodes.len();
@@ -453,6 +467,7 @@ async fn run_iteration(
     let mut times = BTreeMap::new();
     let mut finished = 0;
     let mut ready: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut inline_done: Vec<Done> = Vec::new();
     loop {
         while let Some(i) = ready.pop() {
             let node = &rt.pipeline.nodes[i];
@@ -504,7 +519,7 @@ async fn run_iteration(
             };
             let handle = rt.nodes[i].clone();
             let span = info_span!("node", id = %node.id, it);
-            set.spawn_blocking(move || {
+            let job = move || {
                 let _g = span.enter();
                 let t0 = Instant::now();
                 let result = match handle.lock() {
@@ -518,30 +533,38 @@ async fn run_iteration(
                     metrics,
                     secs: t0.elapsed().as_secs_f64(),
                 }
-            });
-        }
-        if finished == n {
-            break;
-        }
-        let Some(joined) = set.join_next().await else {
-            bail!(
-                "internal: scheduler stalled with {} of {n} nodes done",
-                finished
-            );
-        };
-        let done = match joined {
-            Ok(d) => d,
-            Err(e) if e.is_panic() => {
-                let p = e.into_panic();
-                let msg = p
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "unknown panic".into());
-                bail!("a node panicked at iteration {it}: {msg}");
+            };
+            if rt.last_secs[i] < INLINE_BELOW_S {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                    Ok(d) => inline_done.push(d),
+                    Err(p) => bail!("a node panicked at iteration {it}: {}", panic_text(&*p)),
+                }
+            } else {
+                set.spawn_blocking(job);
             }
-            Err(e) => bail!("a node task failed at iteration {it}: {e}"),
+        }
+        let done = if let Some(d) = inline_done.pop() {
+            d
+        } else {
+            if finished == n {
+                break;
+            }
+            let Some(joined) = set.join_next().await else {
+                bail!(
+                    "internal: scheduler stalled with {} of {n} nodes done",
+                    finished
+                );
+            };
+            match joined {
+                Ok(d) => d,
+                Err(e) if e.is_panic() => {
+                    let p = e.into_panic();
+                    bail!("a node panicked at iteration {it}: {}", panic_text(&*p));
+                }
+                Err(e) => bail!("a node task failed at iteration {it}: {e}"),
+            }
         };
+        rt.last_secs[done.idx] = done.secs;
         let node = &rt.pipeline.nodes[done.idx];
         let outs = done
             .result
@@ -560,6 +583,14 @@ async fn run_iteration(
         }
     }
     Ok((metrics, times))
+}
+
+/// The message a panic was raised with.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 /// The newest complete checkpoint of a run directory.

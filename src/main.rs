@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use runner::{Diagnostics, Registry, RunOptions};
 
+mod bench;
+mod device_check;
 mod logging;
+mod plot;
+mod report;
 mod tools;
 
 #[derive(Parser)]
@@ -41,6 +45,10 @@ struct RunArgs {
     /// Directory where run directories are created.
     #[arg(long, default_value = "runs")]
     runs_dir: PathBuf,
+    /// Stop with a checkpoint after the first iteration that ends past this wall-clock budget
+    /// (seconds, or with a unit: 90s, 20m, 1.5h), e.g. to compare pipelines at equal time.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_s)]
+    time_limit: Option<f64>,
     /// No progress bar and only warnings on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -90,6 +98,49 @@ enum Command {
     },
     /// List node types, or document one (ports, params, defaults).
     Nodes { name: Option<String> },
+    /// Print a JSON Schema of the pipeline format (node types and their params) for editors.
+    Schema,
+    /// Plot a run's reward, accuracy and loss curves and its newest samples as PNG files.
+    Report {
+        /// The run directory (runs/<name>-<timestamp>); may be a run still in progress.
+        run_dir: PathBuf,
+        /// Where to write the PNG files (default: RUN_DIR/report).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Plot one metric of several runs in one PNG (e.g. reward against wall-clock).
+    Compare {
+        /// Run directories.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Metric to plot (repeatable: the first one a run logs is used for it).
+        #[arg(long = "y", required = true, value_name = "KEY")]
+        y: Vec<String>,
+        /// x axis: `elapsed_s` (wall-clock) or `iteration`.
+        #[arg(long, default_value = "elapsed_s", value_parser = ["elapsed_s", "iteration"])]
+        x: String,
+        /// Trailing moving average over this many iterations.
+        #[arg(long, default_value_t = 1)]
+        smooth: usize,
+        #[arg(long, default_value = "compare.png")]
+        out: PathBuf,
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// Check a device: agreement with flex on a checkpoint, forward and training-step speed.
+    DeviceCheck {
+        /// flex | libtorch | libtorch-cuda:N
+        #[arg(long, default_value = "flex")]
+        device: String,
+        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+        checkpoint: PathBuf,
+        /// Batch size for the timings.
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// Sample images for prompts from a checkpoint and write a PNG grid.
     Sample {
         #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
@@ -141,6 +192,29 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
+    /// Velocity v_θ(x_t, t, c) of a checkpoint on inputs from a safetensors file (cross-checks).
+    ///
+    /// The inputs file holds `x_t` [B, 3, 32, 32] f32, `t` [B] f32 and `tokens` [B, L] token ids
+    /// (int64, int32 or float; or give `--prompt` once per row instead); the output holds `v`
+    /// [B, 3, 32, 32] f32. See bench/reference/README.md.
+    Velocity {
+        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Prompts, one per row of `x_t` (instead of the file's `tokens`).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Classifier-free guidance scale (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        cfg: f32,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
+    /// Benchmark suite: rollout and GRPO-update speed, fitted slopes, matmul peak (BENCHMARKS.md).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -189,6 +263,46 @@ fn main() -> ExitCode {
             set,
         }) => cmd_graph(&pipeline, format, &set, &registry),
         Some(Command::Nodes { name }) => cmd_nodes(name.as_deref(), &registry),
+        Some(Command::Schema) => {
+            let schema = runner::schema::pipeline_schema(&registry);
+            match serde_json::to_string_pretty(&schema) {
+                Ok(s) => {
+                    println!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("flowrun: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some(Command::Report { run_dir, out }) => report(report::run(&run_dir, out.as_deref())),
+        Some(Command::Compare {
+            runs,
+            y,
+            x,
+            smooth,
+            out,
+            title,
+        }) => report(report::compare(
+            &runs,
+            &y,
+            &x,
+            smooth,
+            &out,
+            title.as_deref(),
+        )),
+        Some(Command::DeviceCheck {
+            device,
+            checkpoint,
+            batch,
+            repeats,
+        }) => report(device_check::run(
+            &device,
+            &checkpoint,
+            batch,
+            repeats.max(1),
+        )),
         Some(Command::Sample {
             checkpoint,
             prompt,
@@ -231,6 +345,22 @@ fn main() -> ExitCode {
             cfg,
             limit,
             csv.as_deref(),
+            &device,
+        )),
+        Some(Command::Bench(args)) => report(bench::run(&args)),
+        Some(Command::Velocity {
+            checkpoint,
+            inputs,
+            prompt,
+            cfg,
+            out,
+            device,
+        }) => report(tools::velocity(
+            &checkpoint,
+            &inputs,
+            &prompt,
+            cfg,
+            &out,
             &device,
         )),
     }
@@ -369,6 +499,7 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
         source_name,
         overrides,
         handle_ctrl_c: true,
+        time_limit_s: args.time_limit,
         ..RunOptions::default()
     };
     let name = pipeline.name.clone();
@@ -377,8 +508,14 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             let dir = s.run_dir.display();
             if s.stopped_early {
                 eprintln!(
-                    "stopped after iteration {}/{}; checkpoint written.",
-                    s.last_iteration, s.iterations
+                    "stopped after iteration {}/{}{}; checkpoint written.",
+                    s.last_iteration,
+                    s.iterations,
+                    if s.time_limit_reached {
+                        " (time limit reached)"
+                    } else {
+                        ""
+                    }
                 );
                 eprintln!("resume with:\n  flowrun run --resume {dir}");
             } else if !args.quiet {
@@ -408,5 +545,21 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `90`, `90s`, `20m`, `1.5h` → seconds.
+fn parse_duration_s(s: &str) -> Result<f64, String> {
+    let (num, mult) = match s.trim().char_indices().last() {
+        Some((i, 's')) => (&s.trim()[..i], 1.0),
+        Some((i, 'm')) => (&s.trim()[..i], 60.0),
+        Some((i, 'h')) => (&s.trim()[..i], 3600.0),
+        _ => (s.trim(), 1.0),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v * mult),
+        _ => Err(format!(
+            "`{s}` is not a positive duration (write e.g. 90, 90s, 20m or 1.5h)"
+        )),
     }
 }

@@ -150,3 +150,104 @@ pub fn eval(
     }
     Ok(())
 }
+
+/// Reads the token ids `[B, L]` of a velocity inputs file (int64, int32 or float ids).
+fn read_token_ids(
+    file: &nodes::model::checkpoint::SafetensorsFile,
+    name: &str,
+) -> Result<(Vec<usize>, Vec<i64>)> {
+    let st = file.tensors();
+    let view = st
+        .tensor(name)
+        .map_err(|_| anyhow::anyhow!("{}: missing tensor {name:?}", file.path.display()))?;
+    let shape = view.shape().to_vec();
+    let data = view.data();
+    let ids: Vec<i64> = match format!("{:?}", view.dtype()).as_str() {
+        "I64" => data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+        "I32" => data
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as i64)
+            .collect(),
+        "F32" | "F64" => file.get(name)?.1.iter().map(|v| *v as i64).collect(),
+        other => bail!(
+            "{}: tensor {name:?} has dtype {other}; give token ids as int64, int32 or float32",
+            file.path.display()
+        ),
+    };
+    Ok((shape, ids))
+}
+
+/// `flowrun velocity`: the model's velocity v_θ(x_t, t, c) (with classifier-free guidance when
+/// `cfg > 1`) on inputs read from a safetensors file — `x_t` [B, 3, H, W] f32, `t` [B] f32 and
+/// `tokens` [B, L] token ids (or `prompts`, one per row, instead of `tokens`) — written as `v`
+/// [B, 3, H, W] f32 to `out`. Used to cross-check other implementations of the model
+/// (bench/reference/check.py).
+pub fn velocity(
+    checkpoint: &Path,
+    inputs: &Path,
+    prompts: &[String],
+    cfg: f32,
+    out: &Path,
+    dev: &str,
+) -> Result<()> {
+    use nodes::model::checkpoint::{NamedTensor, SafetensorsFile, serialize_safetensors};
+    let (model, device) = load(checkpoint, dev)?;
+    let file = SafetensorsFile::read(inputs)?;
+    let (x_shape, x) = file.get("x_t")?;
+    let &[b, c, h, w] = x_shape.as_slice() else {
+        bail!(
+            "{}: `x_t` must be [B, C, H, W], got {x_shape:?}",
+            inputs.display()
+        );
+    };
+    let (t_shape, t) = file.get("t")?;
+    if t_shape != [b] {
+        bail!(
+            "{}: `t` must be [{b}] (one timestep per row of `x_t`), got {t_shape:?}",
+            inputs.display()
+        );
+    }
+    let (tok_shape, tokens) = if prompts.is_empty() {
+        read_token_ids(&file, "tokens")?
+    } else {
+        let mut ids = Vec::new();
+        for p in prompts {
+            ids.extend(
+                world::tokenize(p)
+                    .map_err(anyhow::Error::msg)?
+                    .into_iter()
+                    .map(i64::from),
+            );
+        }
+        (vec![prompts.len(), world::MAX_TOKENS], ids)
+    };
+    let &[tb, l] = tok_shape.as_slice() else {
+        bail!("token ids must be [B, L], got {tok_shape:?}");
+    };
+    if tb != b {
+        bail!("{b} rows in `x_t` but {tb} token rows");
+    }
+    let vocab = model.config().vocab_size as i64;
+    if let Some(bad) = tokens.iter().find(|&&id| id < 0 || id >= vocab) {
+        bail!("token id {bad} out of range (vocabulary of {vocab})");
+    }
+    let v = model.forward_cfg(
+        tensor_from_vec(x, [b, c, h, w], &device),
+        tensor_from_vec(t, [b], &device),
+        nodes::model::int_tensor_from_vec(tokens, [b, l], &device),
+        cfg,
+    );
+    let tensors = [NamedTensor {
+        name: "v".into(),
+        shape: vec![b, c, h, w],
+        values: to_vec(&v)?,
+    }];
+    let bytes = serialize_safetensors(&tensors, Default::default())?;
+    runner::fsutil::write_atomic(out, &bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("wrote {} (v: [{b}, {c}, {h}, {w}])", out.display());
+    Ok(())
+}

@@ -291,3 +291,66 @@ fn should_print_the_expanded_graph_and_node_docs() {
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("did you mean `sum`?"));
 }
+
+#[test]
+fn should_stop_at_the_time_limit_with_a_checkpoint_and_continue_the_clock_on_resume() {
+    let dir = tmpdir("timelimit");
+    let runs = dir.join("runs");
+    let p = write(
+        &dir,
+        "slow.yaml",
+        "name: slow\niterations: 1000\nnodes:\n  - id: s\n    type: sleep\n    params: {ms: 40}\n",
+    );
+    let o = bin()
+        .arg(&p)
+        .args([
+            "--runs-dir",
+            runs.to_str().unwrap(),
+            "--quiet",
+            "--time-limit",
+            "0.3s",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("(time limit reached)"), "{out}");
+    assert!(out.contains("flowrun run --resume"), "{out}");
+    let rd = only_run_dir(&runs);
+    let rows = metrics(&rd);
+    let n = rows.len();
+    assert!((1..1000).contains(&n), "{n} rows");
+    let latest = fs::read_to_string(rd.join("checkpoints/latest")).unwrap();
+    assert_eq!(latest.trim(), format!("iter-{n:06}"));
+    // The last row is the first past the budget; the one before it was within it.
+    assert!(rows[n - 1]["elapsed_s"].as_f64().unwrap() >= 0.3);
+    if n > 1 {
+        assert!(rows[n - 2]["elapsed_s"].as_f64().unwrap() < 0.3);
+    }
+    // Resume: the clock continues from the stored elapsed time.
+    let o = bin()
+        .args([
+            "run",
+            "--resume",
+            rd.to_str().unwrap(),
+            "--quiet",
+            "--time-limit",
+            "0.1",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let rows2 = metrics(&rd);
+    assert!(rows2.len() > n);
+    let before = rows2[n - 1]["elapsed_s"].as_f64().unwrap();
+    let after = rows2[n]["elapsed_s"].as_f64().unwrap();
+    assert!(after > before, "elapsed_s restarted: {before} then {after}");
+    // A bad duration is a clear CLI error.
+    let o = bin()
+        .arg(&p)
+        .args(["--time-limit", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("not a positive duration"), "{}", text(&o));
+}

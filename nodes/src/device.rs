@@ -58,6 +58,41 @@ pub fn device(kind: DeviceKind) -> Device {
     }
 }
 
+/// Parse a device name and open it, checking that it exists on this machine: a CUDA device
+/// needs a GPU with that index that libtorch can see. Use this when a run starts (validation
+/// only parses, so a GPU pipeline can be validated on a laptop).
+pub fn open(s: &str) -> Result<Device, String> {
+    let kind = parse_device(s)?;
+    if let DeviceKind::LibTorchCuda(i) = kind {
+        let n = cuda_device_count();
+        if i >= n {
+            return Err(if n == 0 {
+                format!(
+                    "device `{s}`: libtorch sees no CUDA device on this machine (is the NVIDIA driver loaded, and was torch installed with CUDA?); use `libtorch` for CPU"
+                )
+            } else {
+                format!(
+                    "device `{s}`: libtorch sees only {n} CUDA device(s), numbered 0 to {}",
+                    n - 1
+                )
+            });
+        }
+    }
+    Ok(device(kind))
+}
+
+/// How many CUDA devices libtorch sees (0 without the `tch` feature).
+pub fn cuda_device_count() -> usize {
+    #[cfg(feature = "tch")]
+    {
+        usize::try_from(tch::Cuda::device_count()).unwrap_or(0)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        0
+    }
+}
+
 /// Check a pipeline's `device` string (for validation).
 pub fn check(s: &str) -> Result<(), String> {
     parse_device(s).map(|_| ())

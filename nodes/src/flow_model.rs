@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
-use crate::device::{device, parse_device};
+use crate::device::open;
 use crate::model::{
     FlowModel, FlowModelConfig, Trainer, TrainerConfig, load_safetensors, save_safetensors,
 };
@@ -75,8 +75,7 @@ fn trainer_config(ctx: &BuildCtx) -> Result<TrainerConfig> {
 
 fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let p = ctx.params;
-    let kind = parse_device(ctx.device).map_err(anyhow::Error::msg)?;
-    let dev = device(kind);
+    let dev = open(ctx.device).map_err(anyhow::Error::msg)?;
     let config = trainer_config(ctx)?;
     let (model, source) = match p.opt_str("checkpoint")? {
         Some(path) => {

@@ -5,7 +5,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, PortDef, Registry};
 
-use crate::device::{device, parse_device};
+use crate::device::open;
 use crate::model::sample_standard_normal;
 use crate::types::{Images, PromptBatch};
 use crate::world::IMAGE_LEN;
@@ -28,9 +28,8 @@ pub fn register(r: &mut Registry) {
         params: vec![],
         resources: vec![],
         factory: |ctx| {
-            let kind = parse_device(ctx.device).map_err(anyhow::Error::msg)?;
             Ok(Box::new(GaussianNoise {
-                device: device(kind),
+                device: open(ctx.device).map_err(anyhow::Error::msg)?,
             }))
         },
     });

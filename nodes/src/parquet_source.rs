@@ -32,7 +32,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, PortDef, Registry};
 
-use crate::device::{device, parse_device};
+use crate::device::open;
 use crate::grpo::LinearGaussian;
 use crate::model::tensor_from_vec;
 use crate::prompt_loader::{make_batch, parse_prompt};
@@ -86,13 +86,12 @@ pub fn register(r: &mut Registry) {
         resources: vec![],
         factory: |ctx| {
             let p = ctx.params;
-            let kind = parse_device(ctx.device).map_err(anyhow::Error::msg)?;
             let src = ParquetSource::open(
                 Path::new(p.str("dir")?),
                 p.usize("batch")?,
                 p.bool("shuffle")?,
                 ctx.seed,
-                device(kind),
+                open(ctx.device).map_err(anyhow::Error::msg)?,
             )?;
             Ok(Box::new(src))
         },

@@ -39,6 +39,10 @@ pub struct RunOptions {
     pub overrides: Vec<String>,
     /// Listen for Ctrl-C.
     pub handle_ctrl_c: bool,
+    /// Stop (with a checkpoint) after the first iteration that ends this many seconds or more
+    /// after the run (or the resumed part of it) started: equal wall-clock budgets for
+    /// comparisons.
+    pub time_limit_s: Option<f64>,
 }
 
 impl Default for RunOptions {
@@ -51,6 +55,7 @@ impl Default for RunOptions {
             source_name: String::new(),
             overrides: vec![],
             handle_ctrl_c: false,
+            time_limit_s: None,
         }
     }
 }
@@ -62,6 +67,8 @@ pub struct RunSummary {
     pub last_iteration: u64,
     pub iterations: u64,
     pub stopped_early: bool,
+    /// Stopped early because `time_limit_s` was reached.
+    pub time_limit_reached: bool,
     pub last_metrics: BTreeMap<String, f64>,
     pub last_checkpoint: Option<PathBuf>,
 }
@@ -344,6 +351,12 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         .open(&metrics_path)
         .with_context(|| format!("cannot open {}", metrics_path.display()))?;
     let run_start = Instant::now();
+    // `elapsed_s` continues across resumes: wall-clock curves stay comparable.
+    let elapsed_before = if start > 1 {
+        previous_elapsed(&rt.run_dir)
+    } else {
+        0.0
+    };
     let mut last_metrics = BTreeMap::new();
     let mut last_checkpoint = latest_checkpoint(&rt.run_dir);
     let mut last_done = start - 1;
@@ -359,7 +372,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         out.insert("iter_s".into(), serde_json::json!(iter_s));
         out.insert(
             "elapsed_s".into(),
-            serde_json::json!(run_start.elapsed().as_secs_f64()),
+            serde_json::json!(elapsed_before + run_start.elapsed().as_secs_f64()),
         );
         last_metrics.clear();
         for (k, v) in &row {
@@ -381,7 +394,10 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
             b.set_position(it);
             b.set_message(headline(&row));
         }
-        let stop = opts.stop.load(Ordering::SeqCst);
+        let time_up = opts
+            .time_limit_s
+            .is_some_and(|l| run_start.elapsed().as_secs_f64() >= l);
+        let stop = opts.stop.load(Ordering::SeqCst) || time_up;
         if it == total || stop || (every > 0 && it.is_multiple_of(every)) {
             let ck = write_checkpoint(rt, it)?;
             last_checkpoint = Some(ck);
@@ -395,6 +411,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
                 last_iteration: it,
                 iterations: total,
                 stopped_early: true,
+                time_limit_reached: time_up,
                 last_metrics,
                 last_checkpoint,
             });
@@ -408,6 +425,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         last_iteration: last_done,
         iterations: total,
         stopped_early: false,
+        time_limit_reached: false,
         last_metrics,
         last_checkpoint,
     })
@@ -585,6 +603,19 @@ async fn run_iteration(
         }
     }
     Ok((metrics, times))
+}
+
+/// `elapsed_s` of the last row of a run's metrics.jsonl (0 when there is none).
+fn previous_elapsed(run_dir: &Path) -> f64 {
+    fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .rev()
+                .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        })
+        .and_then(|row| row.get("elapsed_s").and_then(|v| v.as_f64()))
+        .unwrap_or(0.0)
 }
 
 /// The message a panic was raised with.

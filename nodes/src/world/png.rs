@@ -86,6 +86,73 @@ pub fn write_png_grid(
     write_atomic(path.as_ref(), &bytes)
 }
 
+/// Encodes an interleaved 8-bit RGB image (row-major, `width · height · 3` bytes) as PNG.
+pub fn encode_rgb8(width: usize, height: usize, rgb: &[u8]) -> Result<Vec<u8>, WorldError> {
+    if width == 0 || height == 0 || width > 1 << 15 || height > 1 << 15 {
+        return Err(WorldError::InvalidInput(format!(
+            "image of {width}x{height} px: each side must be in 1..=32768"
+        )));
+    }
+    if rgb.len() != width * height * 3 {
+        return Err(WorldError::InvalidInput(format!(
+            "{width}x{height} RGB image needs {} bytes, got {}",
+            width * height * 3,
+            rgb.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut enc = ::png::Encoder::new(&mut bytes, width as u32, height as u32);
+        enc.set_color(::png::ColorType::Rgb);
+        enc.set_depth(::png::BitDepth::Eight);
+        let fmt = |e: ::png::EncodingError| WorldError::Format(format!("png: {e}"));
+        let mut writer = enc.write_header().map_err(fmt)?;
+        writer.write_image_data(rgb).map_err(fmt)?;
+        writer.finish().map_err(fmt)?;
+    }
+    Ok(bytes)
+}
+
+/// Decodes a PNG (any colour type and bit depth; the first frame of an APNG) into
+/// interleaved 8-bit RGB: `(width, height, rgb)`. Alpha is composited over white.
+pub fn decode_rgb8(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), WorldError> {
+    let fmt = |e: ::png::DecodingError| WorldError::Format(format!("png: {e}"));
+    let mut dec = ::png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(::png::Transformations::normalize_to_color8());
+    let mut reader = dec.read_info().map_err(fmt)?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| WorldError::Format("png: image too large".into()))?;
+    let mut buf = vec![0; size];
+    let info = reader.next_frame(&mut buf).map_err(fmt)?;
+    let (w, h) = (info.width as usize, info.height as usize);
+    let channels = match info.color_type {
+        ::png::ColorType::Grayscale => 1,
+        ::png::ColorType::GrayscaleAlpha => 2,
+        ::png::ColorType::Rgb => 3,
+        ::png::ColorType::Rgba => 4,
+        ::png::ColorType::Indexed => {
+            return Err(WorldError::Format("png: palette was not expanded".into()));
+        }
+    };
+    let over_white = |v: u8, a: u8| ((v as u32 * a as u32 + 255 * (255 - a as u32)) / 255) as u8;
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for px in buf[..info.buffer_size()].chunks_exact(channels).take(w * h) {
+        let (r, g, b, a) = match *px {
+            [v] => (v, v, v, 255),
+            [v, a] => (v, v, v, a),
+            [r, g, b] => (r, g, b, 255),
+            [r, g, b, a] => (r, g, b, a),
+            _ => unreachable!("chunks of 1 to 4 bytes"),
+        };
+        rgb.extend_from_slice(&[over_white(r, a), over_white(g, a), over_white(b, a)]);
+    }
+    if rgb.len() != w * h * 3 {
+        return Err(WorldError::Format("png: truncated image data".into()));
+    }
+    Ok((w, h, rgb))
+}
+
 /// Writes `bytes` to `path` atomically with the engine's crash-safe writer.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), WorldError> {
     runner::fsutil::write_atomic(path, bytes)
@@ -139,6 +206,18 @@ mod tests {
         let leftovers = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(leftovers, 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn should_round_trip_arbitrary_rgb_images() {
+        let (w, h) = (7, 3);
+        let rgb: Vec<u8> = (0..w * h * 3).map(|i| (i * 37 % 256) as u8).collect();
+        let bytes = encode_rgb8(w, h, &rgb).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(decode_rgb8(&bytes).unwrap(), (w, h, rgb));
+        assert!(encode_rgb8(2, 2, &[0; 11]).is_err());
+        assert!(encode_rgb8(0, 2, &[]).is_err());
+        assert!(decode_rgb8(b"not a png").is_err());
     }
 
     #[test]

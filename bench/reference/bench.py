@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Times one TAFS-GRPO iteration of the PyTorch reference (eager, CPU).
+
+    python bench/reference/bench.py [--repeats 5] [--warmup 1] [--threads N]
+
+The iteration is pipelines/tafs_grpo.yaml's with its defaults: P·G = 8·8 = 64 samples, K = 4
+one-step predictions (t = 1, 0.75, 0.5, 0.25) with annealed re-noising in between (τ = 1 →
+0.6), per-step rewards, `mix` advantages, one clipped-GRPO AdamW step over the 3 transitions
+(plus the EMA update flowrun's trainer also does). The reward is a stand-in (mean brightness of
+x̂0, see flowref.brightness_reward): flowrun's verifier costs about 10 ms per iteration, the
+stand-in less than 1 ms. Prints the median, min and max over `repeats` iterations after
+`warmup` iterations, and the rollout / update split of the median iteration.
+
+With `--flowrun BIN:DEVICE` (repeatable) it first runs
+`BIN pipelines/tafs_grpo.yaml --set iterations=1+repeats --device DEVICE` in a temporary runs
+directory and reads `iter_s`, `time/predict@*` and `time/update` from its metrics.jsonl
+(median over iterations 2…, iteration 1 being the warm-up), then prints the ratios, e.g.
+
+    python bench/reference/bench.py --repeats 2 \
+        --flowrun target/release/flowrun:flex --flowrun target/tch/release/flowrun:libtorch
+"""
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import flowref  # noqa: E402
+
+
+def time_flowrun(spec, iterations):
+    """Runs the pipeline with BIN on DEVICE; medians of its per-iteration times (iterations 2…)."""
+    binary, _, device = spec.rpartition(":")
+    runs = tempfile.mkdtemp(prefix="flowrun-refbench-")
+    try:
+        cmd = [binary, "pipelines/tafs_grpo.yaml", "--set", f"iterations={iterations}",
+               "--device", device, "--runs-dir", runs, "--quiet"]
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            return dict(spec=spec, error=(p.stdout + p.stderr).strip()[-500:])
+        (metrics,) = glob.glob(os.path.join(runs, "*", "metrics.jsonl"))
+        with open(metrics) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+    timed = [r for r in rows if r["iteration"] > 1] or rows
+
+    def med(f):
+        return statistics.median(f(r) for r in timed)
+
+    return dict(spec=spec, command=" ".join(cmd[:-4] + ["--runs-dir", "/tmp/…", "--quiet"]),
+                first_s=rows[0]["iter_s"], median_s=med(lambda r: r["iter_s"]),
+                rollout_s=med(lambda r: sum(v for k, v in r.items()
+                                            if k.startswith("time/predict@"))),
+                update_s=med(lambda r: r["time/update"]), iterations=len(timed))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints",
+                                                          "shapes-small.safetensors"))
+    ap.add_argument("--prompts", default=os.path.join(ROOT, "datasets", "shapes", "train.jsonl"))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
+    ap.add_argument("--flowrun", action="append", default=[], metavar="BIN:DEVICE",
+                    help="also time flowrun's pipeline with this binary on this device")
+    args = ap.parse_args()
+    peers = []
+    for spec in args.flowrun:
+        r = time_flowrun(spec, 1 + args.repeats)
+        peers.append(r)
+        if not args.json:
+            if "error" in r:
+                print(f"flowrun {spec}: failed: {r['error']}")
+            else:
+                print(f"flowrun {spec}: median {r['median_s']:.3f} s over {r['iterations']} "
+                      f"(first {r['first_s']:.3f} s; sampling {r['rollout_s']:.3f} s, update "
+                      f"{r['update_s']:.3f} s)", flush=True)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    model = flowref.load_checkpoint(args.checkpoint)
+    grpo = flowref.TafsGrpo(model)
+    hp = grpo.hp
+    prompts = flowref.load_prompts(args.prompts, hp["prompts_per_iter"])
+    tokens, groups = flowref.prompt_batch(prompts, hp["group_size"])
+    gen = torch.Generator().manual_seed(0)
+
+    times, splits = [], []
+    for i in range(args.warmup + args.repeats):
+        t0 = time.perf_counter()
+        b = tokens.shape[0]
+        noise = torch.randn(b, 3, 32, 32, generator=gen)
+        eps = [torch.randn(b, 3, 32, 32, generator=gen) for _ in hp["t"][:-1]]
+        transitions, rewards = grpo.rollout(tokens, groups, noise, eps)
+        adv = flowref.step_advantages(rewards, groups, hp["mode"], hp["lam"], eps=hp["adv_eps"])
+        t1 = time.perf_counter()
+        loss, grad_norm = grpo.update(tokens, transitions, adv)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            times.append(t2 - t0)
+            splits.append((t1 - t0, t2 - t1))
+        if not args.json:
+            print(f"iteration {i + 1}{' (warm-up)' if i < args.warmup else ''}: "
+                  f"{t2 - t0:.3f} s (rollout {t1 - t0:.3f} s, update {t2 - t1:.3f} s), "
+                  f"loss {loss:.3e}, grad norm {grad_norm:.4f}", flush=True)
+    med = statistics.median(times)
+    rollout, update = splits[min(range(len(times)), key=lambda j: abs(times[j] - med))]
+    result = dict(median_s=med, min_s=min(times), max_s=max(times), repeats=len(times),
+                  rollout_s=rollout, update_s=update, threads=torch.get_num_threads(),
+                  torch=torch.__version__, batch=int(tokens.shape[0]), steps=len(hp["t"]))
+    result["flowrun"] = peers
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"reference TAFS-GRPO iteration (B = {result['batch']}, K = {result['steps']}, "
+              f"torch {torch.__version__}, {result['threads']} threads): median "
+              f"{med:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s over "
+              f"{len(times)} (rollout {rollout:.3f} s + update {update:.3f} s)")
+        for r in peers:
+            if "error" not in r:
+                print(f"reference / flowrun {r['spec']}: {med / r['median_s']:.2f}× the time "
+                      f"(sampling {rollout / r['rollout_s']:.2f}×, update "
+                      f"{update / r['update_s']:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()

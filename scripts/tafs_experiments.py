@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""TAFS-GRPO experiments (issue #4): the results table and the advantage/temperature ablation.
+
+Everything goes through the `flowrun` binary; this script only launches runs, evaluates their
+final policies with `flowrun eval`, and collects the figures into CSV and Markdown (stdlib only).
+
+  scripts/tafs_experiments.py table    --budget 20m [--device libtorch] [--out results/table]
+  scripts/tafs_experiments.py ablation --iterations 15 [--seeds 0 1] [--out results/ablation]
+  scripts/tafs_experiments.py table --smoke     # seconds: checks the harness end to end
+
+`table`: verifier accuracy at K = 1, 2, 4 (TAFS sampler) of the base checkpoint and of the
+policies after TAFS-GRPO and after Flow-GRPO trained for the same wall-clock budget
+(`--time-limit`), on training prompts and on the held-in / held-out evaluation prompts; plus
+each run's final-image reward against wall-clock (CSV; `flowrun report --compare` plots it).
+`ablation`: TAFS-GRPO with each advantage mode x temperature schedule x seed for a fixed number
+of iterations; 4-step accuracy after training, mean and spread over seeds.
+"""
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = ["final", "step", "gain", "return", "mix"]
+TAUS = {
+    "linear1-0.6": "{schedule: linear, start: 1.0, end: 0.6}",
+    "const1": "{schedule: constant, start: 1.0}",
+    "cosine1-0.3": "{schedule: cosine, start: 1.0, end: 0.3}",
+}
+
+
+def sh(cmd, log):
+    """Run a command, appending it and its output to `log`; fail loudly with its output."""
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(map(str, cmd)) + "\n")
+        f.flush()
+        t0 = time.time()
+        p = subprocess.run(list(map(str, cmd)), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        f.write(f"# exit {p.returncode} after {time.time() - t0:.1f} s\n")
+    if p.returncode != 0:
+        sys.exit(f"command failed (exit {p.returncode}): {' '.join(map(str, cmd))}; see {log}")
+
+
+def newest_run(runs):
+    dirs = sorted(p for p in Path(runs).iterdir() if p.is_dir())
+    if not dirs:
+        sys.exit(f"no run directory was created under {runs}")
+    return dirs[-1]
+
+
+def final_policy(run):
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    p = run / "checkpoints" / latest / "resources" / "policy" / "model.safetensors"
+    if not p.is_file():
+        sys.exit(f"{p} is missing")
+    return p
+
+
+def metrics(run):
+    rows = []
+    with open(run / "metrics.jsonl") as f:
+        for line in f:
+            if line.endswith("\n") and line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def evaluate(a, checkpoint, prompts, out_csv, log, limit):
+    sh(
+        [a.flowrun, "eval", "--checkpoint", checkpoint, "--prompts", prompts, "--steps", "1,2,4",
+         "--sampler", "tafs", "--tau", "1.0", "--limit", limit, "--device", a.device,
+         "--csv", out_csv],
+        log,
+    )
+    acc = {}
+    with open(out_csv) as f:
+        for r in csv.DictReader(f):
+            acc[(r["category"], int(r["steps"]))] = (int(r["correct"]), int(r["total"]))
+    return acc
+
+
+def train(a, pipeline, runs, log, sets, time_limit=None):
+    cmd = [a.flowrun, pipeline, "--device", a.device, "--runs-dir", runs, "--quiet",
+           "--set", "nodes.eval.every=1000000"]
+    if time_limit:
+        cmd += ["--time-limit", time_limit, "--set", "iterations=100000"]
+    for s in sets:
+        cmd += ["--set", s]
+    sh(cmd, log)
+    return newest_run(runs)
+
+
+def reward_key(rows):
+    """The final image's reward: the highest-numbered `score@K` (TAFS) or `score` (Flow-GRPO)."""
+    keys = [k for k in rows[0] if k.startswith("score") and k.endswith("/reward_mean")]
+    return max(keys, key=lambda k: int(k.split("@")[1].split("/")[0]) if "@" in k else 0)
+
+
+def fmt(acc, cat, k):
+    c, n = acc.get((cat, k), (0, 0))
+    return f"{100 * c / max(n, 1):.1f}%"
+
+
+def cmd_table(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    budget = "3s" if a.smoke else a.budget
+    limit = "2" if a.smoke else str(a.limit)
+    smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=2"] if a.smoke else []
+    base = ROOT / "checkpoints" / "shapes-small.safetensors"
+    policies = {"base": base}
+    runs = {}
+    for name, pipe in [("tafs_grpo", "pipelines/tafs_grpo.yaml"), ("flow_grpo", "pipelines/flow_grpo.yaml")]:
+        runs[name] = train(a, pipe, out / "runs" / name, log, smoke, time_limit=budget)
+        policies[name] = final_policy(runs[name])
+    table = {}
+    for name, ck in policies.items():
+        table[name] = {
+            "train": evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log, limit),
+            "eval": evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit),
+        }
+    lines = [
+        f"Budget per RL run: {budget} wall-clock on `{a.device}`; accuracy with the TAFS sampler "
+        f"(τ = 1) at K steps; {limit} prompts per split and category.",
+        "",
+        "| model | iterations | train K=1 | K=2 | K=4 | held-in K=1 | K=2 | K=4 | held-out K=1 | K=2 | K=4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with open(out / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "iteration", "elapsed_s", "final_reward"])
+        for name, run in runs.items():
+            rows = metrics(run)
+            key = reward_key(rows)
+            for r in rows:
+                w.writerow([name, r["iteration"], r["elapsed_s"], r[key]])
+    for name in policies:
+        t, e = table[name]["train"], table[name]["eval"]
+        its = len(metrics(runs[name])) if name in runs else 0
+        heldin = "all"
+        lines.append(
+            f"| {name} | {its} | " + " | ".join(fmt(t, "all", k) for k in (1, 2, 4)) + " | "
+            + " | ".join(fmt(e, heldin, k) for k in (1, 2, 4)) + " | "
+            + " | ".join(fmt(e, "heldout", k) for k in (1, 2, 4)) + " |"
+        )
+    for name, run in runs.items():
+        rows = metrics(run)
+        key = reward_key(rows)
+        first = statistics.mean(r[key] for r in rows[: max(1, len(rows) // 10)])
+        last = statistics.mean(r[key] for r in rows[-max(1, len(rows) // 10):])
+        lines.append("")
+        lines.append(
+            f"- {name}: {len(rows)} iterations in {rows[-1]['elapsed_s']:.0f} s; final-image "
+            f"reward ({key}) {first:.3f} → {last:.3f} (mean of the first / last 10% of iterations)"
+        )
+    sh([a.flowrun, "compare", runs["tafs_grpo"], runs["flow_grpo"], "--y", reward_key(metrics(runs["tafs_grpo"])),
+        "--y", reward_key(metrics(runs["flow_grpo"])), "--smooth", "5", "--out", out / "reward_vs_wallclock.png",
+        "--title", "final-image reward vs wall-clock: TAFS-GRPO and Flow-GRPO"], log)
+    lines += ["", "Reward against wall-clock: `reward_vs_wallclock.png` (`flowrun compare`, mean of 5 iterations)."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def cmd_ablation(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    iters = 2 if a.smoke else a.iterations
+    limit = "2" if a.smoke else str(a.limit)
+    smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=2"] if a.smoke else []
+    modes = MODES[:2] if a.smoke else a.modes
+    taus = list(TAUS)[:1] if a.smoke else a.taus
+    results = []
+    res_csv = out / "ablation.csv"
+    done = set()
+    if res_csv.exists():  # resume: skip finished cells
+        with open(res_csv) as f:
+            for r in csv.DictReader(f):
+                results.append(r)
+                done.add((r["mode"], r["tau"], r["seed"]))
+    for mode in modes:
+        for tau in taus:
+            for seed in a.seeds:
+                if (mode, tau, str(seed)) in done:
+                    continue
+                name = f"{mode}-{tau}-s{seed}"
+                run = train(
+                    a, "pipelines/tafs_grpo.yaml", out / "runs" / name, log,
+                    smoke + [f"iterations={iters}", f"seed={seed}",
+                             f"nodes.advantages.params.mode={mode}",
+                             f"nodes.step.vars.tau={TAUS[tau]}"],
+                )
+                acc = evaluate(a, final_policy(run), "datasets/shapes/eval.jsonl",
+                               out / f"{name}.eval.csv", log, limit)
+                rows = metrics(run)
+                key = reward_key(rows)
+                c, n = acc[("all", 4)]
+                r = {"mode": mode, "tau": tau, "seed": str(seed), "iterations": len(rows),
+                     "wall_s": f"{rows[-1]['elapsed_s']:.1f}",
+                     "final_reward_last": f"{rows[-1][key]:.4f}",
+                     "acc4_heldin": f"{c / max(n, 1):.4f}",
+                     "acc4_heldout": f"{acc[('heldout', 4)][0] / max(acc[('heldout', 4)][1], 1):.4f}"}
+                results.append(r)
+                new = not res_csv.exists()
+                with open(res_csv, "a", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=list(r))
+                    if new:
+                        w.writeheader()
+                    w.writerow(r)
+    lines = ["| mode | τ schedule | seeds | 4-step acc. held-in (mean ± sd) | held-out | last reward |",
+             "|---|---|---|---|---|---|"]
+    for mode in modes:
+        for tau in taus:
+            cell = [r for r in results if r["mode"] == mode and r["tau"] == tau]
+            if not cell:
+                continue
+            def ms(key):
+                v = [float(r[key]) for r in cell]
+                sd = statistics.stdev(v) if len(v) > 1 else 0.0
+                return f"{100 * statistics.mean(v):.1f} ± {100 * sd:.1f}%"
+            rew = statistics.mean(float(r["final_reward_last"]) for r in cell)
+            lines.append(f"| {mode} | {tau} | {len(cell)} | {ms('acc4_heldin')} | {ms('acc4_heldout')} | {rew:.3f} |")
+    (out / "ablation.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["table", "ablation"])
+    p.add_argument("--flowrun", default=str(ROOT / "target" / "release" / "flowrun"))
+    p.add_argument("--device", default="flex")
+    p.add_argument("--budget", default="20m", help="table: wall-clock per RL run")
+    p.add_argument("--iterations", type=int, default=15, help="ablation: iterations per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--taus", nargs="+", default=list(TAUS)[:2], choices=list(TAUS))
+    p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category")
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the harness only")
+    a = p.parse_args()
+    a.out = a.out or str(ROOT / "results" / (a.what + ("-smoke" if a.smoke else "")))
+    if not os.access(a.flowrun, os.X_OK):
+        sys.exit(f"no flowrun binary at {a.flowrun}: cargo build --release (or pass --flowrun)")
+    (cmd_table if a.what == "table" else cmd_ablation)(a)
+
+
+if __name__ == "__main__":
+    main()

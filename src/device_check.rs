@@ -1,0 +1,156 @@
+//! `flowrun device-check`: is this device usable, does it compute what flex computes, and how
+//! fast is it? For a machine one copies a binary to (see `scripts/gpu_check.sh`): it needs no
+//! Rust toolchain, only the checkpoint.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Int, Tensor};
+use nodes::device::{DeviceKind, cuda_device_count, open, parse_device};
+use nodes::model::{
+    Trainer, TrainerConfig, int_tensor_from_vec, load_safetensors, sample_standard_normal,
+    tensor_from_vec,
+};
+use nodes::types::to_vec;
+use nodes::world;
+use rand::SeedableRng;
+
+/// Relative tolerance on max |Δv| / max |v| against flex. CUDA convolutions may use TF32
+/// (cuDNN's default), which keeps ~10 mantissa bits, hence the looser bound there.
+fn tolerance(kind: DeviceKind) -> f32 {
+    match kind {
+        DeviceKind::LibTorchCuda(_) => 5e-3,
+        _ => 1e-4,
+    }
+}
+
+const PROMPTS: [&str; 4] = [
+    "a red circle",
+    "two blue squares",
+    "a green cross",
+    "a circle",
+];
+
+/// Fixed inputs: x_t ~ N(0, I) from a seeded generator, t spread over (0, 1], four prompts.
+fn inputs(b: usize, dev: &Device) -> Result<(Tensor<4>, Tensor<1>, Tensor<2, Int>)> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let x = tensor_from_vec(
+        sample_standard_normal(&mut rng, b * world::IMAGE_LEN),
+        [b, 3, world::IMAGE_SIZE, world::IMAGE_SIZE],
+        dev,
+    );
+    let t: Vec<f32> = (0..b).map(|i| 1.0 - i as f32 / b as f32).collect();
+    let t = tensor_from_vec(t, [b], dev);
+    let mut toks = Vec::with_capacity(b * world::MAX_TOKENS);
+    for i in 0..b {
+        let ids = world::tokenize(PROMPTS[i % PROMPTS.len()])
+            .map_err(|e| anyhow::anyhow!("tokenizing a built-in prompt: {e}"))?;
+        toks.extend(ids.into_iter().map(|x| x as i64));
+    }
+    Ok((x, t, int_tensor_from_vec(toks, [b, world::MAX_TOKENS], dev)))
+}
+
+fn velocity(checkpoint: &Path, dev: &Device, b: usize) -> Result<Vec<f32>> {
+    let (_, model) = load_safetensors(checkpoint, dev)?;
+    let (x, t, tok) = inputs(b, dev)?;
+    to_vec(&model.forward(x, t, tok))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Run the check; returns an error (non-zero exit) when the device disagrees with flex.
+pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -> Result<()> {
+    let kind = parse_device(device_name).map_err(anyhow::Error::msg)?;
+    if !checkpoint.is_file() {
+        bail!(
+            "checkpoint {} not found (pass --checkpoint FILE)",
+            checkpoint.display()
+        );
+    }
+    println!(
+        "flowrun {} — built {} libtorch",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(feature = "tch") {
+            "with"
+        } else {
+            "without"
+        }
+    );
+    println!("CUDA devices seen by libtorch: {}", cuda_device_count());
+    let dev = open(device_name).map_err(anyhow::Error::msg)?;
+    println!("device: {device_name}");
+
+    // 1. Agreement with flex on the same weights and inputs.
+    let b = 8;
+    let reference = velocity(checkpoint, &Device::flex(), b).context("flex forward")?;
+    let got = velocity(checkpoint, &dev, b).with_context(|| format!("{device_name} forward"))?;
+    if got.iter().any(|v| !v.is_finite()) {
+        bail!("{device_name} returned non-finite velocities");
+    }
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let diff = reference
+        .iter()
+        .zip(&got)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    let tol = tolerance(kind);
+    println!(
+        "velocity vs flex ({b} inputs, {}): max |Δv| / max |v| = {diff:.3e} (tolerance {tol:.0e})",
+        checkpoint.display()
+    );
+
+    // 2. Throughput: inference forward and one training step (fwd + bwd + AdamW + EMA).
+    let (_, model) = load_safetensors(checkpoint, &dev)?;
+    let (x, t, tok) = inputs(batch, &dev)?;
+    let mut fwd = Vec::new();
+    for i in 0..=repeats {
+        let t0 = Instant::now();
+        let v = model.forward(x.clone(), t.clone(), tok.clone());
+        let _ = to_vec(&v)?; // forces the (possibly asynchronous) device to finish
+        if i > 0 {
+            fwd.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let f = median(fwd);
+    println!(
+        "forward, batch {batch}: median {:.1} ms ({:.0} images/s, {repeats} runs after 1 warm-up)",
+        f * 1e3,
+        batch as f64 / f
+    );
+    let ad = dev.clone().autodiff();
+    let (_, model) = load_safetensors(checkpoint, &ad)?;
+    let mut trainer = Trainer::from_model(model, TrainerConfig::new());
+    let (x0, t, tok) = inputs(batch, &ad)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(8);
+    let noise = tensor_from_vec(
+        sample_standard_normal(&mut rng, batch * world::IMAGE_LEN),
+        [batch, 3, world::IMAGE_SIZE, world::IMAGE_SIZE],
+        &ad,
+    );
+    let mut steps = Vec::new();
+    for i in 0..=repeats {
+        let t0 = Instant::now();
+        let loss = trainer.step(x0.clone(), noise.clone(), t.clone(), tok.clone());
+        if !loss.is_finite() {
+            bail!("{device_name}: training step gave a non-finite loss");
+        }
+        if i > 0 {
+            steps.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let s = median(steps);
+    println!(
+        "training step, batch {batch}: median {:.1} ms ({:.0} images/s)",
+        s * 1e3,
+        batch as f64 / s
+    );
+    if diff.is_nan() || diff > tol {
+        bail!("{device_name} disagrees with flex: {diff:.3e} > {tol:.0e}");
+    }
+    println!("ok");
+    Ok(())
+}

@@ -81,6 +81,14 @@ pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -
         }
     );
     println!("CUDA devices seen by libtorch: {}", cuda_device_count());
+    if let Some(n) = nodes::device::libtorch_threads() {
+        let other = std::thread::spawn(nodes::device::libtorch_threads)
+            .join()
+            .ok()
+            .flatten()
+            .unwrap_or(-1);
+        println!("libtorch intra-op threads: {n} (main thread), {other} (another thread)");
+    }
     let dev = open(device_name).map_err(anyhow::Error::msg)?;
     println!("device: {device_name}");
 

@@ -218,6 +218,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`flowrun nodes | head`) would be an
+    // error; a command-line tool should simply stop, as `cat` does.
+    #[cfg(unix)]
+    // SAFETY: setting a signal disposition to its default at start-up, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // A bug must never show a Rust backtrace to a user: print one clear line instead.
     std::panic::set_hook(Box::new(|info| {
         let msg = info

@@ -81,6 +81,18 @@ pub fn open(s: &str) -> Result<Device, String> {
     Ok(device(kind))
 }
 
+/// libtorch's intra-op thread count as seen from the calling thread (None without `tch`).
+pub fn libtorch_threads() -> Option<i32> {
+    #[cfg(feature = "tch")]
+    {
+        Some(tch::get_num_threads())
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        None
+    }
+}
+
 /// How many CUDA devices libtorch sees (0 without the `tch` feature).
 pub fn cuda_device_count() -> usize {
     #[cfg(feature = "tch")]

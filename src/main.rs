@@ -186,8 +186,8 @@ enum Command {
         /// Prompts per split and category (0 = all).
         #[arg(long, default_value_t = 0)]
         limit: usize,
-        /// Also write the table as CSV.
-        #[arg(long)]
+        /// Also write the table to FILE: CSV, or Parquet when FILE ends in `.parquet`.
+        #[arg(long, value_name = "FILE")]
         csv: Option<PathBuf>,
         #[arg(long, default_value = "flex")]
         device: String,

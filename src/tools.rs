@@ -145,10 +145,63 @@ pub fn eval(
         prompts.display()
     );
     if let Some(p) = csv {
-        runner::fsutil::write_atomic(p, (rows.join("\n") + "\n").as_bytes())?;
+        if p.extension().is_some_and(|e| e == "parquet") {
+            write_eval_parquet(p, &rows[1..])?;
+        } else {
+            runner::fsutil::write_atomic(p, (rows.join("\n") + "\n").as_bytes())?;
+        }
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// The eval table as Parquet: columns category (utf8), steps (int64), correct (int64), total
+/// (int64), accuracy (float64); `rows` are the CSV lines without the header.
+fn write_eval_parquet(path: &Path, rows: &[String]) -> Result<()> {
+    use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+    use arrow::record_batch::RecordBatch;
+    let mut cat = Vec::new();
+    let (mut steps, mut correct, mut total, mut acc) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        let f: Vec<&str> = r.split(',').collect();
+        let [c, s, k, n, a] = f[..] else {
+            bail!("internal: malformed eval row {r:?}");
+        };
+        cat.push(c.to_string());
+        steps.push(s.parse::<i64>()?);
+        correct.push(k.parse::<i64>()?);
+        total.push(n.parse::<i64>()?);
+        acc.push(a.parse::<f64>()?);
+    }
+    let batch = RecordBatch::try_from_iter([
+        (
+            "category",
+            std::sync::Arc::new(StringArray::from(cat)) as ArrayRef,
+        ),
+        (
+            "steps",
+            std::sync::Arc::new(Int64Array::from(steps)) as ArrayRef,
+        ),
+        (
+            "correct",
+            std::sync::Arc::new(Int64Array::from(correct)) as ArrayRef,
+        ),
+        (
+            "total",
+            std::sync::Arc::new(Int64Array::from(total)) as ArrayRef,
+        ),
+        (
+            "accuracy",
+            std::sync::Arc::new(Float64Array::from(acc)) as ArrayRef,
+        ),
+    ])?;
+    runner::fsutil::write_atomic_with(path, |f| {
+        let mut w = parquet::arrow::ArrowWriter::try_new(f, batch.schema(), None)?;
+        w.write(&batch)?;
+        w.close()?;
+        Ok(())
+    })
 }
 
 /// Reads the token ids `[B, L]` of a velocity inputs file (int64, int32 or float ids).

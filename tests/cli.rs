@@ -354,3 +354,57 @@ fn should_stop_at_the_time_limit_with_a_checkpoint_and_continue_the_clock_on_res
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("not a positive duration"), "{}", text(&o));
 }
+
+#[test]
+fn should_write_the_eval_table_as_csv_and_parquet_with_the_same_rows() {
+    use arrow::array::{Float64Array, Int64Array, StringArray};
+    let dir = tmpdir("eval-table");
+    let csv = dir.join("t.csv");
+    let pq = dir.join("t.parquet");
+    for out in [&csv, &pq] {
+        let o = bin()
+            .args(["eval", "--steps", "1,2", "--limit", "1", "--csv"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("heldout"), "{}", text(&o));
+    }
+    let csv_rows: Vec<String> = fs::read_to_string(&csv)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(csv_rows[0], "category,steps,correct,total,accuracy");
+    let file = fs::File::open(&pq).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut pq_rows = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let c = |n: &str| b.column_by_name(n).unwrap().clone();
+        let cat = c("category");
+        let cat = cat.as_any().downcast_ref::<StringArray>().unwrap();
+        let ints: Vec<Int64Array> = ["steps", "correct", "total"]
+            .iter()
+            .map(|n| c(n).as_any().downcast_ref::<Int64Array>().unwrap().clone())
+            .collect();
+        let acc = c("accuracy");
+        let acc = acc.as_any().downcast_ref::<Float64Array>().unwrap();
+        for i in 0..b.num_rows() {
+            pq_rows.push(format!(
+                "{},{},{},{},{:.4}",
+                cat.value(i),
+                ints[0].value(i),
+                ints[1].value(i),
+                ints[2].value(i),
+                acc.value(i)
+            ));
+        }
+    }
+    // Same model, seed and prompts: the same table both ways; 1 and 2 steps per category.
+    assert_eq!(pq_rows, csv_rows[1..].to_vec());
+    assert!(pq_rows.len() >= 2 * 7, "{pq_rows:?}");
+}

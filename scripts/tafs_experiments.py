@@ -118,7 +118,7 @@ def cmd_table(a):
     policies = {"base": base}
     runs = {}
     for name, pipe in [("tafs_grpo", "pipelines/tafs_grpo.yaml"), ("flow_grpo", "pipelines/flow_grpo.yaml")]:
-        runs[name] = train(a, pipe, out / "runs" / name, log, smoke, time_limit=budget)
+        runs[name] = train(a, pipe, Path(a.runs_dir) / name, log, smoke, time_limit=budget)
         policies[name] = final_policy(runs[name])
     table = {}
     for name, ck in policies.items():
@@ -192,7 +192,7 @@ def cmd_ablation(a):
                     continue
                 name = f"{mode}-{tau}-s{seed}"
                 run = train(
-                    a, "pipelines/tafs_grpo.yaml", out / "runs" / name, log,
+                    a, "pipelines/tafs_grpo.yaml", Path(a.runs_dir) / name, log,
                     smoke + [f"iterations={iters}", f"seed={seed}",
                              f"nodes.advantages.params.mode={mode}",
                              f"nodes.step.vars.tau={TAUS[tau]}"],
@@ -244,8 +244,11 @@ def main():
     p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the harness only")
+    p.add_argument("--runs-dir", default=None,
+                   help="where the RL runs go (default runs/experiments-<what>; keep them out of results/)")
     a = p.parse_args()
     a.out = a.out or str(ROOT / "results" / (a.what + ("-smoke" if a.smoke else "")))
+    a.runs_dir = a.runs_dir or str(ROOT / "runs" / f"experiments-{a.what}")
     if not os.access(a.flowrun, os.X_OK):
         sys.exit(f"no flowrun binary at {a.flowrun}: cargo build --release (or pass --flowrun)")
     (cmd_table if a.what == "table" else cmd_ablation)(a)

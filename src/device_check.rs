@@ -57,9 +57,17 @@ fn velocity(checkpoint: &Path, dev: &Device, b: usize) -> Result<Vec<f32>> {
     to_vec(&model.forward(x, t, tok))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median wall time in seconds of `repeats` runs of `f`, after one untimed warm-up run.
+fn median_time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut v = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t0 = Instant::now();
+        f()?;
+        v.push(t0.elapsed().as_secs_f64());
+    }
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    Ok(v[v.len() / 2])
 }
 
 /// Run the check; returns an error (non-zero exit) when the device disagrees with flex.
@@ -114,16 +122,10 @@ pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -
     // 2. Throughput: inference forward and one training step (fwd + bwd + AdamW + EMA).
     let (_, model) = load_safetensors(checkpoint, &dev)?;
     let (x, t, tok) = inputs(batch, &dev)?;
-    let mut fwd = Vec::new();
-    for i in 0..=repeats {
-        let t0 = Instant::now();
+    let f = median_time(repeats, || {
         let v = model.forward(x.clone(), t.clone(), tok.clone());
-        let _ = to_vec(&v)?; // forces the (possibly asynchronous) device to finish
-        if i > 0 {
-            fwd.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let f = median(fwd);
+        to_vec(&v).map(|_| ()) // forces the (possibly asynchronous) device to finish
+    })?;
     println!(
         "forward, batch {batch}: median {:.1} ms ({:.0} images/s, {repeats} runs after 1 warm-up)",
         f * 1e3,
@@ -139,18 +141,13 @@ pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -
         [batch, 3, world::IMAGE_SIZE, world::IMAGE_SIZE],
         &ad,
     );
-    let mut steps = Vec::new();
-    for i in 0..=repeats {
-        let t0 = Instant::now();
+    let s = median_time(repeats, || {
         let loss = trainer.step(x0.clone(), noise.clone(), t.clone(), tok.clone());
         if !loss.is_finite() {
             bail!("{device_name}: training step gave a non-finite loss");
         }
-        if i > 0 {
-            steps.push(t0.elapsed().as_secs_f64());
-        }
-    }
-    let s = median(steps);
+        Ok(())
+    })?;
     println!(
         "training step, batch {batch}: median {:.1} ms ({:.0} images/s)",
         s * 1e3,

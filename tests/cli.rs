@@ -1,21 +1,11 @@
 //! End-to-end tests of the `flowrun` binary on small pipelines of utility nodes.
 
 mod common;
-use common::{bin, metrics, text, tmpdir};
+use common::{bin, metrics, only_run_dir, text, tmpdir};
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-fn only_run_dir(runs: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = fs::read_dir(runs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
-}
 
 fn write(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let p = dir.join(name);

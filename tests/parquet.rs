@@ -3,7 +3,7 @@
 //! them into `grpo_update`.
 
 mod common;
-use common::{bin, metrics, root, text, tmpdir};
+use common::{bin, metrics, only_run_dir, root, text, tmpdir};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,16 +23,6 @@ const P: usize = 4;
 const G: usize = 4;
 const K: usize = 3;
 const ROWS: usize = P * G * (K - 1);
-
-fn only_run_dir(runs: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = fs::read_dir(runs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
-}
 
 /// tests/pipelines/valid-tafs-tiny.yaml with a trajectory_sink (and an on-policy update:
 /// one minibatch, one epoch) written into `dir`.

@@ -3,7 +3,7 @@
 //! error messages for bad run directories.
 
 mod common;
-use common::{bin, root, text, tmpdir};
+use common::{bin, only_run_dir, root, text, tmpdir};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -37,13 +37,7 @@ fn tiny_run() -> &'static Path {
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", text(&o));
-        let dirs: Vec<PathBuf> = fs::read_dir(&runs)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .collect();
-        assert_eq!(dirs.len(), 1, "{dirs:?}");
-        dirs[0].clone()
+        only_run_dir(&runs)
     })
 }
 

@@ -3,7 +3,7 @@
 //! malformed, NaN). Skipped, with a notice, when `python3` is missing.
 
 mod common;
-use common::{root, text, tmpdir};
+use common::{only_run_dir, root, text, tmpdir};
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -136,16 +136,6 @@ fn run_bounded(mut c: Command, limit: Duration) -> Output {
         stdout: to.join().unwrap(),
         stderr: te.join().unwrap(),
     }
-}
-
-fn only_run_dir(runs: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = fs::read_dir(runs)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(dirs.len(), 1, "{dirs:?}");
-    dirs[0].clone()
 }
 
 /// The complete rows of metrics.jsonl; a row still being appended (no newline yet) while the

@@ -41,3 +41,14 @@ pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// The one run directory under `runs` (a test that started exactly one run).
+pub fn only_run_dir(runs: &Path) -> PathBuf {
+    let dirs: Vec<PathBuf> = fs::read_dir(runs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    dirs[0].clone()
+}

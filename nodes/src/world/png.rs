@@ -73,17 +73,7 @@ pub fn write_png_grid(
             }
         }
     }
-    let mut bytes = Vec::new();
-    {
-        let mut enc = ::png::Encoder::new(&mut bytes, width as u32, height as u32);
-        enc.set_color(::png::ColorType::Rgb);
-        enc.set_depth(::png::BitDepth::Eight);
-        let fmt = |e: ::png::EncodingError| WorldError::Format(format!("png: {e}"));
-        let mut writer = enc.write_header().map_err(fmt)?;
-        writer.write_image_data(&buf).map_err(fmt)?;
-        writer.finish().map_err(fmt)?;
-    }
-    write_atomic(path.as_ref(), &bytes)
+    write_atomic(path.as_ref(), &encode_rgb8(width, height, &buf)?)
 }
 
 /// Encodes an interleaved 8-bit RGB image (row-major, `width · height · 3` bytes) as PNG.

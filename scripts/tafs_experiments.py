@@ -6,6 +6,7 @@ final policies with `flowrun eval`, and collects the figures into CSV and Markdo
 
   scripts/tafs_experiments.py table    --budget 20m [--device libtorch] [--out results/table]
   scripts/tafs_experiments.py ablation --iterations 15 [--seeds 0 1] [--out results/ablation]
+  scripts/tafs_experiments.py sweep --config lr1e-4 "policy.lr=1e-4" --config ... --iterations 40
   scripts/tafs_experiments.py table --smoke     # seconds: checks the harness end to end
 
 `table`: verifier accuracy at K = 1, 2, 4 (TAFS sampler) of the base checkpoint and of the
@@ -14,6 +15,9 @@ policies after TAFS-GRPO and after Flow-GRPO trained for the same wall-clock bud
 each run's final-image reward against wall-clock (CSV; `flowrun report --compare` plots it).
 `ablation`: TAFS-GRPO with each advantage mode x temperature schedule x seed for a fixed number
 of iterations; 4-step accuracy after training, mean and spread over seeds.
+`sweep`: TAFS-GRPO hyper-parameter search: each named `--config NAME SET...` (pipeline `--set`
+overrides, `;`-separated) x seed for a fixed number of iterations, then all of eval.jsonl at
+K = 1, 2, 4 with the same initial noise as the base checkpoint (paired comparison).
 """
 
 import argparse
@@ -231,9 +235,65 @@ def cmd_ablation(a):
     print("\n".join(lines))
 
 
+def cmd_sweep(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    res_csv = out / "sweep.csv"
+    results, done = [], set()
+    if res_csv.exists():  # resume: skip finished cells
+        with open(res_csv) as f:
+            for r in csv.DictReader(f):
+                results.append(r)
+                done.add((r["config"], r["seed"]))
+    configs = [("base", "")] + [(n, s) for n, s in (a.config or [])]
+    for name, sets in configs:
+        for seed in ([0] if name == "base" else a.seeds):
+            if (name, str(seed)) in done:
+                continue
+            tag = f"{name}-s{seed}"
+            if name == "base":
+                ck, its, wall, first, last = ROOT / "checkpoints" / "shapes-small.safetensors", 0, 0.0, 0.0, 0.0
+            else:
+                extra = [x.strip() for x in sets.split(";") if x.strip()]
+                run = train(a, "pipelines/tafs_grpo.yaml", Path(a.runs_dir) / tag, log,
+                            [f"iterations={a.iterations}", f"seed={seed}"] + extra)
+                ck = final_policy(run)
+                rows = metrics(run)
+                key = reward_key(rows)
+                n = max(1, len(rows) // 5)
+                its, wall = len(rows), rows[-1]["elapsed_s"]
+                first = statistics.mean(r[key] for r in rows[:n])
+                last = statistics.mean(r[key] for r in rows[-n:])
+            acc = evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{tag}.eval.csv", log, str(a.limit))
+            r = {"config": name, "sets": sets, "seed": str(seed), "iterations": its, "wall_s": f"{wall:.1f}",
+                 "reward_first20pct": f"{first:.4f}", "reward_last20pct": f"{last:.4f}"}
+            for k in (1, 2, 4):
+                c, n_ = acc[("all", k)]
+                r[f"acc{k}_heldin"] = f"{c / max(n_, 1):.4f}"
+            c, n_ = acc[("heldout", 4)]
+            r["acc4_heldout"] = f"{c / max(n_, 1):.4f}"
+            results.append(r)
+            new = not res_csv.exists()
+            with open(res_csv, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(r))
+                if new:
+                    w.writeheader()
+                w.writerow(r)
+    lines = ["| config | overrides | seed | iterations | wall s | reward first→last 20% | held-in K=1 | K=2 | K=4 | held-out K=4 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        pct = lambda k: f"{100 * float(r[k]):.1f}%"
+        lines.append(f"| {r['config']} | `{r['sets']}` | {r['seed']} | {r['iterations']} | {r['wall_s']} | "
+                     f"{r['reward_first20pct']} → {r['reward_last20pct']} | {pct('acc1_heldin')} | "
+                     f"{pct('acc2_heldin')} | {pct('acc4_heldin')} | {pct('acc4_heldout')} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table", "ablation"])
+    p.add_argument("what", choices=["table", "ablation", "sweep"])
     p.add_argument("--flowrun", default=str(ROOT / "target" / "release" / "flowrun"))
     p.add_argument("--device", default="flex")
     p.add_argument("--budget", default="20m", help="table: wall-clock per RL run")
@@ -242,6 +302,8 @@ def main():
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--taus", nargs="+", default=list(TAUS)[:2], choices=list(TAUS))
     p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category")
+    p.add_argument("--config", nargs=2, action="append", metavar=("NAME", "SETS"),
+                   help="sweep: a named configuration, `;`-separated --set overrides")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the harness only")
     p.add_argument("--runs-dir", default=None,
@@ -251,7 +313,7 @@ def main():
     a.runs_dir = a.runs_dir or str(ROOT / "runs" / f"experiments-{a.what}")
     if not os.access(a.flowrun, os.X_OK):
         sys.exit(f"no flowrun binary at {a.flowrun}: cargo build --release (or pass --flowrun)")
-    (cmd_table if a.what == "table" else cmd_ablation)(a)
+    {"table": cmd_table, "ablation": cmd_ablation, "sweep": cmd_sweep}[a.what](a)
 
 
 if __name__ == "__main__":

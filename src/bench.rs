@@ -445,6 +445,7 @@ fn time_update(
         beta: 0.0,
         epochs: 1,
         minibatch: if mb == b { 0 } else { mb },
+        grad_accum: 1,
     };
     let mut res = FlowModelRes::new(
         model.clone(),

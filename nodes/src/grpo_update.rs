@@ -5,7 +5,13 @@
 //! ratio ρ = exp(log π_θ − log π_old); loss = mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))) + β·KL,
 //! with A clipped to ±adv_clip and KL = mean_d (μ_θ − μ_ref)²/(2σ²) to the frozen reference
 //! (analytic Gaussian KL, same reduction). Several epochs over shuffled minibatches of samples;
-//! each minibatch's loss covers all of its samples' transitions.
+//! each minibatch's loss covers all of its samples' transitions, and `grad_accum` minibatches
+//! make one optimizer step (their gradients averaged, weighted by size).
+//!
+//! Memory: each transition's part of the loss is back-propagated on its own and the gradients
+//! are summed, so only one transition's graph (one forward of `minibatch` samples) is alive at
+//! a time — the same gradient as one backward of the whole loss, at about 1/(K−1) of the peak
+//! memory (and far fewer fresh pages to fault in on CPU).
 
 use anyhow::{Result, bail};
 use burn::tensor::{Device, Tensor};
@@ -41,7 +47,8 @@ pub fn register(r: &mut Registry) {
             ParamDef::float("adv_clip", 5.0, 0.0, 1e6, "advantages are clipped to ±adv_clip"),
             ParamDef::float("beta", 0.0, 0.0, 1e6, "weight of the KL penalty (needs `reference: true` on the model)"),
             ParamDef::int("epochs", 1, 1, 1000, "passes over the batch"),
-            ParamDef::int("minibatch", 0, 0, 1 << 20, "samples per optimizer step (0 = whole batch)"),
+            ParamDef::int("minibatch", 0, 0, 1 << 20, "samples per minibatch (0 = whole batch)"),
+            ParamDef::int("grad_accum", 1, 1, 1 << 20, "minibatches whose gradients are averaged into one optimizer step"),
         ],
         resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: true, doc: "the model to update" }],
         factory: |ctx| {
@@ -52,6 +59,7 @@ pub fn register(r: &mut Registry) {
                 beta: p.f32("beta")?,
                 epochs: p.usize("epochs")?,
                 minibatch: p.usize("minibatch")?,
+                grad_accum: p.usize("grad_accum")?,
             }))
         },
     });
@@ -63,6 +71,7 @@ pub struct GrpoUpdate {
     pub beta: f32,
     pub epochs: usize,
     pub minibatch: usize,
+    pub grad_accum: usize,
 }
 
 /// Host copies of one transition, for slicing minibatches.
@@ -162,104 +171,119 @@ impl GrpoUpdate {
             if epoch > 0 || self.minibatch > 0 {
                 order.shuffle(&mut rng);
             }
-            for idx in order.chunks(mb) {
-                let n = idx.len();
-                let tokens_ad = prompts.tokens_rows(idx, &ad);
-                let mut loss: Option<Tensor<1>> = None;
-                let (mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
-                    (0f64, 0f64, 0f64, 0usize, 0f64);
-                for h in &host {
-                    let tr = h.tr;
-                    let k = tr.kernel;
-                    let x = tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
-                    let x_next =
-                        tensor_from_vec(rows(&h.x_next, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
-                    let old =
-                        tensor_from_vec(idx.iter().map(|&i| tr.old_logprob[i]).collect(), [n], &ad);
-                    let a = tensor_from_vec(
-                        idx.iter()
-                            .map(|&i| h.adv[i].clamp(-self.adv_clip, self.adv_clip))
-                            .collect(),
-                        [n],
-                        &ad,
-                    );
-                    let model: &FlowModel = m.trainer.model();
-                    let v = model.forward_cfg(
-                        x.clone(),
-                        Tensor::<1>::full([n], tr.t, &ad),
-                        tokens_ad.clone(),
-                        tr.cfg,
-                    );
-                    let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
-                    let logp = log_prob(x_next, mean.clone(), k.std);
-                    let ratio = (logp.clone() - old.clone()).exp();
-                    let unclipped = ratio.clone().mul(a.clone()).neg();
-                    let clipped_t = ratio
-                        .clone()
-                        .clamp(1.0 - self.clip, 1.0 + self.clip)
-                        .mul(a)
-                        .neg();
-                    let pg = unclipped.max_pair(clipped_t).mean();
-                    let mut term = pg.clone();
-                    // Diagnostics (host).
-                    let r = to_vec(&ratio)?;
-                    let lp = to_vec(&logp)?;
-                    for (j, &ri) in r.iter().enumerate() {
-                        let ri = ri as f64;
-                        st.ratio_min = st.ratio_min.min(ri);
-                        st.ratio_max = st.ratio_max.max(ri);
-                        rsum += ri;
-                        clipped += ((ri - 1.0).abs() > self.clip as f64) as usize;
-                        akl += (tr.old_logprob[idx[j]] - lp[j]) as f64;
-                        if st.steps == 0 {
-                            st.first_ratio_max_dev = st.first_ratio_max_dev.max((ri - 1.0).abs());
-                        }
-                    }
-                    pg_sum += pg.clone().into_scalar::<f32>() as f64;
-                    if self.beta > 0.0 {
-                        let reference = m.reference.as_ref().expect("checked above");
-                        let xp =
-                            tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &plain);
-                        let vr = reference.forward_cfg(
-                            xp.clone(),
-                            Tensor::<1>::full([n], tr.t, &plain),
-                            prompts.tokens_rows(idx, &plain),
-                            tr.cfg,
-                        );
-                        let mean_ref = tensor_from_vec(
-                            to_vec(&(xp.mul_scalar(k.a) + vr.mul_scalar(k.b)))?,
-                            [n, 3, 32, 32],
+            let chunks: Vec<&[usize]> = order.chunks(mb).collect();
+            for group in chunks.chunks(self.grad_accum.max(1)) {
+                let group_n: usize = group.iter().map(|c| c.len()).sum();
+                let nt = host.len() as f32;
+                let mut grads = None;
+                let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
+                    (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
+                for idx in group {
+                    let n = idx.len();
+                    // This minibatch's share of the group's loss (a mean over its samples and
+                    // transitions).
+                    let w = n as f32 / group_n as f32 / nt;
+                    let tokens_ad = prompts.tokens_rows(idx, &ad);
+                    for h in &host {
+                        let tr = h.tr;
+                        let k = tr.kernel;
+                        // [n, 3, 32, 32]
+                        let x = tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
+                        let x_next =
+                            tensor_from_vec(rows(&h.x_next, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
+                        let old = tensor_from_vec(
+                            idx.iter().map(|&i| tr.old_logprob[i]).collect(),
+                            [n],
                             &ad,
                         );
-                        let kl = (mean - mean_ref)
-                            .square()
-                            .mean()
-                            .mul_scalar(1.0 / (2.0 * k.std * k.std));
-                        let klv = kl.clone().into_scalar::<f32>() as f64;
-                        if st.steps == 0 {
-                            st.first_kl += klv;
+                        let a = tensor_from_vec(
+                            idx.iter()
+                                .map(|&i| h.adv[i].clamp(-self.adv_clip, self.adv_clip))
+                                .collect(),
+                            [n],
+                            &ad,
+                        );
+                        let model: &FlowModel = m.trainer.model();
+                        let v = model.forward_cfg(
+                            x.clone(),
+                            Tensor::<1>::full([n], tr.t, &ad),
+                            tokens_ad.clone(),
+                            tr.cfg,
+                        );
+                        let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
+                        let logp = log_prob(x_next, mean.clone(), k.std); // [n]
+                        let ratio = (logp.clone() - old.clone()).exp();
+                        let unclipped = ratio.clone().mul(a.clone()).neg();
+                        let clipped_t = ratio
+                            .clone()
+                            .clamp(1.0 - self.clip, 1.0 + self.clip)
+                            .mul(a)
+                            .neg();
+                        let pg = unclipped.max_pair(clipped_t).mean();
+                        let mut term = pg.clone();
+                        // Diagnostics (host).
+                        let r = to_vec(&ratio)?;
+                        let lp = to_vec(&logp)?;
+                        for (j, &ri) in r.iter().enumerate() {
+                            let ri = ri as f64;
+                            st.ratio_min = st.ratio_min.min(ri);
+                            st.ratio_max = st.ratio_max.max(ri);
+                            rsum += ri;
+                            clipped += ((ri - 1.0).abs() > self.clip as f64) as usize;
+                            akl += (tr.old_logprob[idx[j]] - lp[j]) as f64;
+                            if st.steps == 0 {
+                                st.first_ratio_max_dev =
+                                    st.first_ratio_max_dev.max((ri - 1.0).abs());
+                            }
                         }
-                        kl_sum += klv;
-                        term = term + kl.mul_scalar(self.beta);
+                        pg_sum += (pg.into_scalar::<f32>() * w) as f64;
+                        if self.beta > 0.0 {
+                            let reference = m.reference.as_ref().expect("checked above");
+                            let xp = tensor_from_vec(
+                                rows(&h.x_t, idx, IMAGE_LEN),
+                                [n, 3, 32, 32],
+                                &plain,
+                            );
+                            let vr = reference.forward_cfg(
+                                xp.clone(),
+                                Tensor::<1>::full([n], tr.t, &plain),
+                                prompts.tokens_rows(idx, &plain),
+                                tr.cfg,
+                            );
+                            let mean_ref = tensor_from_vec(
+                                to_vec(&(xp.mul_scalar(k.a) + vr.mul_scalar(k.b)))?,
+                                [n, 3, 32, 32],
+                                &ad,
+                            );
+                            let kl = (mean - mean_ref)
+                                .square()
+                                .mean()
+                                .mul_scalar(1.0 / (2.0 * k.std * k.std));
+                            let klv = kl.clone().into_scalar::<f32>() as f64;
+                            if st.steps == 0 {
+                                st.first_kl += klv;
+                            }
+                            kl_sum += klv * w as f64;
+                            term = term + kl.mul_scalar(self.beta);
+                        }
+                        // Back-propagate this transition's share now: its graph is freed
+                        // before the next transition's forward.
+                        let (g, tv) = m.trainer.gradients(term.mul_scalar(w));
+                        if !tv.is_finite() {
+                            bail!(
+                                "the GRPO loss is {tv}; the update is not applied (lower the learning rate or check the rewards)"
+                            );
+                        }
+                        lv += tv as f64;
+                        grads = Some(m.trainer.accumulate_gradients(grads.take(), g));
                     }
-                    loss = Some(match loss {
-                        None => term,
-                        Some(l) => l + term,
-                    });
                 }
-                let nt = host.len() as f32;
-                let loss = loss.expect("at least one transition").div_scalar(nt);
-                let lv = loss.clone().into_scalar::<f32>();
-                if !lv.is_finite() {
-                    bail!(
-                        "the GRPO loss is {lv}; the update is not applied (lower the learning rate or check the rewards)"
-                    );
-                }
-                let stats = m.trainer.apply_loss(loss);
-                let cnt = (n * host.len()) as f64;
-                st.loss += lv as f64;
-                st.pg_loss += pg_sum / nt as f64;
-                st.kl += kl_sum / nt as f64;
+                let grads = grads.expect("at least one transition");
+                let stats = m.trainer.apply_gradients(grads, lv as f32);
+                let cnt = (group_n * host.len()) as f64;
+                st.loss += lv;
+                st.pg_loss += pg_sum;
+                st.kl += kl_sum;
                 st.approx_kl += akl / cnt;
                 st.clip_frac += clipped as f64 / cnt;
                 st.ratio_mean += rsum / cnt;
@@ -428,6 +452,7 @@ mod tests {
             beta: 0.1,
             epochs: 1,
             minibatch: 0,
+            grad_accum: 1,
         };
         let st = up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap();
         assert!(
@@ -460,6 +485,7 @@ mod tests {
             beta: 0.0,
             epochs: 3,
             minibatch: 0,
+            grad_accum: 1,
         };
         up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap();
         let after = sample(&res, &prompts, 0.8);
@@ -494,6 +520,7 @@ mod tests {
             beta: 0.1,
             epochs: 1,
             minibatch: 0,
+            grad_accum: 1,
         };
         let e = up.update(&mut res, &[&tr], &adv, &prompts, 0).unwrap_err();
         assert!(e.to_string().contains("reference"), "{e}");
@@ -502,5 +529,67 @@ mod tests {
         let up = GrpoUpdate { beta: 0.0, ..up };
         let e = up.update(&mut res, &[&bad], &adv, &prompts, 0).unwrap_err();
         assert!(e.to_string().contains("not applied"), "{e}");
+    }
+
+    #[test]
+    fn should_take_the_same_step_with_accumulated_minibatch_gradients() {
+        // One optimizer step over the whole batch (one backward per transition, summed) and one
+        // over two accumulated minibatches of 3 samples must give the same weights.
+        let prompts = batch();
+        let velocity = |res: &FlowModelRes| {
+            let dev = res.device.clone();
+            let mut rng = ChaCha8Rng::seed_from_u64(3);
+            let x = tensor_from_vec(
+                sample_standard_normal(&mut rng, 6 * IMAGE_LEN),
+                [6, 3, 32, 32],
+                &dev,
+            );
+            let v = res.sampling_model().forward(
+                x,
+                Tensor::<1>::full([6], 0.5, &dev),
+                prompts.tokens_tensor(&dev),
+            );
+            to_vec(&v).unwrap()
+        };
+        let adv = Advantages {
+            values: vec![
+                vec![1.0, -1.0, 0.5, -0.5, 0.0, 0.2],
+                vec![-0.3, 0.8, -1.2, 0.4, 1.0, -0.7],
+            ],
+            mode: "step".into(),
+        };
+        let mut step = |minibatch, grad_accum| {
+            let mut res = trained_tiny();
+            res.trainer.config.lr = 1e-3;
+            let a = sample(&res, &prompts, 0.8);
+            let b = sample(&res, &prompts, 0.5);
+            let before = velocity(&res);
+            let up = GrpoUpdate {
+                clip: 10.0,
+                adv_clip: 5.0,
+                beta: 0.1,
+                epochs: 1,
+                minibatch,
+                grad_accum,
+            };
+            let st = up.update(&mut res, &[&a, &b], &adv, &prompts, 0).unwrap();
+            assert_eq!(st.steps, 1);
+            (before, velocity(&res))
+        };
+        let (before, whole) = step(0, 1);
+        let (_, accumulated) = step(3, 2);
+        let max_abs = |u: &[f32], w: &[f32]| {
+            u.iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max)
+        };
+        let moved = max_abs(&before, &whole);
+        let diff = max_abs(&whole, &accumulated);
+        assert!(moved > 1e-3, "the update did not move the model ({moved})");
+        assert!(
+            diff < moved * 1e-2,
+            "accumulated step differs by {diff} (update moved {moved})"
+        );
     }
 }

@@ -78,7 +78,7 @@ def metrics(run):
 def evaluate(a, checkpoint, prompts, out_csv, log, limit):
     sh(
         [a.flowrun, "eval", "--checkpoint", checkpoint, "--prompts", prompts, "--steps", "1,2,4",
-         "--sampler", "tafs", "--tau", "1.0", "--limit", limit, "--device", a.device,
+         "--sampler", "tafs", "--tau", "1.0", "--tau-end", a.tau_end, "--limit", limit, "--device", a.device,
          "--csv", out_csv],
         log,
     )
@@ -94,7 +94,7 @@ def train(a, pipeline, runs, log, sets, time_limit=None):
            "--set", "nodes.eval.every=1000000"]
     if time_limit:
         cmd += ["--time-limit", time_limit, "--set", "iterations=100000"]
-    for s in sets:
+    for s in list(a.set or []) + list(sets):
         cmd += ["--set", s]
     sh(cmd, log)
     return newest_run(runs)
@@ -132,7 +132,8 @@ def cmd_table(a):
         }
     lines = [
         f"Budget per RL run: {budget} wall-clock on `{a.device}`; accuracy with the TAFS sampler "
-        f"(τ = 1) at K steps; {limit} prompts per split and category.",
+        f"(τ linear from 1.0 to {a.tau_end} over the K steps, as in training) at K steps; "
+        f"{limit or 'all'} prompts per split and category; overrides: {' '.join(a.set or []) or 'none'}.",
         "",
         "| model | iterations | train K=1 | K=2 | K=4 | held-in K=1 | K=2 | K=4 | held-out K=1 | K=2 | K=4 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -304,6 +305,10 @@ def main():
     p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category")
     p.add_argument("--config", nargs=2, action="append", metavar=("NAME", "SETS"),
                    help="sweep: a named configuration, `;`-separated --set overrides")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE",
+                   help="an override for every RL run (repeatable), e.g. resources.policy.params.lr=1e-4")
+    p.add_argument("--tau-end", default="0.6",
+                   help="evaluation: TAFS temperature at step K, linear from 1.0 (the pipeline's schedule)")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the harness only")
     p.add_argument("--runs-dir", default=None,

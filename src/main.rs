@@ -152,9 +152,13 @@ enum Command {
         steps: usize,
         #[arg(long, default_value = "tafs", value_parser = ["euler", "tafs"])]
         sampler: String,
-        /// TAFS temperature.
+        /// TAFS temperature (of the first re-noising when --tau-end is given).
         #[arg(long, default_value_t = 1.0)]
         tau: f32,
+        /// TAFS temperature at step K: linear from --tau, like the pipelines'
+        /// `tau: {schedule: linear, start, end}` (default: constant --tau).
+        #[arg(long)]
+        tau_end: Option<f32>,
         /// Classifier-free guidance scale (1 = off).
         #[arg(long, default_value_t = 1.0)]
         cfg: f32,
@@ -179,8 +183,13 @@ enum Command {
         steps: Vec<usize>,
         #[arg(long, default_value = "euler", value_parser = ["euler", "tafs"])]
         sampler: String,
+        /// TAFS temperature (of the first re-noising when --tau-end is given).
         #[arg(long, default_value_t = 1.0)]
         tau: f32,
+        /// TAFS temperature at step K: linear from --tau, like the pipelines'
+        /// `tau: {schedule: linear, start, end}` (default: constant --tau).
+        #[arg(long)]
+        tau_end: Option<f32>,
         #[arg(long, default_value_t = 1.0)]
         cfg: f32,
         /// Prompts per split and category (0 = all).
@@ -347,6 +356,7 @@ fn main() -> ExitCode {
             steps,
             sampler,
             tau,
+            tau_end,
             cfg,
             seeds,
             seed,
@@ -357,7 +367,7 @@ fn main() -> ExitCode {
             &prompt,
             steps,
             &sampler,
-            tau,
+            (tau, tau_end.unwrap_or(tau)),
             cfg,
             seeds,
             seed,
@@ -370,6 +380,7 @@ fn main() -> ExitCode {
             steps,
             sampler,
             tau,
+            tau_end,
             cfg,
             limit,
             csv,
@@ -379,7 +390,7 @@ fn main() -> ExitCode {
             &prompts,
             &steps,
             &sampler,
-            tau,
+            (tau, tau_end.unwrap_or(tau)),
             cfg,
             limit,
             csv.as_deref(),

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use nodes::device::{device, parse_device};
 use nodes::model::{load_safetensors, sample_euler, sample_standard_normal, tensor_from_vec};
 use nodes::prompt_loader::{load_prompts, make_batch, parse_prompt};
-use nodes::sample_eval::{SampleEval, sample_tafs};
+use nodes::sample_eval::{SampleEval, end_or, sample_tafs};
 use nodes::types::to_vec;
 use nodes::world::{self, IMAGE_LEN, PromptRecord};
 use rand::SeedableRng;
@@ -23,6 +23,16 @@ fn load(checkpoint: &Path, dev: &str) -> Result<(nodes::model::FlowModel, burn::
     Ok((model, device))
 }
 
+/// `--tau` and `--tau-end` are temperatures: in [0, 1].
+fn check_tau(tau: (f32, f32)) -> Result<()> {
+    for (name, v) in [("--tau", tau.0), ("--tau-end", tau.1)] {
+        if !(0.0..=1.0).contains(&v) {
+            bail!("{name} {v} is not a TAFS temperature: give a value in [0, 1]");
+        }
+    }
+    Ok(())
+}
+
 /// Sample `seeds` images per prompt and write them as a PNG grid (one row per prompt).
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
@@ -30,13 +40,14 @@ pub fn sample(
     prompts: &[String],
     steps: usize,
     sampler: &str,
-    tau: f32,
+    tau: (f32, f32),
     cfg: f32,
     seeds: usize,
     seed: u64,
     out: &Path,
     dev: &str,
 ) -> Result<()> {
+    check_tau(tau)?;
     let (model, device) = load(checkpoint, dev)?;
     let mut records = Vec::new();
     for p in prompts {
@@ -59,7 +70,15 @@ pub fn sample(
     );
     let tokens = batch.tokens_tensor(&device);
     let x0 = match sampler {
-        "tafs" => sample_tafs(&model, noise, tokens, steps, tau, cfg, &mut rng),
+        "tafs" => sample_tafs(
+            &model,
+            noise,
+            tokens,
+            steps,
+            (tau.0, end_or(tau.1, tau.0)),
+            cfg,
+            &mut rng,
+        ),
         _ => sample_euler(&model, noise, tokens, steps, cfg),
     };
     let imgs = to_vec(&x0)?;
@@ -85,12 +104,13 @@ pub fn eval(
     prompts: &Path,
     steps: &[usize],
     sampler: &str,
-    tau: f32,
+    tau: (f32, f32),
     cfg: f32,
     limit: usize,
     csv: Option<&Path>,
     dev: &str,
 ) -> Result<()> {
+    check_tau(tau)?;
     let (model, device) = load(checkpoint, dev)?;
     let mut records = load_prompts(prompts)?;
     if limit > 0 {
@@ -107,7 +127,8 @@ pub fn eval(
         records: records.into_iter().map(Arc::new).collect(),
         steps: steps.to_vec(),
         tafs: sampler == "tafs",
-        tau,
+        tau: tau.0,
+        tau_end: end_or(tau.1, tau.0),
         cfg,
         batch: 64,
         seed: 1234,

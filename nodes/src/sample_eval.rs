@@ -39,7 +39,14 @@ pub fn register(r: &mut Registry) {
             ParamDef::new("steps", ParamKind::FloatList { min: 1.0, max: 1000.0 }, "numbers of sampling steps")
                 .default(ParamValue::FloatList(vec![1.0, 2.0, 4.0, 40.0])),
             ParamDef::choice("sampler", "euler", &["euler", "tafs"], "deterministic Euler ODE, or TAFS re-noising"),
-            ParamDef::float("tau", 1.0, 0.0, 1.0, "TAFS temperature (sampler: tafs)"),
+            ParamDef::float("tau", 1.0, 0.0, 1.0, "TAFS temperature of the first re-noising (sampler: tafs)"),
+            ParamDef::float(
+                "tau_end",
+                -1.0,
+                -1.0,
+                1.0,
+                "TAFS temperature at step K, linear from `tau` over the K steps like a pipeline's `{schedule: linear}` repeat var (-1 = constant `tau`)",
+            ),
             ParamDef::float("cfg", 1.0, 0.0, 50.0, "classifier-free guidance scale (1 = off)"),
             ParamDef::int("batch", 64, 1, 4096, "sampling batch size"),
             ParamDef::int("seed", 1234, 0, i64::MAX, "noise seed (fixed across evaluations)"),
@@ -68,6 +75,7 @@ pub fn register(r: &mut Registry) {
                 steps: p.f64_list("steps")?.into_iter().map(|s| s as usize).collect(),
                 tafs: p.str("sampler")? == "tafs",
                 tau: p.f32("tau")?,
+                tau_end: end_or(p.f32("tau_end")?, p.f32("tau")?),
                 cfg: p.f32("cfg")?,
                 batch: p.usize("batch")?,
                 seed: p.i64("seed")? as u64,
@@ -82,6 +90,8 @@ pub struct SampleEval {
     pub steps: Vec<usize>,
     pub tafs: bool,
     pub tau: f32,
+    /// τ at step K (the schedule is linear from `tau`; equal to `tau` for a constant one).
+    pub tau_end: f32,
     pub cfg: f32,
     pub batch: usize,
     pub seed: u64,
@@ -95,12 +105,28 @@ pub fn uniform_timesteps(k: usize) -> Vec<f32> {
 
 /// TAFS sampling: predict x̂0, re-noise to the next timestep with temperature tau, repeat;
 /// returns the last x̂0. noise: [B, 3, H, W]
+/// A negative `tau_end` means "the same as `tau`" (a constant schedule).
+pub fn end_or(tau_end: f32, tau: f32) -> f32 {
+    if tau_end < 0.0 { tau } else { tau_end }
+}
+
+/// TAFS temperature of the re-noising after step `k` (0-based) of `steps`: linear from `tau.0`
+/// at the first step to `tau.1` at step K, the values of a pipeline's
+/// `tau: {schedule: linear, start, end}` repeat var (the last value is never used: the last
+/// step does not re-noise).
+pub fn tau_at(tau: (f32, f32), k: usize, steps: usize) -> f32 {
+    if steps <= 1 {
+        return tau.0;
+    }
+    tau.0 + (tau.1 - tau.0) * k as f32 / (steps - 1) as f32
+}
+
 pub fn sample_tafs(
     model: &FlowModel,
     noise: Tensor<4>,
     tokens: Tensor<2, burn::tensor::Int>,
     steps: usize,
-    tau: f32,
+    tau: (f32, f32),
     cfg: f32,
     rng: &mut ChaCha8Rng,
 ) -> Tensor<4> {
@@ -120,6 +146,7 @@ pub fn sample_tafs(
                 [b, c, h, w],
                 &device,
             );
+            let tau = tau_at(tau, k, steps);
             let keep = (1.0 - tau * tau).max(0.0).sqrt();
             x = x0.clone().mul_scalar(1.0 - tn)
                 + (eps_hat.mul_scalar(keep) + fresh.mul_scalar(tau)).mul_scalar(tn);
@@ -155,7 +182,15 @@ impl SampleEval {
                 );
                 let tokens = batch.tokens_tensor(device);
                 let x0 = if self.tafs {
-                    sample_tafs(model, noise, tokens, steps, self.tau, self.cfg, &mut rng)
+                    sample_tafs(
+                        model,
+                        noise,
+                        tokens,
+                        steps,
+                        (self.tau, self.tau_end),
+                        self.cfg,
+                        &mut rng,
+                    )
                 } else {
                     sample_euler(model, noise, tokens, steps, self.cfg)
                 };
@@ -208,5 +243,24 @@ impl Node for SampleEval {
             }
         }
         Ok(Outputs::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_anneal_tau_like_the_pipelines_linear_repeat_var() {
+        // tafs_grpo.yaml: `tau: {schedule: linear, start: 1.0, end: 0.6}` over K = 4 steps;
+        // its run logs renoise@1..3/tau = 1.0, 0.8667, 0.7333.
+        let got: Vec<f32> = (0..3).map(|k| tau_at((1.0, 0.6), k, 4)).collect();
+        for (g, want) in got.iter().zip([1.0, 0.866_666_7, 0.733_333_3]) {
+            assert!((g - want).abs() < 1e-6, "{got:?}");
+        }
+        assert_eq!(tau_at((0.7, 0.2), 0, 1), 0.7);
+        assert_eq!(tau_at((0.5, 0.5), 2, 4), 0.5);
+        assert_eq!(end_or(-1.0, 0.3), 0.3);
+        assert_eq!(end_or(0.6, 1.0), 0.6);
     }
 }

@@ -127,7 +127,8 @@ def cmd_table(a):
     table = {}
     for name, ck in policies.items():
         table[name] = {
-            "train": evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log, limit),
+            "train": evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log,
+                              "2" if a.smoke else str(a.train_limit)),
             "eval": evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit),
         }
     lines = [
@@ -221,17 +222,18 @@ def cmd_ablation(a):
                     w.writerow(r)
     lines = ["| mode | τ schedule | seeds | 4-step acc. held-in (mean ± sd) | held-out | last reward |",
              "|---|---|---|---|---|---|"]
-    for mode in modes:
-        for tau in taus:
-            cell = [r for r in results if r["mode"] == mode and r["tau"] == tau]
-            if not cell:
-                continue
-            def ms(key):
-                v = [float(r[key]) for r in cell]
-                sd = statistics.stdev(v) if len(v) > 1 else 0.0
-                return f"{100 * statistics.mean(v):.1f} ± {100 * sd:.1f}%"
-            rew = statistics.mean(float(r["final_reward_last"]) for r in cell)
-            lines.append(f"| {mode} | {tau} | {len(cell)} | {ms('acc4_heldin')} | {ms('acc4_heldout')} | {rew:.3f} |")
+    cells = []
+    for r in results:  # every cell on record, this invocation's and earlier ones'
+        if (r["mode"], r["tau"]) not in cells:
+            cells.append((r["mode"], r["tau"]))
+    for mode, tau in cells:
+        cell = [r for r in results if r["mode"] == mode and r["tau"] == tau]
+        def ms(key):
+            v = [float(r[key]) for r in cell]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            return f"{100 * statistics.mean(v):.1f} ± {100 * sd:.1f}%"
+        rew = statistics.mean(float(r["final_reward_last"]) for r in cell)
+        lines.append(f"| {mode} | {tau} | {len(cell)} | {ms('acc4_heldin')} | {ms('acc4_heldout')} | {rew:.3f} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -302,7 +304,8 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     p.add_argument("--taus", nargs="+", default=list(TAUS)[:2], choices=list(TAUS))
-    p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category")
+    p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category (0 = all)")
+    p.add_argument("--train-limit", type=int, default=100, help="table: training prompts per category")
     p.add_argument("--config", nargs=2, action="append", metavar=("NAME", "SETS"),
                    help="sweep: a named configuration, `;`-separated --set overrides")
     p.add_argument("--set", action="append", metavar="PATH=VALUE",

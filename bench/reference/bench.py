@@ -40,12 +40,13 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import flowref  # noqa: E402
 
 
-def time_flowrun(spec, iterations):
+def time_flowrun(spec, iterations, prompts_per_iter):
     """Runs the pipeline with BIN on DEVICE; medians of its per-iteration times (iterations 2…)."""
     binary, _, device = spec.rpartition(":")
     runs = tempfile.mkdtemp(prefix="flowrun-refbench-")
     try:
         cmd = [binary, "pipelines/tafs_grpo.yaml", "--set", f"iterations={iterations}",
+               "--set", f"nodes.prompts.params.prompts_per_iter={prompts_per_iter}",
                "--device", device, "--runs-dir", runs, "--quiet"]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
@@ -75,13 +76,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--prompts-per-iter", type=int, default=8,
+                    help="P (batch = P x group size 8) for both peers; the pipeline's own default is 32")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     ap.add_argument("--flowrun", action="append", default=[], metavar="BIN:DEVICE",
                     help="also time flowrun's pipeline with this binary on this device")
     args = ap.parse_args()
     peers = []
     for spec in args.flowrun:
-        r = time_flowrun(spec, 1 + args.repeats)
+        r = time_flowrun(spec, 1 + args.repeats, args.prompts_per_iter)
         peers.append(r)
         if not args.json:
             if "error" in r:
@@ -94,7 +97,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     model = flowref.load_checkpoint(args.checkpoint)
-    grpo = flowref.TafsGrpo(model)
+    grpo = flowref.TafsGrpo(model, hp=dict(prompts_per_iter=args.prompts_per_iter))
     hp = grpo.hp
     prompts = flowref.load_prompts(args.prompts, hp["prompts_per_iter"])
     tokens, groups = flowref.prompt_batch(prompts, hp["group_size"])

@@ -224,6 +224,16 @@ def trajectory_checks(run_dir, checkpoint):
             update_check(run_dir, model, steps)
 
 
+def pipeline_lr(run_dir):
+    """The policy's `lr:` in the run's resolved pipeline (what flowrun's update used)."""
+    with open(os.path.join(run_dir, "pipeline.yaml")) as f:
+        m = re.search(r"^\s*lr:\s*([0-9.eE+-]+)", f.read(), re.M)
+    if not m:
+        print(f"error: no `lr:` in {run_dir}/pipeline.yaml")
+        sys.exit(2)
+    return float(m.group(1))
+
+
 def update_check(run_dir, model, steps):
     after_path = os.path.join(run_dir, "checkpoints", "iter-000001", "resources", "policy",
                               "model.safetensors")
@@ -232,7 +242,7 @@ def update_check(run_dir, model, steps):
         print("NOTICE: no checkpoint after iteration 1 (checkpoint_every=1) or no update "
               "metrics; update replay skipped")
         return
-    grpo = flowref.TafsGrpo(model)
+    grpo = flowref.TafsGrpo(model, hp=dict(lr=pipeline_lr(run_dir)))
     transitions = [dict(t=s["t"], a=s["a"], b=s["b"], std=s["std"], x_t=s["x_t"],
                         x_next=s["x_next"], old_logprob=s["old_logprob"]) for s in steps]
     grpo.hp["cfg"] = steps[0]["cfg"]

@@ -424,10 +424,10 @@ def linear_schedule(start, end, count):
 
 # pipelines/tafs_grpo.yaml defaults
 DEFAULTS = dict(
-    prompts_per_iter=8, group_size=8,
+    prompts_per_iter=32, group_size=8,
     t=[1.0, 0.75, 0.5, 0.25], t_next=[0.75, 0.5, 0.25, 0.0], tau=linear_schedule(1.0, 0.6, 4),
     cfg=1.0, mode="mix", lam=0.5, adv_eps=1e-4,
-    clip_range=1e-4, adv_clip=5.0, lr=1e-5, betas=(0.9, 0.999), adam_eps=1e-8,
+    clip_range=1e-4, adv_clip=5.0, lr=3e-5, betas=(0.9, 0.999), adam_eps=1e-8,
     weight_decay=0.0, grad_clip_norm=1.0, ema_decay=0.999,
 )
 

@@ -134,7 +134,7 @@ def cmd_table(a):
     lines = [
         f"Budget per RL run: {budget} wall-clock on `{a.device}`; accuracy with the TAFS sampler "
         f"(τ linear from 1.0 to {a.tau_end} over the K steps, as in training) at K steps; "
-        f"{limit or 'all'} prompts per split and category; overrides: {' '.join(a.set or []) or 'none'}.",
+        f"{'all' if limit == '0' else limit} prompts per split and category; overrides: {' '.join(a.set or []) or 'none'}.",
         "",
         "| model | iterations | train K=1 | K=2 | K=4 | held-in K=1 | K=2 | K=4 | held-out K=1 | K=2 | K=4 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -558,7 +558,7 @@ mod tests {
             ],
             mode: "step".into(),
         };
-        let mut step = |minibatch, grad_accum| {
+        let step = |minibatch, grad_accum| {
             let mut res = trained_tiny();
             res.trainer.config.lr = 1e-3;
             let a = sample(&res, &prompts, 0.8);

@@ -100,6 +100,22 @@ def train(a, pipeline, runs, log, sets, time_limit=None):
     return newest_run(runs)
 
 
+def frac(acc, cat, k):
+    """Accuracy of category `cat` at K = `k` from an `evaluate` table, as a 4-decimal string."""
+    c, n = acc[(cat, k)]
+    return f"{c / max(n, 1):.4f}"
+
+
+def append_csv(path, row):
+    """Append `row` (a dict) to the CSV at `path`, writing the header when the file is new."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
 def reward_key(rows):
     """The final image's reward: the highest-numbered `score@K` (TAFS) or `score` (Flow-GRPO)."""
     keys = [k for k in rows[0] if k.startswith("score") and k.endswith("/reward_mean")]
@@ -195,17 +211,10 @@ def cmd_ablation(a):
         acc = evaluate(a, ROOT / "checkpoints" / "shapes-small.safetensors", "datasets/shapes/eval.jsonl",
                        out / "base.eval.csv", log, limit)
         r = {"mode": "base", "tau": "-", "seed": "-", "iterations": 0, "wall_s": "0.0",
-             "final_reward_last": "nan",
-             "acc2_heldin": f"{acc[('all', 2)][0] / max(acc[('all', 2)][1], 1):.4f}",
-             "acc4_heldin": f"{acc[('all', 4)][0] / max(acc[('all', 4)][1], 1):.4f}",
-             "acc4_heldout": f"{acc[('heldout', 4)][0] / max(acc[('heldout', 4)][1], 1):.4f}"}
+             "final_reward_last": "nan", "acc2_heldin": frac(acc, "all", 2),
+             "acc4_heldin": frac(acc, "all", 4), "acc4_heldout": frac(acc, "heldout", 4)}
         results.append(r)
-        new = not res_csv.exists()
-        with open(res_csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(r))
-            if new:
-                w.writeheader()
-            w.writerow(r)
+        append_csv(res_csv, r)
     for mode in modes:
         for tau in taus:
             for seed in a.seeds:
@@ -222,20 +231,12 @@ def cmd_ablation(a):
                                out / f"{name}.eval.csv", log, limit)
                 rows = metrics(run)
                 key = reward_key(rows)
-                c, n = acc[("all", 4)]
                 r = {"mode": mode, "tau": tau, "seed": str(seed), "iterations": len(rows),
                      "wall_s": f"{rows[-1]['elapsed_s']:.1f}",
-                     "final_reward_last": f"{rows[-1][key]:.4f}",
-                     "acc2_heldin": f"{acc[('all', 2)][0] / max(acc[('all', 2)][1], 1):.4f}",
-                     "acc4_heldin": f"{c / max(n, 1):.4f}",
-                     "acc4_heldout": f"{acc[('heldout', 4)][0] / max(acc[('heldout', 4)][1], 1):.4f}"}
+                     "final_reward_last": f"{rows[-1][key]:.4f}", "acc2_heldin": frac(acc, "all", 2),
+                     "acc4_heldin": frac(acc, "all", 4), "acc4_heldout": frac(acc, "heldout", 4)}
                 results.append(r)
-                new = not res_csv.exists()
-                with open(res_csv, "a", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=list(r))
-                    if new:
-                        w.writeheader()
-                    w.writerow(r)
+                append_csv(res_csv, r)
     lines = ["| mode | τ schedule | seeds | 2-step acc. held-in (mean ± sd) | 4-step held-in | 4-step held-out | last reward |",
              "|---|---|---|---|---|---|---|"]
     cells = []
@@ -291,17 +292,10 @@ def cmd_sweep(a):
             r = {"config": name, "sets": sets, "seed": str(seed), "iterations": its, "wall_s": f"{wall:.1f}",
                  "reward_first20pct": f"{first:.4f}", "reward_last20pct": f"{last:.4f}"}
             for k in (1, 2, 4):
-                c, n_ = acc[("all", k)]
-                r[f"acc{k}_heldin"] = f"{c / max(n_, 1):.4f}"
-            c, n_ = acc[("heldout", 4)]
-            r["acc4_heldout"] = f"{c / max(n_, 1):.4f}"
+                r[f"acc{k}_heldin"] = frac(acc, "all", k)
+            r["acc4_heldout"] = frac(acc, "heldout", 4)
             results.append(r)
-            new = not res_csv.exists()
-            with open(res_csv, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(r))
-                if new:
-                    w.writeheader()
-                w.writerow(r)
+            append_csv(res_csv, r)
     lines = ["| config | overrides | seed | iterations | wall s | reward first→last 20% | held-in K=1 | K=2 | K=4 | held-out K=4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:

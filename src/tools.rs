@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use nodes::device::{device, parse_device};
 use nodes::model::{load_safetensors, sample_euler, sample_standard_normal, tensor_from_vec};
 use nodes::prompt_loader::{load_prompts, make_batch, parse_prompt};
-use nodes::sample_eval::{SampleEval, end_or, sample_tafs};
+use nodes::sample_eval::{SampleEval, sample_tafs};
 use nodes::types::to_vec;
 use nodes::world::{self, IMAGE_LEN, PromptRecord};
 use rand::SeedableRng;
@@ -70,15 +70,7 @@ pub fn sample(
     );
     let tokens = batch.tokens_tensor(&device);
     let x0 = match sampler {
-        "tafs" => sample_tafs(
-            &model,
-            noise,
-            tokens,
-            steps,
-            (tau.0, end_or(tau.1, tau.0)),
-            cfg,
-            &mut rng,
-        ),
+        "tafs" => sample_tafs(&model, noise, tokens, steps, tau, cfg, &mut rng),
         _ => sample_euler(&model, noise, tokens, steps, cfg),
     };
     let imgs = to_vec(&x0)?;
@@ -128,7 +120,7 @@ pub fn eval(
         steps: steps.to_vec(),
         tafs: sampler == "tafs",
         tau: tau.0,
-        tau_end: end_or(tau.1, tau.0),
+        tau_end: tau.1,
         cfg,
         batch: 64,
         seed: 1234,

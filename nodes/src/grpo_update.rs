@@ -14,6 +14,7 @@
 //! memory (and far fewer fresh pages to fault in on CPU).
 
 use anyhow::{Result, bail};
+use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -166,6 +167,7 @@ impl GrpoUpdate {
             ..Default::default()
         };
         let mut n_ratio = 0usize;
+        let nt = host.len() as f32;
         for epoch in 0..self.epochs {
             let mut order: Vec<usize> = (0..b).collect();
             if epoch > 0 || self.minibatch > 0 {
@@ -174,8 +176,7 @@ impl GrpoUpdate {
             let chunks: Vec<&[usize]> = order.chunks(mb).collect();
             for group in chunks.chunks(self.grad_accum.max(1)) {
                 let group_n: usize = group.iter().map(|c| c.len()).sum();
-                let nt = host.len() as f32;
-                let mut grads = None;
+                let mut grads = GradientsAccumulator::<FlowModel>::new();
                 let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
                     (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
                 for idx in group {
@@ -184,6 +185,8 @@ impl GrpoUpdate {
                     // transitions).
                     let w = n as f32 / group_n as f32 / nt;
                     let tokens_ad = prompts.tokens_rows(idx, &ad);
+                    // The KL reference runs on the plain device.
+                    let tokens_plain = (self.beta > 0.0).then(|| prompts.tokens_rows(idx, &plain));
                     for h in &host {
                         let tr = h.tr;
                         let k = tr.kernel;
@@ -237,7 +240,7 @@ impl GrpoUpdate {
                             }
                         }
                         pg_sum += (pg.into_scalar::<f32>() * w) as f64;
-                        if self.beta > 0.0 {
+                        if let Some(tokens_plain) = &tokens_plain {
                             let reference = m.reference.as_ref().expect("checked above");
                             let xp = tensor_from_vec(
                                 rows(&h.x_t, idx, IMAGE_LEN),
@@ -247,7 +250,7 @@ impl GrpoUpdate {
                             let vr = reference.forward_cfg(
                                 xp.clone(),
                                 Tensor::<1>::full([n], tr.t, &plain),
-                                prompts.tokens_rows(idx, &plain),
+                                tokens_plain.clone(),
                                 tr.cfg,
                             );
                             let mean_ref = tensor_from_vec(
@@ -275,11 +278,10 @@ impl GrpoUpdate {
                             );
                         }
                         lv += tv as f64;
-                        grads = Some(m.trainer.accumulate_gradients(grads.take(), g));
+                        grads.accumulate(m.trainer.model(), g);
                     }
                 }
-                let grads = grads.expect("at least one transition");
-                let stats = m.trainer.apply_gradients(grads, lv as f32);
+                let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
                 let cnt = (group_n * host.len()) as f64;
                 st.loss += lv;
                 st.pg_loss += pg_sum;

@@ -103,8 +103,6 @@ pub fn uniform_timesteps(k: usize) -> Vec<f32> {
     (0..k).map(|i| 1.0 - i as f32 / k as f32).collect()
 }
 
-/// TAFS sampling: predict x̂0, re-noise to the next timestep with temperature tau, repeat;
-/// returns the last x̂0. noise: [B, 3, H, W]
 /// A negative `tau_end` means "the same as `tau`" (a constant schedule).
 pub fn end_or(tau_end: f32, tau: f32) -> f32 {
     if tau_end < 0.0 { tau } else { tau_end }
@@ -121,6 +119,9 @@ pub fn tau_at(tau: (f32, f32), k: usize, steps: usize) -> f32 {
     tau.0 + (tau.1 - tau.0) * k as f32 / (steps - 1) as f32
 }
 
+/// TAFS sampling: predict x̂0, re-noise to the next timestep with temperature
+/// [`tau_at`]`(tau, k, steps)` (`tau` = (first, at step K)), repeat; returns the last x̂0.
+/// noise: [B, 3, H, W]
 pub fn sample_tafs(
     model: &FlowModel,
     noise: Tensor<4>,

@@ -12,8 +12,7 @@ use anyhow::{Context, bail};
 use burn::config::Config;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{
-    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams,
-    Optimizer,
+    AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
 };
 use burn::tensor::{Bool, Device, Int, Tensor};
 use rand::{Rng, SeedableRng};
@@ -205,29 +204,12 @@ impl Trainer {
 
     /// Backward of a scalar `loss` computed from [`model`](Self::model): its gradients per
     /// parameter and its value. The graph is freed here, so several losses can be
-    /// back-propagated one after another and their gradients summed with
-    /// [`accumulate_gradients`](Self::accumulate_gradients) (peak memory of one graph).
+    /// back-propagated one after another and their gradients summed with burn's
+    /// `GradientsAccumulator` (peak memory of one graph).
     pub fn gradients(&self, loss: Tensor<1>) -> (GradientsParams, f32) {
         let grads = loss.backward();
         let loss_value = loss.into_scalar::<f32>();
         (GradientsParams::from_grads(grads, &self.model), loss_value)
-    }
-
-    /// `sum + new`, parameter by parameter (`sum` = `None` starts a sum).
-    pub fn accumulate_gradients(
-        &self,
-        sum: Option<GradientsParams>,
-        new: GradientsParams,
-    ) -> GradientsParams {
-        match sum {
-            None => new,
-            Some(sum) => {
-                let mut acc = GradientsAccumulator::<FlowModel>::new();
-                acc.accumulate(&self.model, sum);
-                acc.accumulate(&self.model, new);
-                acc.grads()
-            }
-        }
     }
 
     /// One optimizer step with `grads` (of [`model`](Self::model)'s parameters): global-norm

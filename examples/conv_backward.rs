@@ -1,5 +1,6 @@
-//! Times one 3×3 convolution's forward + backward under autodiff, burn's `Conv2d` against an
-//! im2col formulation (pad, 9 shifted slices, one matmul), on each device given.
+//! Times one 3×3 convolution's forward + backward under autodiff, burn's `Conv2d` against
+//! flowrun's `fused::conv2d` (libtorch's native backward on libtorch) and an im2col formulation
+//! (pad, 9 shifted slices, one matmul), on each device given.
 //!
 //! `cargo run --release --example conv_backward -- flex` (add `--features tch` and `libtorch`;
 //! the binary then needs torch's `lib/` on `LD_LIBRARY_PATH`). PyTorch's own figure for the same
@@ -8,6 +9,7 @@ use std::time::Instant;
 
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::tensor::activation::silu;
 use burn::tensor::{Device, Distribution, Tensor};
 
 fn im2col_conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
@@ -66,9 +68,31 @@ fn main() {
                 let g = conv.forward(x.clone()).sum().backward();
                 drop(conv.weight.grad(&g));
             });
+            let yf = nodes::model::fused::conv2d(&conv, x.clone());
+            let y0 = conv.forward(x.clone());
+            let d = (y0 - yf).abs().max().into_scalar::<f32>();
+            println!("  fused conv2d: max |Δy| {d:.2e}");
+            time("  fused       fwd+bwd", || {
+                let g = nodes::model::fused::conv2d(&conv, x.clone())
+                    .sum()
+                    .backward();
+                drop(conv.weight.grad(&g));
+            });
             time("  im2col      fwd+bwd", || {
                 let g = im2col_conv(&conv, x.clone()).sum().backward();
                 drop(conv.weight.grad(&g));
+            });
+            let gn = burn::nn::GroupNormConfig::new(8, c).init(&dev);
+            let xt = x.clone().require_grad();
+            time("  GroupNorm+SiLU fwd+bwd", || {
+                let g = silu(gn.forward(xt.clone())).sum().backward();
+                drop(xt.grad(&g));
+            });
+            time("  fused::group_norm (+SiLU) fwd+bwd", || {
+                let g = nodes::model::fused::group_norm(&gn, xt.clone(), true)
+                    .sum()
+                    .backward();
+                drop(xt.grad(&g));
             });
         }
     }

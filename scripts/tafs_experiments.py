@@ -7,6 +7,7 @@ final policies with `flowrun eval`, and collects the figures into CSV and Markdo
   scripts/tafs_experiments.py table    --budget 20m [--device libtorch] [--out results/table]
   scripts/tafs_experiments.py ablation --iterations 15 [--seeds 0 1] [--out results/ablation]
   scripts/tafs_experiments.py sweep --config lr1e-4 "policy.lr=1e-4" --config ... --iterations 40
+  scripts/tafs_experiments.py curve --policies DIR [--out results/curve]
   scripts/tafs_experiments.py table --smoke     # seconds: checks the harness end to end
 
 `table`: verifier accuracy at K = 1, 2, 4 (TAFS sampler) of the base checkpoint and of the
@@ -18,6 +19,10 @@ of iterations; 4-step accuracy after training, mean and spread over seeds.
 `sweep`: TAFS-GRPO hyper-parameter search: each named `--config NAME SET...` (pipeline `--set`
 overrides, `;`-separated) x seed for a fixed number of iterations, then all of eval.jsonl at
 K = 1, 2, 4 with the same initial noise as the base checkpoint (paired comparison).
+`curve`: accuracy against RL updates of one long run: every `NAME.safetensors` policy snapshot
+in `--policies` (e.g. copies of a run's `checkpoints/iter-*/resources/policy/model.safetensors`,
+which the run itself prunes to the last `keep_checkpoints`) plus the base checkpoint, evaluated
+exactly as `table` does.
 """
 
 import argparse
@@ -307,9 +312,48 @@ def cmd_sweep(a):
     print("\n".join(lines))
 
 
+def cmd_curve(a):
+    if not a.policies:
+        sys.exit("curve needs --policies DIR (a directory of NAME.safetensors snapshots)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    limit = "2" if a.smoke else str(a.limit)
+    snaps = sorted(Path(a.policies).glob("*.safetensors"))
+    if not snaps:
+        sys.exit(f"no *.safetensors under {a.policies}")
+    policies = [("base", ROOT / "checkpoints" / "shapes-small.safetensors")] + [(p.stem, p) for p in snaps]
+    rows = []
+    for name, ck in policies:
+        t = evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log,
+                     "2" if a.smoke else str(a.train_limit))
+        e = evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit)
+        row = {"policy": name}
+        for split, acc, cat in [("train", t, "all"), ("heldin", e, "all"), ("heldout", e, "heldout")]:
+            for k in (1, 2, 4):
+                row[f"{split}_k{k}"] = frac(acc, cat, k)
+        rows.append(row)
+    with open(out / "curve.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"Accuracy with the TAFS sampler (τ linear 1.0 → {a.tau_end}) at K steps; "
+        f"{'all' if limit == '0' else limit} eval prompts per category, {a.train_limit} training prompts per category.",
+        "",
+        "| policy | train K=1 | K=2 | K=4 | held-in K=1 | K=2 | K=4 | held-out K=1 | K=2 | K=4 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [f"{100 * float(r[f'{s}_k{k}']):.1f}%" for s in ("train", "heldin", "heldout") for k in (1, 2, 4)]
+        lines.append(f"| {r['policy']} | " + " | ".join(cells) + " |")
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table", "ablation", "sweep"])
+    p.add_argument("what", choices=["table", "ablation", "sweep", "curve"])
     p.add_argument("--flowrun", default=str(ROOT / "target" / "release" / "flowrun"))
     p.add_argument("--device", default="flex")
     p.add_argument("--budget", default="20m", help="table: wall-clock per RL run")
@@ -325,6 +369,7 @@ def main():
                    help="an override for every RL run (repeatable), e.g. resources.policy.params.lr=1e-4")
     p.add_argument("--tau-end", default="0.6",
                    help="evaluation: TAFS temperature at step K, linear from 1.0 (the pipeline's schedule)")
+    p.add_argument("--policies", default=None, help="curve: directory of NAME.safetensors policy snapshots")
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny budgets: checks the harness only")
     p.add_argument("--runs-dir", default=None,
@@ -334,7 +379,7 @@ def main():
     a.runs_dir = a.runs_dir or str(ROOT / "runs" / f"experiments-{a.what}")
     if not os.access(a.flowrun, os.X_OK):
         sys.exit(f"no flowrun binary at {a.flowrun}: cargo build --release (or pass --flowrun)")
-    {"table": cmd_table, "ablation": cmd_ablation, "sweep": cmd_sweep}[a.what](a)
+    {"table": cmd_table, "ablation": cmd_ablation, "sweep": cmd_sweep, "curve": cmd_curve}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,122 @@ fn should_give_the_same_velocity_on_flex_and_libtorch() {
         assert!(d < 1e-3, "flex and libtorch CUDA differ: {d}");
     }
 }
+
+/// `fused::conv2d` on libtorch back-propagates through libtorch's own convolution backward;
+/// its gradients must match burn's generic `Conv2d` backward on the same device.
+#[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
+fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+    use nodes::model::fused;
+
+    let dev = Device::libtorch().autodiff();
+    for (k, pad, c_in, c_out, hw) in [(3, 1, 8, 16, 12), (1, 0, 16, 8, 6), (3, 1, 3, 8, 8)] {
+        let mut cfg = Conv2dConfig::new([c_in, c_out], [k, k]);
+        if pad > 0 {
+            cfg = cfg.with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad));
+        }
+        let conv = cfg.init(&dev);
+        let x = Tensor::<4>::random([5, c_in, hw, hw], Distribution::Normal(0.0, 1.0), &dev)
+            .require_grad();
+        let r = Tensor::<4>::random([5, c_out, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
+
+        let y_fused = fused::conv2d(&conv, x.clone());
+        let y_burn = conv.forward(x.clone());
+        let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
+        assert!(dy < 1e-5, "k={k}: outputs differ by {dy:e} (relative)");
+
+        let g_fused = (y_fused * r.clone()).sum().backward();
+        let g_burn = (y_burn * r).sum().backward();
+        for (what, a, b) in [
+            ("x", x.grad(&g_fused), x.grad(&g_burn)),
+            (
+                "weight",
+                conv.weight.grad(&g_fused),
+                conv.weight.grad(&g_burn),
+            ),
+            (
+                "bias",
+                conv.bias
+                    .as_ref()
+                    .unwrap()
+                    .grad(&g_fused)
+                    .map(|t| t.unsqueeze::<4>()),
+                conv.bias
+                    .as_ref()
+                    .unwrap()
+                    .grad(&g_burn)
+                    .map(|t| t.unsqueeze::<4>()),
+            ),
+        ] {
+            let (a, b) = (a.expect("fused gradient"), b.expect("burn gradient"));
+            assert_eq!(a.dims(), b.dims(), "k={k}: {what} gradient shape");
+            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
+            assert!(
+                d < 1e-4,
+                "k={k}: {what} gradients differ by {d:e} (relative)"
+            );
+        }
+    }
+}
+
+/// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward;
+/// outputs and gradients (input, gamma, beta) must match burn's composed GroupNorm + SiLU.
+#[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
+fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
+    use burn::module::Param;
+    use burn::nn::GroupNormConfig;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::silu;
+    use nodes::model::fused;
+
+    let dev = Device::libtorch().autodiff();
+    for (groups, c, hw, with_silu) in [(4, 16, 6, true), (8, 32, 4, false), (2, 6, 5, true)] {
+        let mut gn = GroupNormConfig::new(groups, c).init(&dev);
+        // Non-trivial affine parameters (init is gamma = 1, beta = 0).
+        let rand = |d| Tensor::<1>::random([c], d, &dev);
+        gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
+        gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
+        let x = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(1.0, 2.0), &dev)
+            .require_grad();
+        let r = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
+
+        let y_fused = fused::group_norm(&gn, x.clone(), with_silu);
+        let y_burn = if with_silu {
+            silu(gn.forward(x.clone()))
+        } else {
+            gn.forward(x.clone())
+        };
+        let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
+        assert!(dy < 1e-5, "c={c}: outputs differ by {dy:e} (relative)");
+
+        let g_fused = (y_fused * r.clone()).sum().backward();
+        let g_burn = (y_burn * r).sum().backward();
+        let gamma = gn.gamma.as_ref().unwrap();
+        let beta = gn.beta.as_ref().unwrap();
+        for (what, a, b) in [
+            ("x", x.grad(&g_fused), x.grad(&g_burn)),
+            (
+                "gamma",
+                gamma.grad(&g_fused).map(|t| t.unsqueeze::<4>()),
+                gamma.grad(&g_burn).map(|t| t.unsqueeze::<4>()),
+            ),
+            (
+                "beta",
+                beta.grad(&g_fused).map(|t| t.unsqueeze::<4>()),
+                beta.grad(&g_burn).map(|t| t.unsqueeze::<4>()),
+            ),
+        ] {
+            let (a, b) = (a.expect("fused gradient"), b.expect("burn gradient"));
+            assert_eq!(a.dims(), b.dims(), "c={c}: {what} gradient shape");
+            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
+            assert!(
+                d < 1e-4,
+                "c={c}: {what} gradients differ by {d:e} (relative)"
+            );
+        }
+    }
+}

@@ -13,6 +13,8 @@ use burn::nn::{
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
+use super::fused::{self, conv2d};
+
 /// Large negative logit added to masked (padding) keys. Finite so that rows whose keys are
 /// all masked (the text self-attention of the null prompt) stay NaN-free.
 const MASK_LOGIT: f32 = -1.0e4;
@@ -289,16 +291,16 @@ impl ResBlock {
 
     /// x: [B, C_in, H, W], cond_act: SiLU(cond) [B, E] → [B, C_out, H, W]
     pub fn forward(&self, x: Tensor<4>, cond_act: Tensor<2>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = conv2d(&self.conv1, fused::group_norm(&self.norm1, x.clone(), true));
         let [b, c, _, _] = h.dims();
         // [B, 2C, 1, 1]
         let ss = self.film.forward(cond_act).reshape([b, 2 * c, 1, 1]);
         let scale = ss.clone().slice_dim(1, 0..c);
         let shift = ss.slice_dim(1, c..2 * c);
         let h = self.norm2.forward(h) * (scale.add_scalar(1.0)) + shift;
-        let h = self.conv2.forward(silu(h));
+        let h = conv2d(&self.conv2, silu(h));
         let x = match &self.skip {
-            Some(skip) => skip.forward(x),
+            Some(skip) => conv2d(skip, x),
             None => x,
         };
         x + h
@@ -362,9 +364,7 @@ impl AttnBlock {
         let heads = self.heads;
         let dh = c / heads;
         // [B, HW, C]
-        let tokens = self
-            .norm
-            .forward(x.clone())
+        let tokens = fused::group_norm(&self.norm, x.clone(), false)
             .reshape([b, c, n])
             .swap_dims(1, 2);
         // [B, heads, 2, L, dh]

@@ -23,6 +23,7 @@
 //! ChaCha RNG (never burn's global RNG), and noise / timesteps are passed in as tensors.
 
 pub mod checkpoint;
+pub mod fused;
 mod init;
 pub mod layers;
 pub mod train;
@@ -321,7 +322,7 @@ impl FlowModel {
         let cond_act = silu(cond);
 
         // [B, C0, H, W]
-        let mut h = self.conv_in.forward(x);
+        let mut h = fused::conv2d(&self.conv_in, x);
         let n = self.down.len();
         let mut skips = Vec::with_capacity(n);
         for (i, level) in self.down.iter().enumerate() {
@@ -343,13 +344,13 @@ impl FlowModel {
             let skip = skips.pop().expect("one skip per level");
             h = level.forward(Tensor::cat(vec![h, skip], 1), &cond_act, &text);
             if let Some(reduce) = &level.reduce {
-                h = reduce.forward(h);
+                h = fused::conv2d(reduce, h);
             }
             if j + 1 < n {
                 h = upsample(h);
             }
         }
-        self.out_conv.forward(silu(self.out_norm.forward(h)))
+        fused::conv2d(&self.out_conv, fused::group_norm(&self.out_norm, h, true))
     }
 
     /// Classifier-free guided velocity `v_u + s·(v_c − v_u)`, computing the conditional and

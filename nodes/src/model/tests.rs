@@ -644,3 +644,56 @@ fn should_report_forward_breakdown() {
         println!("--");
     }
 }
+
+/// `fused::conv2d` wraps burn's convolution in its own autodiff op: on flex (generic backward)
+/// outputs and all three gradients must equal `Conv2d::forward`'s, whether or not the input is
+/// tracked.
+#[test]
+fn should_match_conv2d_forward_and_gradients_through_the_fused_op() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+
+    let dev = device().autodiff();
+    for (k, pad, track_x) in [(3, 1, true), (1, 0, true), (3, 1, false)] {
+        let mut cfg = Conv2dConfig::new([4, 6], [k, k]);
+        if pad > 0 {
+            cfg = cfg.with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad));
+        }
+        let conv = cfg.init(&dev);
+        let mut x = Tensor::<4>::random([2, 4, 7, 7], Distribution::Normal(0.0, 1.0), &dev);
+        if track_x {
+            x = x.require_grad();
+        }
+        let r = Tensor::<4>::random([2, 6, 7, 7], Distribution::Normal(0.0, 1.0), &dev);
+        let y_fused = fused::conv2d(&conv, x.clone());
+        let y_burn = conv.forward(x.clone());
+        y_fused
+            .to_data()
+            .assert_approx_eq::<f32>(&y_burn.to_data(), burn::tensor::Tolerance::absolute(1e-6));
+        let g_fused = (y_fused * r.clone()).sum().backward();
+        let g_burn = (y_burn * r).sum().backward();
+        let bias = conv.bias.as_ref().unwrap();
+        let pairs = [
+            (conv.weight.grad(&g_fused), conv.weight.grad(&g_burn)),
+            (
+                bias.grad(&g_fused).map(|t| t.unsqueeze::<4>()),
+                bias.grad(&g_burn).map(|t| t.unsqueeze::<4>()),
+            ),
+            (x.grad(&g_fused), x.grad(&g_burn)),
+        ];
+        for (i, (a, b)) in pairs.into_iter().enumerate() {
+            match (a, b) {
+                (Some(a), Some(b)) => a
+                    .to_data()
+                    .assert_approx_eq::<f32>(&b.to_data(), burn::tensor::Tolerance::absolute(1e-5)),
+                (None, None) => assert!(!track_x && i == 2, "gradient {i} missing on both"),
+                (a, b) => panic!(
+                    "k={k}: gradient {i} present for fused: {}, burn: {}",
+                    a.is_some(),
+                    b.is_some()
+                ),
+            }
+        }
+    }
+}

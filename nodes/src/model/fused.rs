@@ -141,6 +141,21 @@ fn libtorch_leaf(
     burn::backend::libtorch::TchTensor::from_existing(l, t.storage.clone())
 }
 
+/// Vector-Jacobian product through a recorded libtorch graph: the gradients of Σ(y ⊙ g) with
+/// respect to `inputs` (leaves of `graph`), in their order.
+#[cfg(feature = "tch")]
+fn libtorch_vjp(
+    graph: &burn::backend::libtorch::TchTensor,
+    grad: &burn::backend::libtorch::TchTensor,
+    inputs: &[&tch::Tensor],
+) -> Vec<burn::backend::libtorch::TchTensor> {
+    let objective = (&graph.tensor * &grad.tensor).sum(None);
+    tch::Tensor::run_backward(&[objective], inputs, false, false)
+        .into_iter()
+        .map(burn::backend::libtorch::TchTensor::new)
+        .collect()
+}
+
 #[cfg(feature = "tch")]
 mod libtorch {
     use burn::backend::LibTorch;
@@ -197,17 +212,14 @@ mod libtorch {
             let Some((graph, xl, wl)) = tape else {
                 return super::generic_backward::<LibTorch>(x, weight, grad, padding, grad_x);
             };
-            // d/dθ Σ(y ⊙ g) = the vector-Jacobian product with g.
-            let objective = (&graph.tensor * &grad.tensor).sum(None);
             let inputs: Vec<&tch::Tensor> = if grad_x {
                 vec![&xl.tensor, &wl.tensor]
             } else {
                 vec![&wl.tensor]
             };
-            let mut grads = tch::Tensor::run_backward(&[objective], &inputs, false, false);
-            let gw = TchTensor::new(grads.pop().expect("one gradient per input"));
-            let gx = grads.pop().map(TchTensor::new);
-            (gx, gw)
+            let mut grads = super::libtorch_vjp(&graph, &grad, &inputs);
+            let gw = grads.pop().expect("one gradient per input");
+            (grads.pop(), gw)
         }
     }
 }
@@ -422,21 +434,15 @@ mod norm {
             let grad = grads.consume::<LibTorch>(&ops.node);
             let ((graph, xl, gl, bl), grad_x) = ops.state;
             let grad_x = grad_x && node_x.is_some();
-            let objective = (&graph.tensor * &grad.tensor).sum(None);
             let mut inputs = vec![&gl.tensor, &bl.tensor];
             if grad_x {
                 inputs.push(&xl.tensor);
             }
-            let mut g = tch::Tensor::run_backward(&[objective], &inputs, false, false).into_iter();
-            let (gg, gb) = (g.next(), g.next());
-            if let (Some(node), Some(t)) = (node_gamma, gg) {
-                grads.register::<LibTorch>(node.id, TchTensor::new(t));
-            }
-            if let (Some(node), Some(t)) = (node_beta, gb) {
-                grads.register::<LibTorch>(node.id, TchTensor::new(t));
-            }
-            if let (true, Some(node), Some(t)) = (grad_x, node_x, g.next()) {
-                grads.register::<LibTorch>(node.id, TchTensor::new(t));
+            let mut g = super::libtorch_vjp(&graph, &grad, &inputs).into_iter();
+            for node in [node_gamma, node_beta, node_x.filter(|_| grad_x)] {
+                if let (Some(node), Some(t)) = (node, g.next()) {
+                    grads.register::<LibTorch>(node.id, t);
+                }
             }
         }
     }

@@ -162,7 +162,8 @@ fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
 }
 
 /// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward;
-/// outputs and gradients (input, gamma, beta) must match burn's composed GroupNorm + SiLU.
+/// outputs and gradients (input, gamma, beta) must match burn's composed GroupNorm + SiLU,
+/// affine or not.
 #[test]
 #[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
@@ -173,12 +174,21 @@ fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
     use nodes::model::fused;
 
     let dev = Device::libtorch().autodiff();
-    for (groups, c, hw, with_silu) in [(4, 16, 6, true), (8, 32, 4, false), (2, 6, 5, true)] {
-        let mut gn = GroupNormConfig::new(groups, c).init(&dev);
-        // Non-trivial affine parameters (init is gamma = 1, beta = 0).
-        let rand = |d| Tensor::<1>::random([c], d, &dev);
-        gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
-        gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
+    let cases = [
+        (4, 16, 6, true, true),
+        (8, 32, 4, false, true),
+        (2, 6, 5, true, true),
+    ];
+    for (groups, c, hw, with_silu, affine) in cases.into_iter().chain([(4, 8, 5, false, false)]) {
+        let mut gn = GroupNormConfig::new(groups, c)
+            .with_affine(affine)
+            .init(&dev);
+        if affine {
+            // Non-trivial affine parameters (init is gamma = 1, beta = 0).
+            let rand = |d| Tensor::<1>::random([c], d, &dev);
+            gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
+            gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
+        }
         let x = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(1.0, 2.0), &dev)
             .require_grad();
         let r = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
@@ -194,6 +204,15 @@ fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
 
         let g_fused = (y_fused * r.clone()).sum().backward();
         let g_burn = (y_burn * r).sum().backward();
+        if !affine {
+            let (a, b) = (x.grad(&g_fused).unwrap(), x.grad(&g_burn).unwrap());
+            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
+            assert!(
+                d < 1e-4,
+                "non-affine: x gradients differ by {d:e} (relative)"
+            );
+            continue;
+        }
         let gamma = gn.gamma.as_ref().unwrap();
         let beta = gn.beta.as_ref().unwrap();
         for (what, a, b) in [

@@ -15,7 +15,7 @@
 //! * On every other backend the tape is empty and the backward is burn's generic one, so
 //!   results are identical to `burn::nn::conv::Conv2d::forward`.
 //!
-//! [`group_norm`] does the same for an affine GroupNorm optionally followed by SiLU, which burn
+//! [`group_norm`] does the same for a GroupNorm optionally followed by SiLU, which burn
 //! composes from a dozen primitive ops: on libtorch under autodiff it runs libtorch's
 //! `group_norm` and `silu` (and their native backward) in one recorded graph; elsewhere it is
 //! `GroupNorm::forward` + burn's `silu`.
@@ -319,22 +319,30 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     Tensor::from_dispatch(out)
 }
 
-/// `silu(gn(x))` (or `gn(x)` when `silu` is false). On a libtorch autodiff device with an affine
-/// GroupNorm, libtorch's fused `group_norm`/`silu` kernels and their backward run instead of
+/// `silu(gn(x))` (or `gn(x)` when `silu` is false). On a libtorch autodiff device
+/// libtorch's fused `group_norm`/`silu` kernels and their backward run instead of
 /// burn's composition of primitive ops (about 3× faster at 32 channels × 32×32); anywhere else
 /// this is exactly `gn.forward(x)` followed by burn's `silu`.
 ///
 /// x: [B, C, H, W] → [B, C, H, W]
 pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
     #[cfg(feature = "tch")]
-    if let (Some(gamma), Some(beta)) = (&gn.gamma, &gn.beta)
-        && native_ops_enabled()
-        && norm::is_libtorch_autodiff(&x.device())
-    {
+    if native_ops_enabled() && norm::is_libtorch_autodiff(&x.device()) {
+        // A non-affine GroupNorm is the affine one with constant gamma = 1, beta = 0.
+        let (gamma, beta) = match (&gn.gamma, &gn.beta) {
+            (Some(g), Some(b)) => (g.val(), b.val()),
+            _ => {
+                let c = gn.num_channels;
+                (
+                    Tensor::ones([c], &x.device()),
+                    Tensor::zeros([c], &x.device()),
+                )
+            }
+        };
         let out = <burn::backend::Dispatch as norm::FusedNorm>::fused_group_norm(
             x.into_dispatch(),
-            gamma.val().into_dispatch(),
-            beta.val().into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
             gn.num_groups,
             gn.epsilon,
             silu,

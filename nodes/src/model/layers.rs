@@ -297,7 +297,7 @@ impl ResBlock {
         let ss = self.film.forward(cond_act).reshape([b, 2 * c, 1, 1]);
         let scale = ss.clone().slice_dim(1, 0..c);
         let shift = ss.slice_dim(1, c..2 * c);
-        let h = self.norm2.forward(h) * (scale.add_scalar(1.0)) + shift;
+        let h = fused::group_norm(&self.norm2, h, false) * (scale.add_scalar(1.0)) + shift;
         let h = conv2d(&self.conv2, silu(h));
         let x = match &self.skip {
             Some(skip) => conv2d(skip, x),

@@ -94,6 +94,16 @@ def evaluate(a, checkpoint, prompts, out_csv, log, limit):
     return acc
 
 
+def evaluate_splits(a, name, checkpoint, out, log, limit):
+    """`evaluate` on the training prompts (`--train-limit` per category) and on eval.jsonl
+    (`limit`): {"train": acc, "eval": acc}, CSVs as out/NAME.train.csv and out/NAME.eval.csv."""
+    return {
+        "train": evaluate(a, checkpoint, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log,
+                          "2" if a.smoke else str(a.train_limit)),
+        "eval": evaluate(a, checkpoint, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit),
+    }
+
+
 def train(a, pipeline, runs, log, sets, time_limit=None):
     cmd = [a.flowrun, pipeline, "--device", a.device, "--runs-dir", runs, "--quiet",
            "--set", "nodes.eval.every=1000000"]
@@ -145,13 +155,7 @@ def cmd_table(a):
     for name, pipe in [("tafs_grpo", "pipelines/tafs_grpo.yaml"), ("flow_grpo", "pipelines/flow_grpo.yaml")]:
         runs[name] = train(a, pipe, Path(a.runs_dir) / name, log, smoke, time_limit=budget)
         policies[name] = final_policy(runs[name])
-    table = {}
-    for name, ck in policies.items():
-        table[name] = {
-            "train": evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log,
-                              "2" if a.smoke else str(a.train_limit)),
-            "eval": evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit),
-        }
+    table = {name: evaluate_splits(a, name, ck, out, log, limit) for name, ck in policies.items()}
     lines = [
         f"Budget per RL run: {budget} wall-clock on `{a.device}`; accuracy with the TAFS sampler "
         f"(τ linear from 1.0 to {a.tau_end} over the K steps, as in training) at K steps; "
@@ -325,9 +329,8 @@ def cmd_curve(a):
     policies = [("base", ROOT / "checkpoints" / "shapes-small.safetensors")] + [(p.stem, p) for p in snaps]
     rows = []
     for name, ck in policies:
-        t = evaluate(a, ck, "datasets/shapes/train.jsonl", out / f"{name}.train.csv", log,
-                     "2" if a.smoke else str(a.train_limit))
-        e = evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{name}.eval.csv", log, limit)
+        split = evaluate_splits(a, name, ck, out, log, limit)
+        t, e = split["train"], split["eval"]
         row = {"policy": name}
         for split, acc, cat in [("train", t, "all"), ("heldin", e, "all"), ("heldout", e, "heldout")]:
             for k in (1, 2, 4):

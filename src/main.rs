@@ -232,8 +232,9 @@ enum Command {
 /// the kernel zeroes) gigabytes of activations. One arena, blocks up to 32 MiB kept on the heap
 /// and freed memory not returned to the system below 2 GiB make an iteration reuse the last
 /// one's memory: on libtorch CPU, system time fell from 12–16 s to 4.5 s over 5 TAFS-GRPO
-/// iterations (BENCHMARKS.md, "Session 3: the update's memory and glibc's malloc"). Skipped when the user set `GLIBC_TUNABLES`
-/// or `MALLOC_ARENA_MAX` (theirs wins) or `FLOWRUN_DEFAULT_MALLOC` is set.
+/// iterations (BENCHMARKS.md, "Session 3: the update's memory and glibc's malloc"). Skipped
+/// when the user set `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (theirs wins) or
+/// `FLOWRUN_DEFAULT_MALLOC` is set.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

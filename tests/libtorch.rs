@@ -101,8 +101,30 @@ fn should_give_the_same_velocity_on_flex_and_libtorch() {
     }
 }
 
+/// Fused vs burn: the same gradient (both present, or both absent), within 1e-4 relative.
+fn assert_same_gradient<const D: usize>(
+    what: &str,
+    fused: Option<Tensor<D>>,
+    burn: Option<Tensor<D>>,
+) {
+    match (fused, burn) {
+        (Some(a), Some(b)) => {
+            assert_eq!(a.dims(), b.dims(), "{what}: gradient shape");
+            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
+            assert!(d < 1e-4, "{what}: gradients differ by {d:e} (relative)");
+        }
+        (None, None) => {}
+        (a, b) => panic!(
+            "{what}: gradient present for fused: {}, for burn: {}",
+            a.is_some(),
+            b.is_some()
+        ),
+    }
+}
+
 /// `fused::conv2d` on libtorch back-propagates through libtorch's own convolution backward;
-/// its gradients must match burn's generic `Conv2d` backward on the same device.
+/// outputs and gradients (input, weight, bias) must match burn's `Conv2d`, whether or not the
+/// input is tracked.
 #[test]
 #[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
@@ -112,14 +134,22 @@ fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
     use nodes::model::fused;
 
     let dev = Device::libtorch().autodiff();
-    for (k, pad, c_in, c_out, hw) in [(3, 1, 8, 16, 12), (1, 0, 16, 8, 6), (3, 1, 3, 8, 8)] {
+    let cases = [
+        (3, 1, 8, 16, 12, true),
+        (1, 0, 16, 8, 6, true),
+        (3, 1, 3, 8, 8, true),
+        (3, 1, 4, 6, 7, false),
+    ];
+    for (k, pad, c_in, c_out, hw, track_x) in cases {
         let mut cfg = Conv2dConfig::new([c_in, c_out], [k, k]);
         if pad > 0 {
             cfg = cfg.with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad));
         }
         let conv = cfg.init(&dev);
-        let x = Tensor::<4>::random([5, c_in, hw, hw], Distribution::Normal(0.0, 1.0), &dev)
-            .require_grad();
+        let mut x = Tensor::<4>::random([5, c_in, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
+        if track_x {
+            x = x.require_grad();
+        }
         let r = Tensor::<4>::random([5, c_out, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
 
         let y_fused = fused::conv2d(&conv, x.clone());
@@ -129,35 +159,15 @@ fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
 
         let g_fused = (y_fused * r.clone()).sum().backward();
         let g_burn = (y_burn * r).sum().backward();
-        for (what, a, b) in [
-            ("x", x.grad(&g_fused), x.grad(&g_burn)),
-            (
-                "weight",
-                conv.weight.grad(&g_fused),
-                conv.weight.grad(&g_burn),
-            ),
-            (
-                "bias",
-                conv.bias
-                    .as_ref()
-                    .unwrap()
-                    .grad(&g_fused)
-                    .map(|t| t.unsqueeze::<4>()),
-                conv.bias
-                    .as_ref()
-                    .unwrap()
-                    .grad(&g_burn)
-                    .map(|t| t.unsqueeze::<4>()),
-            ),
-        ] {
-            let (a, b) = (a.expect("fused gradient"), b.expect("burn gradient"));
-            assert_eq!(a.dims(), b.dims(), "k={k}: {what} gradient shape");
-            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
-            assert!(
-                d < 1e-4,
-                "k={k}: {what} gradients differ by {d:e} (relative)"
-            );
-        }
+        let bias = conv.bias.as_ref().unwrap();
+        assert_same_gradient(&format!("k={k} x"), x.grad(&g_fused), x.grad(&g_burn));
+        assert_eq!(x.grad(&g_fused).is_some(), track_x, "k={k}: x gradient");
+        let (gw_fused, gw_burn) = (conv.weight.grad(&g_fused), conv.weight.grad(&g_burn));
+        assert!(gw_fused.is_some(), "k={k}: no weight gradient");
+        assert_same_gradient(&format!("k={k} weight"), gw_fused, gw_burn);
+        let (gb_fused, gb_burn) = (bias.grad(&g_fused), bias.grad(&g_burn));
+        assert!(gb_fused.is_some(), "k={k}: no bias gradient");
+        assert_same_gradient(&format!("k={k} bias"), gb_fused, gb_burn);
     }
 }
 
@@ -178,8 +188,9 @@ fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
         (4, 16, 6, true, true),
         (8, 32, 4, false, true),
         (2, 6, 5, true, true),
+        (4, 8, 5, false, false),
     ];
-    for (groups, c, hw, with_silu, affine) in cases.into_iter().chain([(4, 8, 5, false, false)]) {
+    for (groups, c, hw, with_silu, affine) in cases {
         let mut gn = GroupNormConfig::new(groups, c)
             .with_affine(affine)
             .init(&dev);
@@ -204,37 +215,16 @@ fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
 
         let g_fused = (y_fused * r.clone()).sum().backward();
         let g_burn = (y_burn * r).sum().backward();
-        if !affine {
-            let (a, b) = (x.grad(&g_fused).unwrap(), x.grad(&g_burn).unwrap());
-            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
-            assert!(
-                d < 1e-4,
-                "non-affine: x gradients differ by {d:e} (relative)"
-            );
-            continue;
-        }
-        let gamma = gn.gamma.as_ref().unwrap();
-        let beta = gn.beta.as_ref().unwrap();
-        for (what, a, b) in [
-            ("x", x.grad(&g_fused), x.grad(&g_burn)),
-            (
-                "gamma",
-                gamma.grad(&g_fused).map(|t| t.unsqueeze::<4>()),
-                gamma.grad(&g_burn).map(|t| t.unsqueeze::<4>()),
-            ),
-            (
-                "beta",
-                beta.grad(&g_fused).map(|t| t.unsqueeze::<4>()),
-                beta.grad(&g_burn).map(|t| t.unsqueeze::<4>()),
-            ),
-        ] {
-            let (a, b) = (a.expect("fused gradient"), b.expect("burn gradient"));
-            assert_eq!(a.dims(), b.dims(), "c={c}: {what} gradient shape");
-            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
-            assert!(
-                d < 1e-4,
-                "c={c}: {what} gradients differ by {d:e} (relative)"
-            );
+        let gx_fused = x.grad(&g_fused);
+        assert!(gx_fused.is_some(), "c={c}: no x gradient");
+        assert_same_gradient(&format!("c={c} x"), gx_fused, x.grad(&g_burn));
+        for (what, p) in [("gamma", &gn.gamma), ("beta", &gn.beta)] {
+            assert_eq!(p.is_some(), affine, "c={c}: {what}");
+            if let Some(p) = p {
+                let g = p.grad(&g_fused);
+                assert!(g.is_some(), "c={c}: no {what} gradient");
+                assert_same_gradient(&format!("c={c} {what}"), g, p.grad(&g_burn));
+            }
         }
     }
 }

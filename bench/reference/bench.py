@@ -18,6 +18,11 @@ directory and reads `iter_s`, `time/predict@*` and `time/update` from its metric
 
     python bench/reference/bench.py --repeats 2 \
         --flowrun target/release/flowrun:flex --flowrun target/tch/release/flowrun:libtorch
+
+The machine's speed drifts over minutes, so one flowrun run against one reference run is a noisy
+ratio. `--rounds R` alternates them R times (flowrun's runs, then `repeats` reference
+iterations, in each round; the reference warms up once) and reports each round's ratio and
+their median, min and max: the figure to quote.
 """
 
 import argparse
@@ -78,24 +83,14 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--prompts-per-iter", type=int, default=8,
                     help="P (batch = P x group size 8) for both peers; the pipeline's own default is 32")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="alternate flowrun and the reference this many times (paired ratios)")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     ap.add_argument("--flowrun", action="append", default=[], metavar="BIN:DEVICE",
                     help="also time flowrun's pipeline with this binary on this device")
     args = ap.parse_args()
-    peers = []
-    for spec in args.flowrun:
-        r = time_flowrun(spec, 1 + args.repeats, args.prompts_per_iter)
-        peers.append(r)
-        if not args.json:
-            if "error" in r:
-                print(f"flowrun {spec}: failed: {r['error']}")
-            else:
-                print(f"flowrun {spec}: median {r['median_s']:.3f} s over {r['iterations']} "
-                      f"(first {r['first_s']:.3f} s; sampling {r['rollout_s']:.3f} s, update "
-                      f"{r['update_s']:.3f} s)", flush=True)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-
     model = flowref.load_checkpoint(args.checkpoint)
     grpo = flowref.TafsGrpo(model, hp=dict(prompts_per_iter=args.prompts_per_iter))
     hp = grpo.hp
@@ -103,43 +98,73 @@ def main():
     tokens, groups = flowref.prompt_batch(prompts, hp["group_size"])
     gen = torch.Generator().manual_seed(0)
 
-    times, splits = [], []
-    for i in range(args.warmup + args.repeats):
-        t0 = time.perf_counter()
-        b = tokens.shape[0]
-        noise = torch.randn(b, 3, 32, 32, generator=gen)
-        eps = [torch.randn(b, 3, 32, 32, generator=gen) for _ in hp["t"][:-1]]
-        transitions, rewards = grpo.rollout(tokens, groups, noise, eps)
-        adv = flowref.step_advantages(rewards, groups, hp["mode"], hp["lam"], eps=hp["adv_eps"])
-        t1 = time.perf_counter()
-        loss, grad_norm = grpo.update(tokens, transitions, adv)
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            times.append(t2 - t0)
-            splits.append((t1 - t0, t2 - t1))
+    def reference(iterations, warmup):
+        """`warmup` + `iterations` reference iterations: their times and rollout/update splits."""
+        times, splits = [], []
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            b = tokens.shape[0]
+            noise = torch.randn(b, 3, 32, 32, generator=gen)
+            eps = [torch.randn(b, 3, 32, 32, generator=gen) for _ in hp["t"][:-1]]
+            transitions, rewards = grpo.rollout(tokens, groups, noise, eps)
+            adv = flowref.step_advantages(rewards, groups, hp["mode"], hp["lam"], eps=hp["adv_eps"])
+            t1 = time.perf_counter()
+            loss, grad_norm = grpo.update(tokens, transitions, adv)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                times.append(t2 - t0)
+                splits.append((t1 - t0, t2 - t1))
+            if not args.json:
+                print(f"iteration {i + 1}{' (warm-up)' if i < warmup else ''}: "
+                      f"{t2 - t0:.3f} s (rollout {t1 - t0:.3f} s, update {t2 - t1:.3f} s), "
+                      f"loss {loss:.3e}, grad norm {grad_norm:.4f}", flush=True)
+        med = statistics.median(times)
+        rollout, update = splits[min(range(len(times)), key=lambda j: abs(times[j] - med))]
+        return dict(median_s=med, min_s=min(times), max_s=max(times), repeats=len(times),
+                    rollout_s=rollout, update_s=update)
+
+    rounds = []
+    for rnd in range(args.rounds):
+        peers = []
+        for spec in args.flowrun:
+            r = time_flowrun(spec, 1 + args.repeats, args.prompts_per_iter)
+            peers.append(r)
+            if not args.json:
+                if "error" in r:
+                    print(f"flowrun {spec}: failed: {r['error']}")
+                else:
+                    print(f"flowrun {spec}: median {r['median_s']:.3f} s over {r['iterations']} "
+                          f"(first {r['first_s']:.3f} s; sampling {r['rollout_s']:.3f} s, update "
+                          f"{r['update_s']:.3f} s)", flush=True)
+        ref = reference(args.repeats, args.warmup if rnd == 0 else 0)
+        rounds.append(dict(reference=ref, flowrun=peers))
         if not args.json:
-            print(f"iteration {i + 1}{' (warm-up)' if i < args.warmup else ''}: "
-                  f"{t2 - t0:.3f} s (rollout {t1 - t0:.3f} s, update {t2 - t1:.3f} s), "
-                  f"loss {loss:.3e}, grad norm {grad_norm:.4f}", flush=True)
-    med = statistics.median(times)
-    rollout, update = splits[min(range(len(times)), key=lambda j: abs(times[j] - med))]
-    result = dict(median_s=med, min_s=min(times), max_s=max(times), repeats=len(times),
-                  rollout_s=rollout, update_s=update, threads=torch.get_num_threads(),
-                  torch=torch.__version__, batch=int(tokens.shape[0]), steps=len(hp["t"]))
-    result["flowrun"] = peers
+            print(f"reference TAFS-GRPO iteration (B = {tokens.shape[0]}, K = {len(hp['t'])}, "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} threads): median "
+                  f"{ref['median_s']:.3f} s, min {ref['min_s']:.3f} s, max {ref['max_s']:.3f} s over "
+                  f"{ref['repeats']} (rollout {ref['rollout_s']:.3f} s + update {ref['update_s']:.3f} s)")
+            for r in peers:
+                if "error" not in r:
+                    print(f"reference / flowrun {r['spec']}: {ref['median_s'] / r['median_s']:.2f}× the "
+                          f"time (sampling {ref['rollout_s'] / r['rollout_s']:.2f}×, update "
+                          f"{ref['update_s'] / r['update_s']:.2f}×)", flush=True)
+    result = dict(rounds[-1]["reference"], threads=torch.get_num_threads(), torch=torch.__version__,
+                  batch=int(tokens.shape[0]), steps=len(hp["t"]), flowrun=rounds[-1]["flowrun"],
+                  rounds=rounds)
+    summary = {}
+    for j, spec in enumerate(args.flowrun):
+        ratios = sorted(rd["flowrun"][j]["median_s"] / rd["reference"]["median_s"]
+                        for rd in rounds if "error" not in rd["flowrun"][j])
+        if ratios:
+            summary[spec] = dict(median=statistics.median(ratios), min=ratios[0], max=ratios[-1],
+                                 rounds=len(ratios))
+    result["flowrun_over_reference"] = summary
     if args.json:
         print(json.dumps(result))
-    else:
-        print(f"reference TAFS-GRPO iteration (B = {result['batch']}, K = {result['steps']}, "
-              f"torch {torch.__version__}, {result['threads']} threads): median "
-              f"{med:.3f} s, min {min(times):.3f} s, max {max(times):.3f} s over "
-              f"{len(times)} (rollout {rollout:.3f} s + update {update:.3f} s)")
-        for r in peers:
-            if "error" not in r:
-                print(f"reference / flowrun {r['spec']}: {med / r['median_s']:.2f}× the time "
-                      f"(sampling {rollout / r['rollout_s']:.2f}×, update "
-                      f"{update / r['update_s']:.2f}×)")
-
+    elif args.rounds > 1:
+        for spec, r in summary.items():
+            print(f"flowrun {spec} / reference, paired over {r['rounds']} rounds: median "
+                  f"{r['median']:.3f}× (min {r['min']:.3f}×, max {r['max']:.3f}×)")
 
 if __name__ == "__main__":
     main()

@@ -1,19 +1,22 @@
-//! Convolution and GroupNorm (+ SiLU) with libtorch's own backward passes.
+//! Convolution, GroupNorm (+ SiLU) and attention with libtorch's own kernels and backward passes.
 //!
 //! burn 0.22 differentiates `conv2d` generically: the input gradient is a transposed
 //! convolution and the weight gradient is a convolution whose "kernel" is the whole output
 //! gradient (batch and channels swapped). libtorch (burn-tch) does not override those two
 //! methods, so under autodiff a 3×3 convolution at 32×32 costs about twice what PyTorch's own
 //! `convolution_backward` (oneDNN) does; and burn composes GroupNorm and SiLU from a dozen
-//! primitive ops, about 2.5× PyTorch's fused kernels (BENCHMARKS.md, "Session 3" and "Session 4").
+//! primitive ops, about 2.5× PyTorch's fused kernels, also without autodiff (BENCHMARKS.md,
+//! "Session 3" and "Session 4"); differentiable attention is matmul + softmax + matmul, where
+//! PyTorch has one `scaled_dot_product_attention` kernel and its backward.
 //!
-//! [`conv2d`] and [`group_norm`] therefore go through a burn *backend extension* on a libtorch
-//! autodiff device: the forward runs the op in libtorch with its inputs as fresh libtorch leaves
-//! (sharing burn's storage) and records libtorch's own autograd graph of that one op; burn's
-//! backward then asks libtorch for the vector-Jacobian product through that graph (oneDNN
-//! `convolution_backward`, `native_group_norm_backward`, `silu_backward`). On every other
-//! device — flex, or libtorch without autodiff — they are exactly `Conv2d::forward` and
-//! `GroupNorm::forward` (+ burn's `silu`).
+//! [`conv2d`], [`group_norm`] and [`attention`] therefore go through a burn *backend extension*
+//! on libtorch: without autodiff they simply call libtorch's kernel; under autodiff the forward
+//! runs the op in libtorch with its inputs as fresh libtorch leaves (sharing burn's storage) and
+//! records libtorch's own autograd graph of that one op, and burn's backward then asks libtorch
+//! for the vector-Jacobian product through that graph (oneDNN `convolution_backward`,
+//! `native_group_norm_backward`, `silu_backward`, the attention kernel's own backward). On every
+//! other device (flex) they are exactly `Conv2d::forward`, `GroupNorm::forward` (+ burn's
+//! `silu`) and burn's `attention` / matmul + softmax.
 //!
 //! `FLOWRUN_FUSED_OPS=0` in the environment turns the libtorch path off (for A/B timing).
 
@@ -85,6 +88,30 @@ pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
     }
 }
 
+/// `softmax(q kᵀ / √dh + bias) v` with libtorch's `scaled_dot_product_attention` (and its
+/// backward) on libtorch; `None` elsewhere, where the caller uses burn's ops.
+///
+/// q: [B, H, Lq, dh], k/v: [B, H, Lk, dh], bias: [B, 1, 1, Lk] (broadcast over heads and
+/// queries; never differentiated) → [B, H, Lq, dh]
+#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
+pub fn attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    bias: &Tensor<4>,
+) -> Option<Tensor<4>> {
+    #[cfg(feature = "tch")]
+    if native::applies(q) {
+        return Some(native::attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+        ));
+    }
+    None
+}
+
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 mod native {
@@ -98,12 +125,13 @@ mod native {
     use burn::tensor::Tensor;
 
     /// Whether the libtorch path applies to `x`: enabled, and `x` lives on libtorch (CPU or
-    /// CUDA) under autodiff.
+    /// CUDA), with or without autodiff.
     pub(super) fn applies(x: &Tensor<4>) -> bool {
-        let device = x.device();
         super::native_ops_enabled()
-            && device.is_autodiff()
-            && matches!(device.inner().as_dispatch(), DispatchDevice::LibTorch(_))
+            && matches!(
+                x.device().inner().as_dispatch(),
+                DispatchDevice::LibTorch(_)
+            )
     }
 
     pub(super) fn conv2d(
@@ -138,6 +166,20 @@ mod native {
         ))
     }
 
+    pub(super) fn attention(
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        bias: Tensor<4>,
+    ) -> Tensor<4> {
+        Tensor::from_dispatch(<Dispatch as NativeOps>::native_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            bias.into_dispatch(),
+        ))
+    }
+
     /// Ops that run in libtorch and differentiate through libtorch's own autograd.
     #[backend_extension(LibTorch, Autodiff)]
     pub trait NativeOps: Backend {
@@ -158,6 +200,14 @@ mod native {
             eps: f64,
             silu: bool,
         ) -> FloatTensor<Self>;
+
+        /// q: [B, H, Lq, dh], k/v: [B, H, Lk, dh], bias: [B, 1, 1, Lk] → [B, H, Lq, dh]
+        fn native_attention(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+        ) -> FloatTensor<Self>;
     }
 
     fn conv_forward([x, weight, bias]: [&tch::Tensor; 3], padding: usize) -> tch::Tensor {
@@ -173,6 +223,11 @@ mod native {
     ) -> tch::Tensor {
         let y = x.group_norm(groups as i64, Some(gamma), Some(beta), eps, false);
         if silu { y.silu() } else { y }
+    }
+
+    fn attention_forward([q, k, v, bias]: [&tch::Tensor; 4]) -> tch::Tensor {
+        // Scale 1/√dh (the default); the bias broadcasts over heads and queries.
+        tch::Tensor::scaled_dot_product_attention(q, k, v, Some(bias), 0.0, false, None, false)
     }
 
     impl NativeOps for LibTorch {
@@ -191,6 +246,20 @@ mod native {
             let t = [&x.tensor, &gamma.tensor, &beta.tensor];
             TchTensor::new(norm_forward(t, groups, eps, silu))
         }
+
+        fn native_attention(
+            q: TchTensor,
+            k: TchTensor,
+            v: TchTensor,
+            bias: TchTensor,
+        ) -> TchTensor {
+            TchTensor::new(attention_forward([
+                &q.tensor,
+                &k.tensor,
+                &v.tensor,
+                &bias.tensor,
+            ]))
+        }
     }
 
     impl<C: CheckpointStrategy> NativeOps for Autodiff<LibTorch, C> {
@@ -200,7 +269,7 @@ mod native {
             bias: FloatTensor<Self>,
             padding: usize,
         ) -> FloatTensor<Self> {
-            record::<C>([x, weight, bias], |t| conv_forward(t, padding))
+            record::<C, 3>([x, weight, bias], |t| conv_forward(t, padding))
         }
 
         fn native_group_norm(
@@ -211,24 +280,34 @@ mod native {
             eps: f64,
             silu: bool,
         ) -> FloatTensor<Self> {
-            record::<C>([x, gamma, beta], |t| norm_forward(t, groups, eps, silu))
+            record::<C, 3>([x, gamma, beta], |t| norm_forward(t, groups, eps, silu))
+        }
+
+        fn native_attention(
+            q: FloatTensor<Self>,
+            k: FloatTensor<Self>,
+            v: FloatTensor<Self>,
+            bias: FloatTensor<Self>,
+        ) -> FloatTensor<Self> {
+            record::<C, 4>([q, k, v, bias], attention_forward)
         }
     }
 
     /// The output with libtorch's graph, and the libtorch leaf of each input that needs a
     /// gradient (`None`: untracked).
-    type Recording = (TchTensor, [Option<TchTensor>; 3]);
+    type Recording<const N: usize> = (TchTensor, [Option<TchTensor>; N]);
 
-    /// Backward of an op recorded by [`record`]: one libtorch vector-Jacobian product.
+    /// Backward of an op of `N` inputs recorded by [`record`]: one libtorch vector-Jacobian
+    /// product.
     #[derive(Debug)]
-    struct Recorded;
+    struct Recorded<const N: usize>;
 
-    impl Backward<LibTorch, 3> for Recorded {
-        type State = Recording;
+    impl<const N: usize> Backward<LibTorch, N> for Recorded<N> {
+        type State = Recording<N>;
 
         fn backward(
             self,
-            ops: Ops<Self::State, 3>,
+            ops: Ops<Self::State, N>,
             grads: &mut Gradients,
             _checkpointer: &mut Checkpointer,
         ) {
@@ -250,18 +329,18 @@ mod native {
         }
     }
 
-    /// Runs `op` in libtorch on the three inputs; when any is tracked, records libtorch's graph
+    /// Runs `op` in libtorch on the `N` inputs; when any is tracked, records libtorch's graph
     /// of it (inputs as leaves sharing burn's storage, and burn's storage count, so burn-tch
     /// never writes in place into a tensor the graph still reads) for [`Recorded`].
-    fn record<C: CheckpointStrategy>(
-        inputs: [FloatTensor<Autodiff<LibTorch, C>>; 3],
-        op: impl FnOnce([&tch::Tensor; 3]) -> tch::Tensor,
+    fn record<C: CheckpointStrategy, const N: usize>(
+        inputs: [FloatTensor<Autodiff<LibTorch, C>>; N],
+        op: impl FnOnce([&tch::Tensor; N]) -> tch::Tensor,
     ) -> FloatTensor<Autodiff<LibTorch, C>> {
         let tracked = inputs.each_ref().map(|t| t.is_tracked());
         let nodes = inputs.each_ref().map(|t| t.node());
-        match Recorded.prepare::<C>(nodes).compute_bound().stateful() {
+        match Recorded::<N>.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let leaves: [TchTensor; 3] = std::array::from_fn(|i| {
+                let leaves: [TchTensor; N] = std::array::from_fn(|i| {
                     let t = inputs[i].primitive();
                     let leaf = t.tensor.detach().set_requires_grad(tracked[i]);
                     TchTensor::from_existing(leaf, t.storage.clone())

@@ -62,14 +62,17 @@ pub(crate) fn num_groups(groups: usize, channels: usize) -> usize {
 
 /// Multi-head scaled dot-product attention with an additive key bias.
 ///
-/// Without autodiff this uses the backend's fused attention kernel (flex: gemm-based
-/// naive/flash attention); with autodiff it is composed from matmul + softmax so that it
-/// is differentiable. Both compute the same function.
+/// On libtorch this is libtorch's `scaled_dot_product_attention` and its backward
+/// ([`fused::attention`]). Elsewhere, without autodiff it uses the backend's fused attention
+/// kernel (flex: gemm-based naive/flash attention); with autodiff it is composed from matmul +
+/// softmax so that it is differentiable. All compute the same function.
 ///
 /// q: [B, H, Lq, dh], k/v: [B, H, Lk, dh], key_bias: [B, 1, 1, Lk] (0 or MASK_LOGIT)
 /// → [B, H, Lq, dh]
 pub(crate) fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, key_bias: Tensor<4>) -> Tensor<4> {
-    if q.is_autodiff() {
+    if let Some(y) = fused::attention(&q, &k, &v, &key_bias) {
+        y
+    } else if q.is_autodiff() {
         attend_composed(q, k, v, key_bias)
     } else {
         let [b, _, lq, _] = q.dims();

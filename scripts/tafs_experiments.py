@@ -137,6 +137,21 @@ def reward_key(rows):
     return max(keys, key=lambda k: int(k.split("@")[1].split("/")[0]) if "@" in k else 0)
 
 
+def training_reward(runs, last=10):
+    """(reward of the 2nd step's x̂0, of the last step's) averaged over the last `last` updates
+    of the newest run under `runs` (the policy's own samples on training prompts: `last` x 256
+    samples, a finer measure than the evaluation's 600 prompts); None without a run."""
+    runs = Path(runs)
+    dirs = sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []
+    if not dirs or not (dirs[-1] / "metrics.jsonl").is_file():
+        return None
+    rows = metrics(dirs[-1])[-last:]
+    if not rows or "score@2/reward_mean" not in rows[0]:
+        return None
+    return (statistics.mean(r["score@2/reward_mean"] for r in rows),
+            statistics.mean(r[reward_key(rows)] for r in rows))
+
+
 def fmt(acc, cat, k):
     c, n = acc.get((cat, k), (0, 0))
     return f"{100 * c / max(n, 1):.1f}%"
@@ -246,8 +261,9 @@ def cmd_ablation(a):
                      "acc4_heldin": frac(acc, "all", 4), "acc4_heldout": frac(acc, "heldout", 4)}
                 results.append(r)
                 append_csv(res_csv, r)
-    lines = ["| mode | τ schedule | seeds | 2-step acc. held-in (mean ± sd) | 4-step held-in | 4-step held-out | last reward |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mode | τ schedule | seeds | 2-step acc. held-in (mean ± sd) | 4-step held-in | 4-step held-out | last reward "
+             "| training reward x̂0₂ / x̂0_K, last 10 updates |",
+             "|---|---|---|---|---|---|---|---|"]
     cells = []
     for r in results:  # every cell on record, this invocation's and earlier ones'
         if (r["mode"], r["tau"]) not in cells:
@@ -260,9 +276,20 @@ def cmd_ablation(a):
                 return "–"
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             return f"{100 * statistics.mean(v):.1f} ± {100 * sd:.1f}%"
+        if mode == "base":
+            lines.append(f"| base (no RL) | – | – | {ms('acc2_heldin')} | {ms('acc4_heldin')} | "
+                         f"{ms('acc4_heldout')} | – | – |")
+            continue
         rew = statistics.mean(float(r["final_reward_last"]) for r in cell)
+        train = [training_reward(Path(a.runs_dir) / f"{mode}-{tau}-s{r['seed']}") for r in cell]
+        train = [t for t in train if t]
+        if train:
+            tr = (f"{statistics.mean(t[0] for t in train):.3f} / "
+                  f"{statistics.mean(t[1] for t in train):.3f}")
+        else:
+            tr = "–"
         lines.append(f"| {mode} | {tau} | {len(cell)} | {ms('acc2_heldin')} | {ms('acc4_heldin')} | "
-                     f"{ms('acc4_heldout')} | {rew:.3f} |")
+                     f"{ms('acc4_heldout')} | {rew:.3f} | {tr} |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

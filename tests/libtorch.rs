@@ -307,3 +307,60 @@ fn should_match_burns_attention_with_libtorchs_kernel() {
         }
     }
 }
+
+#[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
+fn should_match_burns_group_norm_film_silu_with_libtorchs_kernels() {
+    use burn::module::Param;
+    use burn::nn::GroupNormConfig;
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::silu;
+    use nodes::model::fused;
+
+    let dev = Device::libtorch().autodiff();
+    let (b, groups, c, hw) = (3, 4, 16, 6);
+    let mut gn = GroupNormConfig::new(groups, c).init(&dev);
+    let rand = |d| Tensor::<1>::random([c], d, &dev);
+    gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
+    gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
+    let normal =
+        |shape: [usize; 4], s| Tensor::<4>::random(shape, Distribution::Normal(0.0, s), &dev);
+    let x = (normal([b, c, hw, hw], 2.0) + 1.0).require_grad();
+    let scale = normal([b, c, 1, 1], 0.5).require_grad();
+    let shift = normal([b, c, 1, 1], 0.5).require_grad();
+    let r = normal([b, c, hw, hw], 1.0);
+    let burn_film = |gn: &burn::nn::GroupNorm, x, scale: Tensor<4>, shift| {
+        silu(gn.forward(x) * scale.add_scalar(1.0) + shift)
+    };
+
+    let y_fused = fused::group_norm_film_silu(&gn, x.clone(), scale.clone(), shift.clone());
+    let y_burn = burn_film(&gn, x.clone(), scale.clone(), shift.clone());
+    let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
+    assert!(dy < 1e-5, "outputs differ by {dy:e} (relative)");
+
+    // Without autodiff (sampling) the same libtorch kernels run.
+    let gn_inner = gn.valid();
+    let (xi, si, hi) = (
+        x.clone().inner(),
+        scale.clone().inner(),
+        shift.clone().inner(),
+    );
+    let y_inner = fused::group_norm_film_silu(&gn_inner, xi.clone(), si.clone(), hi.clone());
+    let y_ref = burn_film(&gn_inner, xi, si, hi);
+    let d = max_rel_diff(&to_vec(&y_inner).unwrap(), &to_vec(&y_ref).unwrap());
+    assert!(d < 1e-5, "outputs without autodiff differ by {d:e}");
+
+    let g_fused = (y_fused * r.clone()).sum().backward();
+    let g_burn = (y_burn * r).sum().backward();
+    for (what, t) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
+        let g = t.grad(&g_fused);
+        assert!(g.is_some(), "no {what} gradient");
+        assert_same_gradient(what, g, t.grad(&g_burn));
+    }
+    for (what, p) in [("gamma", &gn.gamma), ("beta", &gn.beta)] {
+        let p = p.as_ref().unwrap();
+        let g = p.grad(&g_fused);
+        assert!(g.is_some(), "no {what} gradient");
+        assert_same_gradient(what, g, p.grad(&g_burn));
+    }
+}

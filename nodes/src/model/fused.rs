@@ -1,4 +1,5 @@
-//! Convolution, GroupNorm (+ SiLU) and attention with libtorch's own kernels and backward passes.
+//! Convolution, GroupNorm (+ FiLM, SiLU) and attention with libtorch's own kernels and backward
+//! passes.
 //!
 //! burn 0.22 differentiates `conv2d` generically: the input gradient is a transposed
 //! convolution and the weight gradient is a convolution whose "kernel" is the whole output
@@ -9,7 +10,7 @@
 //! "Session 3" and "Session 4"); differentiable attention is matmul + softmax + matmul, where
 //! PyTorch has one `scaled_dot_product_attention` kernel and its backward.
 //!
-//! [`conv2d`], [`group_norm`] and [`attention`] therefore go through a burn *backend extension*
+//! [`conv2d`], [`group_norm`], [`group_norm_film_silu`] and [`attention`] therefore go through a burn *backend extension*
 //! on libtorch: without autodiff they simply call libtorch's kernel; under autodiff the forward
 //! runs the op in libtorch with its inputs as fresh libtorch leaves (sharing burn's storage) and
 //! records libtorch's own autograd graph of that one op, and burn's backward then asks libtorch
@@ -67,17 +68,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
 pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
     #[cfg(feature = "tch")]
     if native::applies(&x) {
-        // A non-affine GroupNorm is the affine one with constant (untracked) gamma = 1, beta = 0.
-        let (gamma, beta) = match (&gn.gamma, &gn.beta) {
-            (Some(g), Some(b)) => (g.val(), b.val()),
-            _ => {
-                let c = gn.num_channels;
-                (
-                    Tensor::ones([c], &x.device()),
-                    Tensor::zeros([c], &x.device()),
-                )
-            }
-        };
+        let (gamma, beta) = affine(gn, &x);
         return native::group_norm(x, gamma, beta, gn.num_groups, gn.epsilon, silu);
     }
     let y = gn.forward(x);
@@ -85,6 +76,40 @@ pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
         burn::tensor::activation::silu(y)
     } else {
         y
+    }
+}
+
+/// `silu(gn(x) · (1 + scale) + shift)`: the GroupNorm, FiLM modulation and SiLU of a residual
+/// block, as one libtorch graph (its kernels and their backward) on libtorch.
+///
+/// x: [B, C, H, W], scale/shift: [B, C, 1, 1] → [B, C, H, W]
+pub fn group_norm_film_silu(
+    gn: &GroupNorm,
+    x: Tensor<4>,
+    scale: Tensor<4>,
+    shift: Tensor<4>,
+) -> Tensor<4> {
+    #[cfg(feature = "tch")]
+    if native::applies(&x) {
+        let (gamma, beta) = affine(gn, &x);
+        return native::group_norm_film(x, gamma, beta, scale, shift, gn.num_groups, gn.epsilon);
+    }
+    burn::tensor::activation::silu(gn.forward(x) * scale.add_scalar(1.0) + shift)
+}
+
+/// A GroupNorm's gamma and beta; a non-affine GroupNorm is the affine one with constant
+/// (untracked) gamma = 1, beta = 0.
+#[cfg(feature = "tch")]
+fn affine(gn: &GroupNorm, x: &Tensor<4>) -> (Tensor<1>, Tensor<1>) {
+    match (&gn.gamma, &gn.beta) {
+        (Some(g), Some(b)) => (g.val(), b.val()),
+        _ => {
+            let c = gn.num_channels;
+            (
+                Tensor::ones([c], &x.device()),
+                Tensor::zeros([c], &x.device()),
+            )
+        }
     }
 }
 
@@ -166,6 +191,26 @@ mod native {
         ))
     }
 
+    pub(super) fn group_norm_film(
+        x: Tensor<4>,
+        gamma: Tensor<1>,
+        beta: Tensor<1>,
+        scale: Tensor<4>,
+        shift: Tensor<4>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<4> {
+        Tensor::from_dispatch(<Dispatch as NativeOps>::native_group_norm_film(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            scale.into_dispatch(),
+            shift.into_dispatch(),
+            groups,
+            eps,
+        ))
+    }
+
     pub(super) fn attention(
         q: Tensor<4>,
         k: Tensor<4>,
@@ -201,6 +246,18 @@ mod native {
             silu: bool,
         ) -> FloatTensor<Self>;
 
+        /// silu(group_norm(x) · (1 + scale) + shift). x: [B, C, H, W], gamma, beta: [C],
+        /// scale, shift: [B, C, 1, 1] → [B, C, H, W]
+        fn native_group_norm_film(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            scale: FloatTensor<Self>,
+            shift: FloatTensor<Self>,
+            groups: usize,
+            eps: f64,
+        ) -> FloatTensor<Self>;
+
         /// q: [B, H, Lq, dh], k/v: [B, H, Lk, dh], bias: [B, 1, 1, Lk] → [B, H, Lq, dh]
         fn native_attention(
             q: FloatTensor<Self>,
@@ -225,6 +282,15 @@ mod native {
         if silu { y.silu() } else { y }
     }
 
+    fn film_forward(
+        [x, gamma, beta, scale, shift]: [&tch::Tensor; 5],
+        groups: usize,
+        eps: f64,
+    ) -> tch::Tensor {
+        let y = x.group_norm(groups as i64, Some(gamma), Some(beta), eps, false);
+        (y * (scale + 1.0) + shift).silu()
+    }
+
     fn attention_forward([q, k, v, bias]: [&tch::Tensor; 4]) -> tch::Tensor {
         // Scale 1/√dh (the default); the bias broadcasts over heads and queries.
         tch::Tensor::scaled_dot_product_attention(q, k, v, Some(bias), 0.0, false, None, false)
@@ -245,6 +311,25 @@ mod native {
         ) -> TchTensor {
             let t = [&x.tensor, &gamma.tensor, &beta.tensor];
             TchTensor::new(norm_forward(t, groups, eps, silu))
+        }
+
+        fn native_group_norm_film(
+            x: TchTensor,
+            gamma: TchTensor,
+            beta: TchTensor,
+            scale: TchTensor,
+            shift: TchTensor,
+            groups: usize,
+            eps: f64,
+        ) -> TchTensor {
+            let t = [
+                &x.tensor,
+                &gamma.tensor,
+                &beta.tensor,
+                &scale.tensor,
+                &shift.tensor,
+            ];
+            TchTensor::new(film_forward(t, groups, eps))
         }
 
         fn native_attention(
@@ -281,6 +366,20 @@ mod native {
             silu: bool,
         ) -> FloatTensor<Self> {
             record::<C, 3>([x, gamma, beta], |t| norm_forward(t, groups, eps, silu))
+        }
+
+        fn native_group_norm_film(
+            x: FloatTensor<Self>,
+            gamma: FloatTensor<Self>,
+            beta: FloatTensor<Self>,
+            scale: FloatTensor<Self>,
+            shift: FloatTensor<Self>,
+            groups: usize,
+            eps: f64,
+        ) -> FloatTensor<Self> {
+            record::<C, 5>([x, gamma, beta, scale, shift], |t| {
+                film_forward(t, groups, eps)
+            })
         }
 
         fn native_attention(

@@ -10,7 +10,7 @@ use burn::nn::{
     Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, Initializer, LayerNorm,
     LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::fused::{self, conv2d};
@@ -300,8 +300,8 @@ impl ResBlock {
         let ss = self.film.forward(cond_act).reshape([b, 2 * c, 1, 1]);
         let scale = ss.clone().slice_dim(1, 0..c);
         let shift = ss.slice_dim(1, c..2 * c);
-        let h = fused::group_norm(&self.norm2, h, false) * (scale.add_scalar(1.0)) + shift;
-        let h = conv2d(&self.conv2, silu(h));
+        let h = fused::group_norm_film_silu(&self.norm2, h, scale, shift);
+        let h = conv2d(&self.conv2, h);
         let x = match &self.skip {
             Some(skip) => conv2d(skip, x),
             None => x,

@@ -281,11 +281,11 @@ def cmd_ablation(a):
                          f"{ms('acc4_heldout')} | – | – |")
             continue
         rew = statistics.mean(float(r["final_reward_last"]) for r in cell)
-        train = [training_reward(Path(a.runs_dir) / f"{mode}-{tau}-s{r['seed']}") for r in cell]
-        train = [t for t in train if t]
-        if train:
-            tr = (f"{statistics.mean(t[0] for t in train):.3f} / "
-                  f"{statistics.mean(t[1] for t in train):.3f}")
+        rewards = [training_reward(Path(a.runs_dir) / f"{mode}-{tau}-s{r['seed']}") for r in cell]
+        rewards = [t for t in rewards if t]
+        if rewards:
+            tr = (f"{statistics.mean(t[0] for t in rewards):.3f} / "
+                  f"{statistics.mean(t[1] for t in rewards):.3f}")
         else:
             tr = "–"
         lines.append(f"| {mode} | {tau} | {len(cell)} | {ms('acc2_heldin')} | {ms('acc4_heldin')} | "

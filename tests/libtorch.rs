@@ -171,6 +171,38 @@ fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
     }
 }
 
+/// The convolution's weight gradient reads its (untracked) input: after the forward, an op that
+/// burn-tch could run in place on that input (`x - y`, with `x` consumed) must not overwrite what
+/// libtorch's graph saved. Regression: this failed libtorch's version check in the backward.
+#[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
+fn should_keep_an_untracked_input_intact_for_the_native_backward() {
+    use burn::nn::PaddingConfig2d;
+    use burn::nn::conv::Conv2dConfig;
+    use burn::tensor::Distribution;
+    use nodes::model::fused;
+
+    let dev = Device::libtorch().autodiff();
+    let conv = Conv2dConfig::new([3, 3], [3, 3])
+        .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+        .init(&dev);
+    let data = Tensor::<4>::random([4, 3, 8, 8], Distribution::Normal(0.0, 1.0), &dev).into_data();
+    let gradients = |native: bool| {
+        let x = Tensor::<4>::from_data(data.clone(), &dev);
+        let y = if native {
+            fused::conv2d(&conv, x.clone())
+        } else {
+            conv.forward(x.clone())
+        };
+        // `x` is consumed here: burn-tch may write `x - y` into x's storage unless something
+        // else still holds it.
+        let loss = (x - y).square().mean();
+        let grads = loss.backward();
+        conv.weight.grad(&grads).expect("weight gradient")
+    };
+    assert_same_gradient("weight", Some(gradients(true)), Some(gradients(false)));
+}
+
 /// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward;
 /// outputs and gradients (input, gamma, beta) must match burn's composed GroupNorm + SiLU,
 /// affine or not.

@@ -392,9 +392,9 @@ mod native {
         }
     }
 
-    /// The output with libtorch's graph, and the libtorch leaf of each input that needs a
-    /// gradient (`None`: untracked).
-    type Recording<const N: usize> = (TchTensor, [Option<TchTensor>; N]);
+    /// The output with libtorch's graph, and the libtorch leaf of each input (only tracked
+    /// inputs, those with a parent node, are asked for a gradient).
+    type Recording<const N: usize> = (TchTensor, [TchTensor; N]);
 
     /// Backward of an op of `N` inputs recorded by [`record`]: one libtorch vector-Jacobian
     /// product.
@@ -416,7 +416,8 @@ mod native {
                 .parents
                 .into_iter()
                 .zip(leaves)
-                .filter_map(|(node, leaf)| Some((node?, leaf?)))
+                .filter_map(|(node, leaf)| Some((node?, leaf)))
+                .filter(|(_, leaf)| leaf.tensor.requires_grad())
                 .collect();
             let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| &leaf.tensor).collect();
             // d/dθ Σ(y ⊙ g): the vector-Jacobian product with g, through libtorch's graph.
@@ -448,9 +449,10 @@ mod native {
                 let y = tch::with_grad(|| op(leaves.each_ref().map(|l| &l.tensor)));
                 let out = TchTensor::new(y.detach());
                 let graph = TchTensor::from_existing(y, out.storage.clone());
-                let mut leaves = leaves.map(Some);
-                let kept = std::array::from_fn(|i| leaves[i].take().filter(|_| tracked[i]));
-                prep.finish((graph, kept), out)
+                // Every leaf is kept, tracked or not: the graph may read any input in its
+                // backward (a convolution's weight gradient reads its untracked input), and the
+                // storage count each holds is what keeps burn-tch from writing into it.
+                prep.finish((graph, leaves), out)
             }
             OpsKind::UnTracked(prep) => {
                 let prims = inputs.map(|t| t.into_primitive());

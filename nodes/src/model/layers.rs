@@ -11,6 +11,8 @@ use burn::nn::{
     LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::{gelu, softmax};
+use burn::tensor::module::{avg_pool2d, interpolate};
+use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::fused::{self, conv2d};
@@ -416,19 +418,18 @@ impl AttnBlock {
     }
 }
 
-/// 2×2 average pooling. [B, C, H, W] → [B, C, H/2, W/2]
+/// 2×2 average pooling (burn's `avg_pool2d`: one kernel and its own backward on every backend).
+/// [B, C, H, W] → [B, C, H/2, W/2]
 pub fn downsample(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h / 2, 2, w / 2, 2])
-        .mean_dim(5)
-        .mean_dim(3)
-        .reshape([b, c, h / 2, w / 2])
+    avg_pool2d(x, AvgPoolOptions::new([2, 2]))
 }
 
-/// Nearest-neighbour 2× upsampling. [B, C, H, W] → [B, C, 2H, 2W]
+/// Nearest-neighbour 2× upsampling (burn's `interpolate`, as `avg_pool2d` above).
+/// [B, C, H, W] → [B, C, 2H, 2W]
 pub fn upsample(x: Tensor<4>) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
-        .reshape([b, c, 2 * h, 2 * w])
+    let [_, _, h, w] = x.dims();
+    interpolate(
+        x,
+        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
+    )
 }

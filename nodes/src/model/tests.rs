@@ -259,6 +259,39 @@ fn should_flow_gradient_to_text_encoder() {
 }
 
 #[test]
+fn should_average_2x2_blocks_and_repeat_pixels_with_their_gradients() {
+    let dev = device().autodiff();
+    // [1, 2, 2, 4]: two channels, values 0..16.
+    let x = tensor_from_vec((0..16).map(|v| v as f32).collect(), [1, 2, 2, 4], &dev).require_grad();
+    let down = layers::downsample(x.clone());
+    assert_eq!(down.dims(), [1, 2, 1, 2]);
+    // Each output is the mean of one 2×2 block.
+    assert_eq!(values(down.clone()), vec![2.5, 4.5, 10.5, 12.5]);
+    // [1, 2, 1, 2] → [1, 2, 2, 4]: every pixel repeated in a 2×2 block.
+    let up = layers::upsample(down.clone());
+    assert_eq!(up.dims(), [1, 2, 2, 4]);
+    assert_eq!(
+        values(up.clone()),
+        vec![
+            2.5, 2.5, 4.5, 4.5, 2.5, 2.5, 4.5, 4.5, 10.5, 10.5, 12.5, 12.5, 10.5, 10.5, 12.5, 12.5
+        ]
+    );
+    // d/dx Σ w·up(down(x)) with w = 1..16: each block's four weights summed, spread back as /4.
+    let w = tensor_from_vec((1..=16).map(|v| v as f32).collect(), [1, 2, 2, 4], &dev);
+    let grads = (up * w).sum().backward();
+    let g = values(x.grad(&grads).expect("input has a gradient"));
+    // Block sums of w: [1,2,5,6]=14, [3,4,7,8]=22, [9,10,13,14]=46, [11,12,15,16]=54.
+    let per_block = [14.0f32, 22.0, 46.0, 54.0].map(|s| s / 4.0);
+    let expected: Vec<f32> = (0..16)
+        .map(|i| {
+            // Channel i / 8, column i % 4 (both rows of a block share it).
+            per_block[(i / 8) * 2 + (i % 4) / 2]
+        })
+        .collect();
+    assert_eq!(g, expected);
+}
+
+#[test]
 fn should_round_trip_safetensors_checkpoint() {
     let dev = device();
     let model = perturbed_tiny(&dev);

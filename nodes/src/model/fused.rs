@@ -421,7 +421,17 @@ mod native {
                 .collect();
             let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| &leaf.tensor).collect();
             // d/dθ Σ(y ⊙ g): the vector-Jacobian product with g, through libtorch's graph.
-            let objective = (&graph.tensor * &grad.tensor).sum(None);
+            // (tch has no backward with given output gradients.) For contiguous y and g, one
+            // `dot` reads both once and its backward is a single scaled copy of g; otherwise
+            // the product is materialised, summed, and multiplied again in its backward.
+            let (y, g) = (&graph.tensor, &grad.tensor);
+            let objective = tch::with_grad(|| {
+                if y.is_contiguous() && g.is_contiguous() && y.size() == g.size() {
+                    y.reshape([-1]).dot(&g.reshape([-1]))
+                } else {
+                    (y * g).sum(None)
+                }
+            });
             let g = tch::Tensor::run_backward(&[objective], &inputs, false, false);
             for ((node, _), g) in wanted.iter().zip(g) {
                 grads.register::<LibTorch>(node.id, TchTensor::new(g));

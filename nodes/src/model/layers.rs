@@ -411,10 +411,19 @@ impl AttnBlock {
             let any = key_bias.clone().equal_elem(0.0).float().max_dim(3);
             attend(q, k_txt, v_txt, key_bias) * any
         };
-        // [B, HW, C]
-        let ctx = merge_heads(ctx);
-        let out = self.proj.forward(ctx).swap_dims(1, 2).reshape([b, c, h, w]);
-        x + out
+        // The output projection runs channel-major, [C, C] @ [B, C, HW], so that its result is
+        // contiguous NCHW. (Projecting [B, HW, C] and transposing back gives a channels-last
+        // view; on libtorch the residual sum inherits it and every following GroupNorm and
+        // convolution then takes its channels-last kernels, slower here than the NCHW ones.)
+        // [B, C, HW]
+        let ctx = ctx.permute([0, 1, 3, 2]).reshape([b, c, n]);
+        // [1, C_out, C_in]
+        let weight = self.proj.weight.val().transpose().unsqueeze::<3>();
+        let mut out = weight.matmul(ctx);
+        if let Some(bias) = &self.proj.bias {
+            out = out + bias.val().reshape([1, c, 1]);
+        }
+        x + out.reshape([b, c, h, w])
     }
 }
 

@@ -79,6 +79,20 @@ pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
     }
 }
 
+/// Whether `x` takes the libtorch path of this module: `FLOWRUN_FUSED_OPS` not `0`, and `x` on
+/// libtorch (CPU or CUDA). Always false in a build without the `tch` feature.
+pub fn on_libtorch(x: &Tensor<4>) -> bool {
+    #[cfg(feature = "tch")]
+    {
+        native::applies(x)
+    }
+    #[cfg(not(feature = "tch"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
 /// `silu(gn(x) · (1 + scale) + shift)`: the GroupNorm, FiLM modulation and SiLU of a residual
 /// block, as one libtorch graph (its kernels and their backward) on libtorch.
 ///

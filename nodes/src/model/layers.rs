@@ -411,10 +411,18 @@ impl AttnBlock {
             let any = key_bias.clone().equal_elem(0.0).float().max_dim(3);
             attend(q, k_txt, v_txt, key_bias) * any
         };
-        // The output projection runs channel-major, [C, C] @ [B, C, HW], so that its result is
-        // contiguous NCHW. (Projecting [B, HW, C] and transposing back gives a channels-last
-        // view; on libtorch the residual sum inherits it and every following GroupNorm and
-        // convolution then takes its channels-last kernels, slower here than the NCHW ones.)
+        if !fused::on_libtorch(&x) {
+            // [B, HW, C]
+            let out = self.proj.forward(merge_heads(ctx));
+            return x + out.swap_dims(1, 2).reshape([b, c, h, w]);
+        }
+        // On libtorch the output projection runs channel-major, [C, C] @ [B, C, HW], so that its
+        // result is contiguous NCHW. (Projecting [B, HW, C] and transposing back gives a
+        // channels-last view; burn-tch computes the residual sum in place in it, and every
+        // following GroupNorm and convolution then takes libtorch's channels-last kernels,
+        // slower here than the NCHW ones. flex keeps the row-major projection and the composed
+        // down/upsampling below: there the libtorch variants measured ~5% slower in the
+        // update, BENCHMARKS.md "Session 6".)
         // [B, C, HW]
         let ctx = ctx.permute([0, 1, 3, 2]).reshape([b, c, n]);
         // [1, C_out, C_in]
@@ -427,18 +435,28 @@ impl AttnBlock {
     }
 }
 
-/// 2×2 average pooling (burn's `avg_pool2d`: one kernel and its own backward on every backend).
-/// [B, C, H, W] → [B, C, H/2, W/2]
+/// 2×2 average pooling. On libtorch one `avg_pool2d` kernel (and its own backward); on flex a
+/// reshape and two means, faster there. [B, C, H, W] → [B, C, H/2, W/2]
 pub fn downsample(x: Tensor<4>) -> Tensor<4> {
-    avg_pool2d(x, AvgPoolOptions::new([2, 2]))
+    if fused::on_libtorch(&x) {
+        return avg_pool2d(x, AvgPoolOptions::new([2, 2]));
+    }
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h / 2, 2, w / 2, 2])
+        .mean_dim(5)
+        .mean_dim(3)
+        .reshape([b, c, h / 2, w / 2])
 }
 
-/// Nearest-neighbour 2× upsampling (burn's `interpolate`, as `avg_pool2d` above).
-/// [B, C, H, W] → [B, C, 2H, 2W]
+/// Nearest-neighbour 2× upsampling. On libtorch one `interpolate` kernel (and its own backward);
+/// on flex a broadcast. [B, C, H, W] → [B, C, 2H, 2W]
 pub fn upsample(x: Tensor<4>) -> Tensor<4> {
-    let [_, _, h, w] = x.dims();
-    interpolate(
-        x,
-        InterpolateOptions::new(InterpolateMode::Nearest).with_output_size([2 * h, 2 * w]),
-    )
+    let [b, c, h, w] = x.dims();
+    if fused::on_libtorch(&x) {
+        let nearest = InterpolateOptions::new(InterpolateMode::Nearest);
+        return interpolate(x, nearest.with_output_size([2 * h, 2 * w]));
+    }
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, 2 * h, 2 * w])
 }

@@ -431,7 +431,6 @@ mod native {
                 .into_iter()
                 .zip(leaves)
                 .filter_map(|(node, leaf)| Some((node?, leaf)))
-                .filter(|(_, leaf)| leaf.tensor.requires_grad())
                 .collect();
             let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| &leaf.tensor).collect();
             // d/dθ Σ(y ⊙ g): the vector-Jacobian product with g, through libtorch's graph.
@@ -440,7 +439,7 @@ mod native {
             // the product is materialised, summed, and multiplied again in its backward.
             let (y, g) = (&graph.tensor, &grad.tensor);
             let objective = tch::with_grad(|| {
-                if y.is_contiguous() && g.is_contiguous() && y.size() == g.size() {
+                if y.is_contiguous() && g.is_contiguous() {
                     y.reshape([-1]).dot(&g.reshape([-1]))
                 } else {
                     (y * g).sum(None)

@@ -436,7 +436,7 @@ impl AttnBlock {
 }
 
 /// 2×2 average pooling. On libtorch one `avg_pool2d` kernel (and its own backward); on flex a
-/// reshape and two means, faster there. [B, C, H, W] → [B, C, H/2, W/2]
+/// reshape and two means (see `AttnBlock::forward` on why). [B, C, H, W] → [B, C, H/2, W/2]
 pub fn downsample(x: Tensor<4>) -> Tensor<4> {
     if fused::on_libtorch(&x) {
         return avg_pool2d(x, AvgPoolOptions::new([2, 2]));

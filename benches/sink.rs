@@ -80,6 +80,7 @@ fn batch() -> Batch {
             x_next: tensor_from_vec(x_next.clone(), [b, 3, 32, 32], &dev),
             old_logprob: (0..b).map(|_| -1.2 + 0.1 * rng.random::<f32>()).collect(),
             sampler: "tafs",
+            graph: None,
         });
         x_t = x_next;
     }

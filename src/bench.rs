@@ -382,6 +382,7 @@ fn rollout(
                 x_next: x_next.clone(),
                 old_logprob,
                 sampler: "tafs",
+                graph: None,
             });
             x = x_next;
         }

@@ -146,6 +146,12 @@ impl Node for Renoiser {
             x_next: x_next.clone(),
             old_logprob,
             sampler: "tafs",
+            // A deterministic step is not trained: its graph is dropped with the prediction.
+            graph: if kernel.is_stochastic() {
+                pred.graph.as_ref().and_then(|g| g.pass_on())
+            } else {
+                None
+            },
         };
         Ok(Outputs::new()
             .with(

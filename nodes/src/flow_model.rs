@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Device, Int, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
 use crate::model::{
     FlowModel, FlowModelConfig, Trainer, TrainerConfig, load_safetensors, save_safetensors,
 };
+use crate::types::RolloutGraph;
 use crate::world;
 
 pub const TYPE: &str = "flow_model";
@@ -44,6 +45,15 @@ pub fn register(r: &mut Registry) {
                 "weights samplers use: the current ones (on-policy RL) or the EMA (pretraining eval)",
             ),
             ParamDef::boolean("reference", false, "keep a frozen copy of the starting weights (needed for a KL penalty)"),
+            ParamDef::choice(
+                "rollout_graph",
+                "recompute",
+                &["recompute", "keep"],
+                "keep: samplers run the trainer's autodiff model and keep each velocity's graph, so\n\
+                 grpo_update's first (exactly on-policy) step back-propagates through the rollout's\n\
+                 own forward instead of running it again (faster, more memory: every transition's\n\
+                 graph lives until the update); needs sample_with: current",
+            ),
         ],
         factory: build,
     });
@@ -54,6 +64,8 @@ pub struct FlowModelRes {
     pub trainer: Trainer,
     pub reference: Option<FlowModel>,
     pub sample_with_ema: bool,
+    /// `rollout_graph: keep`: samplers keep their forward's autodiff graph for the update.
+    pub keep_rollout_graph: bool,
     /// Plain (non-autodiff) device for inference.
     pub device: Device,
     pub source: Option<PathBuf>,
@@ -109,12 +121,20 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
             world::MAX_TOKENS
         );
     }
+    let sample_with_ema = p.str("sample_with")? == "ema";
+    let keep_rollout_graph = p.str("rollout_graph")? == "keep";
+    if keep_rollout_graph && sample_with_ema {
+        bail!(
+            "`rollout_graph: keep` needs `sample_with: current`: a graph of the EMA weights is not the update's forward"
+        );
+    }
     let reference = p.bool("reference")?.then(|| model.clone());
     let trainer = Trainer::from_model(model, config.clone());
     Ok(Box::new(FlowModelRes {
         trainer,
         reference,
-        sample_with_ema: p.str("sample_with")? == "ema",
+        sample_with_ema,
+        keep_rollout_graph,
         device: dev,
         source,
         config,
@@ -139,6 +159,7 @@ impl FlowModelRes {
             trainer: Trainer::from_model(model, config.clone()),
             reference,
             sample_with_ema,
+            keep_rollout_graph: false,
             device,
             source: None,
             config,
@@ -151,6 +172,75 @@ impl FlowModelRes {
             self.trainer.ema().clone()
         } else {
             self.trainer.model().valid()
+        }
+    }
+}
+
+/// What a sampler node needs from the policy: the model to run and where (see
+/// [`FlowModelRes::sampler`]).
+pub struct PolicySampler {
+    model: FlowModel,
+    /// Plain device: where the node's outputs live.
+    pub device: Device,
+    /// With `rollout_graph: keep`: the trainer's step count (the model is then the trainer's
+    /// own autodiff model).
+    keep_at_step: Option<u64>,
+}
+
+impl PolicySampler {
+    /// v_θ(x, t, c) with classifier-free guidance `cfg`, on the plain device, and, with
+    /// `rollout_graph: keep`, the forward's autodiff graph for the update.
+    /// x: [B, 3, H, W] on the plain device; tokens: [B, L].
+    pub fn velocity(
+        &self,
+        x: &Tensor<4>,
+        t: f32,
+        tokens: Tensor<2, Int>,
+        cfg: f32,
+    ) -> (Tensor<4>, Option<RolloutGraph>) {
+        let b = x.dims()[0];
+        match self.keep_at_step {
+            None => {
+                let tt = Tensor::<1>::full([b], t, &self.device);
+                (self.model.forward_cfg(x.clone(), tt, tokens, cfg), None)
+            }
+            Some(step) => {
+                // The state is data, not a function of the weights: the graph starts at x.
+                let ad = self
+                    .model
+                    .devices()
+                    .into_iter()
+                    .next()
+                    .unwrap_or_else(|| self.device.clone());
+                let tt = Tensor::<1>::full([b], t, &ad);
+                let v = self.model.forward_cfg(
+                    x.clone().to_device(&ad),
+                    tt,
+                    tokens.to_device(&ad),
+                    cfg,
+                );
+                let plain = v.clone().detach().to_device(&self.device);
+                (plain, Some(RolloutGraph::new(v, step)))
+            }
+        }
+    }
+}
+
+impl FlowModelRes {
+    /// The model a sampler node runs (see [`PolicySampler::velocity`]).
+    pub fn sampler(&self) -> PolicySampler {
+        if self.keep_rollout_graph && !self.sample_with_ema {
+            PolicySampler {
+                model: self.trainer.model().clone(),
+                device: self.device.clone(),
+                keep_at_step: Some(self.trainer.step_count()),
+            }
+        } else {
+            PolicySampler {
+                model: self.sampling_model(),
+                device: self.device.clone(),
+                keep_at_step: None,
+            }
         }
     }
 }

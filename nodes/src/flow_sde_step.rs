@@ -4,7 +4,6 @@
 //! μ = x·(1 + s²Δt/(2σ)) + v·(1 + s²(1−σ)/(2σ))·Δt, x' = μ + s·√(−Δt)·ε.
 
 use anyhow::{Result, bail};
-use burn::tensor::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
@@ -74,17 +73,11 @@ impl Node for FlowSdeStep {
                 prompts.len()
             );
         }
-        let (model, device) = ctx.read("policy", |m: &FlowModelRes| {
-            Ok((m.sampling_model(), m.device.clone()))
-        })?;
+        let policy = ctx.read("policy", |m: &FlowModelRes| Ok(m.sampler()))?;
+        let device = policy.device.clone();
         let [b, c, h, w] = x.tensor.dims();
         let x_t = x.tensor.clone();
-        let v = model.forward_cfg(
-            x_t.clone(),
-            Tensor::<1>::full([b], self.t, &device),
-            prompts.tokens_tensor(&device),
-            self.cfg,
-        );
+        let (v, graph) = policy.velocity(&x_t, self.t, prompts.tokens_tensor(&device), self.cfg);
         let k = self.kernel;
         let mean = x_t.clone().mul_scalar(k.a) + v.clone().mul_scalar(k.b);
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
@@ -107,6 +100,7 @@ impl Node for FlowSdeStep {
             x_next: x_next.clone(),
             old_logprob,
             sampler: "flow_sde",
+            graph: if k.is_stochastic() { graph } else { None },
         };
         Ok(Outputs::new()
             .with(

@@ -12,6 +12,13 @@
 //! are summed, so only one transition's graph (one forward of `minibatch` samples) is alive at
 //! a time — the same gradient as one backward of the whole loss, at about 1/(K−1) of the peak
 //! memory (and far fewer fresh pages to fault in on CPU).
+//!
+//! Rollout graphs: with `rollout_graph: keep` on the policy, the samplers ran the trainer's own
+//! autodiff model and each transition carries its velocity's graph. While no optimizer step has
+//! been taken since sampling and a minibatch is the whole batch (the first step of the first
+//! epoch with `minibatch: 0`), that graph *is* this forward — same weights, same inputs, ratio
+//! exactly 1 — so the update back-propagates through it instead of running the model again.
+//! Later minibatches and epochs recompute as usual. Metric `graphs_reused` counts them.
 
 use anyhow::{Result, bail};
 use burn::optim::GradientsAccumulator;
@@ -100,6 +107,8 @@ pub struct UpdateStats {
     /// Ratios of the very first minibatch (before any update): exactly on-policy.
     pub first_ratio_max_dev: f64,
     pub first_kl: f64,
+    /// Transitions whose rollout graph (`rollout_graph: keep`) replaced the forward pass.
+    pub graphs_reused: usize,
 }
 
 fn rows(v: &[f32], idx: &[usize], len: usize) -> Vec<f32> {
@@ -167,6 +176,7 @@ impl GrpoUpdate {
             ..Default::default()
         };
         let mut n_ratio = 0usize;
+        let mut reused = 0usize;
         let nt = host.len() as f32;
         for epoch in 0..self.epochs {
             let mut order: Vec<usize> = (0..b).collect();
@@ -206,13 +216,37 @@ impl GrpoUpdate {
                             [n],
                             &ad,
                         );
-                        let model: &FlowModel = m.trainer.model();
-                        let v = model.forward_cfg(
-                            x.clone(),
-                            Tensor::<1>::full([n], tr.t, &ad),
-                            tokens_ad.clone(),
-                            tr.cfg,
-                        );
+                        // The rollout's own graph is this forward while no optimizer step
+                        // has been taken since sampling and the minibatch is the whole batch.
+                        let kept = tr
+                            .graph
+                            .as_ref()
+                            .filter(|g| n == b && g.trainer_step == m.trainer.step_count())
+                            .and_then(|g| g.take());
+                        let v = match kept {
+                            Some(v) => {
+                                reused += 1;
+                                if idx.iter().enumerate().all(|(j, &i)| i == j) {
+                                    v
+                                } else {
+                                    let order = crate::model::int_tensor_from_vec(
+                                        idx.iter().map(|&i| i as i64).collect(),
+                                        [n],
+                                        &ad,
+                                    );
+                                    v.select(0, order)
+                                }
+                            }
+                            None => {
+                                let model: &FlowModel = m.trainer.model();
+                                model.forward_cfg(
+                                    x.clone(),
+                                    Tensor::<1>::full([n], tr.t, &ad),
+                                    tokens_ad.clone(),
+                                    tr.cfg,
+                                )
+                            }
+                        };
                         let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
                         let logp = log_prob(x_next, mean.clone(), k.std); // [n]
                         let ratio = (logp.clone() - old.clone()).exp();
@@ -295,6 +329,7 @@ impl GrpoUpdate {
                 st.steps += 1;
             }
         }
+        st.graphs_reused = reused;
         let s = n_ratio.max(1) as f64;
         for v in [
             &mut st.loss,
@@ -332,6 +367,7 @@ impl Node for GrpoUpdate {
             ("grad_norm", st.grad_norm),
             ("lr", st.lr),
             ("optimizer_steps", st.steps as f64),
+            ("graphs_reused", st.graphs_reused as f64),
         ] {
             ctx.metric(k, v);
         }
@@ -402,12 +438,10 @@ mod tests {
             [b, 3, 32, 32],
             &dev,
         );
-        let model = res.sampling_model();
-        let v = model.forward(
-            x.clone(),
-            Tensor::<1>::full([b], 0.75, &dev),
-            prompts.tokens_tensor(&dev),
-        );
+        // As the samplers do: with `keep_rollout_graph` the velocity's graph comes along.
+        let (v, graph) = res
+            .sampler()
+            .velocity(&x, 0.75, prompts.tokens_tensor(&dev), 1.0);
         let k = LinearGaussian::tafs(0.75, 0.5, tau).unwrap();
         let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
         let eps = tensor_from_vec(
@@ -428,6 +462,41 @@ mod tests {
             x_next,
             old_logprob: old,
             sampler: "tafs",
+            graph,
+        }
+    }
+
+    /// The model's velocity on a fixed probe batch (to compare weights after updates).
+    fn probe_velocity(res: &FlowModelRes, prompts: &PromptBatch) -> Vec<f32> {
+        let dev = res.device.clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let x = tensor_from_vec(
+            sample_standard_normal(&mut rng, 6 * IMAGE_LEN),
+            [6, 3, 32, 32],
+            &dev,
+        );
+        let v = res.sampling_model().forward(
+            x,
+            Tensor::<1>::full([6], 0.5, &dev),
+            prompts.tokens_tensor(&dev),
+        );
+        to_vec(&v).unwrap()
+    }
+
+    fn max_abs(u: &[f32], w: &[f32]) -> f32 {
+        u.iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
+    fn two_step_advantages() -> Advantages {
+        Advantages {
+            values: vec![
+                vec![1.0, -1.0, 0.5, -0.5, 0.0, 0.2],
+                vec![-0.3, 0.8, -1.2, 0.4, 1.0, -0.7],
+            ],
+            mode: "step".into(),
         }
     }
 
@@ -538,28 +607,8 @@ mod tests {
         // One optimizer step over the whole batch (one backward per transition, summed) and one
         // over two accumulated minibatches of 3 samples must give the same weights.
         let prompts = batch();
-        let velocity = |res: &FlowModelRes| {
-            let dev = res.device.clone();
-            let mut rng = ChaCha8Rng::seed_from_u64(3);
-            let x = tensor_from_vec(
-                sample_standard_normal(&mut rng, 6 * IMAGE_LEN),
-                [6, 3, 32, 32],
-                &dev,
-            );
-            let v = res.sampling_model().forward(
-                x,
-                Tensor::<1>::full([6], 0.5, &dev),
-                prompts.tokens_tensor(&dev),
-            );
-            to_vec(&v).unwrap()
-        };
-        let adv = Advantages {
-            values: vec![
-                vec![1.0, -1.0, 0.5, -0.5, 0.0, 0.2],
-                vec![-0.3, 0.8, -1.2, 0.4, 1.0, -0.7],
-            ],
-            mode: "step".into(),
-        };
+        let velocity = |res: &FlowModelRes| probe_velocity(res, &prompts);
+        let adv = two_step_advantages();
         let step = |minibatch, grad_accum| {
             let mut res = trained_tiny();
             res.trainer.config.lr = 1e-3;
@@ -580,18 +629,93 @@ mod tests {
         };
         let (before, whole) = step(0, 1);
         let (_, accumulated) = step(3, 2);
-        let max_abs = |u: &[f32], w: &[f32]| {
-            u.iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max)
-        };
         let moved = max_abs(&before, &whole);
         let diff = max_abs(&whole, &accumulated);
         assert!(moved > 1e-3, "the update did not move the model ({moved})");
         assert!(
             diff < moved * 1e-2,
             "accumulated step differs by {diff} (update moved {moved})"
+        );
+    }
+
+    #[test]
+    fn should_take_the_same_steps_through_the_kept_rollout_graph() {
+        // With `rollout_graph: keep` the first (on-policy, whole-batch) step back-propagates
+        // through the samplers' own forward; every later step recomputes. The weights must come
+        // out as with recomputation, for each way of splitting the batch.
+        let prompts = batch();
+        let adv = two_step_advantages();
+        let run = |keep: bool, epochs, minibatch| {
+            let mut res = trained_tiny();
+            res.trainer.config.lr = 1e-3;
+            res.keep_rollout_graph = keep;
+            let a = sample(&res, &prompts, 0.8);
+            let b = sample(&res, &prompts, 0.5);
+            assert_eq!(a.graph.is_some(), keep);
+            let before = probe_velocity(&res, &prompts);
+            let up = GrpoUpdate {
+                clip: 10.0,
+                adv_clip: 5.0,
+                beta: 0.1,
+                epochs,
+                minibatch,
+                grad_accum: 1,
+            };
+            let st = up.update(&mut res, &[&a, &b], &adv, &prompts, 0).unwrap();
+            // The graphs were taken (or dropped unused): a second update recomputes.
+            let again = up.update(&mut res, &[&a, &b], &adv, &prompts, 1).unwrap();
+            assert_eq!(again.graphs_reused, 0);
+            (st, before, probe_velocity(&res, &prompts))
+        };
+        // (minibatch 6 = the whole batch in shuffled order: the kept rows are reordered.)
+        for (epochs, minibatch, reused) in [(1, 0, 2), (2, 0, 2), (1, 6, 2), (1, 3, 0)] {
+            let (st_kept, before, kept) = run(true, epochs, minibatch);
+            let (st_rec, _, recomputed) = run(false, epochs, minibatch);
+            assert_eq!(
+                st_kept.graphs_reused, reused,
+                "epochs {epochs}, minibatch {minibatch}"
+            );
+            assert_eq!(st_rec.graphs_reused, 0);
+            let moved = max_abs(&before, &recomputed);
+            let diff = max_abs(&kept, &recomputed);
+            assert!(moved > 1e-3, "the updates did not move the model ({moved})");
+            assert!(
+                diff < moved * 1e-3,
+                "epochs {epochs}, minibatch {minibatch}: kept-graph weights differ by {diff} (updates moved {moved})"
+            );
+            assert!(
+                (st_kept.grad_norm - st_rec.grad_norm).abs() < 1e-6 * st_rec.grad_norm.max(1.0)
+            );
+        }
+        // A graph of weights that have changed since sampling is not the update's forward.
+        let mut res = trained_tiny();
+        res.keep_rollout_graph = true;
+        let a = sample(&res, &prompts, 0.8);
+        let b = sample(&res, &prompts, 0.5);
+        let other = sample(&res, &prompts, 0.6);
+        GrpoUpdate {
+            clip: 10.0,
+            adv_clip: 5.0,
+            beta: 0.0,
+            epochs: 1,
+            minibatch: 0,
+            grad_accum: 1,
+        }
+        .update(&mut res, &[&other], &adv, &prompts, 0)
+        .unwrap();
+        let up = GrpoUpdate {
+            clip: 10.0,
+            adv_clip: 5.0,
+            beta: 0.0,
+            epochs: 1,
+            minibatch: 0,
+            grad_accum: 1,
+        };
+        let st = up.update(&mut res, &[&a, &b], &adv, &prompts, 0).unwrap();
+        assert_eq!(st.graphs_reused, 0);
+        assert!(
+            st.first_ratio_max_dev > 1e-7,
+            "recomputed with the new weights"
         );
     }
 }

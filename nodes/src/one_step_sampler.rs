@@ -1,7 +1,6 @@
 //! `one_step_sampler`: the model's one-step prediction x̂0 = x_t − t·v_θ(x_t, t, c).
 
 use anyhow::{Result, bail};
-use burn::tensor::Tensor;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
 
 use crate::flow_model::{FlowModelRes, TYPE};
@@ -48,7 +47,7 @@ struct OneStepSampler {
 }
 
 impl Node for OneStepSampler {
-    fn run(&mut self, _ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
         let x = inputs.get::<Images>("x")?;
         let prompts = inputs.get::<PromptBatch>("prompts")?;
         if x.batch() != prompts.len() {
@@ -58,13 +57,14 @@ impl Node for OneStepSampler {
                 prompts.len()
             );
         }
-        let (model, device) = _ctx.read("policy", |m: &FlowModelRes| {
-            Ok((m.sampling_model(), m.device.clone()))
-        })?;
-        let b = x.batch();
+        let policy = ctx.read("policy", |m: &FlowModelRes| Ok(m.sampler()))?;
         let x_t = x.tensor.clone();
-        let tt = Tensor::<1>::full([b], self.t, &device);
-        let v = model.forward_cfg(x_t.clone(), tt, prompts.tokens_tensor(&device), self.cfg);
+        let (v, graph) = policy.velocity(
+            &x_t,
+            self.t,
+            prompts.tokens_tensor(&policy.device),
+            self.cfg,
+        );
         let x0 = x_t.clone() - v.clone().mul_scalar(self.t);
         let eps = x_t.clone() + v.clone().mul_scalar(1.0 - self.t);
         let pred = Prediction {
@@ -75,6 +75,7 @@ impl Node for OneStepSampler {
             x0: x0.clone(),
             eps,
             cfg: self.cfg,
+            graph,
         };
         Ok(Outputs::new()
             .with("pred", pred)

@@ -615,6 +615,7 @@ impl ParquetSource {
                 x_next: tensor_from_vec(x_next, [n, 3, 32, 32], &self.device),
                 old_logprob: olp,
                 sampler: sampler_name(&m0.sampler),
+                graph: None,
             });
             adv.push(a);
         }

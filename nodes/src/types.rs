@@ -9,7 +9,7 @@
 //! | `rewards`    | [`Rewards`]      | one reward per sample (+ verifier criteria)            |
 //! | `advantages` | [`Advantages`]   | [transitions][samples] group-relative advantages       |
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Int, Tensor};
 
@@ -103,6 +103,9 @@ pub struct Prediction {
     /// [B, 3, H, W] noise estimate ε̂ = x_t + (1 − t)·v
     pub eps: Tensor<4>,
     pub cfg: f32,
+    /// The velocity's autodiff graph when the policy keeps rollout graphs
+    /// (`rollout_graph: keep`); handed on to the transition.
+    pub graph: Option<RolloutGraph>,
 }
 
 /// A stochastic policy step x_t → x_next, x_next ~ N(a·x_t + b·v_θ(x_t, t, c), std²).
@@ -125,6 +128,43 @@ pub struct Transition {
     pub old_logprob: Vec<f32>,
     /// Name of the sampler (`tafs`, `flow_sde`).
     pub sampler: &'static str,
+    /// The sampling forward's autodiff graph (`rollout_graph: keep`): `grpo_update`'s first,
+    /// exactly on-policy step back-propagates through it instead of recomputing v_θ.
+    pub graph: Option<RolloutGraph>,
+}
+
+/// The autodiff graph of one sampling-time velocity v_θ(x_t, t, c), kept so that the update
+/// can back-propagate through the rollout's own forward instead of running it again.
+///
+/// It holds the tracked velocity ([B, 3, H, W] on the policy trainer's autodiff device) and
+/// the trainer's optimizer-step count when it was computed: the graph is the update's forward
+/// only while no optimizer step has been taken since. It is taken (not cloned) by its user, so
+/// the graph's memory goes with the first backward through it.
+#[derive(Debug, Clone)]
+pub struct RolloutGraph {
+    velocity: Arc<Mutex<Option<Tensor<4>>>>,
+    /// Optimizer steps the policy had taken when the velocity was computed.
+    pub trainer_step: u64,
+}
+
+impl RolloutGraph {
+    pub fn new(velocity: Tensor<4>, trainer_step: u64) -> Self {
+        RolloutGraph {
+            velocity: Arc::new(Mutex::new(Some(velocity))),
+            trainer_step,
+        }
+    }
+
+    /// The tracked velocity, leaving this handle (and its clones) empty.
+    pub fn take(&self) -> Option<Tensor<4>> {
+        self.velocity.lock().ok()?.take()
+    }
+
+    /// Move the graph into a new handle, e.g. from a prediction to its transition, so that the
+    /// prediction no longer keeps it alive.
+    pub fn pass_on(&self) -> Option<RolloutGraph> {
+        self.take().map(|v| RolloutGraph::new(v, self.trainer_step))
+    }
 }
 
 /// One reward per sample.

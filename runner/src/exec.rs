@@ -482,6 +482,18 @@ async fn run_iteration(
     let mut outputs: Vec<Option<HashMap<String, Value>>> = vec![None; n];
     let mut skipped = vec![false; n];
     let mut pending: Vec<usize> = rt.deps.iter().map(Vec::len).collect();
+    // A node's outputs are dropped once every dependent has run (or been skipped), so values
+    // (and whatever memory they hold) live no longer than their consumers need them.
+    let mut consumers_left: Vec<usize> = rt.dependents.iter().map(Vec::len).collect();
+    let release =
+        |i: usize, outputs: &mut [Option<HashMap<String, Value>>], consumers_left: &mut [usize]| {
+            for &s in &rt.deps[i] {
+                consumers_left[s] -= 1;
+                if consumers_left[s] == 0 {
+                    outputs[s] = None;
+                }
+            }
+        };
     let mut set: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
     let mut metrics = BTreeMap::new();
     let mut times = BTreeMap::new();
@@ -499,6 +511,7 @@ async fn run_iteration(
             if !it.is_multiple_of(node.every) || missing_input {
                 skipped[i] = true;
                 finished += 1;
+                release(i, &mut outputs, &mut consumers_left);
                 for &d in &rt.dependents[i] {
                     pending[d] -= 1;
                     if pending[d] == 0 {
@@ -593,7 +606,10 @@ async fn run_iteration(
             metrics.insert(format!("{}/{k}", node.id), v);
         }
         times.insert(node.id.clone(), done.secs);
-        outputs[done.idx] = Some(outs.values);
+        if !rt.dependents[done.idx].is_empty() {
+            outputs[done.idx] = Some(outs.values);
+        }
+        release(done.idx, &mut outputs, &mut consumers_left);
         finished += 1;
         for &d in &rt.dependents[done.idx] {
             pending[d] -= 1;
@@ -810,8 +826,81 @@ mod tests {
         }
     }
 
+    /// Values alive of the type below (one test uses it).
+    static PROBES: AtomicU64 = AtomicU64::new(0);
+
+    /// A value that counts its live instances.
+    struct Probe;
+    impl Probe {
+        fn new() -> Self {
+            PROBES.fetch_add(1, Ordering::SeqCst);
+            Probe
+        }
+    }
+    impl Drop for Probe {
+        fn drop(&mut self) {
+            PROBES.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Emit;
+    impl Node for Emit {
+        fn run(&mut self, _: &NodeCtx, _: &Inputs) -> Result<Outputs> {
+            Ok(Outputs::new().with("y", Probe::new()))
+        }
+    }
+
+    struct Consume;
+    impl Node for Consume {
+        fn run(&mut self, _: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+            inputs.get::<Probe>("x")?;
+            Ok(Outputs::new().with("y", 1.0f64))
+        }
+    }
+
+    /// Fails unless no probe is alive when it runs.
+    struct NoProbes;
+    impl Node for NoProbes {
+        fn run(&mut self, _: &NodeCtx, _: &Inputs) -> Result<Outputs> {
+            match PROBES.load(Ordering::SeqCst) {
+                0 => Ok(Outputs::new()),
+                n => bail!("{n} probe value(s) still alive after their last consumer ran"),
+            }
+        }
+    }
+
     fn registry() -> Registry {
         let mut r = Registry::default();
+        r.add_node(NodeType {
+            name: "emit",
+            summary: "",
+            doc: "",
+            inputs: vec![],
+            outputs: vec![PortDef::new("y", "probe", "")],
+            params: vec![],
+            resources: vec![],
+            factory: |_| Ok(Box::new(Emit)),
+        });
+        r.add_node(NodeType {
+            name: "consume",
+            summary: "",
+            doc: "",
+            inputs: vec![PortDef::new("x", "probe", "")],
+            outputs: vec![PortDef::new("y", "scalar", "")],
+            params: vec![],
+            resources: vec![],
+            factory: |_| Ok(Box::new(Consume)),
+        });
+        r.add_node(NodeType {
+            name: "no_probes",
+            summary: "",
+            doc: "",
+            inputs: vec![PortDef::new("after", "scalar", "")],
+            outputs: vec![],
+            params: vec![],
+            resources: vec![],
+            factory: |_| Ok(Box::new(NoProbes)),
+        });
         r.add_node(NodeType {
             name: "rendezvous",
             summary: "",
@@ -853,5 +942,21 @@ mod tests {
         );
         assert_eq!(summary.last_metrics.len(), 0);
         let _ = fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn should_drop_a_value_once_its_last_consumer_has_run() {
+        let reg = registry();
+        let yaml = "name: lifetimes\niterations: 3\nnodes:\n  - id: a\n    type: emit\n  - id: b\n    type: consume\n    inputs: {x: a.y}\n  - id: c\n    type: no_probes\n    inputs: {after: b.y}\n";
+        let (p, _) = crate::load_str("lifetimes.yaml", yaml, &[], &reg).expect("valid");
+        let root = std::env::temp_dir().join(format!("flowrun-exec-drop-{}", std::process::id()));
+        let opts = RunOptions {
+            runs_root: root.clone(),
+            ..Default::default()
+        };
+        let r = run(p, &reg, opts);
+        let _ = fs::remove_dir_all(root);
+        r.expect("a's value was released before c ran");
+        assert_eq!(PROBES.load(Ordering::SeqCst), 0);
     }
 }

@@ -115,3 +115,75 @@ fn should_run_the_flow_grpo_baseline() {
     assert!(rows[2]["update/optimizer_steps"].as_f64() == Some(1.0));
     assert!(rows[2]["score/reward_mean"].is_number());
 }
+
+#[test]
+fn should_train_the_same_through_kept_rollout_graphs() {
+    // `rollout_graph: keep`: the update back-propagates through the samplers' own forward
+    // (one optimizer step over the whole batch, so every transition's graph is used) and must
+    // log the same losses and gradient norms as recomputing the forward.
+    let d = tmpdir("kept");
+    let set = |mode: &'static str| {
+        [
+            "iterations=3",
+            "nodes.update.params.minibatch=0",
+            "nodes.update.params.epochs=1",
+            if mode == "keep" {
+                "resources.policy.params.rollout_graph=keep"
+            } else {
+                "resources.policy.params.rollout_graph=recompute"
+            },
+        ]
+    };
+    let p = pipeline("valid-tafs-tiny.yaml");
+    let kept = run(&p, &d.join("keep"), &set("keep"));
+    let rec = run(&p, &d.join("recompute"), &set("recompute"));
+    for (k, r) in kept.iter().zip(&rec) {
+        assert_eq!(k["update/graphs_reused"].as_f64(), Some(2.0), "{k}");
+        assert_eq!(r["update/graphs_reused"].as_f64(), Some(0.0), "{r}");
+        for key in ["update/grad_norm", "update/loss", "score@3/reward_mean"] {
+            let (a, b) = (k[key].as_f64().unwrap(), r[key].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1e-3),
+                "{key}: {a} with kept graphs, {b} recomputed"
+            );
+        }
+    }
+    // The Flow-GRPO sampler keeps its graphs too (every SDE step is stochastic).
+    let rows = run(
+        &pipeline("valid-flow-grpo-tiny.yaml"),
+        &d.join("sde"),
+        &["iterations=1", "resources.policy.params.rollout_graph=keep"],
+    );
+    assert!(
+        rows[0]["update/graphs_reused"].as_f64().unwrap() >= 1.0,
+        "{}",
+        rows[0]
+    );
+}
+
+#[test]
+fn should_refuse_kept_rollout_graphs_of_the_ema_weights() {
+    let d = tmpdir("kept-ema");
+    let o = Command::new(env!("CARGO_BIN_EXE_flowrun"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg(pipeline("valid-tafs-tiny.yaml"))
+        .args(["--quiet", "--runs-dir"])
+        .arg(d.join("runs"))
+        .args(["--set", "resources.policy.params.rollout_graph=keep"])
+        .args(["--set", "resources.policy.params.sample_with=ema"])
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("policy")
+            && out.contains("rollout_graph: keep")
+            && out.contains("sample_with: current"),
+        "{out}"
+    );
+    assert!(!out.contains("backtrace"), "{out}");
+}

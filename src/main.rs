@@ -229,10 +229,11 @@ enum Command {
 /// glibc's malloc, tuned for tensor work on worker threads: nodes run on tokio's blocking pool,
 /// and by default every such thread gets its own small malloc arena whose large blocks come
 /// from fresh `mmap`s that are unmapped again when freed, so every iteration page-faults (and
-/// the kernel zeroes) gigabytes of activations. One arena, blocks up to 32 MiB kept on the heap
+/// the kernel zeroes) gigabytes of activations. One arena, every block on the heap (no `mmap`)
 /// and freed memory not returned to the system below 2 GiB make an iteration reuse the last
 /// one's memory: on libtorch CPU, system time fell from 12–16 s to 4.5 s over 5 TAFS-GRPO
-/// iterations (BENCHMARKS.md, "Session 3: the update's memory and glibc's malloc"). Skipped
+/// iterations at 64 samples (BENCHMARKS.md, "Session 3: the update's memory and glibc's
+/// malloc"), and from 27.8 to 5.7 s over 4 iterations at 256 samples ("Session 7"). Skipped
 /// when the user set `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (theirs wins) or
 /// `FLOWRUN_DEFAULT_MALLOC` is set.
 fn tune_allocator() {
@@ -252,6 +253,9 @@ fn tune_allocator() {
                 libc::mallopt(libc::M_ARENA_MAX, 1);
                 libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
                 libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+                // Larger blocks too: M_MMAP_THRESHOLD cannot exceed 32 MiB, and at 256 samples
+                // an activation is 64 MiB; served by mmap, each is faulted in anew every time.
+                libc::mallopt(libc::M_MMAP_MAX, 0);
             }
         }
     }

@@ -23,6 +23,10 @@ The machine's speed drifts over minutes, so one flowrun run against one referenc
 ratio. `--rounds R` alternates them R times (flowrun's runs, then `repeats` reference
 iterations, in each round; the reference warms up once) and reports each round's ratio and
 their median, min and max: the figure to quote.
+
+`--keep-graph` makes the reference keep the rollout's autograd graphs and back-propagate through
+them (what flowrun's `rollout_graph: keep` does); `--flowrun-set KEY=VALUE` passes overrides to
+flowrun, e.g. `resources.policy.params.rollout_graph=recompute`.
 """
 
 import argparse
@@ -45,14 +49,17 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import flowref  # noqa: E402
 
 
-def time_flowrun(spec, iterations, prompts_per_iter):
+def time_flowrun(spec, iterations, prompts_per_iter, overrides=()):
     """Runs the pipeline with BIN on DEVICE; medians of its per-iteration times (iterations 2…)."""
     binary, _, device = spec.rpartition(":")
     runs = tempfile.mkdtemp(prefix="flowrun-refbench-")
     try:
         cmd = [binary, "pipelines/tafs_grpo.yaml", "--set", f"iterations={iterations}",
                "--set", f"nodes.prompts.params.prompts_per_iter={prompts_per_iter}",
-               "--device", device, "--runs-dir", runs, "--quiet"]
+               "--device", device]
+        for o in overrides:
+            cmd += ["--set", o]
+        cmd += ["--runs-dir", runs, "--quiet"]
         p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if p.returncode != 0:
             return dict(spec=spec, error=(p.stdout + p.stderr).strip()[-500:])
@@ -85,6 +92,12 @@ def main():
                     help="P (batch = P x group size 8) for both peers; the pipeline's own default is 32")
     ap.add_argument("--rounds", type=int, default=1,
                     help="alternate flowrun and the reference this many times (paired ratios)")
+    ap.add_argument("--keep-graph", action="store_true",
+                    help="the reference keeps the rollout's autograd graphs and back-propagates "
+                         "through them (as flowrun's `rollout_graph: keep`) instead of recomputing")
+    ap.add_argument("--flowrun-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to flowrun as --set KEY=VALUE, e.g. "
+                         "resources.policy.params.rollout_graph=recompute")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     ap.add_argument("--flowrun", action="append", default=[], metavar="BIN:DEVICE",
                     help="also time flowrun's pipeline with this binary on this device")
@@ -92,7 +105,8 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     model = flowref.load_checkpoint(args.checkpoint)
-    grpo = flowref.TafsGrpo(model, hp=dict(prompts_per_iter=args.prompts_per_iter))
+    grpo = flowref.TafsGrpo(model, hp=dict(prompts_per_iter=args.prompts_per_iter,
+                                           keep_graph=args.keep_graph))
     hp = grpo.hp
     prompts = flowref.load_prompts(args.prompts, hp["prompts_per_iter"])
     tokens, groups = flowref.prompt_batch(prompts, hp["group_size"])
@@ -127,7 +141,7 @@ def main():
     for rnd in range(args.rounds):
         peers = []
         for spec in args.flowrun:
-            r = time_flowrun(spec, 1 + args.repeats, args.prompts_per_iter)
+            r = time_flowrun(spec, 1 + args.repeats, args.prompts_per_iter, args.flowrun_set)
             peers.append(r)
             if not args.json:
                 if "error" in r:
@@ -140,6 +154,7 @@ def main():
         rounds.append(dict(reference=ref, flowrun=peers))
         if not args.json:
             print(f"reference TAFS-GRPO iteration (B = {tokens.shape[0]}, K = {len(hp['t'])}, "
+                  f"{'kept rollout graphs' if args.keep_graph else 'forward recomputed'}, "
                   f"torch {torch.__version__}, {torch.get_num_threads()} threads): median "
                   f"{ref['median_s']:.3f} s, min {ref['min_s']:.3f} s, max {ref['max_s']:.3f} s over "
                   f"{ref['repeats']} (rollout {ref['rollout_s']:.3f} s + update {ref['update_s']:.3f} s)")
@@ -149,6 +164,7 @@ def main():
                           f"time (sampling {ref['rollout_s'] / r['rollout_s']:.2f}×, update "
                           f"{ref['update_s'] / r['update_s']:.2f}×)", flush=True)
     result = dict(rounds[-1]["reference"], threads=torch.get_num_threads(), torch=torch.__version__,
+                  keep_graph=args.keep_graph, flowrun_set=args.flowrun_set,
                   batch=int(tokens.shape[0]), steps=len(hp["t"]), flowrun=rounds[-1]["flowrun"],
                   rounds=rounds)
     summary = {}

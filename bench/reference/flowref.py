@@ -429,6 +429,9 @@ DEFAULTS = dict(
     cfg=1.0, mode="mix", lam=0.5, adv_eps=1e-4,
     clip_range=1e-4, adv_clip=5.0, lr=3e-5, betas=(0.9, 0.999), adam_eps=1e-8,
     weight_decay=0.0, grad_clip_norm=1.0, ema_decay=0.999,
+    # True: the rollout keeps each velocity's autograd graph and the update back-propagates
+    # through it (one step over the whole batch right after sampling: the same forward).
+    keep_graph=False,
 )
 
 
@@ -450,14 +453,16 @@ class TafsGrpo:
         self.ema = [p.detach().clone() for p in model.parameters()]
         self.steps = 0
 
-    @torch.no_grad()
     def rollout(self, tokens, groups, noise, eps):
         """K one-step predictions with annealed re-noising in between; per-step rewards."""
         h = self.hp
         x, transitions, rewards = noise, [], []
         b = x.shape[0]
         for k, t in enumerate(h["t"]):
-            v = self.model.forward_cfg(x, torch.full((b,), t), tokens, h["cfg"])
+            last = k + 1 == len(h["t"])
+            with torch.set_grad_enabled(h["keep_graph"] and not last):
+                tracked = self.model.forward_cfg(x, torch.full((b,), t), tokens, h["cfg"])
+            v = tracked.detach()
             x0 = x - t * v
             rewards.append(self.reward(x0).numpy())
             if k + 1 == len(h["t"]):
@@ -466,7 +471,8 @@ class TafsGrpo:
             mean = a * x + bb * v
             x_next = mean + std * eps[k]
             transitions.append(dict(t=t, a=a, b=bb, std=std, x_t=x, x_next=x_next,
-                                    old_logprob=log_prob(x_next, mean, std)))
+                                    old_logprob=log_prob(x_next, mean, std),
+                                    v=tracked if h["keep_graph"] else None))
             x = x_next
         return transitions, rewards
 
@@ -477,7 +483,9 @@ class TafsGrpo:
         for tr, a in zip(transitions, adv):
             a = torch.from_numpy(a).clamp(-h["adv_clip"], h["adv_clip"])
             b = tr["x_t"].shape[0]
-            v = self.model.forward_cfg(tr["x_t"], torch.full((b,), tr["t"]), tokens, h["cfg"])
+            v = tr.get("v")
+            if v is None:
+                v = self.model.forward_cfg(tr["x_t"], torch.full((b,), tr["t"]), tokens, h["cfg"])
             mean = tr["a"] * tr["x_t"] + tr["b"] * v
             ratio = torch.exp(log_prob(tr["x_next"], mean, tr["std"]) - tr["old_logprob"])
             clipped = ratio.clamp(1.0 - h["clip_range"], 1.0 + h["clip_range"])

@@ -43,7 +43,9 @@ pub fn register(r: &mut Registry) {
               the reference model, for `epochs` passes over shuffled minibatches (AdamW and\n\
               gradient clipping from the `policy` resource). Logs loss, pg_loss, kl, approx_kl,\n\
               clip_frac, ratio_mean/min/max, grad_norm, lr. A non-finite loss stops the run\n\
-              before the update is applied.",
+              before the update is applied. With `rollout_graph: keep` on the policy, the first\n\
+              step (whole batch, no optimizer step since sampling) back-propagates through the\n\
+              samplers' own forward instead of recomputing it (metric graphs_reused).",
         inputs: vec![
             PortDef::new("transitions", "transition", "the sampled policy steps").many(),
             PortDef::new("advantages", "advantages", "one advantage per transition and sample"),

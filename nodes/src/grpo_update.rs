@@ -18,7 +18,9 @@
 //! been taken since sampling and a minibatch is the whole batch (the first step of the first
 //! epoch with `minibatch: 0`), that graph *is* this forward — same weights, same inputs, ratio
 //! exactly 1 — so the update back-propagates through it instead of running the model again.
-//! Later minibatches and epochs recompute as usual. Metric `graphs_reused` counts them.
+//! Later minibatches and epochs recompute as usual. Metric `graphs_reused` counts them. The
+//! kept graphs are alive together anyway, so their terms are summed and back-propagated once
+//! (with per-transition passes the update took ~25% longer: BENCHMARKS.md, "Session 7").
 
 use anyhow::{Result, bail};
 use burn::optim::GradientsAccumulator;
@@ -199,6 +201,7 @@ impl GrpoUpdate {
                     let tokens_ad = prompts.tokens_rows(idx, &ad);
                     // The KL reference runs on the plain device.
                     let tokens_plain = (self.beta > 0.0).then(|| prompts.tokens_rows(idx, &plain));
+                    let mut joint: Option<Tensor<1>> = None;
                     for h in &host {
                         let tr = h.tr;
                         let k = tr.kernel;
@@ -225,6 +228,7 @@ impl GrpoUpdate {
                             .as_ref()
                             .filter(|g| n == b && g.trainer_step == m.trainer.step_count())
                             .and_then(|g| g.take());
+                        let from_rollout = kept.is_some();
                         let v = match kept {
                             Some(v) => {
                                 reused += 1;
@@ -305,9 +309,28 @@ impl GrpoUpdate {
                             kl_sum += klv * w as f64;
                             term = term + kl.mul_scalar(self.beta);
                         }
+                        let term = term.mul_scalar(w);
+                        if from_rollout {
+                            // Its graph is alive anyway: one backward for all such terms.
+                            joint = Some(match joint.take() {
+                                Some(j) => j + term,
+                                None => term,
+                            });
+                            continue;
+                        }
                         // Back-propagate this transition's share now: its graph is freed
                         // before the next transition's forward.
-                        let (g, tv) = m.trainer.gradients(term.mul_scalar(w));
+                        let (g, tv) = m.trainer.gradients(term);
+                        if !tv.is_finite() {
+                            bail!(
+                                "the GRPO loss is {tv}; the update is not applied (lower the learning rate or check the rewards)"
+                            );
+                        }
+                        lv += tv as f64;
+                        grads.accumulate(m.trainer.model(), g);
+                    }
+                    if let Some(j) = joint.take() {
+                        let (g, tv) = m.trainer.gradients(j);
                         if !tv.is_finite() {
                             bail!(
                                 "the GRPO loss is {tv}; the update is not applied (lower the learning rate or check the rewards)"

@@ -20,7 +20,8 @@
 //! exactly 1 — so the update back-propagates through it instead of running the model again.
 //! Later minibatches and epochs recompute as usual. Metric `graphs_reused` counts them. The
 //! kept graphs are alive together anyway, so their terms are summed and back-propagated once
-//! (with per-transition passes the update took ~25% longer: BENCHMARKS.md, "Session 7").
+//! (the update measured 5–24% faster than with a backward per transition: BENCHMARKS.md,
+//! "Session 7").
 
 use anyhow::{Result, bail};
 use burn::optim::GradientsAccumulator;

@@ -26,7 +26,12 @@ pub fn register(r: &mut Registry) {
               `size`. Trained in place by `flow_matching_train` or `grpo_update` (its one writer);\n\
               samplers read it. Every run checkpoint stores trainer.safetensors (weights, EMA,\n\
               AdamW moments, step), model.safetensors (the weights used for sampling: loadable by\n\
-              `flowrun sample` and from Python) and reference.safetensors (the KL reference).",
+              `flowrun sample` and from Python) and reference.safetensors (the KL reference).\n\
+              With `rollout_graph: keep` (needs `sample_with: current`) samplers run the\n\
+              trainer's autodiff model and keep each velocity's graph with its transition;\n\
+              grpo_update's first, exactly on-policy step back-propagates through those graphs\n\
+              instead of running the model again. Every transition's graph then lives until the\n\
+              update (about 3x the memory of `recompute`).",
         params: vec![
             ParamDef::new("checkpoint", ParamKind::Path, "model weights to start from; empty = fresh init")
                 .default(ParamValue::Str(String::new())),
@@ -49,10 +54,7 @@ pub fn register(r: &mut Registry) {
                 "rollout_graph",
                 "recompute",
                 &["recompute", "keep"],
-                "keep: samplers run the trainer's autodiff model and keep each velocity's graph, so\n\
-                 grpo_update's first (exactly on-policy) step back-propagates through the rollout's\n\
-                 own forward instead of running it again (faster, more memory: every transition's\n\
-                 graph lives until the update); needs sample_with: current",
+                "keep: grpo_update back-propagates through the samplers' forward instead of recomputing it (faster, more memory)",
             ),
         ],
         factory: build,

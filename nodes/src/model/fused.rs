@@ -433,23 +433,58 @@ mod native {
                 .filter_map(|(node, leaf)| Some((node?, leaf)))
                 .collect();
             let inputs: Vec<&tch::Tensor> = wanted.iter().map(|(_, leaf)| &leaf.tensor).collect();
-            // d/dθ Σ(y ⊙ g): the vector-Jacobian product with g, through libtorch's graph.
-            // (tch has no backward with given output gradients.) For contiguous y and g, one
-            // `dot` reads both once and its backward is a single scaled copy of g; otherwise
-            // the product is materialised, summed, and multiplied again in its backward.
-            let (y, g) = (&graph.tensor, &grad.tensor);
-            let objective = tch::with_grad(|| {
-                if y.is_contiguous() && g.is_contiguous() {
-                    y.reshape([-1]).dot(&g.reshape([-1]))
-                } else {
-                    (y * g).sum(None)
-                }
-            });
-            let g = tch::Tensor::run_backward(&[objective], &inputs, false, false);
+            // The vector-Jacobian product with g through libtorch's graph (`vjp.cpp`).
+            let g = vjp(&graph.tensor, &grad.tensor, &inputs);
             for ((node, _), g) in wanted.iter().zip(g) {
                 grads.register::<LibTorch>(node.id, TchTensor::new(g));
             }
         }
+    }
+
+    unsafe extern "C" {
+        /// `vjp.cpp`: torch::autograd::grad({output}, inputs, {grad_output}); null or the error.
+        fn flowrun_vjp(
+            output: *const torch_sys::C_tensor,
+            grad_output: *const torch_sys::C_tensor,
+            inputs: *const *const torch_sys::C_tensor,
+            n: std::os::raw::c_int,
+            results: *mut *mut torch_sys::C_tensor,
+        ) -> *const std::os::raw::c_char;
+    }
+
+    /// Gradients of `y` seeded with `g` (same shape) with respect to `inputs`, through
+    /// libtorch's graph of `y`, which it frees. (tch's `run_backward` only seeds with ones.)
+    fn vjp(y: &tch::Tensor, g: &tch::Tensor, inputs: &[&tch::Tensor]) -> Vec<tch::Tensor> {
+        let ptrs: Vec<*const torch_sys::C_tensor> = inputs.iter().map(|t| t.as_ptr()).collect();
+        let mut out: Vec<*mut torch_sys::C_tensor> = vec![std::ptr::null_mut(); inputs.len()];
+        // SAFETY: every pointer is a live tch tensor for the duration of the call; the shim
+        // only reads them and writes `inputs.len()` new heap tensors (or null) into `out`,
+        // whose ownership tch's `from_ptr` takes.
+        let err = unsafe {
+            flowrun_vjp(
+                y.as_ptr(),
+                g.as_ptr(),
+                ptrs.as_ptr(),
+                inputs.len() as std::os::raw::c_int,
+                out.as_mut_ptr(),
+            )
+        };
+        if !err.is_null() {
+            // SAFETY: a NUL-terminated string owned by the shim's thread-local buffer.
+            let msg = unsafe { std::ffi::CStr::from_ptr(err) }.to_string_lossy();
+            panic!("libtorch backward of a recorded op failed: {msg}");
+        }
+        out.into_iter()
+            .zip(inputs)
+            .map(|(p, x)| {
+                if p.is_null() {
+                    x.zeros_like()
+                } else {
+                    // SAFETY: a tensor the shim allocated for us.
+                    unsafe { tch::Tensor::from_ptr(p) }
+                }
+            })
+            .collect()
     }
 
     /// Runs `op` in libtorch on the `N` inputs; when any is tracked, records libtorch's graph

@@ -14,7 +14,8 @@
 //! on libtorch: without autodiff they simply call libtorch's kernel; under autodiff the forward
 //! runs the op in libtorch with its inputs as fresh libtorch leaves (sharing burn's storage) and
 //! records libtorch's own autograd graph of that one op, and burn's backward then asks libtorch
-//! for the vector-Jacobian product through that graph (oneDNN `convolution_backward`,
+//! for the vector-Jacobian product through that graph (`vjp.cpp`: `torch::autograd::grad`
+//! seeded with burn's output gradient; oneDNN `convolution_backward`,
 //! `native_group_norm_backward`, `silu_backward`, the attention kernel's own backward). On every
 //! other device (flex) they are exactly `Conv2d::forward`, `GroupNorm::forward` (+ burn's
 //! `silu`) and burn's `attention` / matmul + softmax.

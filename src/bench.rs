@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::{Device, Int, Tensor};
-use nodes::annealed_renoiser::log_prob;
+use nodes::annealed_renoiser::gaussian_step;
 use nodes::device::{open, parse_device};
 use nodes::flow_model::FlowModelRes;
 use nodes::grpo::LinearGaussian;
@@ -367,10 +367,8 @@ fn rollout(
         if k < steps {
             // annealed_renoiser
             let kernel = LinearGaussian::tafs(t, t_next, tau)?;
-            let mean = x.clone().mul_scalar(kernel.a) + v.mul_scalar(kernel.b);
             let eps = tensor_from_vec(sample_standard_normal(&mut rng, b * IMAGE_LEN), shape, dev);
-            let x_next = mean.clone() + eps.mul_scalar(kernel.std);
-            let old_logprob = to_vec(&log_prob(x_next.clone(), mean, kernel.std))?;
+            let (x_next, old_logprob) = gaussian_step(&x, &v, kernel, eps)?;
             transitions.push(Transition {
                 step: k,
                 t,

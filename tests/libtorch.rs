@@ -412,15 +412,13 @@ fn kept_transition(
         .sampler()
         .velocity(x, t, prompts.tokens_tensor(&dev), 1.0);
     let k = LinearGaussian::tafs(t, t_next, tau).unwrap();
-    let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let eps = tensor_from_vec(
         sample_standard_normal(&mut rng, b * world::IMAGE_LEN),
         [b, 3, 32, 32],
         &dev,
     );
-    let x_next = mean.clone() + eps.mul_scalar(k.std);
-    let old = nodes::annealed_renoiser::log_prob(x_next.clone(), mean, k.std);
+    let (x_next, old_logprob) = nodes::annealed_renoiser::gaussian_step(x, &v, k, eps).unwrap();
     nodes::types::Transition {
         step: 1,
         t,
@@ -430,7 +428,7 @@ fn kept_transition(
         cfg: 1.0,
         x_t: x.clone(),
         x_next,
-        old_logprob: to_vec(&old).unwrap(),
+        old_logprob,
         sampler: "tafs",
         graph,
     }

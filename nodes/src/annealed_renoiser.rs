@@ -103,6 +103,24 @@ pub fn log_prob(x: Tensor<4>, mean: Tensor<4>, std: f32) -> Tensor<1> {
         .sub_scalar(std.ln() + HALF_LN_2PI)
 }
 
+/// One step of a Gaussian policy x' ~ N(a·x_t + b·v, std²) with the given standard-normal
+/// `eps` ([B, C, H, W], like x_t and v): x' and log π(x' | x_t) per sample (mean over
+/// dimensions). A deterministic kernel returns the mean and log-probs of 0.
+pub fn gaussian_step(
+    x_t: &Tensor<4>,
+    v: &Tensor<4>,
+    kernel: LinearGaussian,
+    eps: Tensor<4>,
+) -> Result<(Tensor<4>, Vec<f32>)> {
+    let mean = x_t.clone().mul_scalar(kernel.a) + v.clone().mul_scalar(kernel.b);
+    if !kernel.is_stochastic() {
+        return Ok((mean, vec![0.0; x_t.dims()[0]]));
+    }
+    let x_next = mean.clone() + eps.mul_scalar(kernel.std);
+    let old_logprob = to_vec(&log_prob(x_next.clone(), mean, kernel.std))?;
+    Ok((x_next, old_logprob))
+}
+
 impl Node for Renoiser {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
         let pred = inputs.get::<Prediction>("pred")?;
@@ -117,23 +135,13 @@ impl Node for Renoiser {
         let kernel = LinearGaussian::tafs(pred.t, self.t_next, tau)?;
         let [b, c, h, w] = pred.x_t.dims();
         let device = pred.x_t.device();
-        let mean = pred.x_t.clone().mul_scalar(kernel.a) + pred.v.clone().mul_scalar(kernel.b);
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
         let eps = tensor_from_vec(
             sample_standard_normal(&mut rng, b * c * h * w),
             [b, c, h, w],
             &device,
         );
-        let x_next = if kernel.is_stochastic() {
-            mean.clone() + eps.mul_scalar(kernel.std)
-        } else {
-            mean.clone()
-        };
-        let old_logprob = if kernel.is_stochastic() {
-            to_vec(&log_prob(x_next.clone(), mean, kernel.std))?
-        } else {
-            vec![0.0; b]
-        };
+        let (x_next, old_logprob) = gaussian_step(&pred.x_t, &pred.v, kernel, eps)?;
         ctx.metric("tau", tau as f64);
         let tr = Transition {
             step: pred.step,

@@ -184,9 +184,9 @@ pub struct PolicySampler {
     model: FlowModel,
     /// Plain device: where the node's outputs live.
     pub device: Device,
-    /// With `rollout_graph: keep`: the trainer's step count (the model is then the trainer's
-    /// own autodiff model).
-    keep_at_step: Option<u64>,
+    /// With `rollout_graph: keep`: the trainer's autodiff device and step count (the model is
+    /// then the trainer's own autodiff model).
+    keep: Option<(Device, u64)>,
 }
 
 impl PolicySampler {
@@ -201,28 +201,19 @@ impl PolicySampler {
         cfg: f32,
     ) -> (Tensor<4>, Option<RolloutGraph>) {
         let b = x.dims()[0];
-        match self.keep_at_step {
+        match &self.keep {
             None => {
                 let tt = Tensor::<1>::full([b], t, &self.device);
                 (self.model.forward_cfg(x.clone(), tt, tokens, cfg), None)
             }
-            Some(step) => {
+            Some((ad, step)) => {
                 // The state is data, not a function of the weights: the graph starts at x.
-                let ad = self
-                    .model
-                    .devices()
-                    .into_iter()
-                    .next()
-                    .unwrap_or_else(|| self.device.clone());
-                let tt = Tensor::<1>::full([b], t, &ad);
-                let v = self.model.forward_cfg(
-                    x.clone().to_device(&ad),
-                    tt,
-                    tokens.to_device(&ad),
-                    cfg,
-                );
+                let tt = Tensor::<1>::full([b], t, ad);
+                let v =
+                    self.model
+                        .forward_cfg(x.clone().to_device(ad), tt, tokens.to_device(ad), cfg);
                 let plain = v.clone().detach().to_device(&self.device);
-                (plain, Some(RolloutGraph::new(v, step)))
+                (plain, Some(RolloutGraph::new(v, *step)))
             }
         }
     }
@@ -231,18 +222,15 @@ impl PolicySampler {
 impl FlowModelRes {
     /// The model a sampler node runs (see [`PolicySampler::velocity`]).
     pub fn sampler(&self) -> PolicySampler {
-        if self.keep_rollout_graph && !self.sample_with_ema {
-            PolicySampler {
-                model: self.trainer.model().clone(),
-                device: self.device.clone(),
-                keep_at_step: Some(self.trainer.step_count()),
-            }
-        } else {
-            PolicySampler {
-                model: self.sampling_model(),
-                device: self.device.clone(),
-                keep_at_step: None,
-            }
+        let keep = (self.keep_rollout_graph && !self.sample_with_ema)
+            .then(|| (self.trainer.device().clone(), self.trainer.step_count()));
+        PolicySampler {
+            model: match keep {
+                Some(_) => self.trainer.model().clone(),
+                None => self.sampling_model(),
+            },
+            device: self.device.clone(),
+            keep,
         }
     }
 }

@@ -8,11 +8,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
 
-use crate::annealed_renoiser::log_prob;
+use crate::annealed_renoiser::gaussian_step;
 use crate::flow_model::{FlowModelRes, TYPE};
 use crate::grpo::LinearGaussian;
 use crate::model::{sample_standard_normal, tensor_from_vec};
-use crate::types::{Images, PromptBatch, Transition, to_vec};
+use crate::types::{Images, PromptBatch, Transition};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -79,15 +79,13 @@ impl Node for FlowSdeStep {
         let x_t = x.tensor.clone();
         let (v, graph) = policy.velocity(&x_t, self.t, prompts.tokens_tensor(&device), self.cfg);
         let k = self.kernel;
-        let mean = x_t.clone().mul_scalar(k.a) + v.clone().mul_scalar(k.b);
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
         let eps = tensor_from_vec(
             sample_standard_normal(&mut rng, b * c * h * w),
             [b, c, h, w],
             &device,
         );
-        let x_next = mean.clone() + eps.mul_scalar(k.std);
-        let old_logprob = to_vec(&log_prob(x_next.clone(), mean, k.std))?;
+        let (x_next, old_logprob) = gaussian_step(&x_t, &v, k, eps)?;
         let x0 = x_t.clone() - v.mul_scalar(self.t);
         let tr = Transition {
             step: self.step,

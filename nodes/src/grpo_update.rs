@@ -33,7 +33,7 @@ use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Regist
 
 use crate::annealed_renoiser::log_prob;
 use crate::flow_model::{FlowModelRes, TYPE};
-use crate::model::{FlowModel, tensor_from_vec};
+use crate::model::{FlowModel, Trainer, tensor_from_vec};
 use crate::types::{Advantages, PromptBatch, Transition, to_vec};
 use crate::world::IMAGE_LEN;
 
@@ -122,6 +122,23 @@ fn rows(v: &[f32], idx: &[usize], len: usize) -> Vec<f32> {
         out.extend_from_slice(&v[i * len..(i + 1) * len]);
     }
     out
+}
+
+/// Back-propagates `loss` (a share of the step's loss) into `grads`; returns its value.
+/// A non-finite loss is an error, before any gradient is applied.
+fn backward_into(
+    trainer: &Trainer,
+    grads: &mut GradientsAccumulator<FlowModel>,
+    loss: Tensor<1>,
+) -> Result<f64> {
+    let (g, value) = trainer.gradients(loss);
+    if !value.is_finite() {
+        bail!(
+            "the GRPO loss is {value}; the update is not applied (lower the learning rate or check the rewards)"
+        );
+    }
+    grads.accumulate(trainer.model(), g);
+    Ok(value as f64)
 }
 
 impl GrpoUpdate {
@@ -321,24 +338,10 @@ impl GrpoUpdate {
                         }
                         // Back-propagate this transition's share now: its graph is freed
                         // before the next transition's forward.
-                        let (g, tv) = m.trainer.gradients(term);
-                        if !tv.is_finite() {
-                            bail!(
-                                "the GRPO loss is {tv}; the update is not applied (lower the learning rate or check the rewards)"
-                            );
-                        }
-                        lv += tv as f64;
-                        grads.accumulate(m.trainer.model(), g);
+                        lv += backward_into(&m.trainer, &mut grads, term)?;
                     }
                     if let Some(j) = joint.take() {
-                        let (g, tv) = m.trainer.gradients(j);
-                        if !tv.is_finite() {
-                            bail!(
-                                "the GRPO loss is {tv}; the update is not applied (lower the learning rate or check the rewards)"
-                            );
-                        }
-                        lv += tv as f64;
-                        grads.accumulate(m.trainer.model(), g);
+                        lv += backward_into(&m.trainer, &mut grads, j)?;
                     }
                 }
                 let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
@@ -404,7 +407,7 @@ impl Node for GrpoUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annealed_renoiser::log_prob;
+    use crate::annealed_renoiser::{gaussian_step, log_prob};
     use crate::grpo::LinearGaussian;
     use crate::model::{FlowModelConfig, TrainerConfig, sample_standard_normal};
     use crate::prompt_loader::make_batch;
@@ -469,14 +472,12 @@ mod tests {
             .sampler()
             .velocity(&x, 0.75, prompts.tokens_tensor(&dev), 1.0);
         let k = LinearGaussian::tafs(0.75, 0.5, tau).unwrap();
-        let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
         let eps = tensor_from_vec(
             sample_standard_normal(&mut rng, b * IMAGE_LEN),
             [b, 3, 32, 32],
             &dev,
         );
-        let x_next = mean.clone() + eps.mul_scalar(k.std);
-        let old = to_vec(&log_prob(x_next.clone(), mean, k.std)).unwrap();
+        let (x_next, old) = gaussian_step(&x, &v, k, eps).unwrap();
         Transition {
             step: 1,
             t: 0.75,
@@ -719,16 +720,6 @@ mod tests {
         let a = sample(&res, &prompts, 0.8);
         let b = sample(&res, &prompts, 0.5);
         let other = sample(&res, &prompts, 0.6);
-        GrpoUpdate {
-            clip: 10.0,
-            adv_clip: 5.0,
-            beta: 0.0,
-            epochs: 1,
-            minibatch: 0,
-            grad_accum: 1,
-        }
-        .update(&mut res, &[&other], &adv, &prompts, 0)
-        .unwrap();
         let up = GrpoUpdate {
             clip: 10.0,
             adv_clip: 5.0,
@@ -737,6 +728,7 @@ mod tests {
             minibatch: 0,
             grad_accum: 1,
         };
+        up.update(&mut res, &[&other], &adv, &prompts, 0).unwrap();
         let st = up.update(&mut res, &[&a, &b], &adv, &prompts, 0).unwrap();
         assert_eq!(st.graphs_reused, 0);
         assert!(

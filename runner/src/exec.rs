@@ -869,58 +869,57 @@ mod tests {
         }
     }
 
+    /// A test node type: no params, resources or docs.
+    fn test_node(
+        name: &'static str,
+        inputs: Vec<PortDef>,
+        outputs: Vec<PortDef>,
+        factory: crate::node::NodeFactory,
+    ) -> NodeType {
+        NodeType {
+            name,
+            summary: "",
+            doc: "",
+            inputs,
+            outputs,
+            params: vec![],
+            resources: vec![],
+            factory,
+        }
+    }
+
     fn registry() -> Registry {
         let mut r = Registry::default();
-        r.add_node(NodeType {
-            name: "emit",
-            summary: "",
-            doc: "",
-            inputs: vec![],
-            outputs: vec![PortDef::new("y", "probe", "")],
-            params: vec![],
-            resources: vec![],
-            factory: |_| Ok(Box::new(Emit)),
-        });
-        r.add_node(NodeType {
-            name: "consume",
-            summary: "",
-            doc: "",
-            inputs: vec![PortDef::new("x", "probe", "")],
-            outputs: vec![PortDef::new("y", "scalar", "")],
-            params: vec![],
-            resources: vec![],
-            factory: |_| Ok(Box::new(Consume)),
-        });
-        r.add_node(NodeType {
-            name: "no_probes",
-            summary: "",
-            doc: "",
-            inputs: vec![PortDef::new("after", "scalar", "")],
-            outputs: vec![],
-            params: vec![],
-            resources: vec![],
-            factory: |_| Ok(Box::new(NoProbes)),
-        });
-        r.add_node(NodeType {
-            name: "rendezvous",
-            summary: "",
-            doc: "",
-            inputs: vec![],
-            outputs: vec![PortDef::new("y", "scalar", "")],
-            params: vec![],
-            resources: vec![],
-            factory: |_| Ok(Box::new(Rendezvous)),
-        });
-        r.add_node(NodeType {
-            name: "tick",
-            summary: "",
-            doc: "",
-            inputs: vec![PortDef::new("xs", "scalar", "").many()],
-            outputs: vec![PortDef::new("y", "scalar", "")],
-            params: vec![],
-            resources: vec![],
-            factory: |_| Ok(Box::new(Tick)),
-        });
+        r.add_node(test_node(
+            "emit",
+            vec![],
+            vec![PortDef::new("y", "probe", "")],
+            |_| Ok(Box::new(Emit)),
+        ));
+        r.add_node(test_node(
+            "consume",
+            vec![PortDef::new("x", "probe", "")],
+            vec![PortDef::new("y", "scalar", "")],
+            |_| Ok(Box::new(Consume)),
+        ));
+        r.add_node(test_node(
+            "no_probes",
+            vec![PortDef::new("after", "scalar", "")],
+            vec![],
+            |_| Ok(Box::new(NoProbes)),
+        ));
+        r.add_node(test_node(
+            "rendezvous",
+            vec![],
+            vec![PortDef::new("y", "scalar", "")],
+            |_| Ok(Box::new(Rendezvous)),
+        ));
+        r.add_node(test_node(
+            "tick",
+            vec![PortDef::new("xs", "scalar", "").many()],
+            vec![PortDef::new("y", "scalar", "")],
+            |_| Ok(Box::new(Tick)),
+        ));
         r
     }
 

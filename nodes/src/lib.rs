@@ -4,6 +4,7 @@
 //! [`registry`] collects them for the engine. `flowrun nodes` prints their documentation.
 
 pub mod annealed_renoiser;
+pub mod checks;
 pub mod compressibility_reward;
 pub mod device;
 pub mod flow_matching_train;
@@ -54,5 +55,6 @@ pub fn registry() -> Registry {
     grpo_update::register(&mut r);
     trajectory_sink::register(&mut r);
     parquet_source::register(&mut r);
+    checks::register(&mut r);
     r
 }

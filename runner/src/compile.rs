@@ -49,6 +49,8 @@ pub struct Pipeline {
     pub iterations: u64,
     pub checkpoint_every: u64,
     pub keep_checkpoints: usize,
+    /// What validation does when a check estimates more memory than the machine has.
+    pub memory_check: MemoryCheck,
     pub resources: Vec<ResourceInst>,
     /// Expanded nodes in a topological order.
     pub nodes: Vec<NodeInst>,
@@ -88,6 +90,7 @@ const TOP_KEYS: &[&str] = &[
     "iterations",
     "checkpoint_every",
     "keep_checkpoints",
+    "memory_check",
     "resources",
     "nodes",
 ];
@@ -97,6 +100,21 @@ const NODE_KEYS: &[&str] = &[
 const REPEAT_KEYS: &[&str] = &["id", "count", "vars", "nodes"];
 const RESOURCE_KEYS: &[&str] = &["type", "params", "doc"];
 const WHEN: &[&str] = &["all", "first", "last", "not_first", "not_last"];
+
+/// The pipeline's `memory_check`: what a memory estimate above the machine's memory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryCheck {
+    /// An error: the pipeline does not run (the default).
+    Error,
+    /// A warning: it runs anyway.
+    Warn,
+    /// Not estimated.
+    Off,
+}
+
+impl MemoryCheck {
+    pub const NAMES: &[&str] = &["error", "warn", "off"];
+}
 
 /// Report keys of `map` that are not in `allowed`, with a suggestion.
 fn check_keys(map: &YNode, allowed: &[&str], what: &str, diags: &mut Diagnostics) {
@@ -202,6 +220,18 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         get_uint(doc, "keep_checkpoints", "the pipeline", 1, &mut diags).unwrap_or(2) as usize;
     let device =
         get_str(doc, "device", "the pipeline", &mut diags).unwrap_or_else(|| "flex".into());
+    let memory_check = match get_str(doc, "memory_check", "the pipeline", &mut diags).as_deref() {
+        None | Some("error") => MemoryCheck::Error,
+        Some("warn") => MemoryCheck::Warn,
+        Some("off") => MemoryCheck::Off,
+        Some(other) => {
+            diags.push(doc.get("memory_check").unwrap().error(format!(
+                "`memory_check` must be one of {}, found `{other}`",
+                MemoryCheck::NAMES.join(", ")
+            )));
+            MemoryCheck::Error
+        }
+    };
     if let (Some(check), Some(dn)) = (registry.device_check, doc.get("device"))
         && let Err(m) = check(&device)
     {
@@ -627,21 +657,29 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
             *a = pos[*a];
         }
     }
-    Ok((
-        Pipeline {
-            name,
-            description,
-            seed,
-            device,
-            iterations,
-            checkpoint_every,
-            keep_checkpoints,
-            resources,
-            nodes: sorted,
-            document: doc.clone(),
-        },
-        diags,
-    ))
+    let pipeline = Pipeline {
+        name,
+        description,
+        seed,
+        device,
+        iterations,
+        checkpoint_every,
+        keep_checkpoints,
+        memory_check,
+        resources,
+        nodes: sorted,
+        document: doc.clone(),
+    };
+    // Whole-pipeline checks of the node library (schedules across steps, memory).
+    for check in &registry.checks {
+        diags.extend(check(&pipeline));
+    }
+    diags.sort();
+    diags.dedup();
+    if diags.has_errors() {
+        return Err(diags);
+    }
+    Ok((pipeline, diags))
 }
 
 fn placeholder(e: &Expanded) -> NodeInst {

@@ -20,12 +20,12 @@ pub mod yaml;
 
 use std::path::Path;
 
-pub use compile::{Pipeline, compile};
+pub use compile::{MemoryCheck, Pipeline, compile};
 pub use diag::{Diagnostic, Diagnostics, Loc, Source};
 pub use exec::{RunError, RunOptions, RunSummary, run};
 pub use node::{
-    BuildCtx, Inputs, Node, NodeCtx, NodeType, Outputs, PortDef, Registry, Resource, ResourceSlot,
-    ResourceType, Value,
+    BuildCtx, Inputs, Node, NodeCtx, NodeType, Outputs, PipelineCheck, PortDef, Registry, Resource,
+    ResourceSlot, ResourceType, Value,
 };
 pub use params::{ParamDef, ParamKind, ParamValue, Params};
 

@@ -68,6 +68,11 @@ pub struct BuildCtx<'a> {
     pub step: Option<(usize, usize)>,
 }
 
+/// A check of a whole compiled pipeline that no single parameter can make (a schedule across
+/// repeat steps, a memory estimate): run by [`crate::compile()`] after everything else
+/// validated, its errors located with [`crate::Params::error`].
+pub type PipelineCheck = fn(&crate::Pipeline) -> crate::Diagnostics;
+
 /// Checks a pipeline's `device` string; `Err` is the message to show.
 pub type DeviceCheck = fn(&str) -> std::result::Result<(), String>;
 
@@ -101,6 +106,8 @@ pub struct Registry {
     pub resources: BTreeMap<&'static str, ResourceType>,
     /// Checks the pipeline's `device` string; `Err` is the message to show.
     pub device_check: Option<DeviceCheck>,
+    /// Whole-pipeline checks, run in order once the pipeline compiled.
+    pub checks: Vec<PipelineCheck>,
 }
 
 impl Registry {

@@ -159,9 +159,23 @@ pub struct Params {
     pub values: BTreeMap<String, ParamValue>,
     /// Who these belong to, for error messages (`node `update``).
     pub owner: String,
+    /// Where each parameter given in the file was written (its value's node), and where the
+    /// owner was declared: for checks after compilation ([`Params::error`]).
+    pub at: BTreeMap<String, YNode>,
+    pub owner_at: Option<YNode>,
 }
 
 impl Params {
+    /// An error located at parameter `name` as written in the file (or at the owner when the
+    /// default was used), prefixed with the parameter and its owner.
+    pub fn error(&self, name: &str, message: impl std::fmt::Display) -> Diagnostic {
+        let text = format!("parameter `{name}` of {}: {message}", self.owner);
+        match (self.at.get(name), &self.owner_at) {
+            (Some(n), _) | (None, Some(n)) => n.error(text),
+            (None, None) => Diagnostic::error(text),
+        }
+    }
+
     fn get(&self, name: &str) -> anyhow::Result<&ParamValue> {
         self.values
             .get(name)
@@ -247,6 +261,7 @@ pub fn validate_params(
     fallback: &YNode,
 ) -> Params {
     let mut values = BTreeMap::new();
+    let mut at = BTreeMap::new();
     let entries: &[(crate::yaml::YKey, YNode)] = match node {
         None => &[],
         Some(n) => match &n.kind {
@@ -281,6 +296,7 @@ pub fn validate_params(
         match convert(value, &def.kind) {
             Ok(v) => {
                 values.insert(def.name.to_string(), v);
+                at.insert(def.name.to_string(), value.clone());
             }
             Err(msg) => {
                 diags.push(value.error(format!("parameter `{}` of {owner}: {msg}", def.name)))
@@ -310,6 +326,8 @@ pub fn validate_params(
     Params {
         values,
         owner: owner.to_string(),
+        at,
+        owner_at: Some(fallback.clone()),
     }
 }
 

@@ -197,6 +197,7 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             "iterations": {"type": "integer", "minimum": 1},
             "checkpoint_every": {"type": "integer", "minimum": 0},
             "keep_checkpoints": {"type": "integer", "minimum": 0},
+            "memory_check": {"enum": ["error", "warn", "off"], "description": "what validation does when the estimated peak memory exceeds the machine's: refuse (default), warn, or skip the estimate"},
             "resources": {"type": "object", "additionalProperties": {"$ref": "#/$defs/resource"}},
             "nodes": {"type": "array", "items": {"anyOf": [{"$ref": "#/$defs/node"}, {"$ref": "#/$defs/repeat"}]}},
         },

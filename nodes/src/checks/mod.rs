@@ -1,0 +1,12 @@
+//! Whole-pipeline checks made at validation, after every node and parameter compiled: what no
+//! single parameter shows (a schedule across repeat steps, the memory a run will need).
+
+use runner::Registry;
+
+pub mod memory;
+pub mod schedule;
+
+pub fn register(r: &mut Registry) {
+    r.checks.push(schedule::check);
+    r.checks.push(memory::check);
+}

@@ -585,14 +585,14 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             if let Some(dir) = &e.run_dir {
                 match &e.checkpoint {
                     Some(ck) => eprintln!(
-                        "the last checkpoint ({}) is intact; resume with:\n  flowrun run --resume {}",
+                        "the newest checkpoint that verifies is {}; resume with:\n  flowrun run --resume {}",
                         ck.file_name()
                             .map(|n| n.to_string_lossy().into_owned())
                             .unwrap_or_default(),
                         dir.display()
                     ),
                     None => eprintln!(
-                        "no checkpoint was written; run directory: {}",
+                        "no checkpoint of this run verifies (or none was written); run directory: {}",
                         dir.display()
                     ),
                 }

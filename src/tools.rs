@@ -19,6 +19,9 @@ fn load(checkpoint: &Path, dev: &str) -> Result<(nodes::model::FlowModel, burn::
     if !checkpoint.exists() {
         bail!("checkpoint {} does not exist", checkpoint.display());
     }
+    // A model file inside a run's checkpoint is used only if that checkpoint verifies.
+    runner::rundir::verify_enclosing_checkpoint(checkpoint)
+        .with_context(|| format!("checkpoint {} is not usable", checkpoint.display()))?;
     let (_, model) = load_safetensors(checkpoint, &device)?;
     Ok((model, device))
 }

@@ -700,13 +700,18 @@ impl Node for TrajectorySink {
         Some(serde_json::json!({"last_iteration": self.last.max(written)}))
     }
 
-    /// Files of iterations after the checkpoint are rolled back (moved to `_superseded/`):
-    /// they are written again as the run continues.
     fn restore(&mut self, state: serde_json::Value) -> Result<()> {
-        let last = state["last_iteration"]
+        self.last = state["last_iteration"]
             .as_u64()
             .context("trajectory_sink state: no last_iteration")?;
-        self.last = last;
+        Ok(())
+    }
+
+    /// Files of iterations after the one the run continues from are rolled back (moved to
+    /// `_superseded/`, under a new name if an earlier resume put one of that name there):
+    /// they are written again as the run continues.
+    fn rewind(&mut self, iteration: u64) -> Result<()> {
+        self.last = self.last.min(iteration);
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return Ok(());
         };
@@ -714,14 +719,8 @@ impl Node for TrajectorySink {
         let mut moved = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(it) = parse_file_name(&name)
-                && it > last
-            {
-                fs::create_dir_all(&sup)
-                    .with_context(|| format!("cannot create {}", sup.display()))?;
-                fs::rename(e.path(), sup.join(&name)).with_context(|| {
-                    format!("cannot move {} to {}", e.path().display(), sup.display())
-                })?;
+            if parse_file_name(&name).is_some_and(|it| it > iteration) {
+                runner::rundir::move_aside(&e.path(), &sup)?;
                 moved += 1;
             }
         }
@@ -729,7 +728,7 @@ impl Node for TrajectorySink {
             sync_dir(&self.dir);
             tracing::info!(
                 moved,
-                "moved trajectory files of iterations after the checkpoint to {}",
+                "moved trajectory files of iterations after {iteration} to {}",
                 sup.display()
             );
         }

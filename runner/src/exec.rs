@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -22,6 +21,7 @@ use tracing::{info, info_span, warn};
 use crate::compile::Pipeline;
 use crate::fsutil::{clean_temporaries, sync_dir, write_atomic};
 use crate::node::{BuildCtx, Inputs, Node, NodeCtx, Outputs, Registry, SharedResource, Value};
+use crate::rundir::{self, LATEST, STATE_FILE};
 
 /// How to run.
 #[derive(Clone)]
@@ -91,9 +91,6 @@ impl std::fmt::Display for RunError {
 /// writes here.
 pub static RUN_LOG: Mutex<Option<fs::File>> = Mutex::new(None);
 
-const STATE_FILE: &str = "state.json";
-const LATEST: &str = "latest";
-
 struct Runtime {
     pipeline: Pipeline,
     nodes: Vec<Arc<Mutex<Box<dyn Node>>>>,
@@ -122,18 +119,68 @@ pub fn run(
     let err = |e: anyhow::Error, dir: Option<&Path>| RunError {
         error: e,
         run_dir: dir.map(Path::to_path_buf),
-        checkpoint: dir.and_then(latest_checkpoint),
+        checkpoint: dir.and_then(|d| rundir::newest_verified(d).map(|v| v.dir)),
     };
-    let run_dir = match &opts.resume {
-        Some(d) => d.clone(),
-        None => create_run_dir(&opts.runs_root, &pipeline.name).map_err(|e| err(e, None))?,
+    // The run directory, locked for this process before anything in it is touched.
+    let (run_dir, _lock) = match &opts.resume {
+        Some(d) => {
+            let lock = rundir::lock(d).map_err(|e| err(e, None))?;
+            (d.clone(), lock)
+        }
+        None => {
+            let d = create_run_dir(&opts.runs_root, &pipeline.name).map_err(|e| err(e, None))?;
+            let lock = rundir::lock(&d).map_err(|e| err(e, None))?;
+            (d, lock)
+        }
     };
     let rd = Some(run_dir.as_path());
+    // Where a resume continues from, decided before anything is changed: with no checkpoint
+    // that verifies, the run directory is left as it is.
+    let resume_point = match &opts.resume {
+        Some(_) => {
+            let r = rundir::resume_point(&run_dir).map_err(|e| RunError {
+                error: e,
+                run_dir: None,
+                checkpoint: None,
+            })?;
+            for w in &r.warnings {
+                warn!("{w}");
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    let result = start_and_run(pipeline, registry, &opts, &run_dir, resume_point);
+    if let Ok(mut g) = RUN_LOG.lock() {
+        *g = None;
+    }
+    match result {
+        Ok(s) => Ok(s),
+        Err(e) if opts.resume.is_none() && !has_progress(&run_dir) => {
+            // A new run that failed before finishing an iteration leaves nothing behind.
+            let _ = fs::remove_dir_all(&run_dir);
+            Err(err(e, None))
+        }
+        Err(e) => Err(err(e, rd)),
+    }
+}
+
+/// Whether a run directory holds anything of value: a metrics row or a checkpoint.
+fn has_progress(run_dir: &Path) -> bool {
+    let rows = fs::metadata(run_dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+    rows || run_dir.join("checkpoints").join(LATEST).exists()
+}
+
+fn start_and_run(
+    pipeline: Pipeline,
+    registry: &Registry,
+    opts: &RunOptions,
+    run_dir: &Path,
+    resume_point: Option<rundir::ResumePoint>,
+) -> Result<RunSummary> {
     let ckdir = run_dir.join("checkpoints");
-    fs::create_dir_all(&ckdir)
-        .with_context(|| format!("cannot create {}", ckdir.display()))
-        .map_err(|e| err(e, rd))?;
-    let cleaned = clean_temporaries(&ckdir) + clean_temporaries(&run_dir);
+    fs::create_dir_all(&ckdir).with_context(|| format!("cannot create {}", ckdir.display()))?;
+    let cleaned = clean_temporaries(&ckdir) + clean_temporaries(run_dir);
     if cleaned > 0 {
         warn!(
             cleaned,
@@ -149,44 +196,65 @@ pub fn run(
         *g = Some(f);
     }
     if opts.resume.is_none() {
-        record_run(&run_dir, &pipeline, &opts).map_err(|e| err(e, rd))?;
+        record_run(run_dir, &pipeline, opts)?;
     } else {
-        // The resolved pipeline of this continuation (it may extend `iterations`, say).
-        let text = resolved_yaml(&pipeline, &opts);
-        write_atomic(&run_dir.join("pipeline.yaml"), text.as_bytes()).map_err(|e| err(e, rd))?;
+        // The resolved pipeline of this continuation (it may extend `iterations`, say), still
+        // naming the file the run started from.
+        let path = run_dir.join("pipeline.yaml");
+        let previous = fs::read_to_string(&path).unwrap_or_default();
+        let text = resolved_yaml(&pipeline, opts, Some(&previous));
+        write_atomic(&path, text.as_bytes())?;
     }
 
-    let mut rt = build(pipeline, registry, &run_dir).map_err(|e| err(e, rd))?;
+    let mut rt = build(pipeline, registry, run_dir)?;
     let mut start = 1;
-    if opts.resume.is_some() {
-        match latest_checkpoint(&run_dir) {
+    if let Some(point) = resume_point {
+        let it = match &point.checkpoint {
             Some(ck) => {
-                let it = restore(&mut rt, &ck).map_err(|e| err(e, rd))?;
-                truncate_metrics(&run_dir, it).map_err(|e| err(e, rd))?;
-                info!(iteration = it, checkpoint = %ck.display(), "resumed");
-                start = it + 1;
+                if ck.unchecked {
+                    warn!(
+                        "checkpoint {} was written by an older flowrun without checksums: its files are not verified",
+                        ck.dir.display()
+                    );
+                }
+                let it = restore(&mut rt, &ck.dir)?;
+                info!(iteration = it, checkpoint = %ck.dir.display(), "resumed");
+                it
             }
             None => {
                 warn!(
                     "no checkpoint in {}; starting from the first iteration",
                     run_dir.display()
                 );
-                truncate_metrics(&run_dir, 0).map_err(|e| err(e, rd))?;
+                0
             }
+        };
+        // What came after the checkpoint moves aside; the run writes it again.
+        let moved = rundir::supersede_checkpoints_after(run_dir, it)?;
+        if moved > 0 {
+            warn!(
+                moved,
+                "moved checkpoints after iteration {it} to {}",
+                ckdir.join(rundir::SUPERSEDED).display()
+            );
         }
+        truncate_metrics(run_dir, it)?;
+        for (n, node) in rt.pipeline.nodes.iter().zip(&rt.nodes) {
+            node.lock()
+                .map_err(|_| anyhow!("node `{}` is poisoned", n.id))?
+                .rewind(it)
+                .with_context(|| format!("rewinding node `{}` to iteration {it}", n.id))?;
+        }
+        start = it + 1;
     }
 
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-        .map_err(|e| err(e.into(), rd))?;
-    let result = tokio_rt.block_on(run_loop(&mut rt, start, &opts));
+        .build()?;
+    let result = tokio_rt.block_on(run_loop(&mut rt, start, opts));
     tokio_rt.shutdown_background();
-    if let Ok(mut g) = RUN_LOG.lock() {
-        *g = None;
-    }
-    result.map_err(|e| err(e, rd))
+    result
 }
 
 fn create_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
@@ -210,14 +278,36 @@ fn create_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
     )
 }
 
-fn resolved_yaml(p: &Pipeline, opts: &RunOptions) -> String {
+/// The resolved pipeline as written into the run directory: a header naming the file the run
+/// started from and every override, then the document. On resume, `previous` (the run's own
+/// copy) keeps its header: the source stays the original file, and this resume's overrides are
+/// added to the ones before.
+fn resolved_yaml(p: &Pipeline, opts: &RunOptions, previous: Option<&str>) -> String {
     let mut text = format!(
-        "# Resolved pipeline written by flowrun {}\n# source: {}\n",
-        env!("CARGO_PKG_VERSION"),
-        opts.source_name
+        "# Resolved pipeline written by flowrun {}\n",
+        env!("CARGO_PKG_VERSION")
     );
-    for o in &opts.overrides {
-        text.push_str(&format!("# --set {o}\n"));
+    let old_header: Vec<&str> = previous
+        .map(|t| {
+            t.lines()
+                .take_while(|l| l.starts_with('#'))
+                .filter(|l| l.starts_with("# source: ") || l.starts_with("# --set "))
+                .collect()
+        })
+        .unwrap_or_default();
+    if old_header.iter().any(|l| l.starts_with("# source: ")) {
+        for l in &old_header {
+            text.push_str(l);
+            text.push('\n');
+        }
+        for o in &opts.overrides {
+            text.push_str(&format!("# --set {o} (on resume)\n"));
+        }
+    } else {
+        text.push_str(&format!("# source: {}\n", opts.source_name));
+        for o in &opts.overrides {
+            text.push_str(&format!("# --set {o}\n"));
+        }
     }
     text.push_str(&crate::yaml::to_yaml_string(&p.document).unwrap_or_default());
     text
@@ -226,7 +316,7 @@ fn resolved_yaml(p: &Pipeline, opts: &RunOptions) -> String {
 fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions) -> Result<()> {
     write_atomic(
         &dir.join("pipeline.yaml"),
-        resolved_yaml(p, opts).as_bytes(),
+        resolved_yaml(p, opts, None).as_bytes(),
     )?;
     let meta = serde_json::json!({
         "name": p.name,
@@ -358,7 +448,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         0.0
     };
     let mut last_metrics = BTreeMap::new();
-    let mut last_checkpoint = latest_checkpoint(&rt.run_dir);
+    let mut last_checkpoint = rundir::newest_verified(&rt.run_dir).map(|v| v.dir);
     let mut last_done = start - 1;
     let every = rt.pipeline.checkpoint_every;
     for it in start..=total {
@@ -384,10 +474,13 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         }
         // One `write_all` of the whole line: a reader tailing the file (a test, `flowrun
         // report` on a live run) sees whole rows, never half of one.
-        let mut line = serde_json::Value::Object(out).to_string();
-        line.push('\n');
-        metrics_file.write_all(line.as_bytes())?;
-        metrics_file.flush()?;
+        let line = serde_json::Value::Object(out).to_string();
+        rundir::append_line(
+            &mut metrics_file,
+            &metrics_path,
+            &line,
+            &format!("iteration {it}'s metrics row"),
+        )?;
         info!(iter_s, metrics = %headline(&row), "iteration done");
         last_done = it;
         if let Some(b) = &bar {
@@ -642,23 +735,36 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
-/// The newest complete checkpoint of a run directory.
-pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
-    let ckdir = run_dir.join("checkpoints");
-    let name = fs::read_to_string(ckdir.join(LATEST)).ok()?;
-    let p = ckdir.join(name.trim());
-    p.join(STATE_FILE).exists().then_some(p)
-}
-
 fn write_checkpoint(rt: &Runtime, it: u64) -> Result<PathBuf> {
     let ckdir = rt.run_dir.join("checkpoints");
-    let name = format!("iter-{it:06}");
+    let name = rundir::checkpoint_name(it);
     let tmp = ckdir.join(format!(".tmp-{name}-{}", std::process::id()));
     let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp)?;
+    let written = fill_checkpoint(rt, it, &tmp);
+    if written.is_err() {
+        // A failed checkpoint leaves nothing half-written behind; the previous one stays.
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written.with_context(|| format!("writing checkpoint {name} into {}", ckdir.display()))?;
+    let dest = ckdir.join(&name);
+    if dest.exists() {
+        rundir::move_aside(&dest, &ckdir.join(rundir::SUPERSEDED))?;
+    }
+    fs::rename(&tmp, &dest)
+        .with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
+    sync_dir(&ckdir);
+    write_atomic(&ckdir.join(LATEST), name.as_bytes())?;
+    rundir::prune_checkpoints(&ckdir, rt.pipeline.keep_checkpoints, it);
+    info!(checkpoint = %dest.display(), "checkpoint written");
+    Ok(dest)
+}
+
+/// Every resource's files, then `state.json`, then the checksums of them all, into `tmp`.
+fn fill_checkpoint(rt: &Runtime, it: u64, tmp: &Path) -> Result<()> {
+    fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     for (r, res) in rt.pipeline.resources.iter().zip(&rt.resources) {
         let d = tmp.join("resources").join(&r.name);
-        fs::create_dir_all(&d)?;
+        fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
         let guard = res
             .read()
             .map_err(|_| anyhow!("resource `{}` is poisoned", r.name))?;
@@ -675,41 +781,19 @@ fn write_checkpoint(rt: &Runtime, it: u64) -> Result<PathBuf> {
             states.insert(n.id.clone(), s);
         }
     }
-    let state = serde_json::json!({"iteration": it, "pipeline": rt.pipeline.name, "nodes": states});
+    let state = serde_json::json!({
+        "format": rundir::CHECKSUMMED_FORMAT,
+        "iteration": it,
+        "pipeline": rt.pipeline.name,
+        "nodes": states,
+    });
     write_atomic(
         &tmp.join(STATE_FILE),
         serde_json::to_string_pretty(&state)?.as_bytes(),
     )?;
-    sync_dir(&tmp);
-    let dest = ckdir.join(&name);
-    if dest.exists() {
-        fs::remove_dir_all(&dest)?;
-    }
-    fs::rename(&tmp, &dest)
-        .with_context(|| format!("cannot move checkpoint into {}", dest.display()))?;
-    sync_dir(&ckdir);
-    write_atomic(&ckdir.join(LATEST), name.as_bytes())?;
-    prune_checkpoints(&ckdir, rt.pipeline.keep_checkpoints, &name);
-    info!(checkpoint = %dest.display(), "checkpoint written");
-    Ok(dest)
-}
-
-fn prune_checkpoints(ckdir: &Path, keep: usize, latest: &str) {
-    let Ok(entries) = fs::read_dir(ckdir) else {
-        return;
-    };
-    let mut names: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("iter-"))
-        .collect();
-    names.sort();
-    let excess = names.len().saturating_sub(keep.max(1));
-    for n in names.into_iter().take(excess) {
-        if n != latest {
-            let _ = fs::remove_dir_all(ckdir.join(n));
-        }
-    }
+    rundir::write_checksums(tmp)?;
+    sync_dir(tmp);
+    Ok(())
 }
 
 fn restore(rt: &mut Runtime, ck: &Path) -> Result<u64> {
@@ -743,7 +827,8 @@ fn restore(rt: &mut Runtime, ck: &Path) -> Result<u64> {
 }
 
 /// Keep metric rows up to `it`; rows of iterations that will be run again move to
-/// `metrics.superseded.jsonl`, so nothing written is lost.
+/// `metrics.superseded.jsonl`, so nothing written is lost. A line that is not a whole row (cut
+/// off by a crash) is dropped, so both files stay valid JSON Lines.
 fn truncate_metrics(run_dir: &Path, it: u64) -> Result<()> {
     let path = run_dir.join("metrics.jsonl");
     let Ok(text) = fs::read_to_string(&path) else {
@@ -751,29 +836,50 @@ fn truncate_metrics(run_dir: &Path, it: u64) -> Result<()> {
     };
     let mut keep = String::new();
     let mut moved = String::new();
+    let mut partial = 0;
     for line in text.lines() {
+        if line.trim().is_empty() {
+            continue;
+        }
         let row_it = serde_json::from_str::<serde_json::Value>(line)
             .ok()
-            .and_then(|v| v["iteration"].as_u64());
+            .map(|v| v["iteration"].as_u64());
         match row_it {
-            Some(r) if r <= it => {
+            Some(Some(r)) if r <= it => {
                 keep.push_str(line);
                 keep.push('\n');
             }
-            _ if line.trim().is_empty() => {}
-            _ => {
+            Some(Some(_)) => {
                 moved.push_str(line);
                 moved.push('\n');
             }
+            _ => partial += 1,
         }
     }
+    if partial > 0 {
+        warn!(
+            partial,
+            "dropped line(s) of {} that are not whole metric rows (cut off by a crash or a full disk)",
+            path.display()
+        );
+    }
     if !moved.is_empty() {
+        let sup = run_dir.join("metrics.superseded.jsonl");
         let mut f = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(run_dir.join("metrics.superseded.jsonl"))?;
-        f.write_all(moved.as_bytes())?;
-        f.sync_all()?;
+            .open(&sup)
+            .with_context(|| format!("cannot open {}", sup.display()))?;
+        rundir::append_line(
+            &mut f,
+            &sup,
+            &moved,
+            &format!("the metric rows after iteration {it}"),
+        )?;
+        f.sync_all()
+            .with_context(|| format!("cannot write {}", sup.display()))?;
+    }
+    if !moved.is_empty() || partial > 0 {
         write_atomic(&path, keep.as_bytes())?;
     }
     Ok(())

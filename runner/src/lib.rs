@@ -15,6 +15,7 @@ pub mod graph;
 pub mod node;
 pub mod overrides;
 pub mod params;
+pub mod rundir;
 pub mod schema;
 pub mod yaml;
 

@@ -142,6 +142,12 @@ pub trait Node: Send {
     fn restore(&mut self, _state: serde_json::Value) -> Result<()> {
         Ok(())
     }
+    /// On resume, after [`Node::restore`]: the run continues after iteration `iteration` (0
+    /// when it starts again from the first), so whatever the node wrote itself for later
+    /// iterations is rolled back — moved aside, never deleted.
+    fn rewind(&mut self, _iteration: u64) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Runtime context of one node run.

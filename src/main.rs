@@ -10,6 +10,7 @@ use runner::{Diagnostics, Registry, RunOptions};
 mod bench;
 mod device_check;
 mod logging;
+mod oom;
 mod plot;
 mod report;
 mod tools;
@@ -236,6 +237,9 @@ enum Command {
 /// malloc"), and from 27.8 to 5.7 s over 4 iterations at 256 samples ("Session 7"). Skipped
 /// when the user set `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (theirs wins) or
 /// `FLOWRUN_DEFAULT_MALLOC` is set.
+#[global_allocator]
+static ALLOCATOR: oom::Allocator = oom::Allocator;
+
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -449,6 +453,16 @@ fn cmd_validate(path: &Path, set: &[String], registry: &Registry) -> ExitCode {
                 p.resources.len(),
                 p.iterations
             );
+            if let Some(est) = nodes::checks::memory::estimate(&p) {
+                let machine = nodes::checks::memory::machine_memory()
+                    .map(|m| format!(" of this machine's {:.1} GiB", m as f64 / GIB))
+                    .unwrap_or_default();
+                println!(
+                    "estimated peak memory: {:.2} GiB{machine} ({})",
+                    est.bytes / GIB,
+                    est.why
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(d) => {
@@ -506,6 +520,8 @@ fn cmd_nodes(name: Option<&str>, registry: &Registry) -> ExitCode {
         }
     }
 }
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 
 fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> ExitCode {
     let mut overrides = args.set.clone();

@@ -220,7 +220,12 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         get_uint(doc, "keep_checkpoints", "the pipeline", 1, &mut diags).unwrap_or(2) as usize;
     let device =
         get_str(doc, "device", "the pipeline", &mut diags).unwrap_or_else(|| "flex".into());
-    let memory_check = match get_str(doc, "memory_check", "the pipeline", &mut diags).as_deref() {
+    // (`off` unquoted is YAML 1.1's `false`: accept it as the word it was meant as.)
+    let memory_check_word = match doc.get("memory_check").map(|n| &n.kind) {
+        Some(YKind::Bool(false)) => Some("off".to_string()),
+        _ => get_str(doc, "memory_check", "the pipeline", &mut diags),
+    };
+    let memory_check = match memory_check_word.as_deref() {
         None | Some("error") => MemoryCheck::Error,
         Some("warn") => MemoryCheck::Warn,
         Some("off") => MemoryCheck::Off,

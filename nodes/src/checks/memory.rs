@@ -1,7 +1,283 @@
-//! (being written)
+//! The memory a pipeline will need at its peak, estimated at validation from the batch, the
+//! model and `rollout_graph`, and compared with the machine's memory (`memory_check`).
+//!
+//! The estimate is a model of the peak, calibrated on measured peaks (README "Runs",
+//! "What validation estimates"):
+//! * weights: each `flow_model` holds about [`WEIGHT_COPIES`] f32 copies of its parameters
+//!   (weights, gradient, two AdamW moments, the sampling and reference copies);
+//! * activations: one autodiff forward of one sample keeps
+//!   `CONV_BYTES · V_conv + ATTN_BYTES · V_attn` bytes, where `V_conv` is the UNet's feature
+//!   volume (channels × side² summed over its residual blocks) and `V_attn` the attention score
+//!   volume (heads × image tokens × keys); with `rollout_graph: keep` the update holds one such
+//!   graph per sample and transition, with `recompute` about [`RECOMPUTE_FRACTION`] of one per
+//!   sample of a minibatch;
+//! * a fixed [`BASE_BYTES`] (binary, dataset, runtime).
+//!
+//! Host memory only: on `libtorch-cuda` devices the activations live on the GPU, which this
+//! does not check.
 
-use runner::{Diagnostics, Pipeline};
+use std::fs;
+use std::io::Read;
+use std::path::Path;
 
-pub fn check(_p: &Pipeline) -> Diagnostics {
-    Diagnostics::default()
+use runner::{Diagnostic, Diagnostics, MemoryCheck, Pipeline};
+
+use crate::model::FlowModelConfig;
+use crate::model::checkpoint::CONFIG_KEY;
+use crate::world;
+
+/// Bytes one autodiff forward keeps per element of the UNet's feature volume: fitted to the
+/// peak RSS of runs of the main job on flex over 3 iterations (the second and later
+/// iterations peak ~25% above the first), `small` and `tiny` models, 16–256 samples.
+pub const CONV_BYTES: f64 = 122.0;
+/// Bytes per element of the attention score volume (same fit).
+pub const ATTN_BYTES: f64 = 20.2;
+/// Peak of a `recompute` update per sample of a minibatch, as a fraction of one kept graph.
+pub const RECOMPUTE_FRACTION: f64 = 0.65;
+/// f32 copies of the parameters a trained model holds.
+pub const WEIGHT_COPIES: f64 = 6.0;
+/// The process without any batch.
+pub const BASE_BYTES: f64 = 24.0 * MIB;
+
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * MIB;
+
+/// Samplers and steps whose forward passes become the update's graph.
+const TRANSITION_NODES: &[&str] = &["annealed_renoiser", "flow_sde_step"];
+
+pub fn check(p: &Pipeline) -> Diagnostics {
+    let mut diags = Diagnostics::default();
+    if p.memory_check == MemoryCheck::Off || p.device.starts_with("libtorch-cuda") {
+        return diags;
+    }
+    let Some(est) = estimate(p) else {
+        return diags;
+    };
+    let Some(machine) = machine_memory() else {
+        return diags;
+    };
+    if est.bytes <= machine as f64 {
+        return diags;
+    }
+    let message = format!(
+        "the pipeline needs about {} of memory at its peak, more than this machine's {}: {}",
+        human(est.bytes),
+        human(machine as f64),
+        est.why
+    );
+    let help = "make the batch smaller, or set `rollout_graph: recompute` on the model; \
+                `--set memory_check=warn` runs it anyway, `off` skips the estimate";
+    let at = est.at.as_ref();
+    let d = match (p.memory_check, at) {
+        (MemoryCheck::Error, Some((node, param))) => {
+            let mut d = node.params.error(param, message);
+            d.help = Some(help.to_string());
+            d
+        }
+        (MemoryCheck::Error, None) => Diagnostic::error(message).help(help),
+        (_, Some((node, param))) => {
+            let mut d = node.params.error(param, message);
+            d.severity = runner::diag::Severity::Warning;
+            d
+        }
+        (_, None) => Diagnostic::warning(message),
+    };
+    diags.push(d);
+    diags
+}
+
+/// An estimate and what it is made of.
+pub struct Estimate {
+    pub bytes: f64,
+    /// The settings it comes from, in words.
+    pub why: String,
+    /// The parameter that sets the batch (where an error points).
+    at: Option<(runner::compile::NodeInst, &'static str)>,
+}
+
+/// The peak memory estimate of `p`, when it trains or samples a `flow_model`.
+pub fn estimate(p: &Pipeline) -> Option<Estimate> {
+    let mut weights = 0.0;
+    let mut graph = 0.0f64;
+    let mut keep = false;
+    let mut sizes = Vec::new();
+    for r in p
+        .resources
+        .iter()
+        .filter(|r| r.ty == crate::flow_model::TYPE)
+    {
+        let cfg = model_config(&r.params)?;
+        weights += WEIGHT_COPIES * 4.0 * param_count(&cfg) as f64;
+        graph = graph.max(graph_bytes(&cfg));
+        keep |= r.params.str("rollout_graph").ok() == Some("keep");
+        sizes.push(format!(
+            "`{}` (~{} per sample graph)",
+            r.name,
+            human(graph_bytes(&cfg))
+        ));
+    }
+    if sizes.is_empty() {
+        return None;
+    }
+    // The batch: prompts × group of the loader, or a replay batch.
+    let mut batch = 0u64;
+    let mut at = None;
+    let mut batch_words = String::new();
+    for n in &p.nodes {
+        let (b, words, param) = match n.ty {
+            "prompt_loader" => {
+                let ppi = n.params.i64("prompts_per_iter").ok()? as u64;
+                let g = n.params.i64("group_size").ok()? as u64;
+                (
+                    ppi.saturating_mul(g),
+                    format!("prompts_per_iter {ppi} × group_size {g}"),
+                    "prompts_per_iter",
+                )
+            }
+            "parquet_source" => {
+                let b = n.params.i64("batch").ok()? as u64;
+                (b, format!("batch {b}"), "batch")
+            }
+            "flow_matching_train" => {
+                let b = n.params.i64("batch").ok()? as u64;
+                (b, format!("batch {b}"), "batch")
+            }
+            _ => continue,
+        };
+        if b > batch {
+            batch = b;
+            at = Some((n.clone(), param));
+            batch_words = format!("{words} in node `{}`", n.id);
+        }
+    }
+    if batch == 0 {
+        return None; // set by the data (a replay of stored iterations): not known here
+    }
+    let transitions = p
+        .nodes
+        .iter()
+        .filter(|n| TRANSITION_NODES.contains(&n.ty))
+        .count()
+        .max(1) as f64;
+    let minibatch = p
+        .nodes
+        .iter()
+        .filter(|n| n.ty == "grpo_update")
+        .filter_map(|n| n.params.i64("minibatch").ok())
+        .map(|m| m as u64)
+        .max()
+        .unwrap_or(0);
+    let b = batch as f64;
+    let (activations, mode) = if keep {
+        (
+            b * transitions * graph,
+            format!("{transitions} kept rollout graphs per sample (`rollout_graph: keep`)"),
+        )
+    } else {
+        let mb = if minibatch == 0 || minibatch > batch {
+            batch
+        } else {
+            minibatch
+        } as f64;
+        (
+            mb * RECOMPUTE_FRACTION * graph,
+            format!("a recomputed graph per sample of a minibatch of {mb}"),
+        )
+    };
+    let bytes = BASE_BYTES + weights + activations;
+    let why = format!(
+        "{batch} samples per iteration ({batch_words}), {mode}, model {}",
+        sizes.join(", ")
+    );
+    Some(Estimate { bytes, why, at })
+}
+
+/// The model a `flow_model` resource will hold: the checkpoint's config (read from the
+/// safetensors header only), or the fresh `size`.
+fn model_config(params: &runner::Params) -> Option<FlowModelConfig> {
+    match params.opt_str("checkpoint").ok().flatten() {
+        Some(path) if !path.is_empty() => header_config(Path::new(path)),
+        _ => Some(match params.str("size").ok()? {
+            "tiny" => FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS),
+            _ => FlowModelConfig::small(world::vocab_size(), world::MAX_TOKENS),
+        }),
+    }
+}
+
+/// The `flowrun.config` metadata of a safetensors file, reading its header alone (None when
+/// it cannot: the run itself reports a bad checkpoint).
+fn header_config(path: &Path) -> Option<FlowModelConfig> {
+    let mut f = fs::File::open(path).ok()?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).ok()?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let json: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let cfg = json["__metadata__"][CONFIG_KEY].as_str()?;
+    serde_json::from_str(cfg).ok()
+}
+
+/// Parameters of the model `cfg` describes (counted on a zero-initialised flex copy).
+fn param_count(cfg: &FlowModelConfig) -> usize {
+    if cfg.validate().is_err() {
+        return 0;
+    }
+    cfg.init_zeros(&burn::tensor::Device::flex()).num_params()
+}
+
+/// Bytes one sample's autodiff forward keeps (see the module doc).
+pub fn graph_bytes(cfg: &FlowModelConfig) -> f64 {
+    let n = cfg.channels.len();
+    let side = |l: usize| (cfg.image_size >> l) as f64;
+    let tokens = cfg.max_tokens as f64;
+    let mut conv = 0.0;
+    let mut attn = 0.0;
+    for (l, &c) in cfg.channels.iter().enumerate() {
+        let s2 = side(l) * side(l);
+        conv += 2.0 * cfg.res_blocks as f64 * c as f64 * s2;
+        let res = cfg.image_size >> l;
+        if cfg.attn_resolutions.contains(&res) {
+            let heads = (c / cfg.attn_head_dim.max(1)).max(1) as f64;
+            let keys = if cfg.joint_attn_resolutions.contains(&res) {
+                s2 + tokens
+            } else {
+                tokens
+            };
+            attn += 2.0 * heads * s2 * keys; // down and up path
+        }
+    }
+    let c_mid = cfg.channels[n - 1] as f64;
+    let s2 = side(n - 1) * side(n - 1);
+    conv += cfg.mid_blocks.max(1) as f64 * c_mid * s2;
+    let heads = (cfg.channels[n - 1] / cfg.attn_head_dim.max(1)).max(1) as f64;
+    attn += heads * s2 * (s2 + tokens);
+    CONV_BYTES * conv + ATTN_BYTES * attn
+}
+
+/// This machine's memory: the smaller of the physical memory and the cgroup's limit.
+pub fn machine_memory() -> Option<u64> {
+    let total = fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    })?;
+    let cgroup = fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    Some(cgroup.map_or(total, |c| c.min(total)))
+}
+
+fn human(bytes: f64) -> String {
+    if bytes >= 1024.0 * GIB {
+        format!("{:.1} TiB", bytes / (1024.0 * GIB))
+    } else if bytes >= GIB {
+        format!("{:.1} GiB", bytes / GIB)
+    } else {
+        format!("{:.0} MiB", bytes / MIB)
+    }
 }

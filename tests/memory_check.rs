@@ -1,0 +1,133 @@
+//! Validation's peak-memory estimate (issue 16, item 6): close to measured peaks of the main
+//! job, and a batch beyond the machine refused at the parameter that sets it.
+
+use runner::{Diagnostics, Pipeline};
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+fn load(extra: &[&str]) -> Result<(Pipeline, Diagnostics), Diagnostics> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::env::set_current_dir(root).unwrap();
+    let sets: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    runner::load(
+        std::path::Path::new("pipelines/tafs_grpo.yaml"),
+        &sets,
+        &nodes::registry(),
+    )
+}
+
+#[test]
+fn should_estimate_the_measured_peaks_of_the_main_job() {
+    // Peak RSS measured on flex over 3 iterations (256 samples: 2), `/usr/bin/time -f %M
+    // flowrun pipelines/tafs_grpo.yaml --set iterations=3 --set nodes.eval.every=1000000 …`
+    // (README "Runs").
+    let tiny: &[&str] = &[
+        "resources.policy.params.checkpoint=\"\"",
+        "resources.policy.params.size=tiny",
+    ];
+    let recompute = "resources.policy.params.rollout_graph=recompute";
+    let ppi = |n: u32| format!("nodes.prompts.params.prompts_per_iter={n}");
+    let cases: Vec<(Vec<String>, f64)> = vec![
+        (vec![ppi(2)], 0.817),
+        (vec![ppi(8)], 3.05),
+        (vec![], 11.95),
+        (vec![ppi(8), recompute.into()], 0.708),
+        (
+            [vec![ppi(32)], tiny.iter().map(|s| s.to_string()).collect()].concat(),
+            3.88,
+        ),
+        (
+            [
+                vec![ppi(32), recompute.into()],
+                tiny.iter().map(|s| s.to_string()).collect(),
+            ]
+            .concat(),
+            0.90,
+        ),
+    ];
+    for (sets, measured) in cases {
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let (p, _) = load(&sets).expect("valid");
+        let est = nodes::checks::memory::estimate(&p).unwrap().bytes / GIB;
+        assert!(
+            (est / measured - 1.0).abs() < 0.15,
+            "{sets:?}: estimated {est:.2} GiB, measured {measured} GiB"
+        );
+    }
+}
+
+#[test]
+fn should_refuse_a_batch_beyond_the_machine_at_the_batch_parameter() {
+    let huge = [
+        "nodes.prompts.params.prompts_per_iter=100000",
+        "nodes.prompts.params.group_size=4096",
+    ];
+    let d = load(&huge).expect_err("refused");
+    let errors: Vec<_> = d.errors().collect();
+    assert_eq!(errors.len(), 1, "{d}");
+    let e = errors[0];
+    assert!(e.message.contains("more than this machine's"), "{d}");
+    assert!(
+        e.message
+            .contains("prompts_per_iter 100000 × group_size 4096"),
+        "{d}"
+    );
+    assert!(e.loc.is_known(), "located in the file: {d}");
+    // `warn`: it validates, with the same finding as a warning; `off`: not estimated.
+    let mut warn = huge.to_vec();
+    warn.push("memory_check=warn");
+    let (_, w) = load(&warn).expect("only a warning");
+    assert!(
+        w.warnings()
+            .any(|d| d.message.contains("more than this machine's"))
+    );
+    let mut off = huge.to_vec();
+    off.push("memory_check=off");
+    let (_, w) = load(&off).expect("not estimated");
+    assert!(!w.warnings().any(|d| d.message.contains("memory")));
+    // The main job as shipped fits this machine.
+    load(&[]).expect("the main job validates here");
+}
+
+/// Address space capped (RLIMIT_AS) so that a large batch's allocation fails.
+#[cfg(unix)]
+#[test]
+fn should_end_with_one_clear_line_when_memory_runs_out() {
+    use std::os::unix::process::CommandExt;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let runs = std::env::temp_dir().join(format!("flowrun-test-oom-{}", std::process::id()));
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flowrun"));
+    c.current_dir(root)
+        .arg("tests/pipelines/valid-tafs-tiny.yaml")
+        .arg("--runs-dir")
+        .arg(&runs)
+        .arg("--quiet")
+        .args(["--set", "memory_check=off"])
+        .args(["--set", "nodes.prompts.params.prompts_per_iter=4096"])
+        .args(["--set", "nodes.prompts.params.group_size=4096"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 3 << 30,
+                rlim_max: 3 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = c.output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("flowrun: error: out of memory: could not allocate"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("memory allocation of") && !err.contains("backtrace"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(runs);
+}

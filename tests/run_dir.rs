@@ -444,8 +444,9 @@ fn should_keep_every_checkpoint_latest_named_sound_through_kill_9() {
         for name in &seen {
             let c = ck.join(name);
             if c.exists() {
-                runner::rundir::verify(&c)
+                let v = runner::rundir::verify(&c)
                     .unwrap_or_else(|e| panic!("round {round}: {name}: {e:#}"));
+                assert!(!v.unchecked, "{name} has no checksums");
             }
         }
     }

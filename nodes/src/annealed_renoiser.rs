@@ -23,7 +23,9 @@ pub fn register(r: &mut Registry) {
               τ = 1 is plain consistency-style re-noising; τ → 0 is deterministic (then the step\n\
               has no log-probability and is not trained). τ may also be annealed over training\n\
               iterations: τ(i) = τ·(1 + (iter_scale_end − 1)·s(i/iterations)) with s the\n\
-              `iter_schedule` (none, linear, cosine).",
+              `iter_schedule` (none, linear, cosine).\n\
+              `t_next` must be below the prediction's t, and the state it produces is at t_next:\n\
+              the sampler it feeds must have that `t` (validation checks both).",
         inputs: vec![PortDef::new(
             "pred",
             "prediction",

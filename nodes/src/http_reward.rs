@@ -20,6 +20,21 @@ use crate::world::{IMAGE_LEN, IMAGE_SIZE, image_to_rgb8};
 /// Protocol name and version sent in every request.
 pub const PROTOCOL: &str = "flowrun-reward/1";
 
+/// `Err` (the message) unless `url` is a plain `http://` URL with a host: checked at validation
+/// (`checks::schedule`) and again when the node is built.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    match url.strip_prefix("http://") {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(()),
+        Some(_) => Err(format!(
+            "url `{url}` has no host (e.g. http://127.0.0.1:8000/score)"
+        )),
+        None => Err(format!(
+            "url `{url}` must start with http:// (TLS is not supported: run the server next to \
+             the trainer or behind a local proxy)"
+        )),
+    }
+}
+
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
         name: "http_reward",
@@ -108,11 +123,8 @@ pub fn register(r: &mut Registry) {
         factory: |ctx| {
             let p = ctx.params;
             let url = p.str("url")?.to_string();
-            if !url.starts_with("http://") {
-                bail!(
-                    "http_reward `{}`: url `{url}` must start with http:// (TLS is not supported)",
-                    ctx.id
-                );
+            if let Err(m) = check_url(&url) {
+                bail!("http_reward `{}`: {m}", ctx.id);
             }
             let timeout = Duration::from_secs_f64(p.f64("timeout_s")?);
             let agent: ureq::Agent = ureq::Agent::config_builder()

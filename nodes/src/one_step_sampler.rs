@@ -12,7 +12,10 @@ pub fn register(r: &mut Registry) {
         summary: "predict x̂0 = x_t − t·v and ε̂ = x_t + (1 − t)·v from the current policy",
         doc: "Evaluates the velocity v_θ(x_t, t, c) of the `policy` model (with classifier-free\n\
               guidance when cfg > 1) and outputs the one-step prediction x̂0 and the noise estimate\n\
-              ε̂. In TAFS-GRPO it runs once per step k of the repeat block (t = $t).",
+              ε̂. In TAFS-GRPO it runs once per step k of the repeat block (t = $t).\n\
+              The input state must be at this `t`: validation refuses a `t` of 0 and one that is\n\
+              not the `t_next` of the step feeding `x` (followed through the inputs); at run time\n\
+              a state at another t fails with both values.",
         inputs: vec![
             PortDef::new("x", "images", "the state x_t"),
             PortDef::new("prompts", "prompts", "the batch's prompts"),
@@ -49,6 +52,7 @@ struct OneStepSampler {
 impl Node for OneStepSampler {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
         let x = inputs.get::<Images>("x")?;
+        x.expect_t("x", self.t)?;
         let prompts = inputs.get::<PromptBatch>("prompts")?;
         if x.batch() != prompts.len() {
             bail!(

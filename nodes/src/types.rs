@@ -56,11 +56,17 @@ impl PromptBatch {
     }
 }
 
+/// Largest difference between two timesteps that are meant to be equal (one schedule value
+/// computed twice, or kept in f32): below it the steps chain.
+pub const T_TOLERANCE: f64 = 1e-6;
+
 /// A batch of images or noisy states. x_t = (1 − t)·x0 + t·ε; t = 0 for clean images.
 #[derive(Debug, Clone)]
 pub struct Images {
     /// [B, 3, H, W]
     pub tensor: Tensor<4>,
+    /// The timestep of the state (1 = pure noise, 0 = an image or a prediction x̂0); a sampler
+    /// refuses a state whose t is not its own ([`Images::expect_t`]).
     pub t: f32,
 }
 
@@ -73,6 +79,18 @@ impl Images {
     }
     pub fn batch(&self) -> usize {
         self.tensor.dims()[0]
+    }
+    /// Fail unless this state is at the sampler's own timestep `t` (the state arrived on input
+    /// `port`): a schedule whose steps do not chain, naming both values.
+    pub fn expect_t(&self, port: &str, t: f32) -> anyhow::Result<()> {
+        if (f64::from(self.t) - f64::from(t)).abs() > T_TOLERANCE {
+            anyhow::bail!(
+                "input `{port}` is a state at t = {} but this step's `t` is {t}: the schedule does \
+                 not chain (a step's `t` must be the previous step's `t_next`)",
+                self.t
+            );
+        }
+        Ok(())
     }
     pub fn to_vec(&self) -> anyhow::Result<Vec<f32>> {
         to_vec(&self.tensor)

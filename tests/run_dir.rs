@@ -388,6 +388,25 @@ fn should_refuse_a_checkpoint_with_one_flipped_bit() {
         "{}",
         text(&o)
     );
+    // So does a pipeline that starts from it.
+    let o = bin()
+        .arg(&p)
+        .arg("--runs-dir")
+        .arg(dir.join("runs2"))
+        .arg("--quiet")
+        .arg("--set")
+        .arg(format!(
+            "resources.policy.params.checkpoint={}",
+            model.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("model.safetensors is damaged"),
+        "{}",
+        text(&o)
+    );
     // A resume passes over it, to the checkpoint before.
     let o = resume(&rd, &["iterations=3"]);
     assert!(o.status.success(), "{}", text(&o));

@@ -100,6 +100,9 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
                     path.display()
                 );
             }
+            // Weights taken from a run's checkpoint only if that checkpoint verifies.
+            runner::rundir::verify_enclosing_checkpoint(&path)
+                .with_context(|| format!("checkpoint {} is not usable", path.display()))?;
             let (_, m) = load_safetensors(&path, &dev)?;
             (m, Some(path))
         }

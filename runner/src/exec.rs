@@ -150,14 +150,23 @@ pub fn run(
         }
         None => None,
     };
-    let result = start_and_run(pipeline, registry, &opts, &run_dir, resume_point);
+    let mut started = false;
+    let result = start_and_run(
+        pipeline,
+        registry,
+        &opts,
+        &run_dir,
+        resume_point,
+        &mut started,
+    );
     if let Ok(mut g) = RUN_LOG.lock() {
         *g = None;
     }
     match result {
         Ok(s) => Ok(s),
-        Err(e) if opts.resume.is_none() && !has_progress(&run_dir) => {
-            // A new run that failed before finishing an iteration leaves nothing behind.
+        Err(e) if opts.resume.is_none() && !started && !has_progress(&run_dir) => {
+            // A new run that failed while starting (building its nodes, say) leaves nothing
+            // behind; one that failed in an iteration keeps its log.
             let _ = fs::remove_dir_all(&run_dir);
             Err(err(e, None))
         }
@@ -177,6 +186,7 @@ fn start_and_run(
     opts: &RunOptions,
     run_dir: &Path,
     resume_point: Option<rundir::ResumePoint>,
+    started: &mut bool,
 ) -> Result<RunSummary> {
     let ckdir = run_dir.join("checkpoints");
     fs::create_dir_all(&ckdir).with_context(|| format!("cannot create {}", ckdir.display()))?;
@@ -252,6 +262,7 @@ fn start_and_run(
         .worker_threads(2)
         .enable_all()
         .build()?;
+    *started = true;
     let result = tokio_rt.block_on(run_loop(&mut rt, start, opts));
     tokio_rt.shutdown_background();
     result

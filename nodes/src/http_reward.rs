@@ -396,6 +396,19 @@ fn parse_response(text: &str, n: usize) -> std::result::Result<BatchScores, Stri
     Ok(BatchScores { scores, subs })
 }
 
+/// A score that cannot be an f32 reward, for messages: NaN/±inf as such, a finite value exactly
+/// as sent, with why it does not fit.
+fn describe_unusable(v: f64) -> String {
+    if v.is_finite() {
+        format!(
+            "{v:e} (outside the range of an f32 reward, ±{:e})",
+            f32::MAX
+        )
+    } else {
+        v.to_string()
+    }
+}
+
 /// The index of the item a `what[i]: …` message refers to, for naming its prompt.
 fn item_of(msg: &str) -> Option<usize> {
     let open = msg.find("`[")? + 2;
@@ -481,7 +494,8 @@ impl Node for HttpReward {
         let results = results
             .into_inner()
             .map_err(|_| anyhow!("http_reward: a request thread panicked"))?;
-        let mut values = vec![f32::NAN; b];
+        // Scores as the server sent them (f64), for messages; rewards are f32.
+        let mut sent = vec![f64::NAN; b];
         let mut subs: BTreeMap<String, Vec<f64>> = BTreeMap::new();
         for (k, r) in results.into_iter().enumerate() {
             let range = ranges[k].clone();
@@ -501,14 +515,14 @@ impl Node for HttpReward {
                 // Not sent because another request failed first (reported above).
                 None => continue,
             };
-            for (j, v) in scores.scores.iter().enumerate() {
-                values[range.start + j] = *v as f32;
-            }
+            sent[range.clone()].copy_from_slice(&scores.scores);
             for (name, vs) in scores.subs {
                 let all = subs.entry(name).or_insert_with(|| vec![f64::NAN; b]);
                 all[range.clone()].copy_from_slice(&vs);
             }
         }
+        // A finite score beyond f32's range becomes ±inf here, and is treated as non-finite.
+        let mut values: Vec<f32> = sent.iter().map(|&v| v as f32).collect();
         let mut bad = 0;
         if let Some(i) = values.iter().position(|v| !v.is_finite()) {
             match self.on_nonfinite {
@@ -518,7 +532,7 @@ impl Node for HttpReward {
                         "reward server {url} returned {} for item {i} (prompt `{}`: \"{}\") {where_}; \
                          the iteration is not applied (set `on_nonfinite: skip` to give such samples \
                          their group's mean reward instead)",
-                        values[i],
+                        describe_unusable(sent[i]),
                         rec.id,
                         rec.prompt
                     );
@@ -563,6 +577,20 @@ impl Node for HttpReward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_describe_a_finite_score_beyond_f32_range_as_sent() {
+        assert_eq!(
+            describe_unusable(1e308),
+            "1e308 (outside the range of an f32 reward, ±3.4028235e38)"
+        );
+        assert_eq!(
+            describe_unusable(-4e38),
+            "-4e38 (outside the range of an f32 reward, ±3.4028235e38)"
+        );
+        assert_eq!(describe_unusable(f64::NAN), "NaN");
+        assert_eq!(describe_unusable(f64::INFINITY), "inf");
+    }
 
     #[test]
     fn should_parse_scores_sub_scores_and_python_nonfinite_literals() {

@@ -91,6 +91,9 @@ pub fn register(r: &mut Registry) {
 }
 
 /// Load prompt records from JSONL or plain text; errors name the file and line.
+///
+/// Until a line has proven to be a prompt, errors do not quote it: `path` may point at a file that
+/// is not a prompt file at all (a typo, `/etc/passwd`), whose content is not ours to print.
 pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read prompt file {}", path.display()))?;
@@ -103,12 +106,12 @@ pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let at = || format!("{} line {}", path.display(), i + 1);
         let rec = if is_jsonl {
-            let r: PromptRecord = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not a prompt record", path.display(), i + 1))?;
+            let r = parse_record(line).map_err(|e| anyhow::anyhow!("{} {e}", at()))?;
             r.target
                 .validate()
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+                .map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
             r
         } else {
             parse_prompt(line)
@@ -119,16 +122,90 @@ pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
                     split: world::Split::Train,
                     target,
                 })
-                .map_err(|e| anyhow::anyhow!("{}:{}: {e:#}", path.display(), i + 1))?
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "{} is not a ShapeWorld prompt (a text prompt file holds one prompt per \
+                         line, e.g. \"two red circles\", \"a blue square to the left of a green \
+                         cross\")",
+                        at()
+                    )
+                })?
         };
-        world::tokenize(&rec.prompt)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+        world::tokenize(&rec.prompt).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
         out.push(rec);
     }
     if out.is_empty() {
         bail!("{} contains no prompts", path.display());
     }
     Ok(out)
+}
+
+/// One JSONL line as a prompt record. The error (to follow "FILE line N") says what is wrong
+/// without quoting the line.
+fn parse_record(line: &str) -> std::result::Result<PromptRecord, String> {
+    use serde_json::Value;
+    const FIELDS: &str = "`id`, `prompt`, `category`, `split` and `target`";
+    let v: Value = serde_json::from_str(line).map_err(|e| {
+        format!(
+            "is not JSON (at column {}); a .jsonl prompt file holds one JSON object per line \
+             with the fields {FIELDS}",
+            e.column()
+        )
+    })?;
+    let Value::Object(fields) = &v else {
+        return Err(format!(
+            "is not a JSON object with a `prompt` field (a prompt record has the fields {FIELDS})"
+        ));
+    };
+    let categories: Vec<String> = world::Category::ALL
+        .iter()
+        .map(|c| format!("`{}`", c.as_str()))
+        .collect();
+    let splits: Vec<String> = world::Split::ALL
+        .iter()
+        .map(|s| format!("`{}`", s.as_str()))
+        .collect();
+    fn fits<T: serde::de::DeserializeOwned>(v: &Value) -> bool {
+        serde_json::from_value::<T>(v.clone()).is_ok()
+    }
+    /// A field's name, whether a value fits it, and what it must be.
+    type Check = (&'static str, fn(&Value) -> bool, String);
+    let checks: [Check; 5] = [
+        ("id", fits::<String>, "a string".into()),
+        ("prompt", fits::<String>, "a string".into()),
+        (
+            "category",
+            fits::<world::Category>,
+            format!("one of {}", categories.join(", ")),
+        ),
+        (
+            "split",
+            fits::<world::Split>,
+            format!("one of {}", splits.join(", ")),
+        ),
+        (
+            "target",
+            fits::<world::Target>,
+            "a ShapeWorld target (see datasets/shapes/README.md)".into(),
+        ),
+    ];
+    for (name, ok, what) in &checks {
+        match fields.get(*name) {
+            None => {
+                return Err(format!(
+                    "is not a prompt record: it has no `{name}` field (a prompt record has the \
+                     fields {FIELDS})"
+                ));
+            }
+            Some(x) if !ok(x) => {
+                return Err(format!(
+                    "is not a prompt record: its `{name}` is not {what}"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    serde_json::from_value(v).map_err(|_| format!("is not a prompt record (fields {FIELDS})"))
 }
 
 /// The ShapeWorld target whose canonical prompt is `text` (every valid target is enumerated
@@ -320,17 +397,52 @@ mod tests {
     }
 
     #[test]
+    fn should_not_quote_lines_of_files_that_are_not_prompt_files() {
+        let dir = std::env::temp_dir().join(format!("flowrun-pl-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let secret = "root:x:0:0:SECRET:/root:/bin/bash";
+        for (name, text, expected) in [
+            (
+                "passwd",
+                format!("{secret}\n"),
+                "passwd line 1 is not a ShapeWorld prompt",
+            ),
+            (
+                "p.jsonl",
+                format!("{secret}\n"),
+                "p.jsonl line 1 is not JSON (at column 1)",
+            ),
+            (
+                "n.jsonl",
+                "[1, 2]\n".to_string(),
+                "n.jsonl line 1 is not a JSON object",
+            ),
+            (
+                "o.jsonl",
+                format!("{{\"id\": \"a\", \"prompt\": [\"{secret}\"]}}\n"),
+                "o.jsonl line 1 is not a prompt record: its `prompt` is not a string",
+            ),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", load_prompts(&p).unwrap_err());
+            assert!(e.contains(expected), "{e}");
+            assert!(!e.contains("SECRET"), "{e}");
+        }
+    }
+
+    #[test]
     fn should_name_file_and_line_of_bad_prompts() {
         let dir = std::env::temp_dir().join(format!("flowrun-pl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("bad.jsonl");
         std::fs::write(&p, "{\"id\": 1}\n").unwrap();
         let e = format!("{:#}", load_prompts(&p).unwrap_err());
-        assert!(e.contains("bad.jsonl:1"), "{e}");
+        assert!(e.contains("bad.jsonl line 1"), "{e}");
         let p = dir.join("bad.txt");
         std::fs::write(&p, "a red circle\na purple elephant\n").unwrap();
         let e = format!("{:#}", load_prompts(&p).unwrap_err());
-        assert!(e.contains("bad.txt:2"), "{e}");
+        assert!(e.contains("bad.txt line 2"), "{e}");
         let e = format!(
             "{:#}",
             load_prompts(&dir.join("missing.jsonl")).unwrap_err()

@@ -31,11 +31,20 @@ impl Loc {
     }
 }
 
+/// The widest excerpt line a diagnostic shows, in characters; a longer line is cut around the
+/// column at fault, with an ellipsis on the side(s) cut.
+pub const MAX_EXCERPT_CHARS: usize = 120;
+/// How many characters before the column at fault a cut excerpt keeps.
+const EXCERPT_CONTEXT_BEFORE: usize = 40;
+
 /// Where a value came from: a named source (a file, or `--set`) with its text, for snippets.
 #[derive(Debug, Clone)]
 pub struct Source {
     pub name: String,
     pub text: Arc<str>,
+    /// A command-line argument (one line, the name says which) rather than a file: positions
+    /// read `--set a.b=1` rather than `file:line:col`.
+    pub argument: bool,
 }
 
 impl Source {
@@ -43,6 +52,17 @@ impl Source {
         Arc::new(Source {
             name: name.into(),
             text: text.into(),
+            argument: false,
+        })
+    }
+    /// A command-line argument as a source: `text` is the argument as typed (e.g.
+    /// `--set nodes.update.params.lr=1e-5`), and also its name.
+    pub fn argument(text: impl Into<String>) -> Arc<Source> {
+        let text = text.into();
+        Arc::new(Source {
+            name: text.clone(),
+            text: text.into(),
+            argument: true,
         })
     }
     fn line(&self, line: u32) -> Option<&str> {
@@ -105,6 +125,7 @@ impl Diagnostic {
     /// `file:line:col` (or just the file, or nothing) for this diagnostic.
     pub fn position(&self) -> String {
         match (&self.source, self.loc.is_known()) {
+            (Some(s), true) if s.argument => format!("{}, column {}", s.name, self.loc.col),
             (Some(s), true) => format!("{}:{}:{}", s.name, self.loc.line, self.loc.col),
             (Some(s), false) => s.name.clone(),
             (None, _) => String::new(),
@@ -121,16 +142,19 @@ impl fmt::Display for Diagnostic {
         writeln!(f, "{kind}: {}", self.message)?;
         let pos = self.position();
         if !pos.is_empty() {
-            let line_no = self.loc.line.to_string();
-            let pad = " ".repeat(line_no.len());
+            let argument = self.source.as_ref().is_some_and(|s| s.argument);
+            let line_no = if argument {
+                String::new()
+            } else {
+                self.loc.line.to_string()
+            };
+            let pad = " ".repeat(line_no.len().max(1));
             writeln!(f, "{pad}--> {pos}")?;
             if let Some(text) = self.source.as_ref().and_then(|s| s.line(self.loc.line)) {
+                let (shown, caret) = excerpt(text, self.loc.col as usize, self.len);
                 writeln!(f, "{pad} |")?;
-                writeln!(f, "{line_no} | {text}")?;
-                let col = (self.loc.col as usize).saturating_sub(1);
-                let avail = text.chars().count().saturating_sub(col).max(1);
-                let len = self.len.min(avail).max(1);
-                writeln!(f, "{pad} | {}{}", " ".repeat(col), "^".repeat(len))?;
+                writeln!(f, "{line_no:>w$} | {shown}", w = pad.len())?;
+                writeln!(f, "{pad} | {caret}")?;
             }
         }
         if let Some(help) = &self.help {
@@ -138,6 +162,41 @@ impl fmt::Display for Diagnostic {
         }
         Ok(())
     }
+}
+
+/// The excerpt of `line` to show and the caret line under it, for a span of `len` characters at
+/// 1-based character column `col`. A line longer than [`MAX_EXCERPT_CHARS`] is cut to a window
+/// around the column, marked with `…`; tabs before the caret are repeated in the caret line so
+/// that the caret stays under its character however the terminal expands them.
+fn excerpt(line: &str, col: usize, len: usize) -> (String, String) {
+    let chars: Vec<char> = line.chars().collect();
+    let n = chars.len();
+    let col = col.saturating_sub(1).min(n);
+    let (start, end) = if n <= MAX_EXCERPT_CHARS {
+        (0, n)
+    } else {
+        let start = col.saturating_sub(EXCERPT_CONTEXT_BEFORE);
+        let end = (start + MAX_EXCERPT_CHARS).min(n);
+        (end.saturating_sub(MAX_EXCERPT_CHARS).min(start), end)
+    };
+    let mut shown = String::new();
+    let mut caret = String::new();
+    if start > 0 {
+        shown.push('…');
+        caret.push(' ');
+    }
+    shown.extend(&chars[start..end]);
+    if end < n {
+        shown.push('…');
+    }
+    caret.extend(
+        chars[start..col]
+            .iter()
+            .map(|&c| if c == '\t' { '\t' } else { ' ' }),
+    );
+    let len = len.min(end.saturating_sub(col)).max(1);
+    caret.push_str(&"^".repeat(len));
+    (shown, caret)
 }
 
 /// An ordered collection of diagnostics.
@@ -244,6 +303,37 @@ mod tests {
         assert!(s.contains("3 |   - type: foo"), "{s}");
         assert!(s.contains("  |           ^^^"), "{s}");
         assert!(s.contains("help: see"), "{s}");
+    }
+
+    #[test]
+    fn should_cut_long_lines_around_the_column_keeping_the_caret_under_it() {
+        let line = format!("{}BAD{}", "a".repeat(5000), "b".repeat(5000));
+        let (shown, caret) = excerpt(&line, 5001, 3);
+        assert!(shown.chars().count() <= MAX_EXCERPT_CHARS + 2, "{shown}");
+        assert!(shown.starts_with('…') && shown.ends_with('…'), "{shown}");
+        let at = caret.chars().position(|c| c == '^').unwrap();
+        let under: String = shown.chars().skip(at).take(3).collect();
+        assert_eq!(under, "BAD");
+        assert_eq!(caret.matches('^').count(), 3);
+        // Near the end: cut on the left only, the window still full.
+        let (shown, caret) = excerpt(&line, 10_003, 1);
+        assert!(shown.starts_with('…') && !shown.ends_with('…'), "{shown}");
+        assert_eq!(shown.chars().count(), MAX_EXCERPT_CHARS + 1);
+        let at = caret.chars().position(|c| c == '^').unwrap();
+        assert_eq!(shown.chars().nth(at), Some('b'));
+        // Short lines are shown whole; tabs before the caret are kept so it stays aligned.
+        let (shown, caret) = excerpt("\tkey:\tvalue", 7, 5);
+        assert_eq!(shown, "\tkey:\tvalue");
+        assert_eq!(caret, "\t    \t^^^^^");
+    }
+
+    #[test]
+    fn should_locate_argument_sources_by_column() {
+        let src = Source::argument("--set a.b=1");
+        let d = Diagnostic::error("bad").at(&src, Loc::new(1, 9), 1);
+        let s = d.to_string();
+        assert!(s.contains("--> --set a.b=1, column 9"), "{s}");
+        assert!(s.contains("  | --set a.b=1\n  |         ^\n"), "{s}");
     }
 
     #[test]

@@ -4,50 +4,89 @@
 //! `nodes.update.params.lr=1e-5`, `nodes.step.count=8`, `iterations=100`,
 //! `nodes.step.nodes.predict.params.cfg=4.5`. Missing final keys (and missing `params`/`inputs`
 //! mappings on the way) are created, so any documented parameter can be set.
+//!
+//! Each override is its own [`Source`] (the argument as typed, `--set nodes.update.params.lr=1e-5`),
+//! so an error it causes — here or later, at compilation — points at the argument, not the file.
 
 use std::sync::Arc;
 
-use crate::diag::{Diagnostic, Source};
+use crate::diag::{Diagnostic, Loc, Source};
 use crate::yaml::{YKey, YKind, YNode, parse_value};
+
+/// How the argument is shown (and the text columns count in).
+const FLAG: &str = "--set ";
 
 /// Apply one `path=value` override to `doc`.
 pub fn apply(doc: &mut YNode, spec: &str) -> Result<(), Diagnostic> {
-    let source = Source::new(format!("--set {spec}"), spec.to_string());
-    let Some((path, value)) = spec.split_once('=') else {
-        return Err(Diagnostic::error(format!(
-            "`--set {spec}`: expected `path=value`, e.g. `--set nodes.update.params.lr=1e-5`"
-        )));
+    let source = Source::argument(format!("{FLAG}{spec}"));
+    let whole = spec.chars().count().max(1);
+    let flag_cols = FLAG.chars().count() as u32;
+    let Some((path_text, value_text)) = spec.split_once('=') else {
+        return Err(Diagnostic::error(
+            "expected `path=value`, e.g. `--set nodes.update.params.lr=1e-5`",
+        )
+        .at(&source, Loc::new(1, flag_cols + 1), whole));
     };
-    let path = path.trim();
+    let path = path_text.trim();
     if path.is_empty() {
-        return Err(Diagnostic::error(format!("`--set {spec}`: empty path")));
+        return Err(Diagnostic::error("empty path before `=`").at(
+            &source,
+            Loc::new(1, flag_cols + 1),
+            1,
+        ));
     }
-    let value = parse_value(value.trim(), &source)?;
-    let segments: Vec<&str> = path.split('.').collect();
+    // Column (1-based, in the argument as shown) and length of each path segment.
+    let mut col = flag_cols + 1 + leading_spaces(path_text);
+    let segments: Vec<Segment> = path
+        .split('.')
+        .map(|name| {
+            let seg = Segment {
+                name,
+                loc: Loc::new(1, col),
+            };
+            col += name.chars().count() as u32 + 1;
+            seg
+        })
+        .collect();
+    let value_col =
+        flag_cols + 1 + path_text.chars().count() as u32 + 1 + leading_spaces(value_text);
+    let value = parse_value(value_text.trim(), &source, value_col)?;
     set_path(doc, &segments, value, &source)
-        .map_err(|m| Diagnostic::error(format!("`--set {spec}`: {m}")))
+        .map_err(|(m, seg)| Diagnostic::error(m).at(&source, seg.loc, seg.name.chars().count()))
 }
 
-fn set_path(
+fn leading_spaces(s: &str) -> u32 {
+    s.chars().take_while(|c| c.is_whitespace()).count() as u32
+}
+
+/// One `.`-separated step of an override's path, with its place in the argument.
+#[derive(Clone, Copy)]
+struct Segment<'a> {
+    name: &'a str,
+    loc: Loc,
+}
+
+fn set_path<'a>(
     node: &mut YNode,
-    segs: &[&str],
+    segs: &[Segment<'a>],
     value: YNode,
     source: &Arc<Source>,
-) -> Result<(), String> {
-    let (head, rest) = (segs[0], &segs[1..]);
+) -> Result<(), (String, Segment<'a>)> {
+    let (seg, rest) = (segs[0], &segs[1..]);
+    let head = seg.name;
+    // A key this override adds is located in the override, not in the file.
+    let new_key = || YKey {
+        name: head.to_string(),
+        loc: seg.loc,
+        source: Some(source.clone()),
+    };
     match &mut node.kind {
         YKind::Map(items) => {
             let pos = items.iter().position(|(k, _)| k.name == head);
             if rest.is_empty() {
                 match pos {
                     Some(i) => items[i].1 = value,
-                    None => items.push((
-                        YKey {
-                            name: head.to_string(),
-                            loc: value.loc,
-                        },
-                        value,
-                    )),
+                    None => items.push((new_key(), value)),
                 }
                 return Ok(());
             }
@@ -55,12 +94,9 @@ fn set_path(
                 Some(i) => i,
                 None if matches!(head, "params" | "inputs" | "vars" | "resources") => {
                     items.push((
-                        YKey {
-                            name: head.to_string(),
-                            loc: Default::default(),
-                        },
+                        new_key(),
                         YNode {
-                            loc: value.loc,
+                            loc: seg.loc,
                             source: Some(source.clone()),
                             kind: YKind::Map(vec![]),
                         },
@@ -69,7 +105,10 @@ fn set_path(
                 }
                 None => {
                     let keys: Vec<_> = items.iter().map(|(k, _)| k.name.as_str()).collect();
-                    return Err(format!("no key `{head}` here (keys: {})", keys.join(", ")));
+                    return Err((
+                        format!("no key `{head}` here (keys: {})", keys.join(", ")),
+                        seg,
+                    ));
                 }
             };
             set_path(&mut items[i].1, rest, value, source)
@@ -97,9 +136,9 @@ fn set_path(
                                     .map(str::to_string)
                             })
                             .collect();
-                        return Err(format!(
-                            "no item `{head}` in this list (ids: {})",
-                            ids.join(", ")
+                        return Err((
+                            format!("no item `{head}` in this list (ids: {})", ids.join(", ")),
+                            seg,
                         ));
                     }
                 },
@@ -116,9 +155,9 @@ fn set_path(
             }
             set_path(item, rest, value, source)
         }
-        _ => Err(format!(
-            "`{head}`: cannot descend into {}",
-            node.type_name()
+        _ => Err((
+            format!("`{head}`: cannot descend into {}", node.type_name()),
+            seg,
         )),
     }
 }
@@ -167,5 +206,35 @@ mod tests {
         assert!(e.message.contains("update"), "{e}");
         let e = apply(&mut d, "iterations").unwrap_err();
         assert!(e.message.contains("expected `path=value`"), "{e}");
+    }
+
+    #[test]
+    fn should_locate_what_an_override_adds_in_the_argument() {
+        let mut d = doc();
+        apply(&mut d, "nodes.update.params.x=1").unwrap();
+        apply(&mut d, "nodes.update.params.y= [1, {k: 2}]").unwrap();
+        let params = d.get("nodes").unwrap().as_seq().unwrap()[0]
+            .get("params")
+            .unwrap();
+        let (key, value) = &params.as_map().unwrap()[1];
+        assert_eq!(key.name, "x");
+        let s = key.source.as_ref().expect("the key's own source");
+        assert_eq!(s.name, "--set nodes.update.params.x=1");
+        assert_eq!(key.loc, Loc::new(1, 27));
+        assert_eq!(value.loc, Loc::new(1, 29));
+        assert_eq!(&s.text[28..], "1");
+        // Values parsed from flow syntax are shifted to their place in the argument.
+        let (_, y) = &params.as_map().unwrap()[2];
+        assert_eq!(y.loc, Loc::new(1, 30));
+        let inner = &y.as_seq().unwrap()[1];
+        let (k, two) = &inner.as_map().unwrap()[0];
+        assert_eq!((k.loc, two.loc), (Loc::new(1, 35), Loc::new(1, 38)));
+        let text = &y.source.as_ref().unwrap().text;
+        assert_eq!(&text[34..35], "k");
+        assert_eq!(&text[37..38], "2");
+        // A path error is located at the segment at fault.
+        let e = apply(&mut d, "nodes.nope.x=1").unwrap_err();
+        assert_eq!(e.position(), "--set nodes.nope.x=1, column 13");
+        assert_eq!(e.len, 4);
     }
 }

@@ -38,6 +38,9 @@ pub enum YKind {
 pub struct YKey {
     pub name: String,
     pub loc: Loc,
+    /// Where the key was written when that is not where its mapping was (a key a `--set`
+    /// override added to a mapping of the file); `None`: the mapping's source.
+    pub source: Option<Arc<Source>>,
 }
 
 impl YNode {
@@ -164,7 +167,7 @@ pub fn key_error(
     message: impl Into<String>,
 ) -> Diagnostic {
     let d = Diagnostic::error(message);
-    match source {
+    match key.source.as_ref().or(source.as_ref()) {
         Some(s) => d.at(s, key.loc, key.name.chars().count()),
         None => d,
     }
@@ -266,7 +269,14 @@ impl<'de> Visitor<'de> for KindVisitor {
                 )));
             }
             let value = map.next_value::<YNode>()?;
-            items.push((YKey { name, loc: key.loc }, value));
+            items.push((
+                YKey {
+                    name,
+                    loc: key.loc,
+                    source: None,
+                },
+                value,
+            ));
         }
         Ok(YKind::Map(items))
     }
@@ -298,27 +308,157 @@ impl Serialize for YNode {
     }
 }
 
+/// The most YAML nodes (scalars, lists and mappings) a pipeline may hold. Real pipelines hold a
+/// few hundred; the cap bounds the memory and time a hostile file can cost.
+pub const MAX_YAML_NODES: usize = 250_000;
+/// The deepest nesting of lists and mappings a pipeline may use.
+pub const MAX_YAML_DEPTH: usize = 64;
+
+fn parser_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: MAX_YAML_NODES,
+            max_depth: MAX_YAML_DEPTH,
+        },
+    }
+}
+
 /// Parse a YAML document. A syntax error comes back as one located diagnostic.
 pub fn parse(source: &Arc<Source>) -> Result<YNode, Diagnostic> {
     if source.text.trim().is_empty() {
         return Err(Diagnostic::error("the pipeline file is empty").at(source, Loc::new(1, 1), 1));
     }
-    match serde_saphyr::from_str::<YNode>(&source.text) {
+    match serde_saphyr::from_str_with_options::<YNode>(&source.text, parser_options()) {
         Ok(mut node) => {
             node.set_source(source);
             Ok(node)
         }
         Err(e) => {
             let loc = e.location().map(|l| loc_of(&l)).unwrap_or(Loc::UNKNOWN);
-            let msg = first_line_without_location(&e.to_string());
-            let d = Diagnostic::error(format!("invalid YAML: {msg}"));
-            Err(if loc.is_known() {
-                d.at(source, loc, 1)
-            } else {
-                d.at(source, Loc::UNKNOWN, 1)
-            })
+            if let Some(tab) = indenting_tab(&source.text, loc) {
+                return Err(Diagnostic::error(
+                    "tabs cannot indent YAML: indent with spaces instead",
+                )
+                .at(source, tab, 1));
+            }
+            let loc = match second_document_marker(&e, &source.text, loc) {
+                Some(marker) => marker,
+                None => loc,
+            };
+            let msg = match describe(&e, loc) {
+                Some(ours) => ours,
+                None => format!(
+                    "invalid YAML: {}",
+                    first_line_without_location(&e.to_string())
+                ),
+            };
+            Err(Diagnostic::error(msg).at(source, loc, 1))
         }
     }
+}
+
+/// For a second document, the `---` (or the `...` that ended the first) that starts it: the
+/// parser points at the second document's first value, the marker is the place to fix.
+fn second_document_marker(e: &serde_saphyr::Error, text: &str, loc: Loc) -> Option<Loc> {
+    let mut inner = e;
+    while let serde_saphyr::Error::WithSnippet { error, .. } = inner {
+        inner = error;
+    }
+    if !matches!(inner, serde_saphyr::Error::MultipleDocuments { .. }) || !loc.is_known() {
+        return None;
+    }
+    let lines: Vec<&str> = text.lines().take(loc.line as usize).collect();
+    let i = lines
+        .iter()
+        .rposition(|l| l.starts_with("---") || l.starts_with("..."))?;
+    (i > 0).then(|| Loc::new(i as u32 + 1, 1))
+}
+
+/// Our own words for the parser errors whose text is written for programmers (budget limits,
+/// a second document); `None` for the rest.
+fn describe(e: &serde_saphyr::Error, loc: Loc) -> Option<String> {
+    use serde_saphyr::Error as E;
+    use serde_saphyr::budget::BudgetBreach as B;
+    let mut e = e;
+    while let E::WithSnippet { error, .. } | E::AliasError { error, .. } = e {
+        e = error;
+    }
+    match e {
+        E::MultipleDocuments { .. } => Some(if loc.is_known() {
+            format!(
+                "a pipeline file holds one YAML document; found a second at line {}",
+                loc.line
+            )
+        } else {
+            "a pipeline file holds one YAML document; found a second".to_string()
+        }),
+        E::Budget { breach, .. } => Some(match breach {
+            B::Nodes { .. } => format!(
+                "the pipeline has more than {MAX_YAML_NODES} YAML nodes (values, lists and \
+                 mappings), the limit for a pipeline file"
+            ),
+            B::Depth { .. } => format!(
+                "the pipeline nests lists and mappings more than {MAX_YAML_DEPTH} levels deep, \
+                 the limit for a pipeline file"
+            ),
+            B::Aliases { .. } | B::Anchors { .. } | B::AliasAnchorRatio { .. } => {
+                "the pipeline uses too many YAML anchors or aliases (`&name`, `*name`)".to_string()
+            }
+            B::Documents { .. } => {
+                "a pipeline file holds one YAML document; this one holds many".to_string()
+            }
+            B::ScalarBytes { .. } => {
+                "the pipeline's text values are too large in total for a pipeline file".to_string()
+            }
+            _ => "the pipeline is too large or too complex for a pipeline file".to_string(),
+        }),
+        _ => None,
+    }
+}
+
+/// The position of a tab used as indentation (a tab at the start of a line, or after the
+/// leading spaces), when one lies before or just after the syntax error at `err` (the parser
+/// reports it one line off, or as another error). YAML only allows spaces to indent. Lines of
+/// block scalars (`key: |`) may start with tabs after their indentation, so they are skipped.
+fn indenting_tab(text: &str, err: Loc) -> Option<Loc> {
+    // Indentation (in spaces) of the line that opened the block scalar we are in, if any.
+    let mut block: Option<usize> = None;
+    for (i, line) in text.lines().enumerate() {
+        let line_no = i as u32 + 1;
+        if err.is_known() && line_no > err.line + 1 {
+            return None;
+        }
+        let spaces = line.chars().take_while(|c| *c == ' ').count();
+        let rest = &line[spaces..];
+        if rest.trim().is_empty() || rest.trim_start().starts_with('#') {
+            continue; // blank lines and comment lines may hold tabs
+        }
+        if let Some(opener) = block {
+            if spaces > opener {
+                continue;
+            }
+            block = None;
+        }
+        if rest.starts_with('\t') {
+            return Some(Loc::new(line_no, spaces as u32 + 1));
+        }
+        if opens_block_scalar(rest) {
+            block = Some(spaces);
+        }
+    }
+    None
+}
+
+/// Whether a line's content ends with a block scalar indicator (`|`, `>-`, `|2+` …).
+fn opens_block_scalar(content: &str) -> bool {
+    let code = match content.find(" #") {
+        Some(i) => &content[..i],
+        None => content,
+    };
+    let last = code.trim_end().rsplit([' ', '\t']).next().unwrap_or("");
+    let mut chars = last.chars();
+    matches!(chars.next(), Some('|' | '>'))
+        && chars.all(|c| matches!(c, '-' | '+') || c.is_ascii_digit())
 }
 
 /// serde-saphyr's messages carry their own location and snippet; keep the message line only.
@@ -341,15 +481,34 @@ fn first_line_without_location(s: &str) -> String {
     }
 }
 
-/// Parse a `--set` value: YAML scalar/flow syntax (`1e-5`, `true`, `[1, 2]`, `abc`).
-pub fn parse_value(text: &str, source: &Arc<Source>) -> Result<YNode, Diagnostic> {
-    let mut node = match serde_saphyr::from_str::<YNode>(text) {
+/// Parse a `--set` value: YAML scalar/flow syntax (`1e-5`, `true`, `[1, 2]`, `abc`). `col` is
+/// the value's column in `source` (the argument), so that the value and everything in it are
+/// located there.
+pub fn parse_value(text: &str, source: &Arc<Source>, col: u32) -> Result<YNode, Diagnostic> {
+    let mut node = match serde_saphyr::from_str_with_options::<YNode>(text, parser_options()) {
         Ok(n) => n,
         Err(_) => YNode::new(YKind::Str(text.to_string())),
     };
     node.set_source(source);
     node.loc = Loc::new(1, 1);
+    node.shift_columns(col - 1);
     Ok(node)
+}
+
+impl YNode {
+    /// Move this node, its children and their keys `by` columns to the right (a value parsed
+    /// on its own, then placed in a longer line).
+    fn shift_columns(&mut self, by: u32) {
+        self.loc.col += by;
+        match &mut self.kind {
+            YKind::Seq(items) => items.iter_mut().for_each(|n| n.shift_columns(by)),
+            YKind::Map(items) => items.iter_mut().for_each(|(k, n)| {
+                k.loc.col += by;
+                n.shift_columns(by);
+            }),
+            _ => {}
+        }
+    }
 }
 
 /// Serialize the tree back to YAML text.
@@ -394,6 +553,44 @@ mod tests {
         assert!(e.message.contains("duplicate mapping key: a"), "{e}");
         assert!(!e.message.contains("DuplicateKeyPolicy"), "{e}");
         assert_eq!(e.loc.line, 2);
+    }
+
+    #[test]
+    fn should_report_tab_indentation_at_the_tab() {
+        for (text, at) in [
+            ("\tname: x\nnodes: []\n", Loc::new(1, 1)),
+            ("name: x\n\tnodes: []\n", Loc::new(2, 1)),
+            ("name: x\nnodes:\n  - id: a\n  \t type: t\n", Loc::new(4, 3)),
+        ] {
+            let e = parse_str(text).unwrap_err();
+            assert!(
+                e.message.starts_with("tabs cannot indent YAML"),
+                "{text:?}: {e}"
+            );
+            assert_eq!(e.loc, at, "{text:?}: {e}");
+        }
+        // Tabs inside a block scalar and in comments are content, not indentation.
+        let ok = "doc: |\n  a\n  \tb\n\t# note\nname: x\n";
+        assert!(parse_str(ok).is_ok());
+        let e = parse_str("doc: |\n  \tb\nname: [\n").unwrap_err();
+        assert!(!e.message.contains("tabs"), "{e}");
+    }
+
+    #[test]
+    fn should_describe_a_second_document_and_budget_breaches_in_our_words() {
+        let e = parse_str("name: a\n---\nname: b\n").unwrap_err();
+        assert_eq!(
+            e.message,
+            "a pipeline file holds one YAML document; found a second at line 2"
+        );
+        assert_eq!(e.loc.line, 2);
+        let deep = format!("a: {}{}\n", "[".repeat(80), "]".repeat(80));
+        let e = parse_str(&deep).unwrap_err();
+        assert!(e.message.contains("more than 64 levels deep"), "{e}");
+        let many = format!("a: [{}]\n", vec!["1"; MAX_YAML_NODES + 1].join(","));
+        let e = parse_str(&many).unwrap_err();
+        assert!(e.message.contains("more than 250000 YAML nodes"), "{e}");
+        assert!(!e.message.contains("budget"), "{e}");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, anyhow, bail};
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 
 use super::{FlowModel, FlowModelConfig};
 
@@ -137,22 +137,20 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading checkpoint {}", path.display()))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| {
-            anyhow!(
-                "checkpoint {} is not a valid safetensors file: {e:?}",
-                path.display()
-            )
-        })?;
+        let shown = path.display();
+        // Only a regular file's length can be trusted before reading it whole (`/dev/zero`
+        // would be read until memory runs out).
+        let meta = std::fs::metadata(path).with_context(|| format!("cannot read {shown}"))?;
+        if !meta.is_file() {
+            bail!("{shown} is not a safetensors file: it is not a regular file");
+        }
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
+        let not_safetensors =
+            |e: SafeTensorError| anyhow!("{shown} is not a safetensors file: {}", why(&e, &bytes));
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
         let metadata = meta.metadata().clone().unwrap_or_default();
         // Full validation (offsets, sizes) happens here.
-        SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow!(
-                "checkpoint {} is not a valid safetensors file: {e:?}",
-                path.display()
-            )
-        })?;
+        SafeTensors::deserialize(&bytes).map_err(not_safetensors)?;
         Ok(Self {
             path: path.to_path_buf(),
             bytes,
@@ -185,6 +183,47 @@ impl SafetensorsFile {
         let values = view_to_f32(&view)
             .with_context(|| format!("checkpoint {}: tensor {name:?}", self.path.display()))?;
         Ok((view.shape().to_vec(), values))
+    }
+}
+
+/// Why `bytes` is not a valid safetensors file, in our words (a safetensors file is an 8-byte
+/// little-endian header length, a JSON header of that length, then the tensor data the header
+/// describes). Says nothing of the file's content beyond its sizes.
+fn why(e: &SafeTensorError, bytes: &[u8]) -> String {
+    use SafeTensorError as E;
+    let header_len = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+    let size = bytes.len();
+    match e {
+        E::HeaderTooSmall => format!(
+            "its header is truncated ({size} bytes, fewer than the 8 that give the header's length)"
+        ),
+        E::HeaderTooLarge => format!(
+            "its header is too large (the first 8 bytes give a length of {} bytes, over the \
+             100 MB a safetensors header may have)",
+            header_len.unwrap_or_default()
+        ),
+        E::InvalidHeaderLength => format!(
+            "its header is truncated (the first 8 bytes give a length of {} bytes; the file has \
+             {size} bytes)",
+            header_len.unwrap_or_default()
+        ),
+        E::InvalidHeader(_) => "its header is not UTF-8 text".to_string(),
+        E::InvalidHeaderDeserialization(_) | E::JsonError(_) => {
+            "its header is not a safetensors JSON header".to_string()
+        }
+        E::MetadataIncompleteBuffer => format!(
+            "its tensor data does not match its header (the header describes a different amount \
+             of data than the file's {size} bytes hold: truncated, or extra bytes at the end)"
+        ),
+        E::InvalidOffset(name) => {
+            format!("its header gives invalid data offsets for tensor `{name}`")
+        }
+        E::TensorInvalidInfo | E::ValidationOverflow | E::InvalidTensorView(..) => {
+            "its header describes a tensor whose shape, type and data size disagree".to_string()
+        }
+        _ => "it cannot be read as one".to_string(),
     }
 }
 

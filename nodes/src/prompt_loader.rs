@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -90,13 +90,36 @@ pub fn register(r: &mut Registry) {
     });
 }
 
+/// The largest prompt file read (Flow-GRPO's largest prompt sets are a few MiB).
+pub const MAX_PROMPT_FILE_BYTES: u64 = 256 << 20;
+
 /// Load prompt records from JSONL or plain text; errors name the file and line.
 ///
 /// Until a line has proven to be a prompt, errors do not quote it: `path` may point at a file that
 /// is not a prompt file at all (a typo, `/etc/passwd`), whose content is not ours to print.
 pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
-    let text = std::fs::read_to_string(path)
+    use std::io::Read;
+    let file = std::fs::File::open(path)
         .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    // Bounded: `/dev/zero` or a disk image given by mistake must not fill the memory.
+    let mut bytes = Vec::new();
+    file.take(MAX_PROMPT_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read prompt file {}", path.display()))?;
+    if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
+        bail!(
+            "prompt file {} is larger than {} MiB, the limit for a prompt file (is it the right file?)",
+            path.display(),
+            MAX_PROMPT_FILE_BYTES >> 20
+        );
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "prompt file {} is not UTF-8 text (byte offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
     let is_jsonl = path
         .extension()
         .is_some_and(|e| e == "jsonl" || e == "json");
@@ -394,6 +417,13 @@ mod tests {
             .map(|r| r.id.clone())
             .collect();
         assert_eq!(rest, ids[2..12].to_vec());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn should_refuse_an_endless_prompt_file_without_reading_it_all() {
+        let e = format!("{:#}", load_prompts(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("/dev/zero is larger than 256 MiB"), "{e}");
     }
 
     #[test]

@@ -269,7 +269,7 @@ fn checkpoints_newest_first(ckdir: &Path) -> Vec<(u64, PathBuf)> {
         })
         .filter(|(_, p)| p.is_dir())
         .collect();
-    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.sort_by_key(|(it, _)| std::cmp::Reverse(*it));
     v
 }
 

@@ -294,7 +294,12 @@ fn should_say_what_is_wrong_with_a_file_that_is_not_safetensors() {
     }
     // As `velocity --inputs`, with a real checkpoint.
     let ck = root().join("checkpoints/shapes-small.safetensors");
-    if ck.exists() {
+    assert!(
+        ck.is_file(),
+        "the shipped checkpoint {} is missing",
+        ck.display()
+    );
+    {
         let p = dir.join("extra-data.safetensors");
         let o = bin()
             .current_dir(root())

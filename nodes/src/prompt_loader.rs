@@ -98,21 +98,16 @@ pub const MAX_PROMPT_FILE_BYTES: u64 = 256 << 20;
 /// Until a line has proven to be a prompt, errors do not quote it: `path` may point at a file that
 /// is not a prompt file at all (a typo, `/etc/passwd`), whose content is not ours to print.
 pub fn load_prompts(path: &Path) -> Result<Vec<PromptRecord>> {
-    use std::io::Read;
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot read prompt file {}", path.display()))?;
     // Bounded: `/dev/zero` or a disk image given by mistake must not fill the memory.
-    let mut bytes = Vec::new();
-    file.take(MAX_PROMPT_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
+    let bytes = runner::fsutil::read_capped(path, MAX_PROMPT_FILE_BYTES)
         .with_context(|| format!("cannot read prompt file {}", path.display()))?;
-    if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
+    let Some(bytes) = bytes else {
         bail!(
             "prompt file {} is larger than {} MiB, the limit for a prompt file (is it the right file?)",
             path.display(),
             MAX_PROMPT_FILE_BYTES >> 20
         );
-    }
+    };
     let text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
             "prompt file {} is not UTF-8 text (byte offset {})",

@@ -49,6 +49,15 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut File) -> Result<()>
     result.with_context(|| format!("writing {}", path.display()))
 }
 
+/// Read at most `cap` bytes of `path`; `None` when it holds more (its metadata is not trusted:
+/// `/dev/zero` and pipes report a size of 0).
+pub fn read_capped(path: &Path, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= cap).then_some(bytes))
+}
+
 /// fsync a directory so a rename inside it is durable (best effort).
 pub fn sync_dir(dir: &Path) {
     if let Ok(d) = File::open(dir) {

@@ -48,21 +48,15 @@ pub fn load(
 /// The text of a pipeline file, read through a bounded reader (the size in the file's metadata
 /// is not trusted: `/dev/zero` and pipes report 0). Errors name the file.
 fn read_pipeline_file(path: &Path, name: &str) -> Result<String, Diagnostic> {
-    use std::io::Read;
-    let cannot =
-        |e: std::io::Error| Diagnostic::error(format!("cannot read pipeline file {name}: {e}"));
-    let file = std::fs::File::open(path).map_err(cannot)?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PIPELINE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(cannot)?;
-    if bytes.len() as u64 > MAX_PIPELINE_BYTES {
+    let Some(bytes) = fsutil::read_capped(path, MAX_PIPELINE_BYTES)
+        .map_err(|e| Diagnostic::error(format!("cannot read pipeline file {name}: {e}")))?
+    else {
         return Err(Diagnostic::error(format!(
             "pipeline file {name} is larger than {} MiB, the limit for a pipeline file \
              (is it the right file?)",
             MAX_PIPELINE_BYTES / (1024 * 1024)
         )));
-    }
+    };
     String::from_utf8(bytes).map_err(|e| not_utf8(name, e.as_bytes(), e.utf8_error()))
 }
 

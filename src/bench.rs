@@ -23,10 +23,10 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
 use burn::tensor::{Device, Int, Tensor};
-use nodes::annealed_renoiser::gaussian_step;
 use nodes::device::{open, parse_device};
 use nodes::flow_model::FlowModelRes;
 use nodes::grpo::LinearGaussian;
+use nodes::grpo::gaussian_step;
 use nodes::grpo_update::GrpoUpdate;
 use nodes::model::{
     FlowModel, FlowModelConfig, TrainerConfig, load_safetensors, sample_standard_normal,

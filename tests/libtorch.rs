@@ -418,7 +418,7 @@ fn kept_transition(
         [b, 3, 32, 32],
         &dev,
     );
-    let (x_next, old_logprob) = nodes::annealed_renoiser::gaussian_step(x, &v, k, eps).unwrap();
+    let (x_next, old_logprob) = nodes::grpo::gaussian_step(x, &v, k, eps).unwrap();
     nodes::types::Transition {
         step: 1,
         t,

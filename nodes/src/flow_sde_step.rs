@@ -12,9 +12,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
 
-use crate::annealed_renoiser::gaussian_step;
 use crate::flow_model::{FlowModelRes, TYPE};
 use crate::grpo::LinearGaussian;
+use crate::grpo::gaussian_step;
 use crate::model::{sample_standard_normal, tensor_from_vec};
 use crate::types::{Images, PromptBatch, Transition};
 

@@ -31,8 +31,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
 
-use crate::annealed_renoiser::log_prob;
 use crate::flow_model::{FlowModelRes, TYPE};
+use crate::grpo::log_prob;
 use crate::model::{FlowModel, Trainer, tensor_from_vec};
 use crate::types::{Advantages, PromptBatch, Transition, to_vec};
 use crate::world::IMAGE_LEN;
@@ -407,8 +407,8 @@ impl Node for GrpoUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annealed_renoiser::{gaussian_step, log_prob};
     use crate::grpo::LinearGaussian;
+    use crate::grpo::{gaussian_step, log_prob};
     use crate::model::{FlowModelConfig, TrainerConfig, sample_standard_normal};
     use crate::prompt_loader::make_batch;
     use crate::world;

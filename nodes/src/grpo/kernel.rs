@@ -16,6 +16,40 @@
 //! log π = mean_d[−(x'_d − μ_d)²/(2σ²)] − ln σ − ½·ln 2π.
 
 use anyhow::{Result, bail};
+use burn::tensor::Tensor;
+
+use crate::types::to_vec;
+
+/// Per-sample mean-over-dimensions log N(x; μ, σ²) of a batch, [B, C, H, W] → B values.
+pub fn log_prob(x: Tensor<4>, mean: Tensor<4>, std: f32) -> Tensor<1> {
+    let [b, c, h, w] = x.dims();
+    let d = (c * h * w) as f32;
+    let sq = (x - mean)
+        .square()
+        .reshape([b, c * h * w])
+        .sum_dim(1)
+        .reshape([b]);
+    sq.mul_scalar(-1.0 / (2.0 * std * std * d))
+        .sub_scalar(std.ln() + HALF_LN_2PI)
+}
+
+/// One step of a Gaussian policy x' ~ N(a·x_t + b·v, std²) with the given standard-normal
+/// `eps` ([B, C, H, W], like x_t and v): x' and log π(x' | x_t) per sample (mean over
+/// dimensions). A deterministic kernel returns the mean and log-probs of 0.
+pub fn gaussian_step(
+    x_t: &Tensor<4>,
+    v: &Tensor<4>,
+    kernel: LinearGaussian,
+    eps: Tensor<4>,
+) -> Result<(Tensor<4>, Vec<f32>)> {
+    let mean = x_t.clone().mul_scalar(kernel.a) + v.clone().mul_scalar(kernel.b);
+    if !kernel.is_stochastic() {
+        return Ok((mean, vec![0.0; x_t.dims()[0]]));
+    }
+    let x_next = mean.clone() + eps.mul_scalar(kernel.std);
+    let old_logprob = to_vec(&log_prob(x_next.clone(), mean, kernel.std))?;
+    Ok((x_next, old_logprob))
+}
 
 /// A Gaussian transition x' ~ N(a·x + b·v, std²).
 #[derive(Debug, Clone, Copy, PartialEq)]

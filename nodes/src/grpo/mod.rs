@@ -5,4 +5,4 @@ pub mod advantage;
 pub mod kernel;
 
 pub use advantage::{AdvantageMode, StdScope, normalise, step_advantages};
-pub use kernel::LinearGaussian;
+pub use kernel::{LinearGaussian, gaussian_step, log_prob};

@@ -260,20 +260,23 @@ fn should_say_what_is_wrong_with_a_file_that_is_not_safetensors() {
         ),
     ];
     let out_file = dir.join("v.safetensors");
+    let velocity = |checkpoint: &Path, inputs: &Path| {
+        bin()
+            .current_dir(root())
+            .args(["velocity", "--device", "flex", "--checkpoint"])
+            .arg(checkpoint)
+            .arg("--inputs")
+            .arg(inputs)
+            .arg("--out")
+            .arg(&out_file)
+            .output()
+            .unwrap()
+    };
     for (name, bytes, expected) in &cases {
         let p = dir.join(name);
         fs::write(&p, bytes).unwrap();
         // As a checkpoint.
-        let o = bin()
-            .current_dir(root())
-            .args(["velocity", "--device", "flex", "--checkpoint"])
-            .arg(&p)
-            .arg("--inputs")
-            .arg(&p)
-            .arg("--out")
-            .arg(&out_file)
-            .output()
-            .unwrap();
+        let o = velocity(&p, &p);
         let out = text(&o);
         assert_clean_failure(&o, &out);
         assert!(
@@ -301,16 +304,7 @@ fn should_say_what_is_wrong_with_a_file_that_is_not_safetensors() {
     );
     {
         let p = dir.join("extra-data.safetensors");
-        let o = bin()
-            .current_dir(root())
-            .args(["velocity", "--device", "flex", "--checkpoint"])
-            .arg(&ck)
-            .arg("--inputs")
-            .arg(&p)
-            .arg("--out")
-            .arg(&out_file)
-            .output()
-            .unwrap();
+        let o = velocity(&ck, &p);
         let out = text(&o);
         assert_clean_failure(&o, &out);
         assert!(

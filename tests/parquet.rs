@@ -3,7 +3,7 @@
 //! them into `grpo_update`.
 
 mod common;
-use common::{bin, metrics, only_run_dir, root, text, tmpdir};
+use common::{bin, metrics, root, run_new, text, tmpdir};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -48,17 +48,6 @@ fn replay_pipeline(dir: &Path, traj: &Path) -> PathBuf {
     let p = dir.join("replay-tiny.yaml");
     fs::write(&p, yaml).unwrap();
     p
-}
-
-fn run(pipeline: &Path, runs: &Path, set: &[&str]) -> PathBuf {
-    let mut c = bin();
-    c.arg(pipeline).arg("--runs-dir").arg(runs).arg("--quiet");
-    for s in set {
-        c.arg("--set").arg(s);
-    }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    only_run_dir(runs)
 }
 
 fn parquet_files(dir: &Path) -> Vec<PathBuf> {
@@ -259,7 +248,7 @@ fn python_check(run_dir: &Path, tensors: &str) {
 fn should_write_one_parquet_file_per_iteration_matching_the_logged_metrics() {
     let dir = tmpdir("write");
     let p = tiny_with_sink(&dir, "f16");
-    let rd = run(&p, &dir.join("runs"), &["iterations=3"]);
+    let rd = run_new(&p, &dir.join("runs"), &["iterations=3"]);
     let traj = rd.join("trajectories");
     let files = parquet_files(&traj);
     let names: Vec<String> = files
@@ -367,10 +356,10 @@ fn should_leave_only_complete_files_when_killed_and_resume_to_the_end() {
 fn should_replay_stored_trajectories_reproducing_the_on_policy_loss() {
     let dir = tmpdir("replay");
     let p = tiny_with_sink(&dir, "f32");
-    let src = run(&p, &dir.join("runs"), &["iterations=2"]);
+    let src = run_new(&p, &dir.join("runs"), &["iterations=2"]);
     let src_rows = metrics(&src);
     let rp = replay_pipeline(&dir, &src.join("trajectories"));
-    let rd = run(&rp, &dir.join("replay-runs"), &[]);
+    let rd = run_new(&rp, &dir.join("replay-runs"), &[]);
     let rows = metrics(&rd);
     assert_eq!(rows.len(), 2);
     let get = |r: &serde_json::Value, k: &str| {
@@ -428,7 +417,7 @@ fn should_replay_stored_trajectories_reproducing_the_on_policy_loss() {
     let none = dir.join("none");
     fs::create_dir_all(&none).unwrap();
     let p = tiny_with_sink(&none, "none");
-    let nd = run(&p, &none.join("runs"), &["iterations=1"]);
+    let nd = run_new(&p, &none.join("runs"), &["iterations=1"]);
     let rp = replay_pipeline(&none, &nd.join("trajectories"));
     let o = bin()
         .arg(&rp)

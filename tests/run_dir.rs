@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, metrics, only_run_dir, root, text, tmpdir};
+use common::{bin, metrics, only_run_dir, root, run_new, text, tmpdir};
 
 /// The tiny TAFS pipeline with a Parquet sink, a checkpoint every iteration and all of them
 /// kept, small batches.
@@ -32,17 +32,6 @@ fn pipeline(dir: &Path) -> PathBuf {
     let p = dir.join("tiny.yaml");
     fs::write(&p, yaml).unwrap();
     p
-}
-
-fn run_new(p: &Path, runs: &Path, set: &[&str]) -> PathBuf {
-    let mut c = bin();
-    c.arg(p).arg("--runs-dir").arg(runs).arg("--quiet");
-    for s in set {
-        c.args(["--set", s]);
-    }
-    let o = c.output().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    only_run_dir(runs)
 }
 
 fn resume(rd: &Path, set: &[&str]) -> Output {

@@ -52,3 +52,16 @@ pub fn only_run_dir(runs: &Path) -> PathBuf {
     assert_eq!(dirs.len(), 1, "{dirs:?}");
     dirs[0].clone()
 }
+
+/// Start a new run of `pipeline` under `runs` with `--set` overrides; it must succeed. Returns
+/// its run directory (the only one under `runs`).
+pub fn run_new(pipeline: &Path, runs: &Path, set: &[&str]) -> PathBuf {
+    let mut c = bin();
+    c.arg(pipeline).arg("--runs-dir").arg(runs).arg("--quiet");
+    for s in set {
+        c.arg("--set").arg(s);
+    }
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    only_run_dir(runs)
+}

@@ -164,7 +164,7 @@ pub fn run(
     }
     match result {
         Ok(s) => Ok(s),
-        Err(e) if opts.resume.is_none() && !started && !has_progress(&run_dir) => {
+        Err(e) if opts.resume.is_none() && !started => {
             // A new run that failed while starting (building its nodes, say) leaves nothing
             // behind; one that failed in an iteration keeps its log.
             let _ = fs::remove_dir_all(&run_dir);
@@ -172,12 +172,6 @@ pub fn run(
         }
         Err(e) => Err(err(e, rd)),
     }
-}
-
-/// Whether a run directory holds anything of value: a metrics row or a checkpoint.
-fn has_progress(run_dir: &Path) -> bool {
-    let rows = fs::metadata(run_dir.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
-    rows || run_dir.join("checkpoints").join(LATEST).exists()
 }
 
 fn start_and_run(
@@ -218,6 +212,7 @@ fn start_and_run(
 
     let mut rt = build(pipeline, registry, run_dir)?;
     let mut start = 1;
+    let mut resumed_from = None;
     if let Some(point) = resume_point {
         let it = match &point.checkpoint {
             Some(ck) => {
@@ -229,6 +224,7 @@ fn start_and_run(
                 }
                 let it = restore(&mut rt, &ck.dir)?;
                 info!(iteration = it, checkpoint = %ck.dir.display(), "resumed");
+                resumed_from = Some(ck.dir.clone());
                 it
             }
             None => {
@@ -263,7 +259,7 @@ fn start_and_run(
         .enable_all()
         .build()?;
     *started = true;
-    let result = tokio_rt.block_on(run_loop(&mut rt, start, opts));
+    let result = tokio_rt.block_on(run_loop(&mut rt, start, resumed_from, opts));
     tokio_rt.shutdown_background();
     result
 }
@@ -414,7 +410,13 @@ struct Done {
     secs: f64,
 }
 
-async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<RunSummary> {
+/// `resumed_from`: the (verified) checkpoint a resume continues from.
+async fn run_loop(
+    rt: &mut Runtime,
+    start: u64,
+    resumed_from: Option<PathBuf>,
+    opts: &RunOptions,
+) -> Result<RunSummary> {
     let total = rt.pipeline.iterations;
     if opts.handle_ctrl_c {
         let stop = opts.stop.clone();
@@ -459,7 +461,7 @@ async fn run_loop(rt: &mut Runtime, start: u64, opts: &RunOptions) -> Result<Run
         0.0
     };
     let mut last_metrics = BTreeMap::new();
-    let mut last_checkpoint = rundir::newest_verified(&rt.run_dir).map(|v| v.dir);
+    let mut last_checkpoint = resumed_from;
     let mut last_done = start - 1;
     let every = rt.pipeline.checkpoint_every;
     for it in start..=total {

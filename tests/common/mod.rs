@@ -65,3 +65,33 @@ pub fn run_new(pipeline: &Path, runs: &Path, set: &[&str]) -> PathBuf {
     assert!(o.status.success(), "{}", text(&o));
     only_run_dir(runs)
 }
+
+/// The first Python that can import every module in `modules`: `$FLOWRUN_PYTHON`, else
+/// `.venv/bin/python`, else `python3`. Without one the test is skipped with a NOTICE — except
+/// under CI (`FLOWRUN_CI=1`, set by `.ci/run`, which installs the packages), where a missing
+/// package fails the test: no Python cross-check is ever skipped in CI.
+pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("FLOWRUN_PYTHON") {
+        candidates.push(PathBuf::from(p));
+    }
+    candidates.push(root().join(".venv/bin/python"));
+    candidates.push(PathBuf::from("python3"));
+    let import = format!("import {}", modules.join(", "));
+    let found = candidates.into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", &import])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        let msg = format!(
+            "no Python that can `{import}` (set FLOWRUN_PYTHON, or create .venv as .ci/run does)"
+        );
+        if std::env::var_os("FLOWRUN_CI").is_some_and(|v| v == "1") {
+            panic!("{msg}: required under CI (FLOWRUN_CI=1)");
+        }
+        eprintln!("NOTICE: {msg}; skipping this cross-check");
+    }
+    found
+}

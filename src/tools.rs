@@ -74,7 +74,7 @@ pub fn sample(
     let tokens = batch.tokens_tensor(&device);
     let x0 = match sampler {
         "tafs" => sample_tafs(&model, noise, tokens, steps, tau, cfg, &mut rng),
-        _ => sample_euler(&model, noise, tokens, steps, cfg),
+        _ => sample_euler(&model, noise, &tokens.into(), steps, cfg)?,
     };
     let imgs = to_vec(&x0)?;
     let images: Vec<Vec<f32>> = imgs.chunks(IMAGE_LEN).map(<[f32]>::to_vec).collect();

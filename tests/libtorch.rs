@@ -410,7 +410,8 @@ fn kept_transition(
     let b = prompts.len();
     let (v, graph) = res
         .sampler()
-        .velocity(x, t, prompts.tokens_tensor(&dev), 1.0);
+        .velocity(x, t, &prompts.conditioning(&dev), 1.0)
+        .unwrap();
     let k = LinearGaussian::tafs(t, t_next, tau).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let eps = tensor_from_vec(
@@ -458,7 +459,7 @@ fn should_take_the_same_grpo_step_through_the_kept_rollout_graph_on_libtorch() {
         &dev,
     );
     let probe = |res: &FlowModelRes| {
-        let v = res.sampling_model().forward(
+        let v = res.sampling_model().unwrap().forward(
             noise.clone(),
             Tensor::<1>::full([b], 0.6, &dev),
             prompts.tokens_tensor(&dev),

@@ -72,12 +72,13 @@ impl Node for FlowMatchingTrain {
             let noise = sample_standard_normal(&mut rng, b * IMAGE_LEN);
             let t = sample_logit_normal(&mut rng, b, self.t_mean, self.t_std);
             let stats = ctx.write("model", |m: &mut FlowModelRes| {
-                let dev = m.trainer.device().clone();
+                let trainer = &mut m.unet_mut("flow_matching_train")?.trainer;
+                let dev = trainer.device().clone();
                 let x0 = tensor_from_vec(images, [b, 3, 32, 32], &dev);
                 let eps = tensor_from_vec(noise, [b, 3, 32, 32], &dev);
                 let tt = tensor_from_vec(t, [b], &dev);
                 let tok = int_tensor_from_vec(tokens, [b, world::MAX_TOKENS], &dev);
-                Ok(m.trainer.step_with_stats(x0, eps, tt, tok))
+                Ok(trainer.step_with_stats(x0, eps, tt, tok))
             })?;
             if !stats.loss.is_finite() {
                 anyhow::bail!(

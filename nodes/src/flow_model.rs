@@ -5,13 +5,13 @@ use std::any::Any;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Device, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
 use crate::model::{
-    FlowModel, FlowModelConfig, Trainer, TrainerConfig, load_safetensors, save_safetensors,
+    Conditioning, FlowModel, FlowModelConfig, Trainer, TrainerConfig, VelocityModel, load_model,
+    load_safetensors, model_device, save_safetensors,
 };
 use crate::types::RolloutGraph;
 use crate::world;
@@ -61,10 +61,97 @@ pub fn register(r: &mut Registry) {
     });
 }
 
+/// The policy's weights: the trainer (model, EMA, AdamW state) and the frozen KL reference,
+/// of one architecture.
+pub struct PolicyModel<M: VelocityModel> {
+    pub trainer: Trainer<M>,
+    pub reference: Option<M>,
+}
+
+/// The architectures a `flow_model` can hold. Code that works for any of them is written once,
+/// generic over [`VelocityModel`], and dispatched with [`with_policy!`](crate::with_policy).
+pub enum Policy {
+    /// ShapeWorld's UNet (`arch: shapes_unet`, the default).
+    ShapesUnet(PolicyModel<FlowModel>),
+}
+
+/// Run `$body` with `$p` bound to the [`PolicyModel`] inside a [`Policy`], whatever its
+/// architecture: `with_policy!(&mut res.policy, p => p.trainer.step_count())`.
+#[macro_export]
+macro_rules! with_policy {
+    ($policy:expr, $p:ident => $body:expr) => {
+        match $policy {
+            $crate::flow_model::Policy::ShapesUnet($p) => $body,
+        }
+    };
+}
+
+impl Policy {
+    /// The architecture's name (`shapes_unet`, …).
+    pub fn arch(&self) -> &'static str {
+        fn arch_of<M: VelocityModel>(_: &PolicyModel<M>) -> &'static str {
+            M::ARCH
+        }
+        with_policy!(self, p => arch_of(p))
+    }
+}
+
+impl<M: VelocityModel> PolicyModel<M> {
+    /// The weights samplers use, on the plain device: the EMA or the current weights.
+    pub fn sampling_model(&self, ema: bool) -> M {
+        if ema {
+            self.trainer.ema().clone()
+        } else {
+            self.trainer.model().valid()
+        }
+    }
+
+    fn sampler(&self, res: &FlowModelRes) -> PolicySampler {
+        let keep = (res.keep_rollout_graph && !res.sample_with_ema)
+            .then(|| (self.trainer.device().clone(), self.trainer.step_count()));
+        PolicySampler {
+            model: match keep {
+                Some(_) => Box::new(self.trainer.model().clone()),
+                None => Box::new(self.sampling_model(res.sample_with_ema)),
+            },
+            device: res.device.clone(),
+            keep,
+        }
+    }
+
+    fn save(&self, dir: &Path, ema: bool) -> Result<()> {
+        self.trainer.save_state(&dir.join("trainer.safetensors"))?;
+        save_safetensors(&self.sampling_model(ema), &dir.join("model.safetensors"))?;
+        if let Some(r) = &self.reference {
+            save_safetensors(r, &dir.join("reference.safetensors"))?;
+        }
+        Ok(())
+    }
+
+    fn load(&mut self, dir: &Path, device: &Device, config: &TrainerConfig) -> Result<()> {
+        let p = dir.join("trainer.safetensors");
+        let mut t = Trainer::<M>::load_state(&p, device)
+            .with_context(|| format!("loading {}", p.display()))?;
+        // Hyper-parameters come from the (possibly overridden) pipeline, the state from disk.
+        t.config = config.clone();
+        self.trainer = t;
+        let r = dir.join("reference.safetensors");
+        if self.reference.is_some() {
+            if !r.exists() {
+                bail!(
+                    "{} is missing (the pipeline asks for a reference model)",
+                    r.display()
+                );
+            }
+            self.reference = Some(load_model::<M>(&r, device)?.1);
+        }
+        Ok(())
+    }
+}
+
 /// The `flow_model` resource.
 pub struct FlowModelRes {
-    pub trainer: Trainer,
-    pub reference: Option<FlowModel>,
+    pub policy: Policy,
     pub sample_with_ema: bool,
     /// `rollout_graph: keep`: samplers keep their forward's autodiff graph for the update.
     pub keep_rollout_graph: bool,
@@ -136,8 +223,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let reference = p.bool("reference")?.then(|| model.clone());
     let trainer = Trainer::from_model(model, config.clone());
     Ok(Box::new(FlowModelRes {
-        trainer,
-        reference,
+        policy: Policy::ShapesUnet(PolicyModel { trainer, reference }),
         sample_with_ema,
         keep_rollout_graph,
         device: dev,
@@ -147,22 +233,21 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
 }
 
 impl FlowModelRes {
-    /// A resource around `model` (on a plain device), e.g. for tests and tools.
+    /// A resource around the ShapeWorld UNet `model` (on a plain device), e.g. for tests and
+    /// tools.
     pub fn new(
         model: FlowModel,
         config: TrainerConfig,
         reference: bool,
         sample_with_ema: bool,
     ) -> Self {
-        let device = model
-            .devices()
-            .into_iter()
-            .next()
-            .unwrap_or_else(Device::flex);
+        let device = model_device(&model);
         let reference = reference.then(|| model.clone());
         FlowModelRes {
-            trainer: Trainer::from_model(model, config.clone()),
-            reference,
+            policy: Policy::ShapesUnet(PolicyModel {
+                trainer: Trainer::from_model(model, config.clone()),
+                reference,
+            }),
             sample_with_ema,
             keep_rollout_graph: false,
             device,
@@ -171,20 +256,68 @@ impl FlowModelRes {
         }
     }
 
-    /// The model samplers use, on the plain device.
-    pub fn sampling_model(&self) -> FlowModel {
-        if self.sample_with_ema {
-            self.trainer.ema().clone()
-        } else {
-            self.trainer.model().valid()
+    /// The ShapeWorld UNet policy, or an error naming what `what` needs and what this holds.
+    pub fn unet(&self, what: &str) -> Result<&PolicyModel<FlowModel>> {
+        match &self.policy {
+            Policy::ShapesUnet(p) => Ok(p),
+            #[allow(unreachable_patterns)]
+            other => bail!(
+                "{what} needs the ShapeWorld model (`arch: shapes_unet`), not `{}`",
+                other.arch()
+            ),
         }
+    }
+
+    /// Mutable [`unet`](Self::unet).
+    pub fn unet_mut(&mut self, what: &str) -> Result<&mut PolicyModel<FlowModel>> {
+        match &mut self.policy {
+            Policy::ShapesUnet(p) => Ok(p),
+            #[allow(unreachable_patterns)]
+            other => bail!(
+                "{what} needs the ShapeWorld model (`arch: shapes_unet`), not `{}`",
+                other.arch()
+            ),
+        }
+    }
+
+    /// The UNet weights samplers use (EMA or current), on the plain device.
+    pub fn sampling_model(&self) -> Result<FlowModel> {
+        Ok(self.unet("sampling")?.sampling_model(self.sample_with_ema))
+    }
+
+    /// The model a sampler node runs (see [`PolicySampler::velocity`]).
+    pub fn sampler(&self) -> PolicySampler {
+        with_policy!(&self.policy, p => p.sampler(self))
+    }
+}
+
+/// A velocity model of any architecture, for samplers.
+trait SamplerModel: Send {
+    fn velocity_cfg(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+        cfg: f32,
+    ) -> Result<Tensor<4>>;
+}
+
+impl<M: VelocityModel> SamplerModel for M {
+    fn velocity_cfg(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+        cfg: f32,
+    ) -> Result<Tensor<4>> {
+        VelocityModel::velocity_cfg(self, x, t, cond, cfg)
     }
 }
 
 /// What a sampler node needs from the policy: the model to run and where (see
 /// [`FlowModelRes::sampler`]).
 pub struct PolicySampler {
-    model: FlowModel,
+    model: Box<dyn SamplerModel>,
     /// Plain device: where the node's outputs live.
     pub device: Device,
     /// With `rollout_graph: keep`: the trainer's autodiff device and step count (the model is
@@ -195,76 +328,43 @@ pub struct PolicySampler {
 impl PolicySampler {
     /// v_θ(x, t, c) with classifier-free guidance `cfg`, on the plain device, and, with
     /// `rollout_graph: keep`, the forward's autodiff graph for the update.
-    /// x: [B, 3, H, W] on the plain device; tokens: [B, L].
+    /// x: [B, C, H, W] on the plain device; cond: batch B.
     pub fn velocity(
         &self,
         x: &Tensor<4>,
         t: f32,
-        tokens: Tensor<2, Int>,
+        cond: &Conditioning,
         cfg: f32,
-    ) -> (Tensor<4>, Option<RolloutGraph>) {
+    ) -> Result<(Tensor<4>, Option<RolloutGraph>)> {
         let b = x.dims()[0];
         match &self.keep {
             None => {
                 let tt = Tensor::<1>::full([b], t, &self.device);
-                (self.model.forward_cfg(x.clone(), tt, tokens, cfg), None)
+                Ok((self.model.velocity_cfg(x.clone(), tt, cond, cfg)?, None))
             }
             Some((ad, step)) => {
                 // The state is data, not a function of the weights: the graph starts at x.
                 let tt = Tensor::<1>::full([b], t, ad);
-                let v =
-                    self.model
-                        .forward_cfg(x.clone().to_device(ad), tt, tokens.to_device(ad), cfg);
+                let v = self.model.velocity_cfg(
+                    x.clone().to_device(ad),
+                    tt,
+                    &cond.clone().to_device(ad),
+                    cfg,
+                )?;
                 let plain = v.clone().detach().to_device(&self.device);
-                (plain, Some(RolloutGraph::new(v, *step)))
+                Ok((plain, Some(RolloutGraph::new(v, *step))))
             }
-        }
-    }
-}
-
-impl FlowModelRes {
-    /// The model a sampler node runs (see [`PolicySampler::velocity`]).
-    pub fn sampler(&self) -> PolicySampler {
-        let keep = (self.keep_rollout_graph && !self.sample_with_ema)
-            .then(|| (self.trainer.device().clone(), self.trainer.step_count()));
-        PolicySampler {
-            model: match keep {
-                Some(_) => self.trainer.model().clone(),
-                None => self.sampling_model(),
-            },
-            device: self.device.clone(),
-            keep,
         }
     }
 }
 
 impl Resource for FlowModelRes {
     fn save(&self, dir: &Path) -> Result<()> {
-        self.trainer.save_state(&dir.join("trainer.safetensors"))?;
-        save_safetensors(&self.sampling_model(), &dir.join("model.safetensors"))?;
-        if let Some(r) = &self.reference {
-            save_safetensors(r, &dir.join("reference.safetensors"))?;
-        }
-        Ok(())
+        with_policy!(&self.policy, p => p.save(dir, self.sample_with_ema))
     }
     fn load(&mut self, dir: &Path) -> Result<()> {
-        let p = dir.join("trainer.safetensors");
-        let mut t = Trainer::load_state(&p, &self.device)
-            .with_context(|| format!("loading {}", p.display()))?;
-        // Hyper-parameters come from the (possibly overridden) pipeline, the state from disk.
-        t.config = self.config.clone();
-        self.trainer = t;
-        let r = dir.join("reference.safetensors");
-        if self.reference.is_some() {
-            if !r.exists() {
-                bail!(
-                    "{} is missing (the pipeline asks for a reference model)",
-                    r.display()
-                );
-            }
-            self.reference = Some(load_safetensors(&r, &self.device)?.1);
-        }
-        Ok(())
+        let (device, config) = (self.device.clone(), self.config.clone());
+        with_policy!(&mut self.policy, p => p.load(dir, &device, &config))
     }
     fn as_any(&self) -> &dyn Any {
         self

@@ -31,11 +31,10 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
 
-use crate::flow_model::{FlowModelRes, TYPE};
+use crate::flow_model::{FlowModelRes, PolicyModel, TYPE};
 use crate::grpo::log_prob;
-use crate::model::{FlowModel, Trainer, tensor_from_vec};
+use crate::model::{Trainer, VelocityModel, int_tensor_from_vec, tensor_from_vec};
 use crate::types::{Advantages, PromptBatch, Transition, to_vec};
-use crate::world::IMAGE_LEN;
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -87,11 +86,9 @@ pub struct GrpoUpdate {
     pub grad_accum: usize,
 }
 
-/// Host copies of one transition, for slicing minibatches.
-struct HostTransition<'a> {
+/// One stochastic transition with its advantages.
+struct Step<'a> {
     tr: &'a Transition,
-    x_t: Vec<f32>,
-    x_next: Vec<f32>,
     adv: &'a [f32],
 }
 
@@ -116,19 +113,21 @@ pub struct UpdateStats {
     pub graphs_reused: usize,
 }
 
-fn rows(v: &[f32], idx: &[usize], len: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(idx.len() * len);
-    for &i in idx {
-        out.extend_from_slice(&v[i * len..(i + 1) * len]);
+/// Rows `idx` of a state tensor, on its own device (no copy when `idx` is the whole batch in
+/// order): minibatches are sliced where the states live.
+fn rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
+    if idx.len() == x.dims()[0] && idx.iter().enumerate().all(|(j, &i)| i == j) {
+        return x.clone();
     }
-    out
+    let order = int_tensor_from_vec(idx.iter().map(|&i| i as i64).collect(), [idx.len()], &x.device());
+    x.clone().select(0, order)
 }
 
 /// Back-propagates `loss` (a share of the step's loss) into `grads`; returns its value.
 /// A non-finite loss is an error, before any gradient is applied.
-fn backward_into(
-    trainer: &Trainer,
-    grads: &mut GradientsAccumulator<FlowModel>,
+fn backward_into<M: VelocityModel>(
+    trainer: &Trainer<M>,
+    grads: &mut GradientsAccumulator<M>,
     loss: Tensor<1>,
 ) -> Result<f64> {
     let (g, value) = trainer.gradients(loss);
@@ -146,6 +145,23 @@ impl GrpoUpdate {
     pub fn update(
         &self,
         m: &mut FlowModelRes,
+        transitions: &[&Transition],
+        adv: &Advantages,
+        prompts: &PromptBatch,
+        seed: u64,
+    ) -> Result<UpdateStats> {
+        let plain = m.device.clone();
+        crate::with_policy!(&mut m.policy, p => {
+            self.update_policy(p, &plain, transitions, adv, prompts, seed)
+        })
+    }
+
+    /// [`update`](Self::update) for one architecture. `plain` is the inference device (the
+    /// KL reference runs there).
+    fn update_policy<M: VelocityModel>(
+        &self,
+        m: &mut PolicyModel<M>,
+        plain: &Device,
         transitions: &[&Transition],
         adv: &Advantages,
         prompts: &PromptBatch,
@@ -169,12 +185,14 @@ impl GrpoUpdate {
                     a.len()
                 );
             }
-            host.push(HostTransition {
-                tr,
-                x_t: to_vec(&tr.x_t)?,
-                x_next: to_vec(&tr.x_next)?,
-                adv: a,
-            });
+            if tr.x_t.dims()[0] != b || tr.x_next.dims()[0] != b {
+                bail!(
+                    "transition {} holds {} states, prompts {b}",
+                    k + 1,
+                    tr.x_t.dims()[0]
+                );
+            }
+            host.push(Step { tr, adv: a });
         }
         if host.is_empty() {
             bail!("no stochastic transitions to train on (is every τ 0?)");
@@ -185,7 +203,6 @@ impl GrpoUpdate {
             );
         }
         let ad: Device = m.trainer.device().clone();
-        let plain = m.device.clone();
         let mb = if self.minibatch == 0 {
             b
         } else {
@@ -208,7 +225,7 @@ impl GrpoUpdate {
             let chunks: Vec<&[usize]> = order.chunks(mb).collect();
             for group in chunks.chunks(self.grad_accum.max(1)) {
                 let group_n: usize = group.iter().map(|c| c.len()).sum();
-                let mut grads = GradientsAccumulator::<FlowModel>::new();
+                let mut grads = GradientsAccumulator::<M>::new();
                 let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
                     (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
                 for idx in group {
@@ -216,17 +233,18 @@ impl GrpoUpdate {
                     // This minibatch's share of the group's loss (a mean over its samples and
                     // transitions).
                     let w = n as f32 / group_n as f32 / nt;
-                    let tokens_ad = prompts.tokens_rows(idx, &ad);
+                    let cond_ad = prompts.conditioning_rows(idx, &ad);
                     // The KL reference runs on the plain device.
-                    let tokens_plain = (self.beta > 0.0).then(|| prompts.tokens_rows(idx, &plain));
+                    let cond_plain =
+                        (self.beta > 0.0).then(|| prompts.conditioning_rows(idx, plain));
                     let mut joint: Option<Tensor<1>> = None;
                     for h in &host {
                         let tr = h.tr;
                         let k = tr.kernel;
-                        // [n, 3, 32, 32]
-                        let x = tensor_from_vec(rows(&h.x_t, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
-                        let x_next =
-                            tensor_from_vec(rows(&h.x_next, idx, IMAGE_LEN), [n, 3, 32, 32], &ad);
+                        // [n, C, H, W], sliced where the states live: no host round trip.
+                        let x_plain = rows(&tr.x_t, idx);
+                        let x = x_plain.clone().to_device(&ad);
+                        let x_next = rows(&tr.x_next, idx).to_device(&ad);
                         let old = tensor_from_vec(
                             idx.iter().map(|&i| tr.old_logprob[i]).collect(),
                             [n],
@@ -253,7 +271,7 @@ impl GrpoUpdate {
                                 if idx.iter().enumerate().all(|(j, &i)| i == j) {
                                     v
                                 } else {
-                                    let order = crate::model::int_tensor_from_vec(
+                                    let order = int_tensor_from_vec(
                                         idx.iter().map(|&i| i as i64).collect(),
                                         [n],
                                         &ad,
@@ -261,15 +279,12 @@ impl GrpoUpdate {
                                     v.select(0, order)
                                 }
                             }
-                            None => {
-                                let model: &FlowModel = m.trainer.model();
-                                model.forward_cfg(
-                                    x.clone(),
-                                    Tensor::<1>::full([n], tr.t, &ad),
-                                    tokens_ad.clone(),
-                                    tr.cfg,
-                                )
-                            }
+                            None => m.trainer.model().velocity_cfg(
+                                x.clone(),
+                                Tensor::<1>::full([n], tr.t, &ad),
+                                &cond_ad,
+                                tr.cfg,
+                            )?,
                         };
                         let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
                         let logp = log_prob(x_next, mean.clone(), k.std); // [n]
@@ -298,24 +313,18 @@ impl GrpoUpdate {
                             }
                         }
                         pg_sum += (pg.into_scalar::<f32>() * w) as f64;
-                        if let Some(tokens_plain) = &tokens_plain {
-                            let reference = m.reference.as_ref().expect("checked above");
-                            let xp = tensor_from_vec(
-                                rows(&h.x_t, idx, IMAGE_LEN),
-                                [n, 3, 32, 32],
-                                &plain,
-                            );
-                            let vr = reference.forward_cfg(
-                                xp.clone(),
-                                Tensor::<1>::full([n], tr.t, &plain),
-                                tokens_plain.clone(),
+                        if let (Some(cond_plain), Some(reference)) =
+                            (&cond_plain, m.reference.as_ref())
+                        {
+                            let vr = reference.velocity_cfg(
+                                x_plain.clone(),
+                                Tensor::<1>::full([n], tr.t, plain),
+                                cond_plain,
                                 tr.cfg,
-                            );
-                            let mean_ref = tensor_from_vec(
-                                to_vec(&(xp.mul_scalar(k.a) + vr.mul_scalar(k.b)))?,
-                                [n, 3, 32, 32],
-                                &ad,
-                            );
+                            )?;
+                            // A constant of the loss: onto the autodiff device untracked.
+                            let mean_ref = (x_plain.mul_scalar(k.a) + vr.mul_scalar(k.b))
+                                .to_device(&ad);
                             let kl = (mean - mean_ref)
                                 .square()
                                 .mean()
@@ -407,6 +416,7 @@ impl Node for GrpoUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::world::IMAGE_LEN;
     use crate::grpo::LinearGaussian;
     use crate::grpo::{gaussian_step, log_prob};
     use crate::model::{FlowModelConfig, TrainerConfig, sample_standard_normal};
@@ -444,8 +454,8 @@ mod tests {
                 [4, world::MAX_TOKENS],
                 &dev,
             );
-            let ad = res.trainer.device().clone();
-            res.trainer.step(
+            let ad = res.unet_mut("test").unwrap().trainer.device().clone();
+            res.unet_mut("test").unwrap().trainer.step(
                 x0.to_device(&ad),
                 n.to_device(&ad),
                 t.to_device(&ad),
@@ -453,7 +463,8 @@ mod tests {
             );
         }
         // The reference is the model *before* RL: take it now.
-        res.reference = Some(res.sampling_model());
+        let r = res.sampling_model().unwrap();
+        res.unet_mut("test").unwrap().reference = Some(r);
         res
     }
 
@@ -470,7 +481,8 @@ mod tests {
         // As the samplers do: with `keep_rollout_graph` the velocity's graph comes along.
         let (v, graph) = res
             .sampler()
-            .velocity(&x, 0.75, prompts.tokens_tensor(&dev), 1.0);
+            .velocity(&x, 0.75, &prompts.conditioning(&dev), 1.0)
+            .unwrap();
         let k = LinearGaussian::tafs(0.75, 0.5, tau).unwrap();
         let eps = tensor_from_vec(
             sample_standard_normal(&mut rng, b * IMAGE_LEN),
@@ -502,7 +514,7 @@ mod tests {
             [6, 3, 32, 32],
             &dev,
         );
-        let v = res.sampling_model().forward(
+        let v = res.sampling_model().unwrap().forward(
             x,
             Tensor::<1>::full([6], 0.5, &dev),
             prompts.tokens_tensor(&dev),
@@ -569,7 +581,7 @@ mod tests {
     #[test]
     fn should_raise_the_log_prob_of_positive_advantage_samples() {
         let mut res = trained_tiny();
-        res.trainer.config.lr = 1e-3;
+        res.unet_mut("test").unwrap().trainer.config.lr = 1e-3;
         let prompts = batch();
         let tr = sample(&res, &prompts, 0.8);
         let a = vec![1.0, -1.0, 1.0, -1.0, 1.0, -1.0];
@@ -589,7 +601,7 @@ mod tests {
         let after = sample(&res, &prompts, 0.8);
         // Same noise, new policy: log π(x_next_old) moved up where A > 0 and down where A < 0.
         let dev = res.device.clone();
-        let model = res.sampling_model();
+        let model = res.sampling_model().unwrap();
         let v = model.forward(
             tr.x_t.clone(),
             Tensor::<1>::full([6], 0.75, &dev),
@@ -605,7 +617,7 @@ mod tests {
     #[test]
     fn should_refuse_kl_without_a_reference_and_non_finite_losses() {
         let mut res = trained_tiny();
-        res.reference = None;
+        res.unet_mut("test").unwrap().reference = None;
         let prompts = batch();
         let tr = sample(&res, &prompts, 0.8);
         let adv = Advantages {
@@ -638,7 +650,7 @@ mod tests {
         let adv = two_step_advantages();
         let step = |minibatch, grad_accum| {
             let mut res = trained_tiny();
-            res.trainer.config.lr = 1e-3;
+            res.unet_mut("test").unwrap().trainer.config.lr = 1e-3;
             let a = sample(&res, &prompts, 0.8);
             let b = sample(&res, &prompts, 0.5);
             let before = velocity(&res);
@@ -674,7 +686,7 @@ mod tests {
         let adv = two_step_advantages();
         let run = |keep: bool, epochs, minibatch| {
             let mut res = trained_tiny();
-            res.trainer.config.lr = 1e-3;
+            res.unet_mut("test").unwrap().trainer.config.lr = 1e-3;
             res.keep_rollout_graph = keep;
             let a = sample(&res, &prompts, 0.8);
             let b = sample(&res, &prompts, 0.5);

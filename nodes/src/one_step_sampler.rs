@@ -66,9 +66,9 @@ impl Node for OneStepSampler {
         let (v, graph) = policy.velocity(
             &x_t,
             self.t,
-            prompts.tokens_tensor(&policy.device),
+            &prompts.conditioning(&policy.device),
             self.cfg,
-        );
+        )?;
         let x0 = x_t.clone() - v.clone().mul_scalar(self.t);
         let eps = x_t.clone() + v.clone().mul_scalar(1.0 - self.t);
         let pred = Prediction {

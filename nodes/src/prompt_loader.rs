@@ -283,6 +283,7 @@ pub fn make_batch(prompts: &[Arc<PromptRecord>], group: usize) -> Result<PromptB
         member: Vec::new(),
         tokens: Vec::new(),
         max_tokens: l,
+        embeddings: None,
     };
     for (g, rec) in prompts.iter().enumerate() {
         let toks = world::tokenize(&rec.prompt)

@@ -193,7 +193,7 @@ impl SampleEval {
                         &mut rng,
                     )
                 } else {
-                    sample_euler(model, noise, tokens, steps, self.cfg)
+                    sample_euler(model, noise, &tokens.into(), steps, self.cfg)?
                 };
                 let imgs = to_vec(&x0)?;
                 for (i, rec) in chunk.iter().enumerate() {
@@ -225,7 +225,7 @@ impl SampleEval {
 impl Node for SampleEval {
     fn run(&mut self, ctx: &NodeCtx, _: &Inputs) -> Result<Outputs> {
         let (model, device) = ctx.read("model", |m: &FlowModelRes| {
-            Ok((m.sampling_model(), m.device.clone()))
+            Ok((m.sampling_model()?, m.device.clone()))
         })?;
         let (table, grids) = self.evaluate(&model, &device)?;
         for ((steps, key), (c, n)) in &table {

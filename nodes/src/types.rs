@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use burn::tensor::{Device, Int, Tensor};
 
 use crate::grpo::LinearGaussian;
-use crate::model::{int_tensor_from_vec, tensor_from_vec};
+use crate::model::{Conditioning, TextConditioning, int_tensor_from_vec, tensor_from_vec};
 use crate::world::PromptRecord;
 
 /// Prompts of one iteration, already expanded into GRPO groups.
@@ -29,6 +29,28 @@ pub struct PromptBatch {
     /// Token ids, [B, L] row-major.
     pub tokens: Vec<i64>,
     pub max_tokens: usize,
+    /// Text-encoder embeddings, one row per group, when the prompts come from an embeddings
+    /// file (models conditioned on text embeddings); `None` for token-id prompts.
+    pub embeddings: Option<Arc<GroupEmbeddings>>,
+}
+
+/// Text-encoder embeddings of a batch's prompts, one row per group (prompt), on the host.
+#[derive(Debug, Clone)]
+pub struct GroupEmbeddings {
+    /// [P, L, D] row-major.
+    pub prompt_embeds: Vec<f32>,
+    /// [P, Q] row-major.
+    pub pooled: Vec<f32>,
+    /// [1, L, D]: the negative (null) prompt.
+    pub negative_embeds: Vec<f32>,
+    /// [1, Q]
+    pub negative_pooled: Vec<f32>,
+    /// L
+    pub seq_len: usize,
+    /// D
+    pub dim: usize,
+    /// Q
+    pub pooled_dim: usize,
 }
 
 impl PromptBatch {
@@ -41,6 +63,37 @@ impl PromptBatch {
     pub fn groups(&self) -> usize {
         self.group.iter().copied().max().map_or(0, |g| g + 1)
     }
+    /// The model conditioning of every sample, on `device`: token ids, or the text
+    /// embeddings of each sample's group.
+    pub fn conditioning(&self, device: &Device) -> Conditioning {
+        let all: Vec<usize> = (0..self.len()).collect();
+        self.conditioning_rows(&all, device)
+    }
+
+    /// The conditioning of samples `idx` (in that order), on `device`.
+    pub fn conditioning_rows(&self, idx: &[usize], device: &Device) -> Conditioning {
+        let Some(e) = &self.embeddings else {
+            return Conditioning::Tokens(self.tokens_rows(idx, device));
+        };
+        let p = e.prompt_embeds.len() / (e.seq_len * e.dim).max(1);
+        let groups: Vec<usize> = idx.iter().map(|&i| self.group[i]).collect();
+        let text = TextConditioning {
+            prompt_embeds: tensor_from_vec(
+                e.prompt_embeds.clone(),
+                [p, e.seq_len, e.dim],
+                device,
+            ),
+            pooled: tensor_from_vec(e.pooled.clone(), [p, e.pooled_dim], device),
+            negative_embeds: tensor_from_vec(
+                e.negative_embeds.clone(),
+                [1, e.seq_len, e.dim],
+                device,
+            ),
+            negative_pooled: tensor_from_vec(e.negative_pooled.clone(), [1, e.pooled_dim], device),
+        };
+        Conditioning::Text(text).select(&groups)
+    }
+
     /// [B, L]
     pub fn tokens_tensor(&self, device: &Device) -> Tensor<2, Int> {
         int_tensor_from_vec(self.tokens.clone(), [self.len(), self.max_tokens], device)

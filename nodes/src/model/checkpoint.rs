@@ -16,12 +16,15 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensorError, SafeTensors, tensor::TensorView};
 
-use super::{FlowModel, FlowModelConfig};
+use super::{FlowModel, FlowModelConfig, VelocityModel};
 
 /// Metadata key holding the [`FlowModelConfig`] JSON.
 pub const CONFIG_KEY: &str = "flowrun.config";
 /// Metadata key identifying the file kind.
 pub const FORMAT_KEY: &str = "flowrun.format";
+/// Metadata key naming the architecture ([`VelocityModel::ARCH`]); absent in ShapeWorld UNet
+/// files (the only architecture before there were several).
+pub const ARCH_KEY: &str = "flowrun.arch";
 /// Value of [`FORMAT_KEY`] for model checkpoints.
 pub const MODEL_FORMAT: &str = "flowrun.flow_model.v1";
 
@@ -336,41 +339,61 @@ pub(crate) fn load_params<M: Module>(
 }
 
 /// Saves `model` (weights + config JSON in metadata) to `path` atomically.
-pub fn save_safetensors(model: &FlowModel, path: &Path) -> anyhow::Result<()> {
+pub fn save_safetensors<M: VelocityModel>(model: &M, path: &Path) -> anyhow::Result<()> {
     let tensors = collect_params(model, "");
     let mut metadata = HashMap::new();
     metadata.insert(
         CONFIG_KEY.to_string(),
-        serde_json::to_string(model.config())?,
+        serde_json::to_string(VelocityModel::config(model))?,
     );
+    if M::ARCH != FlowModel::ARCH {
+        metadata.insert(ARCH_KEY.to_string(), M::ARCH.to_string());
+    }
     metadata.insert(FORMAT_KEY.to_string(), MODEL_FORMAT.to_string());
     let bytes = serialize_safetensors(&tensors, metadata)?;
     write_atomic(path, &bytes).with_context(|| format!("saving checkpoint {}", path.display()))
 }
 
 /// Parses the model config stored in a checkpoint's metadata.
-pub(crate) fn config_from_file(file: &SafetensorsFile) -> anyhow::Result<FlowModelConfig> {
+pub(crate) fn config_from_file<M: VelocityModel>(
+    file: &SafetensorsFile,
+) -> anyhow::Result<M::Config> {
     let json = file.meta(CONFIG_KEY)?;
-    let config: FlowModelConfig = serde_json::from_str(json).with_context(|| {
+    let config: M::Config = serde_json::from_str(json).with_context(|| {
         format!(
             "checkpoint {}: invalid {CONFIG_KEY} metadata",
             file.path.display()
         )
     })?;
-    config
-        .validate()
+    M::check_config(&config)
         .with_context(|| format!("checkpoint {}: invalid model config", file.path.display()))?;
     Ok(config)
 }
 
-/// Loads a model checkpoint written by [`save_safetensors`] onto `device`.
+/// Loads a ShapeWorld UNet checkpoint written by [`save_safetensors`] onto `device`.
 pub fn load_safetensors(
     path: &Path,
     device: &Device,
 ) -> anyhow::Result<(FlowModelConfig, FlowModel)> {
+    load_model::<FlowModel>(path, device)
+}
+
+/// Loads a model checkpoint of architecture `M` written by [`save_safetensors`] onto `device`.
+pub fn load_model<M: VelocityModel>(
+    path: &Path,
+    device: &Device,
+) -> anyhow::Result<(M::Config, M)> {
     let file = SafetensorsFile::read(path)?;
-    let config = config_from_file(&file)?;
-    let model = config.init_zeros(device);
+    let arch = file.meta(ARCH_KEY).unwrap_or(FlowModel::ARCH);
+    if arch != M::ARCH {
+        bail!(
+            "checkpoint {}: holds a `{arch}` model, not a `{}` one",
+            path.display(),
+            M::ARCH
+        );
+    }
+    let config = config_from_file::<M>(&file)?;
+    let model = M::init_zeros(&config, device);
     let (model, used) = load_params(model, &file, "")?;
     let extra: BTreeMap<_, _> = file
         .tensors()

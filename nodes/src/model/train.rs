@@ -10,25 +10,28 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use burn::config::Config;
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{
     AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer,
 };
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{
-    CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params, config_from_file,
+    ARCH_KEY, CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params, config_from_file,
     load_params, serialize_safetensors, tensor_values, write_atomic,
 };
-use super::{FlowModel, FlowModelConfig, flow_matching_loss};
+use super::{
+    Conditioning, FlowModel, FlowModelConfig, VelocityModel, flow_matching_loss, model_device,
+};
 
 /// Value of the `flowrun.format` metadata key for trainer-state files.
 pub const TRAINER_FORMAT: &str = "flowrun.trainer_state.v1";
 const TRAINER_CONFIG_KEY: &str = "flowrun.trainer_config";
 const STEP_KEY: &str = "flowrun.step";
 const ADAM_TIME_KEY: &str = "flowrun.adam_time";
+
 
 /// Optimisation hyper-parameters.
 #[derive(Config, Debug, PartialEq)]
@@ -80,92 +83,24 @@ pub struct StepStats {
 }
 
 /// Owns the trained model (on an autodiff device), its EMA copy (plain device), AdamW state.
-pub struct Trainer {
+/// Generic over the architecture ([`VelocityModel`]); ShapeWorld's UNet by default.
+pub struct Trainer<M: VelocityModel = FlowModel> {
     pub config: TrainerConfig,
-    model: FlowModel,
-    ema: FlowModel,
+    model: M,
+    ema: M,
     optim: AdamW,
     states: HashMap<String, AdamSlot>,
     step: u64,
     device: Device,
 }
 
-impl Trainer {
+impl Trainer<FlowModel> {
     /// Fresh trainer with a freshly initialised model (deterministic from `model_config.seed`).
     /// `device` may be plain or autodiff; training always runs on `device.autodiff()`.
     pub fn new(model_config: &FlowModelConfig, config: TrainerConfig, device: &Device) -> Self {
         let ad = device.clone().autodiff();
         let model = model_config.init(&ad);
         Self::from_model(model, config)
-    }
-
-    /// Trainer around an existing model (e.g. loaded with `load_safetensors`). The EMA starts
-    /// as a copy of the model.
-    pub fn from_model(model: FlowModel, config: TrainerConfig) -> Self {
-        let device = model_device(&model).autodiff();
-        let model = if model_device(&model).is_autodiff() {
-            model
-        } else {
-            model.train()
-        };
-        let ema = model.valid();
-        let optim = build_optim(&config);
-        Self {
-            config,
-            model,
-            ema,
-            optim,
-            states: HashMap::new(),
-            step: 0,
-            device,
-        }
-    }
-
-    /// The model being trained (autodiff device). Use `.valid()` for inference.
-    pub fn model(&self) -> &FlowModel {
-        &self.model
-    }
-
-    /// EMA weights (plain device), ready for inference or `save_safetensors`.
-    pub fn ema(&self) -> &FlowModel {
-        &self.ema
-    }
-
-    /// Number of optimisation steps taken.
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// Learning rate the next step will use (warmup applied).
-    pub fn current_lr(&self) -> f64 {
-        let w = self.config.warmup_steps;
-        if w == 0 {
-            self.config.lr
-        } else {
-            self.config.lr * ((self.step + 1) as f64 / w as f64).min(1.0)
-        }
-    }
-
-    /// Replaces the prompts of a seeded fraction `cfg_dropout` of rows by the null prompt.
-    /// Deterministic in (`config.seed`, step index). tokens: [B, L] → [B, L]
-    pub fn cfg_dropout(&self, tokens: Tensor<2, Int>) -> Tensor<2, Int> {
-        let p = self.model.config().cfg_dropout;
-        if p <= 0.0 {
-            return tokens;
-        }
-        let [b, l] = tokens.dims();
-        let mut rng = ChaCha8Rng::seed_from_u64(
-            self.config.seed ^ (self.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
-        let drop: Vec<bool> = (0..b).map(|_| rng.random::<f64>() < p).collect();
-        if !drop.iter().any(|d| *d) {
-            return tokens;
-        }
-        let device = tokens.device();
-        let mask =
-            Tensor::<2, Bool>::from_data(burn::tensor::TensorData::new(drop, [b, 1]), &device)
-                .expand([b, l]);
-        tokens.mask_fill(mask, 0)
     }
 
     /// One AdamW step on the flow-matching loss (with CFG dropout). Returns the loss.
@@ -189,9 +124,87 @@ impl Trainer {
         t: Tensor<1>,
         tokens: Tensor<2, Int>,
     ) -> StepStats {
-        let tokens = self.cfg_dropout(tokens);
-        let loss = flow_matching_loss(&self.model, x0, noise, t, tokens);
-        self.apply_loss(loss)
+        self.flow_matching_step(x0, noise, t, Conditioning::Tokens(tokens))
+            .expect("the UNet reads token ids")
+    }
+}
+
+impl<M: VelocityModel> Trainer<M> {
+    /// Trainer around an existing model (e.g. loaded with `load_safetensors`). The EMA starts
+    /// as a copy of the model.
+    pub fn from_model(model: M, config: TrainerConfig) -> Self {
+        let device = model_device(&model).autodiff();
+        let model = if model_device(&model).is_autodiff() {
+            model
+        } else {
+            model.train()
+        };
+        let ema = model.valid();
+        let optim = build_optim(&config);
+        Self {
+            config,
+            model,
+            ema,
+            optim,
+            states: HashMap::new(),
+            step: 0,
+            device,
+        }
+    }
+
+    /// The model being trained (autodiff device). Use `.valid()` for inference.
+    pub fn model(&self) -> &M {
+        &self.model
+    }
+
+    /// EMA weights (plain device), ready for inference or `save_safetensors`.
+    pub fn ema(&self) -> &M {
+        &self.ema
+    }
+
+    /// Number of optimisation steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Learning rate the next step will use (warmup applied).
+    pub fn current_lr(&self) -> f64 {
+        let w = self.config.warmup_steps;
+        if w == 0 {
+            self.config.lr
+        } else {
+            self.config.lr * ((self.step + 1) as f64 / w as f64).min(1.0)
+        }
+    }
+
+    /// Replaces the prompts of a seeded fraction `cfg_dropout` of rows by the null prompt.
+    /// Deterministic in (`config.seed`, step index).
+    pub fn cfg_dropout(&self, cond: Conditioning) -> Conditioning {
+        let p = self.model.cfg_dropout();
+        if p <= 0.0 {
+            return cond;
+        }
+        let b = cond.batch();
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            self.config.seed ^ (self.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let drop: Vec<bool> = (0..b).map(|_| rng.random::<f64>() < p).collect();
+        cond.drop_rows(&drop)
+    }
+
+    /// One AdamW step on the flow-matching loss (with CFG dropout).
+    ///
+    /// x0, noise: [B, C, H, W], t: [B] in [0, 1], cond: batch B
+    pub fn flow_matching_step(
+        &mut self,
+        x0: Tensor<4>,
+        noise: Tensor<4>,
+        t: Tensor<1>,
+        cond: Conditioning,
+    ) -> anyhow::Result<StepStats> {
+        let cond = self.cfg_dropout(cond);
+        let loss = flow_matching_loss(&self.model, x0, noise, t, &cond)?;
+        Ok(self.apply_loss(loss))
     }
 
     /// One AdamW step on an arbitrary scalar `loss` computed from [`model`](Self::model) on
@@ -289,8 +302,11 @@ impl Trainer {
         let mut metadata = HashMap::new();
         metadata.insert(
             CONFIG_KEY.to_string(),
-            serde_json::to_string(self.model.config())?,
+            serde_json::to_string(VelocityModel::config(&self.model))?,
         );
+        if M::ARCH != FlowModel::ARCH {
+            metadata.insert(ARCH_KEY.to_string(), M::ARCH.to_string());
+        }
         metadata.insert(
             TRAINER_CONFIG_KEY.to_string(),
             serde_json::to_string(&self.config)?,
@@ -314,7 +330,15 @@ impl Trainer {
                 path.display()
             );
         }
-        let model_config = config_from_file(&file)?;
+        let arch = file.meta(ARCH_KEY).unwrap_or(FlowModel::ARCH);
+        if arch != M::ARCH {
+            bail!(
+                "{}: trainer state of a `{arch}` model, but this policy is `{}`",
+                path.display(),
+                M::ARCH
+            );
+        }
+        let model_config = config_from_file::<M>(&file)?;
         let config: TrainerConfig = serde_json::from_str(file.meta(TRAINER_CONFIG_KEY)?)
             .with_context(|| format!("{}: invalid {TRAINER_CONFIG_KEY}", path.display()))?;
         let step: u64 = file
@@ -326,8 +350,8 @@ impl Trainer {
 
         let plain = device.clone().without_autodiff();
         let ad = plain.clone().autodiff();
-        let (model, mut used) = load_params(model_config.init_zeros(&ad), &file, "model.")?;
-        let (ema, used_ema) = load_params(model_config.init_zeros(&plain), &file, "ema.")?;
+        let (model, mut used) = load_params(M::init_zeros(&model_config, &ad), &file, "model.")?;
+        let (ema, used_ema) = load_params(M::init_zeros(&model_config, &plain), &file, "ema.")?;
         used.extend(used_ema);
 
         let mut states = HashMap::new();
@@ -397,10 +421,6 @@ fn build_optim(config: &TrainerConfig) -> AdamW {
         .with_epsilon(config.epsilon)
         .with_weight_decay(config.weight_decay)
         .build()
-}
-
-fn model_device(model: &FlowModel) -> Device {
-    model.out_conv.weight.val().device()
 }
 
 struct GradNorm<'a> {

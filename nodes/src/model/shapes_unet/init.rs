@@ -7,13 +7,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::FlowModel;
+use crate::model::standard_normal;
 
-/// Standard normal sample via Box–Muller (rand 0.9 has no `StandardNormal` without rand_distr).
-pub(crate) fn standard_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
 
 /// FNV-1a, so that each parameter gets its own stream independent of traversal order.
 fn hash_path(path: &str) -> u64 {

@@ -51,7 +51,7 @@ fn batch() -> Batch {
     let x0: Vec<Vec<f32>> = prompts
         .records
         .iter()
-        .map(|r| render(&r.target, &mut rng).expect("render"))
+        .map(|r| render(&r.shapes("bench").unwrap().target, &mut rng).expect("render"))
         .collect();
     let state = |t: f32, rng: &mut ChaCha8Rng| -> Vec<f32> {
         let eps = sample_standard_normal(rng, b * IMAGE_LEN);

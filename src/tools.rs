@@ -80,7 +80,7 @@ pub fn sample(
     let images: Vec<Vec<f32>> = imgs.chunks(IMAGE_LEN).map(<[f32]>::to_vec).collect();
     let mut correct = 0;
     for (i, img) in images.iter().enumerate() {
-        correct += world::evaluate(img, &batch.records[i].target)?.correct as usize;
+        correct += world::evaluate(img, &batch.records[i].shapes("eval")?.target)?.correct as usize;
     }
     world::write_png_grid(out, &images, seeds, 4)
         .with_context(|| format!("writing {}", out.display()))?;

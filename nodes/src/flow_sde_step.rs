@@ -106,8 +106,7 @@ impl Node for FlowSdeStep {
         let device = policy.device.clone();
         let [b, c, h, w] = x.tensor.dims();
         let x_t = x.tensor.clone();
-        let (v, graph) =
-            policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
+        let (v, graph) = policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
         let k = self.kernel;
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
         let eps = tensor_from_vec(

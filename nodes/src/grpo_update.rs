@@ -119,7 +119,11 @@ fn rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
     if idx.len() == x.dims()[0] && idx.iter().enumerate().all(|(j, &i)| i == j) {
         return x.clone();
     }
-    let order = int_tensor_from_vec(idx.iter().map(|&i| i as i64).collect(), [idx.len()], &x.device());
+    let order = int_tensor_from_vec(
+        idx.iter().map(|&i| i as i64).collect(),
+        [idx.len()],
+        &x.device(),
+    );
     x.clone().select(0, order)
 }
 
@@ -323,8 +327,8 @@ impl GrpoUpdate {
                                 tr.cfg,
                             )?;
                             // A constant of the loss: onto the autodiff device untracked.
-                            let mean_ref = (x_plain.mul_scalar(k.a) + vr.mul_scalar(k.b))
-                                .to_device(&ad);
+                            let mean_ref =
+                                (x_plain.mul_scalar(k.a) + vr.mul_scalar(k.b)).to_device(&ad);
                             let kl = (mean - mean_ref)
                                 .square()
                                 .mean()
@@ -416,12 +420,12 @@ impl Node for GrpoUpdate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::world::IMAGE_LEN;
     use crate::grpo::LinearGaussian;
     use crate::grpo::{gaussian_step, log_prob};
     use crate::model::{FlowModelConfig, TrainerConfig, sample_standard_normal};
     use crate::prompt_loader::make_batch;
     use crate::world;
+    use crate::world::IMAGE_LEN;
     use burn::tensor::Device;
     use rand::SeedableRng;
     use std::sync::Arc;

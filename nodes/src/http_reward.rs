@@ -440,16 +440,21 @@ impl Node for HttpReward {
             let mut items = Vec::with_capacity(r.len());
             for i in r.clone() {
                 let rec = &prompts.records[i];
-                items.push(json!({
+                let mut item = json!({
                     "index": i,
                     "prompt_id": rec.id,
                     "prompt": rec.prompt,
-                    "category": rec.category.as_str(),
-                    "target": serde_json::to_value(&rec.target)?,
                     "group": prompts.group[i],
                     "member": prompts.member[i],
                     "image": self.encoding.encode(&pixels[i * IMAGE_LEN..(i + 1) * IMAGE_LEN])?,
-                }));
+                });
+                // The dataset's own fields (ShapeWorld: category, target; GenEval: tag, …).
+                if let Some(obj) = item.as_object_mut() {
+                    for (k, v) in &rec.metadata {
+                        obj.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+                items.push(item);
             }
             bodies.push(
                 json!({

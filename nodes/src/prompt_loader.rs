@@ -11,7 +11,7 @@ use runner::{
     Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, PortDef, Registry,
 };
 
-use crate::types::PromptBatch;
+use crate::types::{Prompt, PromptBatch};
 use crate::world::{self, PromptRecord};
 
 pub fn register(r: &mut Registry) {
@@ -288,6 +288,7 @@ pub fn make_batch(prompts: &[Arc<PromptRecord>], group: usize) -> Result<PromptB
     for (g, rec) in prompts.iter().enumerate() {
         let toks = world::tokenize(&rec.prompt)
             .map_err(|e| anyhow::anyhow!("prompt `{}`: {e}", rec.id))?;
+        let rec = Arc::new(Prompt::from_shapes(rec.clone()));
         for m in 0..group {
             b.records.push(rec.clone());
             b.group.push(g);

@@ -55,7 +55,7 @@ pub fn score(images: &[f32], prompts: &PromptBatch, binary: bool, step: usize) -
     };
     for (i, rec) in prompts.records.iter().enumerate() {
         let img = &images[i * IMAGE_LEN..(i + 1) * IMAGE_LEN];
-        let ev = world::evaluate(img, &rec.target)
+        let ev = world::evaluate(img, &rec.shapes("shape_eval")?.target)
             .map_err(|e| anyhow::anyhow!("prompt `{}`: {e}", rec.id))?;
         let value = if binary {
             ev.correct as u8 as f32

@@ -587,7 +587,7 @@ impl Writer {
         cols.insert("prompt", strcol(&|i, _| p.records[i].prompt.clone()));
         cols.insert(
             "category",
-            strcol(&|i, _| p.records[i].category.as_str().to_string()),
+            strcol(&|i, _| p.records[i].category().to_string()),
         );
         cols.insert("group", u32col(&|i, _| p.group[i]));
         cols.insert("sample", u32col(&|i, _| i));

@@ -17,11 +17,63 @@ use crate::grpo::LinearGaussian;
 use crate::model::{Conditioning, TextConditioning, int_tensor_from_vec, tensor_from_vec};
 use crate::world::PromptRecord;
 
+/// One prompt of a batch: its id and text, what its dataset says about it, and — for
+/// ShapeWorld prompts — the structured target its verifier checks.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    /// Unique id within its dataset, e.g. `train-00042`.
+    pub id: String,
+    /// The prompt text.
+    pub prompt: String,
+    /// The dataset's own fields besides the text (ShapeWorld: `category`, `target`; GenEval:
+    /// `tag`, `include`, …), passed on to reward servers.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The ShapeWorld record, for the nodes that verify ShapeWorld images.
+    pub shapes: Option<Arc<PromptRecord>>,
+}
+
+impl Prompt {
+    /// A ShapeWorld prompt.
+    pub fn from_shapes(rec: Arc<PromptRecord>) -> Self {
+        let mut metadata = serde_json::Map::new();
+        metadata.insert("category".into(), rec.category.as_str().into());
+        metadata.insert(
+            "target".into(),
+            serde_json::to_value(&rec.target).unwrap_or(serde_json::Value::Null),
+        );
+        Prompt {
+            id: rec.id.clone(),
+            prompt: rec.prompt.clone(),
+            metadata,
+            shapes: Some(rec),
+        }
+    }
+
+    /// The ShapeWorld record, or an error saying that `node` needs ShapeWorld prompts.
+    pub fn shapes(&self, node: &str) -> anyhow::Result<&PromptRecord> {
+        self.shapes.as_deref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "`{node}` verifies ShapeWorld prompts, but prompt `{}` (\"{}\") is not one",
+                self.id,
+                self.prompt
+            )
+        })
+    }
+
+    /// The prompt's category (its dataset's `category`, or `tag` as GenEval names it), or "".
+    pub fn category(&self) -> &str {
+        ["category", "tag"]
+            .iter()
+            .find_map(|k| self.metadata.get(*k).and_then(|v| v.as_str()))
+            .unwrap_or("")
+    }
+}
+
 /// Prompts of one iteration, already expanded into GRPO groups.
 #[derive(Debug, Clone)]
 pub struct PromptBatch {
     /// One record per sample (each prompt's record repeated G times, consecutively).
-    pub records: Vec<Arc<PromptRecord>>,
+    pub records: Vec<Arc<Prompt>>,
     /// Group (prompt) index of each sample, 0..P.
     pub group: Vec<usize>,
     /// Index of each sample within its group, 0..G.
@@ -78,11 +130,7 @@ impl PromptBatch {
         let p = e.prompt_embeds.len() / (e.seq_len * e.dim).max(1);
         let groups: Vec<usize> = idx.iter().map(|&i| self.group[i]).collect();
         let text = TextConditioning {
-            prompt_embeds: tensor_from_vec(
-                e.prompt_embeds.clone(),
-                [p, e.seq_len, e.dim],
-                device,
-            ),
+            prompt_embeds: tensor_from_vec(e.prompt_embeds.clone(), [p, e.seq_len, e.dim], device),
             pooled: tensor_from_vec(e.pooled.clone(), [p, e.pooled_dim], device),
             negative_embeds: tensor_from_vec(
                 e.negative_embeds.clone(),

@@ -228,7 +228,10 @@ mod tests {
         let Conditioning::Text(s) = c.select(&[2, 0]) else {
             panic!()
         };
-        assert_eq!(values(&s.pooled), vec![108.0, 109.0, 110.0, 111.0, 100.0, 101.0, 102.0, 103.0]);
+        assert_eq!(
+            values(&s.pooled),
+            vec![108.0, 109.0, 110.0, 111.0, 100.0, 101.0, 102.0, 103.0]
+        );
         let Conditioning::Text(n) = c.null() else {
             panic!()
         };
@@ -239,6 +242,9 @@ mod tests {
         let Conditioning::Tokens(z) = tokens.null() else {
             panic!()
         };
-        assert_eq!(z.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(), vec![0; 6]);
+        assert_eq!(
+            z.into_data().convert::<i64>().try_to_vec::<i64>().unwrap(),
+            vec![0; 6]
+        );
     }
 }

@@ -55,8 +55,12 @@ pub trait VelocityModel: Module + 'static {
 
     /// The velocity at state `x` ([B, C, H, W]) and time `t` ([B] in [0, 1]) under `cond`
     /// (batch B) → [B, C, H, W]. An error when `cond` is not the kind this architecture reads.
-    fn velocity(&self, x: Tensor<4>, t: Tensor<1>, cond: &Conditioning)
-    -> anyhow::Result<Tensor<4>>;
+    fn velocity(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+    ) -> anyhow::Result<Tensor<4>>;
 
     /// Classifier-free guided velocity `v_u + s·(v_c − v_u)`: the conditional and the null
     /// branch in one batched forward of size 2B. `scale <= 1` runs the plain conditional
@@ -139,7 +143,11 @@ pub fn sample_euler<M: VelocityModel>(
 
 /// The device a model's parameters live on.
 pub fn model_device<M: Module>(model: &M) -> Device {
-    model.devices().into_iter().next().unwrap_or_else(Device::flex)
+    model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_else(Device::flex)
 }
 
 /// Standard normal sample via Box–Muller (rand 0.9 has no `StandardNormal` without rand_distr).

@@ -19,8 +19,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{
-    ARCH_KEY, CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params, config_from_file,
-    load_params, serialize_safetensors, tensor_values, write_atomic,
+    ARCH_KEY, CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params,
+    config_from_file, load_params, serialize_safetensors, tensor_values, write_atomic,
 };
 use super::{
     Conditioning, FlowModel, FlowModelConfig, VelocityModel, flow_matching_loss, model_device,
@@ -31,7 +31,6 @@ pub const TRAINER_FORMAT: &str = "flowrun.trainer_state.v1";
 const TRAINER_CONFIG_KEY: &str = "flowrun.trainer_config";
 const STEP_KEY: &str = "flowrun.step";
 const ADAM_TIME_KEY: &str = "flowrun.adam_time";
-
 
 /// Optimisation hyper-parameters.
 #[derive(Config, Debug, PartialEq)]

@@ -9,7 +9,6 @@ use rand_chacha::ChaCha8Rng;
 use super::FlowModel;
 use crate::model::standard_normal;
 
-
 /// FNV-1a, so that each parameter gets its own stream independent of traversal order.
 fn hash_path(path: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -388,7 +388,6 @@ impl FlowModel {
     }
 }
 
-
 impl VelocityModel for FlowModel {
     type Config = FlowModelConfig;
     const ARCH: &'static str = "shapes_unet";

@@ -4,6 +4,8 @@ use anyhow::{Result, bail};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 /// The prompt conditioning of a batch of B samples.
+// One value per batch, moved rather than stored in bulk: four tensor handles unboxed are fine.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Conditioning {
     /// Token ids `[B, L]` of a closed vocabulary (ShapeWorld); pad id 0. The null prompt is the

@@ -36,7 +36,7 @@ use crate::device::open;
 use crate::grpo::LinearGaussian;
 use crate::model::tensor_from_vec;
 use crate::prompt_loader::{make_batch, parse_prompt};
-use crate::trajectory_sink::scalar_columns;
+use crate::trajectory_sink::{TENSOR_SHAPE, scalar_columns};
 use crate::types::{Advantages, PromptBatch, Transition};
 use crate::world::{IMAGE_LEN, PromptRecord, Split};
 
@@ -176,6 +176,8 @@ struct StoredSample {
 struct StoredFile {
     path: PathBuf,
     samples: Vec<StoredSample>,
+    /// Shape of one stored state, [C, H, W] (the tensor columns' extension metadata).
+    shape: [usize; 3],
 }
 
 pub struct ParquetSource {
@@ -216,8 +218,33 @@ fn column<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .ok_or_else(|| anyhow!("column `{name}` missing or of another type"))
 }
 
-/// Check a file's schema: every scalar column with its type, and the tensor columns.
-fn check_schema(schema: &arrow::datatypes::Schema) -> Result<()> {
+/// The state shape [C, H, W] a tensor column's `arrow.fixed_shape_tensor` metadata names; a
+/// column without it is ShapeWorld's [3, 32, 32] if its length says so.
+fn tensor_shape(f: &arrow::datatypes::Field, len: usize) -> Result<[usize; 3]> {
+    let meta = f.metadata().get("ARROW:extension:metadata");
+    let shape: Option<Vec<usize>> = meta
+        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .and_then(|v| serde_json::from_value(v.get("shape")?.clone()).ok());
+    let shape = match (meta, shape) {
+        (None, _) if len == IMAGE_LEN => return Ok(TENSOR_SHAPE),
+        (_, Some(s)) => s,
+        (m, None) => bail!(
+            "tensor column `{}` has no usable state shape in its extension metadata ({m:?})",
+            f.name()
+        ),
+    };
+    match shape[..] {
+        [c, h, w] if c * h * w == len && len > 0 => Ok([c, h, w]),
+        _ => bail!(
+            "tensor column `{}`: its metadata's shape {shape:?} does not hold its {len} values per row",
+            f.name()
+        ),
+    }
+}
+
+/// Check a file's schema: every scalar column with its type, and the tensor columns. Returns
+/// the state shape [C, H, W].
+fn check_schema(schema: &arrow::datatypes::Schema) -> Result<[usize; 3]> {
     for (name, ty, _) in scalar_columns() {
         match schema.field_with_name(name) {
             Ok(f) if f.data_type() == &ty => {}
@@ -228,6 +255,7 @@ fn check_schema(schema: &arrow::datatypes::Schema) -> Result<()> {
             Err(_) => bail!("schema mismatch: no column `{name}` (not a trajectory_sink file?)"),
         }
     }
+    let mut shapes = Vec::new();
     for name in ["x_t", "x_next"] {
         let Ok(f) = schema.field_with_name(name) else {
             bail!(
@@ -236,14 +264,23 @@ fn check_schema(schema: &arrow::datatypes::Schema) -> Result<()> {
         };
         match f.data_type() {
             DataType::FixedSizeList(item, n)
-                if *n as usize == IMAGE_LEN
-                    && matches!(item.data_type(), DataType::Float32 | DataType::Float16) => {}
+                if matches!(item.data_type(), DataType::Float32 | DataType::Float16) =>
+            {
+                shapes.push(tensor_shape(f, *n as usize)?);
+            }
             other => bail!(
-                "schema mismatch: tensor column `{name}` is {other}, expected FixedSizeList<float32|float16, {IMAGE_LEN}>"
+                "schema mismatch: tensor column `{name}` is {other}, expected FixedSizeList<float32|float16, C·H·W>"
             ),
         }
     }
-    Ok(())
+    if shapes[0] != shapes[1] {
+        bail!(
+            "schema mismatch: x_t holds states of shape {:?}, x_next {:?}",
+            shapes[0],
+            shapes[1]
+        );
+    }
+    Ok(shapes[0])
 }
 
 /// Read the scalar columns of one file and group its rows by sample.
@@ -251,7 +288,7 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
     let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let builder =
         ParquetRecordBatchReaderBuilder::try_new(f).context("not a readable Parquet file")?;
-    check_schema(builder.schema())?;
+    let shape = check_schema(builder.schema())?;
     let schema = builder.schema().clone();
     let roots: Vec<usize> = scalar_columns()
         .iter()
@@ -267,6 +304,7 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
             StoredFile {
                 path: path.to_path_buf(),
                 samples: vec![],
+                shape,
             },
             0,
         ));
@@ -345,6 +383,7 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
         StoredFile {
             path: path.to_path_buf(),
             samples,
+            shape,
         },
         k.unwrap_or(0),
     ))
@@ -394,10 +433,11 @@ fn read_tensors(path: &Path, rows: &[usize]) -> Result<RowTensors> {
                 .ok_or_else(|| anyhow!("tensor column `{name}` is not float"))?
                 .values()
                 .clone();
+            let len = list.value_length() as usize;
             let rows: Vec<Vec<f32>> = (0..list.len())
                 .map(|i| {
                     let s = list.value_offset_at(i);
-                    values[s..s + IMAGE_LEN].to_vec()
+                    values[s..s + len].to_vec()
                 })
                 .collect();
             cols.push(rows);
@@ -577,13 +617,25 @@ impl ParquetSource {
                 .with_context(|| format!("trajectory file {}", path.display()))?;
             tensors.insert(f, t);
         }
+        let (f0, _) = sel[0];
+        let [c, h, w] = self.files[f0].shape;
+        if let Some(&(f, _)) = sel.iter().find(|&&(f, _)| self.files[f].shape != [c, h, w]) {
+            bail!(
+                "{} stores states of shape {:?}, {} of {:?}: one batch replays one state shape",
+                self.files[f0].path.display(),
+                [c, h, w],
+                self.files[f].path.display(),
+                self.files[f].shape
+            );
+        }
+        let state_len = c * h * w;
         let mut transitions = Vec::with_capacity(k);
         let mut adv = Vec::with_capacity(k);
         for j in 0..k {
             let (f0, s0) = sel[0];
             let m0 = &self.files[f0].samples[s0].steps[j];
-            let mut x_t = Vec::with_capacity(n * IMAGE_LEN);
-            let mut x_next = Vec::with_capacity(n * IMAGE_LEN);
+            let mut x_t = Vec::with_capacity(n * state_len);
+            let mut x_next = Vec::with_capacity(n * state_len);
             let mut olp = Vec::with_capacity(n);
             let mut a = Vec::with_capacity(n);
             for &(f, s) in sel {
@@ -611,8 +663,8 @@ impl ParquetSource {
                 tau: m0.tau,
                 kernel: m0.kernel,
                 cfg: m0.cfg,
-                x_t: tensor_from_vec(x_t, [n, 3, 32, 32], &self.device),
-                x_next: tensor_from_vec(x_next, [n, 3, 32, 32], &self.device),
+                x_t: tensor_from_vec(x_t, [n, c, h, w], &self.device),
+                x_next: tensor_from_vec(x_next, [n, c, h, w], &self.device),
                 old_logprob: olp,
                 sampler: sampler_name(&m0.sampler),
                 graph: None,
@@ -674,5 +726,74 @@ impl Node for ParquetSource {
             .context("parquet_source state: no cursor")? as usize;
         self.reorder();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trajectory_sink::{TensorMode, TrajectorySink};
+    use crate::types::{Rewards, to_vec};
+
+    /// A latent-space model's states ([16, 8, 6], not ShapeWorld's [3, 32, 32]) go through the
+    /// sink and come back from replay with their shape and values.
+    #[test]
+    fn should_replay_states_of_any_shape() {
+        let dev = burn::tensor::Device::flex();
+        let run = std::env::temp_dir().join(format!("flowrun-latent-sink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&run);
+        std::fs::create_dir_all(&run).unwrap();
+        let recs: Vec<Arc<PromptRecord>> = crate::prompt_loader::load_prompts(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../datasets/shapes/train.jsonl"
+        )))
+        .unwrap()
+        .into_iter()
+        .take(2)
+        .map(Arc::new)
+        .collect();
+        let prompts = make_batch(&recs, 2).unwrap();
+        let b = prompts.len();
+        let shape = [b, 16, 8, 6];
+        let len: usize = shape.iter().product();
+        let state = |off: f32| {
+            let v: Vec<f32> = (0..len).map(|i| (i as f32 * 0.001 + off).sin()).collect();
+            tensor_from_vec(v, shape, &dev)
+        };
+        let (x_t, x_next) = (state(0.0), state(1.0));
+        let tr = Transition {
+            step: 1,
+            t: 1.0,
+            t_next: 0.5,
+            tau: 0.8,
+            kernel: LinearGaussian::tafs(1.0, 0.5, 0.8).unwrap(),
+            cfg: 4.5,
+            x_t: x_t.clone(),
+            x_next: x_next.clone(),
+            old_logprob: vec![-1.0; b],
+            sampler: "tafs",
+            graph: None,
+        };
+        let rewards = Rewards {
+            values: vec![0.5; b],
+            ..Rewards::default()
+        };
+        let adv = Advantages {
+            values: vec![vec![0.25; b]],
+            mode: "test".into(),
+        };
+        let mut sink = TrajectorySink::new(&run, TensorMode::F32, 2, 1).unwrap();
+        sink.write(1, vec![tr], vec![rewards], adv, prompts)
+            .unwrap();
+        sink.finish().unwrap();
+
+        let mut src = ParquetSource::open(&run.join("trajectories"), 0, false, 0, dev).unwrap();
+        let sel = src.next_selection();
+        let (_, _, batch, _, _) = src.load(&sel).unwrap();
+        let got = &batch.transitions[0];
+        assert_eq!(got.x_t.dims(), shape);
+        assert_eq!(to_vec(&got.x_t).unwrap(), to_vec(&x_t).unwrap());
+        assert_eq!(to_vec(&got.x_next).unwrap(), to_vec(&x_next).unwrap());
+        let _ = std::fs::remove_dir_all(&run);
     }
 }

@@ -25,7 +25,7 @@ use runner::fsutil::{clean_temporaries, sync_dir, write_atomic_with};
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry};
 
 use crate::types::{Advantages, PromptBatch, Rewards, Transition, to_vec};
-use crate::world::{CRITERIA, IMAGE_LEN};
+use crate::world::CRITERIA;
 
 /// The Arrow and Parquet crates the files are written with (for readers and tests).
 pub use arrow;
@@ -33,11 +33,22 @@ pub use parquet;
 
 /// Name of the trajectory directory inside a run directory.
 pub const DIR: &str = "trajectories";
-/// Shape of one stored state, [C, H, W].
+/// Shape of one stored ShapeWorld state, [C, H, W]; a latent-space model's states are stored
+/// with their own shape (e.g. [16, 64, 64]), named in the columns' extension metadata.
 pub const TENSOR_SHAPE: [usize; 3] = [3, 32, 32];
 /// The canonical Arrow extension type of the tensor columns.
 pub const TENSOR_EXTENSION: &str = "arrow.fixed_shape_tensor";
+/// The extension metadata of ShapeWorld's tensor columns ([`tensor_metadata`] of
+/// [`TENSOR_SHAPE`]).
 pub const TENSOR_EXTENSION_METADATA: &str = r#"{"shape":[3,32,32],"dim_names":["C","H","W"]}"#;
+
+/// The `arrow.fixed_shape_tensor` extension metadata of states of `shape` [C, H, W].
+pub fn tensor_metadata(shape: [usize; 3]) -> String {
+    format!(
+        r#"{{"shape":[{},{},{}],"dim_names":["C","H","W"]}}"#,
+        shape[0], shape[1], shape[2]
+    )
+}
 /// Where rolled-back files go on resume (ignored by pyarrow datasets: `_` prefix).
 pub const SUPERSEDED_DIR: &str = "_superseded";
 
@@ -74,8 +85,9 @@ Columns (the same in every file; see docs/trajectories.md):\n\
                         verifier criteria of the matching reward; null when not applicable\n\
                         or the reward has no criteria\n\
   correct bool (nullable)  whether the matching reward's sample is fully correct\n\
-  x_t, x_next           only with `tensors: f32|f16`: FixedSizeList<float32|float16, 3072>,\n\
-                        Arrow extension arrow.fixed_shape_tensor, shape [3, 32, 32] (C, H, W)\n\
+  x_t, x_next           only with `tensors: f32|f16`: FixedSizeList<float32|float16, C·H·W>,\n\
+                        Arrow extension arrow.fixed_shape_tensor with the states' shape\n\
+                        [C, H, W]: [3, 32, 32] for ShapeWorld, the latents' for SD3\n\
 Compression zstd; tensor columns BYTE_STREAM_SPLIT, no dictionary, no statistics.";
 
 pub fn register(r: &mut Registry) {
@@ -183,23 +195,22 @@ pub fn parse_file_name(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// The field of a tensor column: FixedSizeList<value, 3072> with the canonical
-/// `arrow.fixed_shape_tensor` extension metadata (written by hand: pyarrow rejects the
-/// `permutations: null` that arrow-rs's own extension type writes).
-pub fn tensor_field(name: &str, value: DataType) -> Field {
+/// The field of a tensor column of states of `shape` [C, H, W]: FixedSizeList<value, C·H·W>
+/// with the canonical `arrow.fixed_shape_tensor` extension metadata (written by hand: pyarrow
+/// rejects the `permutations: null` that arrow-rs's own extension type writes).
+pub fn tensor_field(name: &str, value: DataType, shape: [usize; 3]) -> Field {
     let item = Arc::new(Field::new("item", value, true));
-    Field::new(name, DataType::FixedSizeList(item, IMAGE_LEN as i32), false).with_metadata(
-        HashMap::from([
-            (
-                "ARROW:extension:name".to_string(),
-                TENSOR_EXTENSION.to_string(),
-            ),
-            (
-                "ARROW:extension:metadata".to_string(),
-                TENSOR_EXTENSION_METADATA.to_string(),
-            ),
-        ]),
-    )
+    let len = shape.iter().product::<usize>() as i32;
+    Field::new(name, DataType::FixedSizeList(item, len), false).with_metadata(HashMap::from([
+        (
+            "ARROW:extension:name".to_string(),
+            TENSOR_EXTENSION.to_string(),
+        ),
+        (
+            "ARROW:extension:metadata".to_string(),
+            tensor_metadata(shape),
+        ),
+    ]))
 }
 
 /// The scalar columns, in file order: (name, type, nullable).
@@ -245,15 +256,20 @@ pub const CRITERIA_COLUMNS: [&str; 5] = [
     "crit_no_extra",
 ];
 
-/// The schema of a trajectory file.
+/// The schema of a ShapeWorld trajectory file.
 pub fn schema(tensors: TensorMode) -> SchemaRef {
+    schema_for(tensors, TENSOR_SHAPE)
+}
+
+/// The schema of a trajectory file whose states are of `shape` [C, H, W].
+pub fn schema_for(tensors: TensorMode, shape: [usize; 3]) -> SchemaRef {
     let mut fields: Vec<Field> = scalar_columns()
         .into_iter()
         .map(|(n, t, null)| Field::new(n, t, null))
         .collect();
     if let Some(vt) = tensors.value_type() {
-        fields.push(tensor_field("x_t", vt.clone()));
-        fields.push(tensor_field("x_next", vt));
+        fields.push(tensor_field("x_t", vt.clone(), shape));
+        fields.push(tensor_field("x_next", vt, shape));
     }
     Arc::new(Schema::new(fields))
 }
@@ -337,7 +353,6 @@ impl TrajectorySink {
             dir: dir.clone(),
             run_id,
             tensors,
-            schema: schema(tensors),
             props,
         };
         let sh = shared.clone();
@@ -466,12 +481,21 @@ fn check_shapes(
             k + 1
         );
     }
+    let shape = transitions[0].x_t.dims();
     for (j, tr) in transitions.iter().enumerate() {
         if tr.old_logprob.len() != b || tr.x_t.dims()[0] != b {
             bail!(
                 "transition {} has {} samples, prompts {b}",
                 j + 1,
                 tr.old_logprob.len()
+            );
+        }
+        if tr.x_t.dims() != shape || tr.x_next.dims() != shape {
+            bail!(
+                "transition {} holds states of shape {:?} → {:?}, transition 1 {shape:?}: one file stores one state shape",
+                j + 1,
+                tr.x_t.dims(),
+                tr.x_next.dims()
             );
         }
     }
@@ -497,7 +521,6 @@ struct Writer {
     dir: PathBuf,
     run_id: String,
     tensors: TensorMode,
-    schema: SchemaRef,
     props: WriterProperties,
 }
 
@@ -538,7 +561,7 @@ impl Writer {
         let batch = self.record_batch(job)?;
         let path = self.dir.join(file_name(job.iteration));
         write_atomic_with(&path, |f| {
-            let mut aw = ArrowWriter::try_new(f, self.schema.clone(), Some(self.props.clone()))?;
+            let mut aw = ArrowWriter::try_new(f, batch.schema(), Some(self.props.clone()))?;
             aw.write(&batch)?;
             aw.close()?;
             Ok(())
@@ -546,6 +569,10 @@ impl Writer {
     }
 
     fn record_batch(&self, job: &Job) -> Result<RecordBatch> {
+        let [_, c, h, w] = job.transitions[0].x_t.dims();
+        let shape = [c, h, w];
+        let state_len = c * h * w;
+        let schema = schema_for(self.tensors, shape);
         let p = &job.prompts;
         let b = p.len();
         let k = job.transitions.len();
@@ -637,17 +664,17 @@ impl Writer {
                     .map(|t| to_vec(if pick == 0 { &t.x_t } else { &t.x_next }))
                     .collect::<Result<_>>()?;
                 for (j, h) in host.iter().enumerate() {
-                    if h.len() != b * IMAGE_LEN {
+                    if h.len() != b * state_len {
                         bail!(
-                            "transition {}: {name} has {} values, expected {b}×{IMAGE_LEN}",
+                            "transition {}: {name} has {} values, expected {b}×{state_len}",
                             j + 1,
                             h.len()
                         );
                     }
                 }
-                let mut flat = Vec::with_capacity(n * IMAGE_LEN);
+                let mut flat = Vec::with_capacity(n * state_len);
                 for (i, j) in rows() {
-                    flat.extend_from_slice(&host[j][i * IMAGE_LEN..(i + 1) * IMAGE_LEN]);
+                    flat.extend_from_slice(&host[j][i * state_len..(i + 1) * state_len]);
                 }
                 let values: ArrayRef = Arc::new(Float32Array::from(flat));
                 let values = if vt == DataType::Float32 {
@@ -656,12 +683,11 @@ impl Writer {
                     cast(&values, &vt)?
                 };
                 let item = Arc::new(Field::new("item", vt.clone(), true));
-                let list = FixedSizeListArray::try_new(item, IMAGE_LEN as i32, values, None)?;
+                let list = FixedSizeListArray::try_new(item, state_len as i32, values, None)?;
                 cols.insert(name, Arc::new(list));
             }
         }
-        let arrays = self
-            .schema
+        let arrays = schema
             .fields()
             .iter()
             .map(|f| {
@@ -669,7 +695,7 @@ impl Writer {
                     .ok_or_else(|| anyhow!("internal: column `{}` not built", f.name()))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(RecordBatch::try_new(self.schema.clone(), arrays)?)
+        Ok(RecordBatch::try_new(schema, arrays)?)
     }
 }
 

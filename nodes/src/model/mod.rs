@@ -27,6 +27,7 @@ pub mod fused;
 mod init;
 pub mod layers;
 pub mod train;
+pub mod vae;
 
 #[cfg(test)]
 mod tests;

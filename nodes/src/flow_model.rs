@@ -193,6 +193,12 @@ pub struct PolicySampler {
 }
 
 impl PolicySampler {
+    /// [C, H, W] of the states the model takes.
+    pub fn state_shape(&self) -> [usize; 3] {
+        let c = self.model.config();
+        [c.image_channels, c.image_size, c.image_size]
+    }
+
     /// v_θ(x, t, c) with classifier-free guidance `cfg`, on the plain device, and, with
     /// `rollout_graph: keep`, the forward's autodiff graph for the update.
     /// x: [B, 3, H, W] on the plain device; tokens: [B, L].

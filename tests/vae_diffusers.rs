@@ -85,7 +85,10 @@ fn should_decode_exactly_like_diffusers() {
              max|Δ| = {max_diff:.3e}, max|ref| = {max_ref:.3}, relative {rel:.3e}",
             config.block_out_channels, config.use_post_quant_conv, config.shift_factor
         );
-        assert!(rel <= TOLERANCE, "{name}: relative error {rel:e} > {TOLERANCE:e}");
+        assert!(
+            rel <= TOLERANCE,
+            "{name}: relative error {rel:e} > {TOLERANCE:e}"
+        );
     }
 }
 
@@ -94,13 +97,19 @@ fn should_load_the_reference_folders_as_diffusers_wrote_them() {
     let Some(dir) = reference() else { return };
     let d = Device::flex();
     let (a, _) = load_vae(&dir.join("a"), &d).unwrap();
-    assert_eq!((a.latent_channels, a.scaling_factor, a.shift_factor), (16, 1.5305, Some(0.0609)));
+    assert_eq!(
+        (a.latent_channels, a.scaling_factor, a.shift_factor),
+        (16, 1.5305, Some(0.0609))
+    );
     assert_eq!(a.block_out_channels, vec![16, 32, 32]);
     // b: a pipeline folder, sharded, f16, post_quant_conv, no mid-block attention.
     let (b, vb) = load_vae(&dir.join("b"), &d).unwrap();
     assert!(b.use_post_quant_conv && !b.mid_block_add_attention);
     assert!(vb.post_quant_conv.is_some() && vb.decoder.mid_block.attentions.is_empty());
-    assert!(fs::read_dir(dir.join("b/vae")).unwrap().count() > 3, "sharded");
+    assert!(
+        fs::read_dir(dir.join("b/vae")).unwrap().count() > 3,
+        "sharded"
+    );
     // c: shift_factor null; the encoder's quant_conv is in the file and skipped.
     let (c, _) = load_vae(&dir.join("c"), &d).unwrap();
     assert!(c.shift_factor.is_none() && c.use_quant_conv);
@@ -203,11 +212,22 @@ fn should_document_the_vae_resource_and_vae_decode() {
     let o = bin().args(["nodes", "vae_decode"]).output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let doc = text(&o);
-    for s in ["vae_decode", "latents", "scaling_factor", "shift_factor", "batch", "vae"] {
+    for s in [
+        "vae_decode",
+        "latents",
+        "scaling_factor",
+        "shift_factor",
+        "batch",
+        "vae",
+    ] {
         assert!(doc.contains(s), "`{s}` not in:\n{doc}");
     }
     let o = bin().args(["nodes", "vae"]).output().unwrap();
-    assert!(o.status.success() && text(&o).contains("AutoencoderKL"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("AutoencoderKL"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[test]
@@ -242,13 +262,19 @@ fn should_score_decoded_64x48_images_with_every_pixel_reward() {
     let bright = num(row, "bright/reward_mean");
     assert!(bright > 0.0 && bright < 1.0, "{bright}");
     let total = num(row, "total/reward_mean");
-    assert!((total - (kb + 2.0 * bright)).abs() < 1e-4, "{total} vs {kb} + 2·{bright}");
+    assert!(
+        (total - (kb + 2.0 * bright)).abs() < 1e-4,
+        "{total} vs {kb} + 2·{bright}"
+    );
     if server.is_some() {
         // The server reads `height`·`width`·3 bytes per image (u8) and scores brightness:
         // it saw the same whole 64×48 images image_reward did (1 − brightness, target 0).
         assert_eq!(num(row, "http/requests"), 2.0);
         let served = num(row, "http/reward_mean");
-        assert!((served - (1.0 - bright)).abs() < 2.5e-3, "{served} vs 1 − {bright}");
+        assert!(
+            (served - (1.0 - bright)).abs() < 2.5e-3,
+            "{served} vs 1 − {bright}"
+        );
     }
     fs::remove_dir_all(dir).ok();
 }

@@ -28,9 +28,27 @@ pub fn register(r: &mut Registry) {
             "pure noise at t = 1, [B, channels, height, width]",
         )],
         params: vec![
-            ParamDef::int("channels", CHANNELS as i64, 1, 4096, "channels of each sample"),
-            ParamDef::int("height", IMAGE_SIZE as i64, 1, 16_384, "height of each sample"),
-            ParamDef::int("width", IMAGE_SIZE as i64, 1, 16_384, "width of each sample"),
+            ParamDef::int(
+                "channels",
+                CHANNELS as i64,
+                1,
+                4096,
+                "channels of each sample",
+            ),
+            ParamDef::int(
+                "height",
+                IMAGE_SIZE as i64,
+                1,
+                16_384,
+                "height of each sample",
+            ),
+            ParamDef::int(
+                "width",
+                IMAGE_SIZE as i64,
+                1,
+                16_384,
+                "width of each sample",
+            ),
         ],
         resources: vec![],
         factory: |ctx| {

@@ -637,11 +637,17 @@ mod tests {
     #[test]
     fn should_encode_images_of_any_size() {
         let (h, w) = (64, 48);
-        let img: Vec<f32> = (0..3 * h * w).map(|i| (i % 11) as f32 / 5.0 - 1.0).collect();
+        let img: Vec<f32> = (0..3 * h * w)
+            .map(|i| (i % 11) as f32 / 5.0 - 1.0)
+            .collect();
         let b64 = base64::engine::general_purpose::STANDARD;
-        let u = b64.decode(Encoding::U8.encode_hw(&img, h, w).unwrap()).unwrap();
+        let u = b64
+            .decode(Encoding::U8.encode_hw(&img, h, w).unwrap())
+            .unwrap();
         assert_eq!(u, chw_to_rgb8(&img, h, w).unwrap());
-        let p = b64.decode(Encoding::Png.encode_hw(&img, h, w).unwrap()).unwrap();
+        let p = b64
+            .decode(Encoding::Png.encode_hw(&img, h, w).unwrap())
+            .unwrap();
         let reader = png::Decoder::new(std::io::Cursor::new(p))
             .read_info()
             .unwrap();

@@ -236,7 +236,9 @@ impl UpDecoderBlock2D {
     ) -> Self {
         Self {
             resnets: (0..layers)
-                .map(|i| ResnetBlock2D::new(if i == 0 { c_in } else { c_out }, c_out, groups, device))
+                .map(|i| {
+                    ResnetBlock2D::new(if i == 0 { c_in } else { c_out }, c_out, groups, device)
+                })
                 .collect(),
             upsamplers: if upsample {
                 vec![Upsample2D::new(c_out, device)]
@@ -293,10 +295,8 @@ mod tests {
         // Two groups of two channels: each group has its own mean and variance.
         let gn = VaeGroupNorm::new(2, 4, &dev());
         let x: Vec<f32> = vec![0.0, 2.0, 4.0, 6.0, 10.0, 10.0, 30.0, 30.0];
-        let y = crate::types::to_vec(
-            &gn.forward(tensor_from_vec(x, [1, 4, 1, 2], &dev()), false),
-        )
-        .unwrap();
+        let y = crate::types::to_vec(&gn.forward(tensor_from_vec(x, [1, 4, 1, 2], &dev()), false))
+            .unwrap();
         // Group 0: mean 3, var 5; group 1: mean 20, var 100.
         let want = [-3.0, -1.0, 1.0, 3.0].map(|v: f32| v / 5f32.sqrt());
         for (a, b) in y[..4].iter().zip(want) {
@@ -322,6 +322,9 @@ mod tests {
         let y = block.forward(Tensor::zeros([2, 16, 3, 5], &d));
         assert_eq!(y.dims(), [2, 8, 6, 10]);
         let attn = VaeAttention::new(8, 4, &d);
-        assert_eq!(attn.forward(Tensor::ones([1, 8, 2, 3], &d)).dims(), [1, 8, 2, 3]);
+        assert_eq!(
+            attn.forward(Tensor::ones([1, 8, 2, 3], &d)).dims(),
+            [1, 8, 2, 3]
+        );
     }
 }

@@ -88,8 +88,7 @@ impl VaeConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read VAE config {}", path.display()))?;
-        Self::from_diffusers_json(&text)
-            .with_context(|| format!("VAE config {}", path.display()))
+        Self::from_diffusers_json(&text).with_context(|| format!("VAE config {}", path.display()))
     }
 
     /// Parses and validates diffusers' `AutoencoderKL` config JSON. Keys starting with `_`
@@ -117,7 +116,9 @@ impl VaeConfig {
                 "unknown field{} {} (an AutoencoderKL config has: {})",
                 if unknown.len() > 1 { "s" } else { "" },
                 list.join(", "),
-                [DECODER_FIELDS, ENCODER_FIELDS, NULL_FIELDS].concat().join(", ")
+                [DECODER_FIELDS, ENCODER_FIELDS, NULL_FIELDS]
+                    .concat()
+                    .join(", ")
             );
         }
         if let Some(c) = m.get("_class_name")
@@ -196,7 +197,9 @@ impl VaeConfig {
     pub fn validate(&self) -> Result<()> {
         let ch = &self.block_out_channels;
         if ch.is_empty() || ch.contains(&0) {
-            bail!("`block_out_channels` must be a non-empty list of positive integers, found {ch:?}");
+            bail!(
+                "`block_out_channels` must be a non-empty list of positive integers, found {ch:?}"
+            );
         }
         if self.latent_channels == 0 || self.out_channels == 0 {
             bail!("`latent_channels` and `out_channels` must be positive");
@@ -368,7 +371,10 @@ mod tests {
     fn should_apply_diffusers_defaults_and_a_null_shift() {
         let c = VaeConfig::from_diffusers_json(r#"{"shift_factor": null}"#).unwrap();
         assert_eq!(c, VaeConfig::new());
-        assert_eq!((c.shift(), c.latent_channels, c.norm_num_groups), (0.0, 4, 32));
+        assert_eq!(
+            (c.shift(), c.latent_channels, c.norm_num_groups),
+            (0.0, 4, 32)
+        );
         let c = VaeConfig::from_diffusers_json(&with("sample_size", json!([512, 768]))).unwrap();
         assert_eq!(c.sample_size, 512);
         assert_eq!(
@@ -417,13 +423,33 @@ mod tests {
     fn should_refuse_inconsistent_or_mistyped_configs() {
         for (key, value, says) in [
             ("norm_num_groups", json!(24), "must divide every entry"),
-            ("up_block_types", json!(["UpDecoderBlock2D"]), "one up block per level"),
+            (
+                "up_block_types",
+                json!(["UpDecoderBlock2D"]),
+                "one up block per level",
+            ),
             ("block_out_channels", json!([]), "non-empty list"),
             ("scaling_factor", json!(0.0), "finite non-zero"),
-            ("layers_per_block", json!(-1), "`layers_per_block` must be a non-negative integer"),
-            ("use_post_quant_conv", json!("no"), "`use_post_quant_conv` must be true or false"),
-            ("latents_mean", json!(vec![0.0; 16]), "`latents_mean` is set"),
-            ("_class_name", json!("AutoencoderTiny"), "only diffusers' AutoencoderKL"),
+            (
+                "layers_per_block",
+                json!(-1),
+                "`layers_per_block` must be a non-negative integer",
+            ),
+            (
+                "use_post_quant_conv",
+                json!("no"),
+                "`use_post_quant_conv` must be true or false",
+            ),
+            (
+                "latents_mean",
+                json!(vec![0.0; 16]),
+                "`latents_mean` is set",
+            ),
+            (
+                "_class_name",
+                json!("AutoencoderTiny"),
+                "only diffusers' AutoencoderKL",
+            ),
         ] {
             let e = err(&with(key, value));
             assert!(e.contains(says), "{key}: {e}");

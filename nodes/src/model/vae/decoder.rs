@@ -56,9 +56,7 @@ impl VaeDecoder {
     /// latents: [batch, latent_channels, h, w] → [batch, out_channels, h·2^(n−1), w·2^(n−1)]
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
         let c = &self.config;
-        let z = latents
-            .div_scalar(c.scaling_factor)
-            .add_scalar(c.shift());
+        let z = latents.div_scalar(c.scaling_factor).add_scalar(c.shift());
         self.decode_unscaled(z)
     }
 
@@ -110,14 +108,7 @@ impl VaeConfig {
         let up_blocks = (0..n)
             .map(|i| {
                 let c_in = if i == 0 { ch[0] } else { ch[i - 1] };
-                UpDecoderBlock2D::new(
-                    c_in,
-                    ch[i],
-                    self.layers_per_block + 1,
-                    g,
-                    i + 1 < n,
-                    device,
-                )
+                UpDecoderBlock2D::new(c_in, ch[i], self.layers_per_block + 1, g, i + 1 < n, device)
             })
             .collect();
         VaeDecoder {
@@ -160,7 +151,10 @@ impl VaeConfig {
                     ("weight", 1) if is_norm => (1.0, 0.2),
                     // Linear [in, out]; conv [out, in, kh, kw].
                     (_, 2) => (0.0, (3.0 / shape[0] as f64).sqrt()),
-                    _ => (0.0, (3.0 / shape[1..].iter().product::<usize>() as f64).sqrt()),
+                    _ => (
+                        0.0,
+                        (3.0 / shape[1..].iter().product::<usize>() as f64).sqrt(),
+                    ),
                 };
                 let values: Vec<f32> = (0..n)
                     .map(|_| (base + a * (self.rng.random::<f64>() * 2.0 - 1.0)) as f32)
@@ -215,7 +209,11 @@ mod tests {
         }
         // The last block does not upsample; the first does not change width.
         assert!(!names.iter().any(|n| n.contains("up_blocks.1.upsamplers")));
-        assert!(!names.iter().any(|n| n.contains("up_blocks.0.resnets.0.conv_shortcut")));
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("up_blocks.0.resnets.0.conv_shortcut"))
+        );
         let no_attn = tiny()
             .with_mid_block_add_attention(false)
             .with_use_post_quant_conv(false);
@@ -223,7 +221,11 @@ mod tests {
             .into_iter()
             .map(|t| t.name)
             .collect();
-        assert!(!names.iter().any(|n| n.contains("attentions") || n.contains("post_quant")));
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.contains("attentions") || n.contains("post_quant"))
+        );
     }
 
     #[test]
@@ -239,6 +241,9 @@ mod tests {
         assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|x| *x != 0.0));
         assert!(vae.check_latents([2, 16, 3, 5]).is_ok());
         let e = vae.check_latents([2, 3, 32, 32]).unwrap_err().to_string();
-        assert!(e.contains("3 channels") && e.contains("16-channel latents"), "{e}");
+        assert!(
+            e.contains("3 channels") && e.contains("16-channel latents"),
+            "{e}"
+        );
     }
 }

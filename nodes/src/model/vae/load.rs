@@ -83,36 +83,37 @@ impl Weights {
         let single = dir.join(WEIGHTS_FILE);
         let index_path = dir.join(INDEX_FILE);
         let mut problems = Vec::new();
-        let (files, weight_map) = if single.is_file() {
-            (vec![SafetensorsFile::read(&single)?], None)
-        } else if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
-            let map = parse_index(&text)
-                .with_context(|| format!("sharded weights index {}", index_path.display()))?;
-            let shards: BTreeSet<&String> = map.values().collect();
-            let mut files = Vec::new();
-            for s in shards {
-                files.push(SafetensorsFile::read(&dir.join(s)).with_context(|| {
-                    format!("shard `{s}` listed in {}", index_path.display())
-                })?);
-            }
-            (files, Some(map))
-        } else {
-            let bin = dir.join("diffusion_pytorch_model.bin");
-            if bin.is_file() {
-                bail!(
-                    "{} holds PyTorch pickle weights ({}); only safetensors is read: re-save \
+        let (files, weight_map) =
+            if single.is_file() {
+                (vec![SafetensorsFile::read(&single)?], None)
+            } else if index_path.is_file() {
+                let text = std::fs::read_to_string(&index_path)
+                    .with_context(|| format!("cannot read {}", index_path.display()))?;
+                let map = parse_index(&text)
+                    .with_context(|| format!("sharded weights index {}", index_path.display()))?;
+                let shards: BTreeSet<&String> = map.values().collect();
+                let mut files = Vec::new();
+                for s in shards {
+                    files.push(SafetensorsFile::read(&dir.join(s)).with_context(|| {
+                        format!("shard `{s}` listed in {}", index_path.display())
+                    })?);
+                }
+                (files, Some(map))
+            } else {
+                let bin = dir.join("diffusion_pytorch_model.bin");
+                if bin.is_file() {
+                    bail!(
+                        "{} holds PyTorch pickle weights ({}); only safetensors is read: re-save \
                      with `save_pretrained(..., safe_serialization=True)`",
-                    dir.display(),
-                    bin.display()
+                        dir.display(),
+                        bin.display()
+                    );
+                }
+                bail!(
+                    "no VAE weights in {}: expected {WEIGHTS_FILE} or {INDEX_FILE}",
+                    dir.display()
                 );
-            }
-            bail!(
-                "no VAE weights in {}: expected {WEIGHTS_FILE} or {INDEX_FILE}",
-                dir.display()
-            );
-        };
+            };
         let mut index = BTreeMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.tensors().names() {
@@ -210,7 +211,9 @@ fn parse_index(text: &str) -> Result<BTreeMap<String, String>> {
         };
         let plain = Path::new(s).file_name().is_some_and(|f| f == s) && s != "..";
         if !plain || !s.ends_with(".safetensors") {
-            bail!("`weight_map` entry `{name}` names `{s}`: not a .safetensors file in this folder");
+            bail!(
+                "`weight_map` entry `{name}` names `{s}`: not a .safetensors file in this folder"
+            );
         }
         out.insert(name.clone(), s.to_string());
     }
@@ -282,7 +285,9 @@ impl ModuleMapper for Loader<'_> {
                 }
                 Tensor::<D>::from_data(TensorData::new(t, burn_shape), &tensor.device())
             }
-            Some(values) => Tensor::<D>::from_data(TensorData::new(values, burn_shape), &tensor.device()),
+            Some(values) => {
+                Tensor::<D>::from_data(TensorData::new(values, burn_shape), &tensor.device())
+            }
             None => tensor,
         };
         Param::from_mapped_value(id, new, mapper)

@@ -67,7 +67,12 @@ mod tests {
     /// The tensors of a saved folder, by name (torch layouts).
     fn tensors(dir: &Path) -> Vec<NamedTensor> {
         let f = SafetensorsFile::read(&dir.join(WEIGHTS_FILE)).unwrap();
-        let mut names: Vec<String> = f.tensors().names().into_iter().map(str::to_string).collect();
+        let mut names: Vec<String> = f
+            .tensors()
+            .names()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         names.sort();
         names
             .into_iter()
@@ -195,7 +200,10 @@ mod tests {
             .iter()
             .zip(&full)
             .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff > 0.0 && diff < 1e-2 * max, "f16 decode off by {diff} (max {max})");
+        assert!(
+            diff > 0.0 && diff < 1e-2 * max,
+            "f16 decode off by {diff} (max {max})"
+        );
         // An index naming a file outside the folder is refused.
         map.insert("decoder.conv_in.weight".into(), "../x.safetensors".into());
         let index = serde_json::json!({"weight_map": map});
@@ -236,7 +244,10 @@ mod tests {
         write(&dir.join(WEIGHTS_FILE), &all, Dtype::F32);
         let e = load_err(&dir);
         assert!(e.contains(&dir.display().to_string()), "{e}");
-        assert!(e.contains("missing (1): `decoder.conv_out.bias` [3]"), "{e}");
+        assert!(
+            e.contains("missing (1): `decoder.conv_out.bias` [3]"),
+            "{e}"
+        );
         assert!(
             e.contains("unexpected (not in a decoder of this config) (1): `decoder.mid_block.attentions.0.proj_attn.weight`"),
             "{e}"
@@ -266,16 +277,26 @@ mod tests {
         assert!(e.contains("holds no diffusers VAE"), "{e}");
         fs::write(dir.join("model_index.json"), "{}").unwrap();
         let e = load_err(&dir);
-        assert!(e.contains("pipeline folder") && e.contains("without a VAE"), "{e}");
+        assert!(
+            e.contains("pipeline folder") && e.contains("without a VAE"),
+            "{e}"
+        );
         let vae = dir.join("vae");
         save_vae(&vae, &tiny().init(&d)).unwrap();
         fs::remove_file(vae.join(WEIGHTS_FILE)).unwrap();
         let e = load_err(&dir);
-        assert!(e.contains("no VAE weights in") && e.contains(WEIGHTS_FILE), "{e}");
+        assert!(
+            e.contains("no VAE weights in") && e.contains(WEIGHTS_FILE),
+            "{e}"
+        );
         fs::write(vae.join(WEIGHTS_FILE), b"not safetensors").unwrap();
         let e = load_err(&dir);
         assert!(e.contains("is not a safetensors file"), "{e}");
-        fs::write(vae.join("config.json"), r#"{"latent_channels": 16, "colour": 1}"#).unwrap();
+        fs::write(
+            vae.join("config.json"),
+            r#"{"latent_channels": 16, "colour": 1}"#,
+        )
+        .unwrap();
         let e = load_err(&dir);
         assert!(
             e.contains("config.json") && e.contains("unknown field `colour`"),

@@ -5,7 +5,7 @@ use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Regist
 
 use crate::shape_eval::log_metrics;
 use crate::types::{Images, Rewards};
-use crate::world::{IMAGE_LEN, IMAGE_SIZE, image_to_rgb8};
+use crate::world::{IMAGE_SIZE, chw_to_rgb8};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -16,12 +16,13 @@ pub fn register(r: &mut Registry) {
                 compressibility     reward = −size (smaller files: flatter, simpler images)\n\
                 incompressibility   reward = +size (busier, more detailed images)\n\
               Deterministic (a pure function of the 8-bit pixels) and always finite. Logs\n\
-              reward_mean and jpeg_kb_mean. On 32×32 images sizes are about 1–2.5 kB, much of\n\
-              it the JPEG header, so combine it with small weights in `weighted_reward`.",
+              reward_mean and jpeg_kb_mean. Images of any size (e.g. decoded by `vae_decode`);\n\
+              on ShapeWorld's 32×32 images sizes are about 1–2.5 kB, much of it the JPEG header,\n\
+              so combine it with small weights in `weighted_reward`.",
         inputs: vec![PortDef::new(
             "images",
             "images",
-            "images to score, [B, 3, 32, 32] in [-1, 1]",
+            "images to score, [B, 3, H, W] in [-1, 1]",
         )],
         outputs: vec![PortDef::new("rewards", "rewards", "one reward per sample")],
         params: vec![
@@ -56,26 +57,33 @@ struct Compressibility {
 
 /// Size in bytes of one CHW [3, 32, 32] image in [-1, 1] as a JPEG at `quality`.
 pub fn jpeg_size(img: &[f32], quality: u8) -> Result<usize> {
-    let rgb = image_to_rgb8(img)?;
+    jpeg_size_hw(img, IMAGE_SIZE, IMAGE_SIZE, quality)
+}
+
+/// [`jpeg_size`] of a CHW [3, height, width] image.
+pub fn jpeg_size_hw(img: &[f32], height: usize, width: usize, quality: u8) -> Result<usize> {
+    let rgb = chw_to_rgb8(img, height, width)?;
+    let side = |n: usize| {
+        u16::try_from(n).map_err(|_| anyhow!("jpeg: a {height}×{width} image is too large"))
+    };
+    let (h, w) = (side(height)?, side(width)?);
     let mut out = Vec::new();
     let mut enc = jpeg_encoder::Encoder::new(&mut out, quality);
     enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_2_0);
-    enc.encode(
-        &rgb,
-        IMAGE_SIZE as u16,
-        IMAGE_SIZE as u16,
-        jpeg_encoder::ColorType::Rgb,
-    )
-    .map_err(|e| anyhow!("jpeg: {e}"))?;
+    enc.encode(&rgb, w, h, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| anyhow!("jpeg: {e}"))?;
     Ok(out.len())
 }
 
 impl Node for Compressibility {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
-        let imgs = inputs.get::<Images>("images")?.to_vec()?;
-        let mut kb = Vec::with_capacity(imgs.len() / IMAGE_LEN);
-        for im in imgs.chunks(IMAGE_LEN) {
-            kb.push(jpeg_size(im, self.quality)? as f32 / 1000.0);
+        let (imgs, h, w) = inputs
+            .get::<Images>("images")?
+            .rgb("images")
+            .map_err(|e| anyhow!("compressibility_reward `{}`: {e}", ctx.id))?;
+        let mut kb = Vec::with_capacity(imgs.len() / (3 * h * w).max(1));
+        for im in imgs.chunks(3 * h * w) {
+            kb.push(jpeg_size_hw(im, h, w, self.quality)? as f32 / 1000.0);
         }
         ctx.metric(
             "jpeg_kb_mean",
@@ -94,6 +102,7 @@ impl Node for Compressibility {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::world::IMAGE_LEN;
 
     #[test]
     fn should_find_flat_images_smaller_than_noisy_ones_deterministically() {
@@ -113,5 +122,17 @@ mod tests {
         assert_eq!(b, jpeg_size(&noisy, 95).unwrap());
         // Lower quality, smaller file.
         assert!(jpeg_size(&noisy, 30).unwrap() < b);
+    }
+
+    #[test]
+    fn should_encode_images_of_any_size() {
+        // A 64×48 image (3·64·48 values) is not three 32×32 ones.
+        let n = 3 * 64 * 48;
+        let flat = vec![0.2; n];
+        let ramp: Vec<f32> = (0..n).map(|i| ((i * 7) % 97) as f32 / 48.5 - 1.0).collect();
+        let a = jpeg_size_hw(&flat, 64, 48, 95).unwrap();
+        let b = jpeg_size_hw(&ramp, 64, 48, 95).unwrap();
+        assert!(a < b, "flat {a} B, busy {b} B");
+        assert!(jpeg_size_hw(&flat, 64, 64, 95).is_err());
     }
 }

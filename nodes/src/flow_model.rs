@@ -300,6 +300,7 @@ trait SamplerModel: Send {
         cond: &Conditioning,
         cfg: f32,
     ) -> Result<Tensor<4>>;
+    fn check_state(&self, shape: [usize; 3]) -> Result<()>;
 }
 
 impl<M: VelocityModel> SamplerModel for M {
@@ -311,6 +312,9 @@ impl<M: VelocityModel> SamplerModel for M {
         cfg: f32,
     ) -> Result<Tensor<4>> {
         VelocityModel::velocity_cfg(self, x, t, cond, cfg)
+    }
+    fn check_state(&self, shape: [usize; 3]) -> Result<()> {
+        VelocityModel::check_state(self, shape)
     }
 }
 
@@ -326,6 +330,16 @@ pub struct PolicySampler {
 }
 
 impl PolicySampler {
+    /// Whether the model takes states of `shape` [C, H, W] (they arrived on input `port`).
+    pub fn check_state(&self, port: &str, shape: [usize; 3]) -> Result<()> {
+        self.model.check_state(shape).map_err(|e| {
+            anyhow::anyhow!(
+                "input `{port}` holds states of shape {shape:?} per sample, but {e} (check \
+                 `gaussian_noise`'s channels/height/width)"
+            )
+        })
+    }
+
     /// v_θ(x, t, c) with classifier-free guidance `cfg`, on the plain device, and, with
     /// `rollout_graph: keep`, the forward's autodiff graph for the update.
     /// x: [B, C, H, W] on the plain device; cond: batch B.

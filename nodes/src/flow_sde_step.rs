@@ -103,6 +103,7 @@ impl Node for FlowSdeStep {
             );
         }
         let policy = ctx.read("policy", |m: &FlowModelRes| Ok(m.sampler()))?;
+        policy.check_state("x", x.image_shape())?;
         let device = policy.device.clone();
         let [b, c, h, w] = x.tensor.dims();
         let x_t = x.tensor.clone();

@@ -3,18 +3,20 @@
 use anyhow::Result;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, PortDef, Registry};
+use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry};
 
 use crate::device::open;
-use crate::model::sample_standard_normal;
+use crate::model::{sample_standard_normal, tensor_from_vec};
 use crate::types::{Images, PromptBatch};
-use crate::world::IMAGE_LEN;
+use crate::world::{CHANNELS, IMAGE_SIZE};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
         name: "gaussian_noise",
         summary: "draw x_1 ~ N(0, I), one image-shaped noise per sample",
-        doc: "Seeded by (pipeline seed, node id, iteration): identical across backends and runs.",
+        doc: "Seeded by (pipeline seed, node id, iteration): identical across backends and runs.\n\
+              The default shape is ShapeWorld's images, [B, 3, 32, 32]; a latent model's states\n\
+              are latents (SD3's VAE: `channels: 16`, `height`/`width` = image size / 8).",
         inputs: vec![PortDef::new(
             "prompts",
             "prompts",
@@ -23,13 +25,37 @@ pub fn register(r: &mut Registry) {
         outputs: vec![PortDef::new(
             "x",
             "images",
-            "pure noise at t = 1, [B, 3, 32, 32]",
+            "pure noise at t = 1, [B, channels, height, width]",
         )],
-        params: vec![],
+        params: vec![
+            ParamDef::int(
+                "channels",
+                CHANNELS as i64,
+                1,
+                4096,
+                "channels of each sample",
+            ),
+            ParamDef::int(
+                "height",
+                IMAGE_SIZE as i64,
+                1,
+                16_384,
+                "height of each sample",
+            ),
+            ParamDef::int(
+                "width",
+                IMAGE_SIZE as i64,
+                1,
+                16_384,
+                "width of each sample",
+            ),
+        ],
         resources: vec![],
         factory: |ctx| {
+            let p = ctx.params;
             Ok(Box::new(GaussianNoise {
                 device: open(ctx.device).map_err(anyhow::Error::msg)?,
+                shape: [p.usize("channels")?, p.usize("height")?, p.usize("width")?],
             }))
         },
     });
@@ -37,13 +63,20 @@ pub fn register(r: &mut Registry) {
 
 struct GaussianNoise {
     device: burn::tensor::Device,
+    /// [C, H, W]
+    shape: [usize; 3],
 }
 
 impl Node for GaussianNoise {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
         let b = inputs.get::<PromptBatch>("prompts")?.len();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("noise"));
-        let v = sample_standard_normal(&mut rng, b * IMAGE_LEN);
-        Ok(Outputs::new().with("x", Images::from_vec(v, b, 1.0, &self.device)))
+        let [c, h, w] = self.shape;
+        let v = sample_standard_normal(&mut rng, b * c * h * w);
+        let x = Images {
+            tensor: tensor_from_vec(v, [b, c, h, w], &self.device),
+            t: 1.0,
+        };
+        Ok(Outputs::new().with("x", x))
     }
 }

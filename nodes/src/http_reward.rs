@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::nonfinite::{self, OnNonFinite};
 use crate::shape_eval::log_metrics;
 use crate::types::{Images, PromptBatch, Rewards};
-use crate::world::{IMAGE_LEN, IMAGE_SIZE, image_to_rgb8};
+use crate::world::{IMAGE_SIZE, chw_to_rgb8};
 
 /// Protocol name and version sent in every request.
 pub const PROTOCOL: &str = "flowrun-reward/1";
@@ -48,9 +48,10 @@ pub fn register(r: &mut Registry) {
                               \"category\": \"colors\", \"target\": {…}, \"group\": 0, \"member\": 0,\n\
                               \"image\": \"<base64>\"}, …]}\n\
               `step` is the repeat step (1-based; 0 outside a repeat); `index` is the sample's\n\
-              position in the whole batch. `image` by `encoding`: png = a base64 PNG (8-bit RGB);\n\
-              u8 = base64 raw RGB bytes, HWC (height·width·3); f32 = base64 little-endian f32, CHW\n\
-              (3·height·width), values in [-1, 1].\n\
+              position in the whole batch; `height`/`width` are the images' (any size: 32×32 for\n\
+              ShapeWorld, e.g. 1024×1024 after `vae_decode`). `image` by `encoding`: png = a\n\
+              base64 PNG (8-bit RGB); u8 = base64 raw RGB bytes, HWC (height·width·3); f32 =\n\
+              base64 little-endian f32, CHW (3·height·width), values in [-1, 1].\n\
               Response (JSON, HTTP 200): {\"scores\": [0.71, …], \"sub_scores\": {\"aesthetic\": [5.2, …]}}\n\
               with one score per item, in order; `sub_scores` is optional, each list one value per\n\
               item. NaN, Infinity, -Infinity (Python's json.dumps writes them) and null count as\n\
@@ -62,7 +63,7 @@ pub fn register(r: &mut Registry) {
               requests, retries, nonfinite. Plain http:// only (no TLS): run the server next to\n\
               the trainer or behind a local proxy.",
         inputs: vec![
-            PortDef::new("images", "images", "images to score, [B, 3, 32, 32] in [-1, 1]"),
+            PortDef::new("images", "images", "images to score, [B, 3, H, W] in [-1, 1]"),
             PortDef::new(
                 "prompts",
                 "prompts",
@@ -174,19 +175,31 @@ impl Encoding {
     }
     /// Base64 of one CHW [3, 32, 32] image in [-1, 1].
     pub fn encode(self, img: &[f32]) -> Result<String> {
+        self.encode_hw(img, IMAGE_SIZE, IMAGE_SIZE)
+    }
+
+    /// Base64 of one CHW [3, height, width] image in [-1, 1].
+    pub fn encode_hw(self, img: &[f32], height: usize, width: usize) -> Result<String> {
+        if img.len() != 3 * height * width {
+            bail!(
+                "expected a CHW [3, {height}, {width}] image of {} values, got {}",
+                3 * height * width,
+                img.len()
+            );
+        }
         let b64 = base64::engine::general_purpose::STANDARD;
         Ok(match self {
             Encoding::F32 => {
                 let bytes: Vec<u8> = img.iter().flat_map(|v| v.to_le_bytes()).collect();
                 b64.encode(bytes)
             }
-            Encoding::U8 => b64.encode(image_to_rgb8(img)?),
+            Encoding::U8 => b64.encode(chw_to_rgb8(img, height, width)?),
             Encoding::Png => {
-                let rgb = image_to_rgb8(img)?;
+                let rgb = chw_to_rgb8(img, height, width)?;
+                let (h, w) = (u32::try_from(height)?, u32::try_from(width)?);
                 let mut bytes = Vec::new();
                 {
-                    let mut enc =
-                        png::Encoder::new(&mut bytes, IMAGE_SIZE as u32, IMAGE_SIZE as u32);
+                    let mut enc = png::Encoder::new(&mut bytes, w, h);
                     enc.set_color(png::ColorType::Rgb);
                     enc.set_depth(png::BitDepth::Eight);
                     let mut w = enc.write_header()?;
@@ -420,12 +433,16 @@ impl Node for HttpReward {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
         let images = inputs.get::<Images>("images")?;
         let prompts = inputs.get::<PromptBatch>("prompts")?;
-        let pixels = images.to_vec()?;
+        let (pixels, height, width) = images
+            .rgb("images")
+            .map_err(|e| anyhow!("http_reward `{}`: {e}", ctx.id))?;
+        let len = 3 * height * width;
         let b = prompts.len();
-        if pixels.len() != b * IMAGE_LEN {
+        if images.batch() != b {
             bail!(
-                "http_reward: got {} images for {b} prompts",
-                pixels.len() / IMAGE_LEN
+                "http_reward `{}`: got {} images for {b} prompts",
+                ctx.id,
+                images.batch()
             );
         }
         let ranges: Vec<std::ops::Range<usize>> = (0..b)
@@ -446,7 +463,7 @@ impl Node for HttpReward {
                     "prompt": rec.prompt,
                     "group": prompts.group[i],
                     "member": prompts.member[i],
-                    "image": self.encoding.encode(&pixels[i * IMAGE_LEN..(i + 1) * IMAGE_LEN])?,
+                    "image": self.encoding.encode_hw(&pixels[i * len..(i + 1) * len], height, width)?,
                 });
                 // The dataset's own fields (ShapeWorld: category, target; GenEval: tag, …).
                 if let Some(obj) = item.as_object_mut() {
@@ -463,8 +480,8 @@ impl Node for HttpReward {
                     "step": self.step,
                     "t": images.t,
                     "encoding": self.encoding.name(),
-                    "height": IMAGE_SIZE,
-                    "width": IMAGE_SIZE,
+                    "height": height,
+                    "width": width,
                     "channels": 3,
                     "items": items,
                 })
@@ -623,7 +640,29 @@ mod tests {
     }
 
     #[test]
+    fn should_encode_images_of_any_size() {
+        let (h, w) = (64, 48);
+        let img: Vec<f32> = (0..3 * h * w)
+            .map(|i| (i % 11) as f32 / 5.0 - 1.0)
+            .collect();
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let u = b64
+            .decode(Encoding::U8.encode_hw(&img, h, w).unwrap())
+            .unwrap();
+        assert_eq!(u, chw_to_rgb8(&img, h, w).unwrap());
+        let p = b64
+            .decode(Encoding::Png.encode_hw(&img, h, w).unwrap())
+            .unwrap();
+        let reader = png::Decoder::new(std::io::Cursor::new(p))
+            .read_info()
+            .unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (48, 64));
+        assert!(Encoding::F32.encode_hw(&img, h, h).is_err());
+    }
+
+    #[test]
     fn should_encode_images_in_each_format() {
+        use crate::world::{IMAGE_LEN, image_to_rgb8};
         let img: Vec<f32> = (0..IMAGE_LEN).map(|i| (i % 7) as f32 / 3.0 - 1.0).collect();
         let b64 = base64::engine::general_purpose::STANDARD;
         let f = b64.decode(Encoding::F32.encode(&img).unwrap()).unwrap();

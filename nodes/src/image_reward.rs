@@ -1,11 +1,10 @@
 //! `image_reward`: classic hand-written rewards on pixels (demos, tests, sanity checks).
 
-use anyhow::Result;
+use anyhow::{Result, anyhow};
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry};
 
 use crate::shape_eval::log_metrics;
 use crate::types::{Images, Rewards};
-use crate::world::IMAGE_LEN;
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -66,9 +65,12 @@ pub fn pixel_reward(img: &[f32], saturation: bool, target: f32) -> f32 {
 
 impl Node for ImageReward {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
-        let imgs = inputs.get::<Images>("images")?.to_vec()?;
+        let (imgs, h, w) = inputs
+            .get::<Images>("images")?
+            .rgb("images")
+            .map_err(|e| anyhow!("image_reward `{}`: {e}", ctx.id))?;
         let values: Vec<f32> = imgs
-            .chunks(IMAGE_LEN)
+            .chunks(3 * h * w)
             .map(|im| pixel_reward(im, self.saturation, self.target))
             .collect();
         let r = Rewards {
@@ -84,6 +86,7 @@ impl Node for ImageReward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::world::IMAGE_LEN;
 
     #[test]
     fn should_reward_brightness_and_saturation_towards_the_target() {

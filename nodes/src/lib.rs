@@ -26,6 +26,8 @@ pub mod step_advantage;
 pub mod trajectory_sink;
 pub mod types;
 pub mod util;
+pub mod vae;
+pub mod vae_decode;
 pub mod weighted_reward;
 pub mod world;
 
@@ -55,6 +57,8 @@ pub fn registry() -> Registry {
     grpo_update::register(&mut r);
     trajectory_sink::register(&mut r);
     parquet_source::register(&mut r);
+    vae::register(&mut r);
+    vae_decode::register(&mut r);
     checks::register(&mut r);
     r
 }

@@ -62,6 +62,7 @@ impl Node for OneStepSampler {
             );
         }
         let policy = ctx.read("policy", |m: &FlowModelRes| Ok(m.sampler()))?;
+        policy.check_state("x", x.image_shape())?;
         let x_t = x.tensor.clone();
         let (v, graph) = policy.velocity(
             &x_t,

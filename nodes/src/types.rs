@@ -3,7 +3,7 @@
 //! | port type    | Rust type        | what                                                   |
 //! |--------------|------------------|--------------------------------------------------------|
 //! | `prompts`    | [`PromptBatch`]  | B = P·G samples: P prompts, each repeated G times       |
-//! | `images`     | [`Images`]       | [B, 3, 32, 32] in [-1, 1]: noisy states x_t or x̂0      |
+//! | `images`     | [`Images`]       | [B, C, H, W]: states x_t, x̂0, latents or pixels (below) |
 //! | `prediction` | [`Prediction`]   | one model evaluation at t: x_t, v, x̂0, ε̂               |
 //! | `transition` | [`Transition`]   | a stochastic policy step x_t → x_t' with its log-prob  |
 //! | `rewards`    | [`Rewards`]      | one reward per sample (+ verifier criteria)            |
@@ -162,9 +162,13 @@ impl PromptBatch {
 pub const T_TOLERANCE: f64 = 1e-6;
 
 /// A batch of images or noisy states. x_t = (1 − t)·x0 + t·ε; t = 0 for clean images.
+///
+/// ShapeWorld's model works on pixels, [B, 3, 32, 32] in [-1, 1]; a latent model's states
+/// are latents ([B, 16, h, w] for SD3's VAE) that `vae_decode` turns into pixels
+/// [B, 3, H, W]. Rewards take pixels of any size ([`Images::rgb`]).
 #[derive(Debug, Clone)]
 pub struct Images {
-    /// [B, 3, H, W]
+    /// [B, C, H, W]
     pub tensor: Tensor<4>,
     /// The timestep of the state (1 = pure noise, 0 = an image or a prediction x̂0); a sampler
     /// refuses a state whose t is not its own ([`Images::expect_t`]).
@@ -180,6 +184,25 @@ impl Images {
     }
     pub fn batch(&self) -> usize {
         self.tensor.dims()[0]
+    }
+    /// [C, H, W] of each image.
+    pub fn image_shape(&self) -> [usize; 3] {
+        let [_, c, h, w] = self.tensor.dims();
+        [c, h, w]
+    }
+    /// The pixels on the host, CHW per image, with (height, width): `Err` unless these are
+    /// RGB images ([B, 3, H, W]), e.g. latents not yet decoded. `port` names the input in the
+    /// message.
+    pub fn rgb(&self, port: &str) -> anyhow::Result<(Vec<f32>, usize, usize)> {
+        let [c, h, w] = self.image_shape();
+        if c != 3 {
+            anyhow::bail!(
+                "input `{port}` holds {c}-channel images ([{}, {c}, {h}, {w}]): rewards score RGB \
+                 images [B, 3, H, W] in [-1, 1] (decode latents with `vae_decode` first)",
+                self.batch()
+            );
+        }
+        Ok((self.to_vec()?, h, w))
     }
     /// Fail unless this state is at the sampler's own timestep `t` (the state arrived on input
     /// `port`): a schedule whose steps do not chain, naming both values.

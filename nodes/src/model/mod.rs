@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod fused;
 pub mod shapes_unet;
 pub mod train;
+pub mod vae;
 
 mod conditioning;
 
@@ -86,6 +87,9 @@ pub trait VelocityModel: Module + 'static {
         let v_uncond = v.slice_dim(0, b..2 * b);
         Ok(v_uncond.clone() + (v_cond - v_uncond).mul_scalar(scale))
     }
+
+    /// Whether the model takes states of `shape` [C, H, W]; the error says what it takes.
+    fn check_state(&self, shape: [usize; 3]) -> anyhow::Result<()>;
 
     /// Probability with which flow-matching training replaces a prompt by the null prompt
     /// (so that the model learns the unconditional branch CFG needs). 0 = never.

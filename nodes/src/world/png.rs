@@ -13,7 +13,19 @@ const GUTTER_RGB: [u8; 3] = [32, 32, 32];
 /// (`v ↦ round((v + 1) / 2 · 255)`, clamped; NaN becomes 0).
 pub fn image_to_rgb8(image: &[f32]) -> Result<Vec<u8>, WorldError> {
     check_image(image)?;
-    let plane = IMAGE_SIZE * IMAGE_SIZE;
+    chw_to_rgb8(image, IMAGE_SIZE, IMAGE_SIZE)
+}
+
+/// [`image_to_rgb8`] of a CHW `[3, height, width]` image of any size.
+pub fn chw_to_rgb8(image: &[f32], height: usize, width: usize) -> Result<Vec<u8>, WorldError> {
+    let plane = height * width;
+    if image.len() != 3 * plane {
+        return Err(WorldError::InvalidInput(format!(
+            "expected a CHW [3, {height}, {width}] image of {} values, got {}",
+            3 * plane,
+            image.len()
+        )));
+    }
     let mut out = vec![0u8; 3 * plane];
     for i in 0..plane {
         for c in 0..3 {
@@ -220,5 +232,9 @@ mod tests {
         assert!(!p.exists());
         assert_eq!(image_to_rgb8(&[f32::NAN; IMAGE_LEN]).unwrap()[0], 0);
         assert!(image_to_rgb8(&[0.0; 5]).is_err());
+        // Any size: HWC order, one pixel after another.
+        let img = [-1.0, 1.0, 0.0, -1.0, 1.0, 1.0];
+        assert_eq!(chw_to_rgb8(&img, 1, 2).unwrap(), [0, 128, 255, 255, 0, 255]);
+        assert!(chw_to_rgb8(&img, 2, 2).is_err());
     }
 }

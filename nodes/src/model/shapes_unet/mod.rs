@@ -423,6 +423,15 @@ impl VelocityModel for FlowModel {
         Ok(self.forward_cfg(x, t, cond.tokens(Self::ARCH)?.clone(), scale))
     }
 
+    fn check_state(&self, shape: [usize; 3]) -> anyhow::Result<()> {
+        let c = &self.config;
+        let takes = [c.image_channels, c.image_size, c.image_size];
+        if shape != takes {
+            anyhow::bail!("the `{}` model takes {takes:?}", Self::ARCH);
+        }
+        Ok(())
+    }
+
     fn cfg_dropout(&self) -> f64 {
         self.config.cfg_dropout
     }

@@ -38,7 +38,12 @@ fn reference() -> Option<&'static Path> {
         let script = common::root().join("tests/python/sd3_reference.py");
         let start = std::time::Instant::now();
         let o = Command::new(py).arg(&script).arg(&out).output().unwrap();
-        assert!(o.status.success(), "{}: {}", script.display(), common::text(&o));
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            script.display(),
+            common::text(&o)
+        );
         eprintln!(
             "sd3_reference.py: {:.1} s\n{}",
             start.elapsed().as_secs_f64(),
@@ -102,9 +107,17 @@ fn rel_err(what: &str, got: (&[usize], &[f32]), want: (&[usize], &[f32])) -> f32
     diff / scale
 }
 
-fn check(what: &str, got: (&[usize], &[f32]), want: (&[usize], &[f32]), tol: f32) -> f32 {
+/// Asserts the relative error is within `tol`, noting it in `log` (printed whole per case, so
+/// that parallel tests do not interleave their figures).
+fn check(
+    log: &mut String,
+    what: &str,
+    got: (&[usize], &[f32]),
+    want: (&[usize], &[f32]),
+    tol: f32,
+) -> f32 {
     let e = rel_err(what, got, want);
-    eprintln!("  {what}: max|Δ|/max|ref| = {e:.2e}");
+    log.push_str(&format!("  {what}: max|Δ|/max|ref| = {e:.2e}\n"));
     assert!(e <= tol, "{what}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}");
     e
 }
@@ -144,11 +157,14 @@ impl ModuleVisitor for GradsOf<'_> {
 fn check_case(name: &str) {
     let Some(dir) = reference() else { return };
     let case = Case::open(dir, name);
-    eprintln!("{name} ({}):", case.file.meta("dtype").unwrap());
+    let mut log = format!("{name} ({}):\n", case.file.meta("dtype").unwrap());
     let dev = Device::flex();
     let start = std::time::Instant::now();
     let (config, model) = load_diffusers(&case.folder, &dev).unwrap();
-    eprintln!("  load_diffusers: {:.3} s", start.elapsed().as_secs_f64());
+    log.push_str(&format!(
+        "  load_diffusers: {:.3} s\n",
+        start.elapsed().as_secs_f64()
+    ));
     assert_eq!(model.config(), &config);
 
     let x = case.tensor::<4>("x", &dev);
@@ -157,15 +173,35 @@ fn check_case(name: &str) {
     let pooled = case.tensor::<2>("pooled", &dev);
     let v = model.forward(x.clone(), sigma.clone(), prompt.clone(), pooled.clone());
     let (vs, vv) = case.raw("velocity");
-    check("velocity", (&v.dims(), &values(v)), (&vs, &vv), VELOCITY_TOL);
+    check(
+        &mut log,
+        "velocity",
+        (&v.dims(), &values(v)),
+        (&vs, &vv),
+        VELOCITY_TOL,
+    );
 
     let neg = case.tensor::<3>("negative_prompt_embeds", &dev);
     let neg_pooled = case.tensor::<2>("negative_pooled", &dev);
     let v_cfg = model
-        .try_forward_cfg(x, sigma.clone(), prompt, pooled, neg, neg_pooled, case.cfg_scale())
+        .try_forward_cfg(
+            x,
+            sigma.clone(),
+            prompt,
+            pooled,
+            neg,
+            neg_pooled,
+            case.cfg_scale(),
+        )
         .unwrap();
     let (cs, cv) = case.raw("v_cfg");
-    check("v_cfg (batched)", (&v_cfg.dims(), &values(v_cfg)), (&cs, &cv), VELOCITY_TOL);
+    check(
+        &mut log,
+        "v_cfg (batched)",
+        (&v_cfg.dims(), &values(v_cfg)),
+        (&cs, &cv),
+        VELOCITY_TOL,
+    );
 
     // Gradients of sum(velocity · w), on the autodiff device.
     let ad = dev.autodiff();
@@ -184,7 +220,13 @@ fn check_case(name: &str) {
     ] {
         let g = g.unwrap_or_else(|| panic!("{label} has no gradient"));
         let (s, r) = case.raw(&format!("grad.{label}"));
-        check(&format!("grad {label}"), (&g.0, &g.1), (&s, &r), GRAD_TOL);
+        check(
+            &mut log,
+            &format!("grad {label}"),
+            (&g.0, &g.1),
+            (&s, &r),
+            GRAD_TOL,
+        );
     }
 
     let wanted = case.grad_params();
@@ -201,8 +243,15 @@ fn check_case(name: &str) {
             .get(name)
             .unwrap_or_else(|| panic!("no parameter {name}"));
         let (s, r) = case.raw(&format!("grad.param.{name}"));
-        check(&format!("grad {name}"), (gs, gv), (&s, &r), GRAD_TOL);
+        check(
+            &mut log,
+            &format!("grad {name}"),
+            (gs, gv),
+            (&s, &r),
+            GRAD_TOL,
+        );
     }
+    eprint!("{log}");
 }
 
 #[test]
@@ -334,8 +383,15 @@ fn should_compute_the_grid_when_the_file_has_none() {
         case.tensor("pooled", &dev),
     );
     let (s, r) = case.raw("velocity");
-    eprintln!("sd3_p1 without the stored grid:");
-    check("velocity", (&v.dims(), &values(v)), (&s, &r), VELOCITY_TOL);
+    let mut log = "sd3_p1 without the stored grid:\n".to_string();
+    check(
+        &mut log,
+        "velocity",
+        (&v.dims(), &values(v)),
+        (&s, &r),
+        VELOCITY_TOL,
+    );
+    eprint!("{log}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -357,14 +413,24 @@ fn assert_has(msg: &str, parts: &[&str]) {
 
 #[test]
 fn should_name_the_supported_class_for_a_flux_config() {
-    let Some(folder) = edited_copy("flux", |_| {}) else { return };
+    let Some(folder) = edited_copy("flux", |_| {}) else {
+        return;
+    };
     let path = folder.join("config.json");
     let text = fs::read_to_string(&path).unwrap();
-    fs::write(&path, text.replace("SD3Transformer2DModel", "FluxTransformer2DModel")).unwrap();
+    fs::write(
+        &path,
+        text.replace("SD3Transformer2DModel", "FluxTransformer2DModel"),
+    )
+    .unwrap();
     let msg = load_err(&folder);
     assert_has(
         &msg,
-        &[&path.display().to_string(), "FluxTransformer2DModel", "only \"SD3Transformer2DModel\""],
+        &[
+            &path.display().to_string(),
+            "FluxTransformer2DModel",
+            "only \"SD3Transformer2DModel\"",
+        ],
     );
 }
 
@@ -375,41 +441,71 @@ fn should_name_the_supported_class_for_a_flux_pipeline() {
     copy_dir(&dir.join("sd3_p1"), &dst);
     let index = dst.join("model_index.json");
     let text = fs::read_to_string(&index).unwrap();
-    fs::write(&index, text.replace("SD3Transformer2DModel", "FluxTransformer2DModel")).unwrap();
+    fs::write(
+        &index,
+        text.replace("SD3Transformer2DModel", "FluxTransformer2DModel"),
+    )
+    .unwrap();
     let msg = load_err(&dst);
     assert_has(
         &msg,
-        &[&index.display().to_string(), "FluxTransformer2DModel", "only SD3Transformer2DModel"],
+        &[
+            &index.display().to_string(),
+            "FluxTransformer2DModel",
+            "only SD3Transformer2DModel",
+        ],
     );
 }
 
 #[test]
 fn should_name_an_unknown_config_field() {
-    let Some(folder) = edited_copy("unknown-field", |_| {}) else { return };
+    let Some(folder) = edited_copy("unknown-field", |_| {}) else {
+        return;
+    };
     let path = folder.join("config.json");
     let text = fs::read_to_string(&path).unwrap();
     fs::write(&path, text.replacen('{', "{\n  \"use_rope\": true,", 1)).unwrap();
     let msg = load_err(&folder);
-    assert_has(&msg, &[&path.display().to_string(), "unknown field `use_rope`"]);
+    assert_has(
+        &msg,
+        &[&path.display().to_string(), "unknown field `use_rope`"],
+    );
 }
 
 #[test]
 fn should_reject_an_unsupported_qk_norm() {
-    let Some(folder) = edited_copy("qk-norm", |_| {}) else { return };
+    let Some(folder) = edited_copy("qk-norm", |_| {}) else {
+        return;
+    };
     let path = folder.join("config.json");
     let text = fs::read_to_string(&path).unwrap();
-    fs::write(&path, text.replace("\"qk_norm\": null", "\"qk_norm\": \"layer_norm\"")).unwrap();
+    fs::write(
+        &path,
+        text.replace("\"qk_norm\": null", "\"qk_norm\": \"layer_norm\""),
+    )
+    .unwrap();
     let msg = load_err(&folder);
-    assert_has(&msg, &[&path.display().to_string(), "qk_norm \"layer_norm\" is not supported"]);
+    assert_has(
+        &msg,
+        &[
+            &path.display().to_string(),
+            "qk_norm \"layer_norm\" is not supported",
+        ],
+    );
 }
 
 #[test]
 fn should_name_a_missing_key() {
     let key = "transformer_blocks.1.attn.to_k.bias";
-    let Some(folder) = edited_copy("missing-key", |t| t.retain(|t| t.0 != key)) else { return };
+    let Some(folder) = edited_copy("missing-key", |t| t.retain(|t| t.0 != key)) else {
+        return;
+    };
     let msg = load_err(&folder);
     let weights = folder.join("diffusion_pytorch_model.safetensors");
-    assert_has(&msg, &[&weights.display().to_string(), "1 missing key(s)", key]);
+    assert_has(
+        &msg,
+        &[&weights.display().to_string(), "1 missing key(s)", key],
+    );
 }
 
 #[test]
@@ -422,7 +518,10 @@ fn should_name_an_unknown_key() {
     };
     let msg = load_err(&folder);
     let weights = folder.join("diffusion_pytorch_model.safetensors");
-    assert_has(&msg, &[&weights.display().to_string(), "1 unknown key(s)", key]);
+    assert_has(
+        &msg,
+        &[&weights.display().to_string(), "1 unknown key(s)", key],
+    );
 }
 
 #[test]
@@ -439,7 +538,10 @@ fn should_name_a_mis_shaped_key() {
     assert_has(
         &msg,
         &[
-            &folder.join("diffusion_pytorch_model.safetensors").display().to_string(),
+            &folder
+                .join("diffusion_pytorch_model.safetensors")
+                .display()
+                .to_string(),
             "1 mis-shaped key(s)",
             "proj_out.weight (file [8, 16], model [4, 32])",
         ],
@@ -477,7 +579,9 @@ fn should_list_every_problem_in_one_error() {
 
 #[test]
 fn should_say_the_weights_file_is_missing() {
-    let Some(folder) = edited_copy("no-weights", |_| {}) else { return };
+    let Some(folder) = edited_copy("no-weights", |_| {}) else {
+        return;
+    };
     fs::remove_file(folder.join("diffusion_pytorch_model.safetensors")).unwrap();
     let msg = load_err(&folder);
     assert_has(
@@ -492,13 +596,24 @@ fn should_say_the_weights_file_is_missing() {
 
 #[test]
 fn should_say_a_file_is_not_safetensors() {
-    let Some(folder) = edited_copy("garbage", |_| {}) else { return };
+    let Some(folder) = edited_copy("garbage", |_| {}) else {
+        return;
+    };
     let weights = folder.join("diffusion_pytorch_model.safetensors");
     fs::write(&weights, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot a header").unwrap();
     let msg = load_err(&folder);
-    assert_has(&msg, &[&weights.display().to_string(), "not a valid safetensors file"]);
+    assert_has(
+        &msg,
+        &[
+            &weights.display().to_string(),
+            "not a valid safetensors file",
+        ],
+    );
     fs::write(&weights, b"tiny").unwrap();
-    assert_has(&load_err(&folder), &[&weights.display().to_string(), "not a safetensors file"]);
+    assert_has(
+        &load_err(&folder),
+        &[&weights.display().to_string(), "not a safetensors file"],
+    );
 }
 
 #[test]
@@ -514,7 +629,9 @@ fn should_say_a_shard_is_missing() {
 
 #[test]
 fn should_say_the_config_is_missing() {
-    let Some(folder) = edited_copy("no-config", |_| {}) else { return };
+    let Some(folder) = edited_copy("no-config", |_| {}) else {
+        return;
+    };
     fs::remove_file(folder.join("config.json")).unwrap();
     let msg = load_err(&folder);
     assert_has(&msg, &[&folder.display().to_string(), "missing config"]);

@@ -310,7 +310,7 @@ fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
         offset += bytes.len();
     }
     let mut json = serde_json::Value::Object(header).to_string();
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();

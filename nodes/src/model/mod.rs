@@ -17,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod fused;
+pub mod sd3;
 pub mod shapes_unet;
 pub mod train;
 pub mod vae;

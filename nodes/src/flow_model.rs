@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
+use crate::model::sd3::{Sd3Transformer, load_diffusers};
 use crate::model::{
     Conditioning, FlowModel, FlowModelConfig, Trainer, TrainerConfig, VelocityModel, load_model,
     load_safetensors, model_device, save_safetensors,
@@ -22,8 +23,11 @@ pub fn register(r: &mut Registry) {
     r.add_resource(ResourceType {
         name: TYPE,
         summary: "a flow-matching text-to-image model with its optimizer, EMA and reference copy",
-        doc: "Loads `checkpoint` (safetensors written by flowrun) or initialises a fresh model of\n\
-              `size`. Trained in place by `flow_matching_train` or `grpo_update` (its one writer);\n\
+        doc: "`arch: shapes_unet` (default): ShapeWorld's UNet, from `checkpoint` (safetensors\n\
+              written by flowrun) or fresh of `size`. `arch: sd3`: diffusers' SD3Transformer2DModel\n\
+              (SD3, SD3.5) from a diffusers folder (`diffusers`: model_index.json + transformer/, or\n\
+              the transformer folder; f32/f16/bf16, sharded or not) or from a flowrun checkpoint of\n\
+              one; it reads latents and text embeddings (prompt_loader's `embeddings`). Trained in place by `flow_matching_train` or `grpo_update` (its one writer);\n\
               samplers read it. Every run checkpoint stores trainer.safetensors (weights, EMA,\n\
               AdamW moments, step), model.safetensors (the weights used for sampling: loadable by\n\
               `flowrun sample` and from Python) and reference.safetensors (the KL reference).\n\
@@ -33,9 +37,17 @@ pub fn register(r: &mut Registry) {
               instead of running the model again. Every transition's graph then lives until the\n\
               update (about 3x the memory of `recompute`).",
         params: vec![
-            ParamDef::new("checkpoint", ParamKind::Path, "model weights to start from; empty = fresh init")
+            ParamDef::choice(
+                "arch",
+                "shapes_unet",
+                &["shapes_unet", "sd3"],
+                "architecture: ShapeWorld's UNet, or diffusers' SD3 / SD3.5 transformer (latents, text embeddings)",
+            ),
+            ParamDef::new("checkpoint", ParamKind::Path, "model weights to start from (a flowrun model.safetensors); empty = fresh init or `diffusers`")
                 .default(ParamValue::Str(String::new())),
-            ParamDef::choice("size", "small", &["tiny", "small"], "architecture when starting fresh"),
+            ParamDef::new("diffusers", ParamKind::Path, "arch sd3: a diffusers folder (the pipeline's, or its transformer/) to start from")
+                .default(ParamValue::Str(String::new())),
+            ParamDef::choice("size", "small", &["tiny", "small"], "shapes_unet architecture when starting fresh"),
             ParamDef::float("lr", 1e-5, 0.0, 1.0, "AdamW learning rate"),
             ParamDef::int("warmup_steps", 0, 0, i64::MAX, "linear learning-rate warmup (optimizer steps)"),
             ParamDef::float("weight_decay", 0.0, 0.0, 1.0, "decoupled weight decay"),
@@ -73,6 +85,8 @@ pub struct PolicyModel<M: VelocityModel> {
 pub enum Policy {
     /// ShapeWorld's UNet (`arch: shapes_unet`, the default).
     ShapesUnet(PolicyModel<FlowModel>),
+    /// diffusers' SD3 / SD3.5 transformer (`arch: sd3`).
+    Sd3(PolicyModel<Sd3Transformer>),
 }
 
 /// Run `$body` with `$p` bound to the [`PolicyModel`] inside a [`Policy`], whatever its
@@ -82,6 +96,7 @@ macro_rules! with_policy {
     ($policy:expr, $p:ident => $body:expr) => {
         match $policy {
             $crate::flow_model::Policy::ShapesUnet($p) => $body,
+            $crate::flow_model::Policy::Sd3($p) => $body,
         }
     };
 }
@@ -97,6 +112,16 @@ impl Policy {
 }
 
 impl<M: VelocityModel> PolicyModel<M> {
+    /// A policy around `model` (on a plain device), with a frozen copy as the KL reference if
+    /// `reference`.
+    pub fn new(model: M, config: &TrainerConfig, reference: bool) -> Self {
+        let reference = reference.then(|| model.clone());
+        PolicyModel {
+            trainer: Trainer::from_model(model, config.clone()),
+            reference,
+        }
+    }
+
     /// The weights samplers use, on the plain device: the EMA or the current weights.
     pub fn sampling_model(&self, ema: bool) -> M {
         if ema {
@@ -178,7 +203,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let p = ctx.params;
     let dev = open(ctx.device).map_err(anyhow::Error::msg)?;
     let config = trainer_config(ctx)?;
-    let (model, source) = match p.opt_str("checkpoint")? {
+    let checkpoint = match p.opt_str("checkpoint")? {
         Some(path) => {
             let path = PathBuf::from(path);
             if !path.exists() {
@@ -190,29 +215,11 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
             // Weights taken from a run's checkpoint only if that checkpoint verifies.
             runner::rundir::verify_enclosing_checkpoint(&path)
                 .with_context(|| format!("checkpoint {} is not usable", path.display()))?;
-            let (_, m) = load_safetensors(&path, &dev)?;
-            (m, Some(path))
+            Some(path)
         }
-        None => {
-            let cfg = match p.str("size")? {
-                "tiny" => FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS),
-                _ => FlowModelConfig::small(world::vocab_size(), world::MAX_TOKENS),
-            }
-            .with_seed(ctx.seed);
-            (cfg.init(&dev), None)
-        }
+        None => None,
     };
-    if model.config().vocab_size != world::vocab_size()
-        || model.config().max_tokens != world::MAX_TOKENS
-    {
-        bail!(
-            "model vocabulary ({} tokens, max {}) does not match ShapeWorld's ({}, max {})",
-            model.config().vocab_size,
-            model.config().max_tokens,
-            world::vocab_size(),
-            world::MAX_TOKENS
-        );
-    }
+    let diffusers = p.opt_str("diffusers")?.map(PathBuf::from);
     let sample_with_ema = p.str("sample_with")? == "ema";
     let keep_rollout_graph = p.str("rollout_graph")? == "keep";
     if keep_rollout_graph && sample_with_ema {
@@ -220,10 +227,58 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
             "`rollout_graph: keep` needs `sample_with: current`: a graph of the EMA weights is not the update's forward"
         );
     }
-    let reference = p.bool("reference")?.then(|| model.clone());
-    let trainer = Trainer::from_model(model, config.clone());
+    let reference = p.bool("reference")?;
+    let (policy, source) = match p.str("arch")? {
+        "sd3" => {
+            let (model, source) = match (&checkpoint, &diffusers) {
+                (Some(_), Some(_)) => bail!(
+                    "set one of `checkpoint` (a flowrun checkpoint) and `diffusers` (a diffusers folder), not both"
+                ),
+                (Some(c), None) => (load_model::<Sd3Transformer>(c, &dev)?.1, c.clone()),
+                (None, Some(d)) => (load_diffusers(d, &dev)?.1, d.clone()),
+                (None, None) => bail!(
+                    "`arch: sd3` needs weights: set `diffusers` to a diffusers folder (e.g. SD3.5-Medium's) or `checkpoint` to a flowrun checkpoint of an SD3 model"
+                ),
+            };
+            let policy = PolicyModel::new(model, &config, reference);
+            (Policy::Sd3(policy), Some(source))
+        }
+        _ => {
+            if diffusers.is_some() {
+                bail!(
+                    "`diffusers` is a diffusers folder for `arch: sd3`; the ShapeWorld UNet loads `checkpoint`"
+                );
+            }
+            let (model, source) = match &checkpoint {
+                Some(path) => (load_safetensors(path, &dev)?.1, Some(path.clone())),
+                None => {
+                    let cfg = match p.str("size")? {
+                        "tiny" => FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS),
+                        _ => FlowModelConfig::small(world::vocab_size(), world::MAX_TOKENS),
+                    }
+                    .with_seed(ctx.seed);
+                    (cfg.init(&dev), None)
+                }
+            };
+            if model.config().vocab_size != world::vocab_size()
+                || model.config().max_tokens != world::MAX_TOKENS
+            {
+                bail!(
+                    "model vocabulary ({} tokens, max {}) does not match ShapeWorld's ({}, max {})",
+                    model.config().vocab_size,
+                    model.config().max_tokens,
+                    world::vocab_size(),
+                    world::MAX_TOKENS
+                );
+            }
+            (
+                Policy::ShapesUnet(PolicyModel::new(model, &config, reference)),
+                source,
+            )
+        }
+    };
     Ok(Box::new(FlowModelRes {
-        policy: Policy::ShapesUnet(PolicyModel { trainer, reference }),
+        policy,
         sample_with_ema,
         keep_rollout_graph,
         device: dev,
@@ -260,7 +315,6 @@ impl FlowModelRes {
     pub fn unet(&self, what: &str) -> Result<&PolicyModel<FlowModel>> {
         match &self.policy {
             Policy::ShapesUnet(p) => Ok(p),
-            #[allow(unreachable_patterns)]
             other => bail!(
                 "{what} needs the ShapeWorld model (`arch: shapes_unet`), not `{}`",
                 other.arch()
@@ -272,7 +326,6 @@ impl FlowModelRes {
     pub fn unet_mut(&mut self, what: &str) -> Result<&mut PolicyModel<FlowModel>> {
         match &mut self.policy {
             Policy::ShapesUnet(p) => Ok(p),
-            #[allow(unreachable_patterns)]
             other => bail!(
                 "{what} needs the ShapeWorld model (`arch: shapes_unet`), not `{}`",
                 other.arch()

@@ -106,6 +106,10 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
         .iter()
         .filter(|r| r.ty == crate::flow_model::TYPE)
     {
+        // Calibrated on the ShapeWorld UNet only: no estimate for other architectures.
+        if r.params.str("arch").is_ok_and(|a| a != "shapes_unet") {
+            return None;
+        }
         let cfg = model_config(&r.params)?;
         weights += WEIGHT_COPIES * 4.0 * param_count(&cfg) as f64;
         graph = graph.max(graph_bytes(&cfg));

@@ -43,8 +43,8 @@ use rand_chacha::ChaCha8Rng;
 use block::{AdaLayerNorm, AdaNormKind};
 use embeddings::{CombinedTimestepTextProjEmbeddings, PatchEmbed, sincos_pos_embed};
 
-use crate::model::standard_normal;
 use crate::model::layers::linear;
+use crate::model::standard_normal;
 
 /// Standard deviation of the weights drawn by [`Sd3Config::init`].
 pub const INIT_STD: f64 = 0.02;

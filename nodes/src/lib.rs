@@ -7,6 +7,7 @@ pub mod annealed_renoiser;
 pub mod checks;
 pub mod compressibility_reward;
 pub mod device;
+pub mod flow_match_schedule;
 pub mod flow_matching_train;
 pub mod flow_model;
 pub mod flow_sde_step;
@@ -55,6 +56,7 @@ pub fn registry() -> Registry {
     grpo_update::register(&mut r);
     trajectory_sink::register(&mut r);
     parquet_source::register(&mut r);
+    flow_match_schedule::register(&mut r);
     checks::register(&mut r);
     r
 }

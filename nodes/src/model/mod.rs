@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod fused;
 mod init;
 pub mod layers;
+pub mod text_embeddings;
 pub mod train;
 
 #[cfg(test)]

@@ -243,9 +243,10 @@ impl PromptEmbeddings {
         let mut next_row = 0usize;
         for (i, entry) in list.iter().enumerate() {
             let what = format!("{}: shard {} of `shards`", index.display(), i + 1);
-            let file = entry.get("file").and_then(Value::as_str).ok_or_else(|| {
-                anyhow!("{what} has no string `file`")
-            })?;
+            let file = entry
+                .get("file")
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("{what} has no string `file`"))?;
             if file.is_empty() || Path::new(file).is_absolute() || file.contains("..") {
                 bail!("{what}: `file` must be a file name beside the index, got {file:?}");
             }
@@ -269,7 +270,8 @@ impl PromptEmbeddings {
                     shard_path.display()
                 );
             }
-            let (shard, header, neg) = open_shard(&shard_path, first as usize, id.as_deref(), i == 0)?;
+            let (shard, header, neg) =
+                open_shard(&shard_path, first as usize, id.as_deref(), i == 0)?;
             if shard.rows as u64 != rows {
                 bail!(
                     "{}: holds {} rows but {} lists {rows} for it",
@@ -534,16 +536,26 @@ fn open_shard(
         }
     }
     let [rows, seq_len, dim] = emb.shape[..] else {
-        bail!("{p}: `{PROMPT}` has shape {:?}, expected [n, L, D]", emb.shape);
+        bail!(
+            "{p}: `{PROMPT}` has shape {:?}, expected [n, L, D]",
+            emb.shape
+        );
     };
     let [prows, pooled_dim] = pooled.shape[..] else {
-        bail!("{p}: `{POOLED}` has shape {:?}, expected [n, P]", pooled.shape);
+        bail!(
+            "{p}: `{POOLED}` has shape {:?}, expected [n, P]",
+            pooled.shape
+        );
     };
     if prows != rows {
         bail!("{p}: `{PROMPT}` has {rows} rows but `{POOLED}` has {prows}");
     }
     if seq_len == 0 || dim == 0 || pooled_dim == 0 {
-        bail!("{p}: empty embeddings: `{PROMPT}` {:?}, `{POOLED}` {:?}", emb.shape, pooled.shape);
+        bail!(
+            "{p}: empty embeddings: `{PROMPT}` {:?}, `{POOLED}` {:?}",
+            emb.shape,
+            pooled.shape
+        );
     }
     for (key, want) in [("first_row", first_row), ("rows", rows)] {
         if let Some(v) = meta.get(key)
@@ -634,8 +646,8 @@ fn parse_header(
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no string `dtype`"))?;
-        let dtype = Dtype::parse(dt)
-            .ok_or_else(|| bad(&format!("dtype {dt} is not F16, BF16 or F32")))?;
+        let dtype =
+            Dtype::parse(dt).ok_or_else(|| bad(&format!("dtype {dt} is not F16, BF16 or F32")))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(Value::as_array)
@@ -684,9 +696,7 @@ fn parse_header(
     let mut at = 0u64;
     for (a, b) in &used {
         if *a != at {
-            bail!(
-                "{p}: tensor data overlaps or leaves a gap at byte {at}: a damaged header"
-            );
+            bail!("{p}: tensor data overlaps or leaves a gap at byte {at}: a damaged header");
         }
         at = *b;
     }
@@ -704,9 +714,8 @@ fn parse_header(
 /// Texts and metadata of the sidecar, which must have exactly `len` rows, indexed in order.
 fn read_sidecar(path: &Path, len: usize) -> Result<(Vec<String>, Vec<Value>)> {
     let p = path.display();
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        anyhow!("{p}: cannot read the prompts sidecar of the embeddings: {e}")
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("{p}: cannot read the prompts sidecar of the embeddings: {e}"))?;
     let mut texts = Vec::with_capacity(len);
     let mut metadata = Vec::with_capacity(len);
     for (lineno, line) in text.lines().enumerate() {
@@ -720,7 +729,8 @@ fn read_sidecar(path: &Path, len: usize) -> Result<(Vec<String>, Vec<Value>)> {
         if row.get("index").and_then(Value::as_u64) != Some(i as u64) {
             bail!(
                 "{p}:{lineno}: expected `index` {i} (rows in order from 0), found {}",
-                row.get("index").map_or("none".to_string(), Value::to_string)
+                row.get("index")
+                    .map_or("none".to_string(), Value::to_string)
             );
         }
         let prompt = row

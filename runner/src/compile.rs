@@ -1415,4 +1415,111 @@ mod tests {
         );
         assert_eq!(schedule("linear", 0.7, 0.1, 1).unwrap(), vec![0.7]);
     }
+
+    /// A registry with one node type `num` (float param `v`) and a library schedule `steps`
+    /// (`scale` × k; `scale: 0` is refused by its function, `scale: 7` returns too few values).
+    fn schedule_registry() -> Registry {
+        use crate::node::{NodeType, ScheduleType};
+        use crate::params::ParamDef;
+        let mut r = Registry::default();
+        r.add_node(NodeType {
+            name: "num",
+            summary: "",
+            doc: "",
+            inputs: vec![],
+            outputs: vec![crate::PortDef::new("y", "scalar", "")],
+            params: vec![ParamDef::float("v", 0.0, f64::MIN, f64::MAX, "")],
+            resources: vec![],
+            factory: |_| anyhow::bail!("not built in these tests"),
+        });
+        r.add_schedule(ScheduleType {
+            name: "steps",
+            summary: "k times scale",
+            doc: "",
+            params: vec![ParamDef::float("scale", 1.0, -10.0, 10.0, "")],
+            values: |p, count| {
+                let s = p.f64("scale").unwrap_or(1.0);
+                if s == 0.0 {
+                    return Err(p.error("scale", "must not be 0"));
+                }
+                let n = if s == 7.0 { count - 1 } else { count };
+                Ok((1..=n).map(|k| k as f64 * s).collect())
+            },
+        });
+        r
+    }
+
+    fn compile_text(text: &str, r: &Registry) -> Result<Pipeline, Diagnostics> {
+        crate::load_str("s.yaml", text, &[], r).map(|(p, _)| p)
+    }
+
+    #[test]
+    fn should_expand_a_schedule_the_node_library_registered() {
+        let r = schedule_registry();
+        let doc = |var: &str| {
+            format!(
+                "name: s\nnodes:\n  - repeat:\n      id: r\n      count: 3\n      vars:\n        \
+                 x: {var}\n      nodes:\n        - id: a\n          type: num\n          \
+                 params: {{v: $x}}\n"
+            )
+        };
+        let values = |var: &str| {
+            let p = compile_text(&doc(var), &r).unwrap();
+            (1..=3)
+                .map(|k| {
+                    let id = format!("a@{k}");
+                    let n = p.nodes.iter().find(|n| n.id == id).unwrap();
+                    n.params.f64("v").unwrap()
+                })
+                .collect::<Vec<f64>>()
+        };
+        assert_eq!(values("{schedule: steps, scale: 0.5}"), vec![0.5, 1.0, 1.5]);
+        // Defaults apply; the built-in schedules still work beside it.
+        assert_eq!(values("{schedule: steps}"), vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            values("{schedule: linear, start: 1, end: 0}"),
+            vec![1.0, 0.5, 0.0]
+        );
+        let err = |var: &str| compile_text(&doc(var), &r).unwrap_err().to_string();
+        let e = err("{schedule: steps, scale: 0}");
+        assert!(
+            e.contains("parameter `scale` of schedule `steps` of variable `x`: must not be 0"),
+            "{e}"
+        );
+        assert!(e.contains("s.yaml:7:"), "{e}");
+        let e = err("{schedule: steps, scael: 2}");
+        assert!(
+            e.contains("unknown parameter `scael` for schedule `steps` of variable `x`")
+                && e.contains("did you mean `scale`?"),
+            "{e}"
+        );
+        let e = err("{schedule: step}");
+        assert!(
+            e.contains("unknown schedule `step` for variable `x`") && e.contains("`steps`"),
+            "{e}"
+        );
+        let e = err("{schedule: steps, scale: 7}");
+        assert!(
+            e.contains("internal: schedule `steps` of variable `x` gave 2 values"),
+            "{e}"
+        );
+        let e = err("{schedule: linear, start: 1, scale: 2}");
+        assert!(
+            e.contains("unknown key `scale` in a `linear` schedule"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "schedule `linear` is built into the engine")]
+    fn should_not_let_a_library_shadow_a_built_in_schedule() {
+        let mut r = Registry::default();
+        r.add_schedule(crate::node::ScheduleType {
+            name: "linear",
+            summary: "",
+            doc: "",
+            params: vec![],
+            values: |_, _| Ok(vec![]),
+        });
+    }
 }

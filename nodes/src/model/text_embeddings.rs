@@ -309,13 +309,13 @@ impl PromptEmbeddings {
         negative: (Vec<f32>, Vec<f32>),
     ) -> Result<Self> {
         let len = shards.iter().map(|s| s.rows).sum();
-        if let Some(n) = header.meta.get("num_prompts") {
-            if n.parse::<usize>().ok() != Some(len) {
-                bail!(
-                    "{}: the header says num_prompts = {n}, but the files hold {len} rows",
-                    path.display()
-                );
-            }
+        if let Some(n) = header.meta.get("num_prompts")
+            && n.parse::<usize>().ok() != Some(len)
+        {
+            bail!(
+                "{}: the header says num_prompts = {n}, but the files hold {len} rows",
+                path.display()
+            );
         }
         let sidecar_name = match header.meta.get("sidecar") {
             Some(s) => s.clone(),

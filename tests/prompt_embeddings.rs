@@ -1,11 +1,13 @@
 //! Prompt embeddings: `scripts/encode_prompts.py` on a tiny random SD3 pipeline
 //! (`tests/python/tiny_sd3_pipeline.py`), read back with `nodes::model::text_embeddings` and
 //! compared with what diffusers' `encode_prompt` computes in f32 — agreeing to half precision:
-//! every element within 1e-2 relative (+1e-6 absolute, for values near 0), where bf16 rounding
-//! alone is at most 2^-9 ≈ 0.2% and f16's 2^-12. Then bad inputs, each with its message: to the
-//! script (a JSONL row without a prompt, a folder without text encoders) and to the reader
-//! (missing, truncated and foreign shards, shapes that disagree, wrong dtypes and names, a
-//! sidecar that does not match), the reader's cases on stores written here without Python.
+//! every element within 1e-2 relative (+1e-6 absolute, for values near 0), where rounding to
+//! bf16 alone is at most 2^-8 ≈ 0.39% relative (8 significant bits) and to f16 2^-11 ≈ 0.05%;
+//! the largest differences must stay within those bounds (+5% for f32 batch effects). Then bad
+//! inputs, each with its message: to the script (a JSONL row without a prompt, a folder without
+//! text encoders) and to the reader (missing, truncated and foreign shards, shapes that
+//! disagree, wrong dtypes and names, a sidecar that does not match), the reader's cases on
+//! stores written here without Python.
 
 mod common;
 
@@ -210,7 +212,7 @@ fn should_read_back_what_encode_prompts_writes_as_diffusers_encodes_it() {
     let empty = vec![json!({}); TEXT_WANT.len()];
     let worst_bf16 = check_store(&e, &want, &TEXT_WANT, &empty);
     assert!(
-        worst_bf16 <= 2f32.powi(-8),
+        worst_bf16 <= 1.05 * 2f32.powi(-8),
         "bf16 rounding only: {worst_bf16}"
     );
 
@@ -255,7 +257,7 @@ fn should_read_back_what_encode_prompts_writes_as_diffusers_encodes_it() {
     let want = reference(s, &texts, "geneval-ref");
     let worst_f16 = check_store(&e, &want, &texts, &meta);
     assert!(
-        worst_f16 <= 2f32.powi(-10),
+        worst_f16 <= 1.05 * 2f32.powi(-11),
         "f16 rounding only: {worst_f16}"
     );
     let err = e.rows(&[5]).unwrap_err().to_string();

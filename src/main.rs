@@ -503,11 +503,15 @@ fn cmd_nodes(name: Option<&str>, registry: &Registry) -> ExitCode {
             } else if let Some(t) = registry.resources.get(n) {
                 print!("{}", runner::graph::describe_resource(t));
                 ExitCode::SUCCESS
+            } else if let Some(t) = registry.schedules.get(n) {
+                print!("{}", runner::graph::describe_schedule(t));
+                ExitCode::SUCCESS
             } else {
                 let all = registry
                     .nodes
                     .keys()
                     .chain(registry.resources.keys())
+                    .chain(registry.schedules.keys())
                     .copied();
                 let hint = runner::diag::did_you_mean(n, all)
                     .map(|s| format!(" (did you mean `{s}`?)"))

@@ -7,6 +7,7 @@ pub mod annealed_renoiser;
 pub mod checks;
 pub mod compressibility_reward;
 pub mod device;
+pub mod flow_match_schedule;
 pub mod flow_matching_train;
 pub mod flow_model;
 pub mod flow_sde_step;
@@ -59,6 +60,7 @@ pub fn registry() -> Registry {
     parquet_source::register(&mut r);
     vae::register(&mut r);
     vae_decode::register(&mut r);
+    flow_match_schedule::register(&mut r);
     checks::register(&mut r);
     r
 }

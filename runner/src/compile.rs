@@ -28,6 +28,11 @@
 //! `predict@*.x0` (all steps, in order, for a gathering input) name expanded nodes.
 //! `$name` in a parameter is replaced by the step's value of variable `name`; `$k` is the step
 //! (1-based) and `$count` the number of steps.
+//!
+//! A variable is a list of `count` values, one value for every step, or a schedule mapping:
+//! the engine's own `{schedule: constant|linear|cosine|exponential, start, end}`, or one the
+//! node library registered ([`crate::node::ScheduleType`], `{schedule: NAME, key: value, …}`,
+//! its keys validated like node parameters).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -941,7 +946,7 @@ fn expand_repeat<'a>(
                         ));
                         continue;
                     }
-                    if let Some(values) = var_values(key, v, count, diags) {
+                    if let Some(values) = var_values(key, v, count, registry, diags) {
                         vars.insert(key.name.clone(), values);
                     }
                 }
@@ -994,7 +999,13 @@ fn expand_repeat<'a>(
 }
 
 /// Values of one repeat variable: a list of `count` values, or a schedule mapping.
-fn var_values(key: &YKey, v: &YNode, count: usize, diags: &mut Diagnostics) -> Option<Vec<YNode>> {
+fn var_values(
+    key: &YKey,
+    v: &YNode,
+    count: usize,
+    registry: &Registry,
+    diags: &mut Diagnostics,
+) -> Option<Vec<YNode>> {
     match &v.kind {
         YKind::Seq(items) => {
             if items.len() != count {
@@ -1007,33 +1018,27 @@ fn var_values(key: &YKey, v: &YNode, count: usize, diags: &mut Diagnostics) -> O
             }
             Some(items.clone())
         }
-        YKind::Map(_) => {
-            let mut local = Diagnostics::default();
-            check_keys(v, &["schedule", "start", "end"], "a schedule", &mut local);
-            let kind = v
-                .get("schedule")
-                .and_then(YNode::as_str)
-                .unwrap_or("linear");
-            let start = v.get("start").and_then(YNode::as_f64);
-            let end = v.get("end").and_then(YNode::as_f64);
-            let (Some(a), Some(b)) = (start, end.or(start)) else {
-                local.push(v.error(format!(
-                    "schedule for `{}` needs numeric `start` (and `end`)",
-                    key.name
-                )));
-                diags.extend(local);
-                return None;
+        YKind::Map(entries) => {
+            let kind = match v.get("schedule") {
+                None => "linear",
+                Some(n) => match n.as_str() {
+                    Some(s) => s,
+                    None => {
+                        diags.push(n.error(format!(
+                            "`schedule` of variable `{}` must be a schedule name, found {}",
+                            key.name,
+                            n.type_name()
+                        )));
+                        return None;
+                    }
+                },
             };
-            let values = match schedule(kind, a, b, count) {
-                Ok(vals) => vals,
-                Err(m) => {
-                    let at = v.get("schedule").unwrap_or(v);
-                    local.push(at.error(m));
-                    diags.extend(local);
-                    return None;
+            let values = match registry.schedules.get(kind) {
+                Some(st) if !BUILTIN_SCHEDULES.contains(&kind) => {
+                    library_schedule(key, v, entries, st, count, diags)?
                 }
+                _ => builtin_schedule(key, v, kind, count, registry, diags)?,
             };
-            diags.extend(local);
             Some(
                 values
                     .into_iter()
@@ -1048,6 +1053,107 @@ fn var_values(key: &YKey, v: &YNode, count: usize, diags: &mut Diagnostics) -> O
         _ => {
             let vals = vec![v.clone(); count];
             Some(vals)
+        }
+    }
+}
+
+/// The engine's own schedules, `{schedule: NAME, start, end}`.
+pub const BUILTIN_SCHEDULES: &[&str] = &["constant", "linear", "cosine", "exponential"];
+
+/// Values of a built-in schedule mapping (or the error of an unknown schedule name).
+fn builtin_schedule(
+    key: &YKey,
+    v: &YNode,
+    kind: &str,
+    count: usize,
+    registry: &Registry,
+    diags: &mut Diagnostics,
+) -> Option<Vec<f64>> {
+    if !BUILTIN_SCHEDULES.contains(&kind) {
+        let at = v.get("schedule").unwrap_or(v);
+        let known: Vec<&str> = BUILTIN_SCHEDULES
+            .iter()
+            .copied()
+            .chain(registry.schedules.keys().copied())
+            .collect();
+        let mut d = at.error(format!(
+            "unknown schedule `{kind}` for variable `{}`",
+            key.name
+        ));
+        d = match did_you_mean(kind, known.iter().copied()) {
+            Some(s) => d.help(format!("did you mean `{s}`?")),
+            None => d.help(format!("known schedules: {}", known.join(", "))),
+        };
+        diags.push(d);
+        return None;
+    }
+    let mut local = Diagnostics::default();
+    let what = format!("a `{kind}` schedule");
+    check_keys(v, &["schedule", "start", "end"], &what, &mut local);
+    let start = v.get("start").and_then(YNode::as_f64);
+    let end = v.get("end").and_then(YNode::as_f64);
+    let (Some(a), Some(b)) = (start, end.or(start)) else {
+        local.push(v.error(format!(
+            "schedule for `{}` needs numeric `start` (and `end`)",
+            key.name
+        )));
+        diags.extend(local);
+        return None;
+    };
+    let values = match schedule(kind, a, b, count) {
+        Ok(vals) => vals,
+        Err(m) => {
+            let at = v.get("schedule").unwrap_or(v);
+            local.push(at.error(m));
+            diags.extend(local);
+            return None;
+        }
+    };
+    diags.extend(local);
+    Some(values)
+}
+
+/// Values of a schedule the node library registered: its keys (all but `schedule`) validated
+/// like parameters, then its function.
+fn library_schedule(
+    key: &YKey,
+    v: &YNode,
+    entries: &[(YKey, YNode)],
+    st: &crate::node::ScheduleType,
+    count: usize,
+    diags: &mut Diagnostics,
+) -> Option<Vec<f64>> {
+    let owner = format!("schedule `{}` of variable `{}`", st.name, key.name);
+    let keys = YNode {
+        loc: v.loc,
+        source: v.source.clone(),
+        kind: YKind::Map(
+            entries
+                .iter()
+                .filter(|(k, _)| k.name != "schedule")
+                .cloned()
+                .collect(),
+        ),
+    };
+    let mut local = Diagnostics::default();
+    let params = validate_params(&owner, Some(&keys), &st.params, &mut local, v);
+    if local.has_errors() {
+        diags.extend(local);
+        return None;
+    }
+    match (st.values)(&params, count) {
+        Ok(vals) if vals.len() == count && vals.iter().all(|x| x.is_finite()) => Some(vals),
+        Ok(vals) => {
+            diags.push(v.error(format!(
+                "internal: {owner} gave {} values ({} finite) for {count} steps",
+                vals.len(),
+                vals.iter().filter(|x| x.is_finite()).count()
+            )));
+            None
+        }
+        Err(d) => {
+            diags.push(d);
+            None
         }
     }
 }
@@ -1308,5 +1414,112 @@ mod tests {
                 .contains("unknown schedule")
         );
         assert_eq!(schedule("linear", 0.7, 0.1, 1).unwrap(), vec![0.7]);
+    }
+
+    /// A registry with one node type `num` (float param `v`) and a library schedule `steps`
+    /// (`scale` × k; `scale: 0` is refused by its function, `scale: 7` returns too few values).
+    fn schedule_registry() -> Registry {
+        use crate::node::{NodeType, ScheduleType};
+        use crate::params::ParamDef;
+        let mut r = Registry::default();
+        r.add_node(NodeType {
+            name: "num",
+            summary: "",
+            doc: "",
+            inputs: vec![],
+            outputs: vec![crate::PortDef::new("y", "scalar", "")],
+            params: vec![ParamDef::float("v", 0.0, f64::MIN, f64::MAX, "")],
+            resources: vec![],
+            factory: |_| anyhow::bail!("not built in these tests"),
+        });
+        r.add_schedule(ScheduleType {
+            name: "steps",
+            summary: "k times scale",
+            doc: "",
+            params: vec![ParamDef::float("scale", 1.0, -10.0, 10.0, "")],
+            values: |p, count| {
+                let s = p.f64("scale").unwrap_or(1.0);
+                if s == 0.0 {
+                    return Err(p.error("scale", "must not be 0"));
+                }
+                let n = if s == 7.0 { count - 1 } else { count };
+                Ok((1..=n).map(|k| k as f64 * s).collect())
+            },
+        });
+        r
+    }
+
+    fn compile_text(text: &str, r: &Registry) -> Result<Pipeline, Diagnostics> {
+        crate::load_str("s.yaml", text, &[], r).map(|(p, _)| p)
+    }
+
+    #[test]
+    fn should_expand_a_schedule_the_node_library_registered() {
+        let r = schedule_registry();
+        let doc = |var: &str| {
+            format!(
+                "name: s\nnodes:\n  - repeat:\n      id: r\n      count: 3\n      vars:\n        \
+                 x: {var}\n      nodes:\n        - id: a\n          type: num\n          \
+                 params: {{v: $x}}\n"
+            )
+        };
+        let values = |var: &str| {
+            let p = compile_text(&doc(var), &r).unwrap();
+            (1..=3)
+                .map(|k| {
+                    let id = format!("a@{k}");
+                    let n = p.nodes.iter().find(|n| n.id == id).unwrap();
+                    n.params.f64("v").unwrap()
+                })
+                .collect::<Vec<f64>>()
+        };
+        assert_eq!(values("{schedule: steps, scale: 0.5}"), vec![0.5, 1.0, 1.5]);
+        // Defaults apply; the built-in schedules still work beside it.
+        assert_eq!(values("{schedule: steps}"), vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            values("{schedule: linear, start: 1, end: 0}"),
+            vec![1.0, 0.5, 0.0]
+        );
+        let err = |var: &str| compile_text(&doc(var), &r).unwrap_err().to_string();
+        let e = err("{schedule: steps, scale: 0}");
+        assert!(
+            e.contains("parameter `scale` of schedule `steps` of variable `x`: must not be 0"),
+            "{e}"
+        );
+        assert!(e.contains("s.yaml:7:"), "{e}");
+        let e = err("{schedule: steps, scael: 2}");
+        assert!(
+            e.contains("unknown parameter `scael` for schedule `steps` of variable `x`")
+                && e.contains("did you mean `scale`?"),
+            "{e}"
+        );
+        let e = err("{schedule: step}");
+        assert!(
+            e.contains("unknown schedule `step` for variable `x`") && e.contains("`steps`"),
+            "{e}"
+        );
+        let e = err("{schedule: steps, scale: 7}");
+        assert!(
+            e.contains("internal: schedule `steps` of variable `x` gave 2 values"),
+            "{e}"
+        );
+        let e = err("{schedule: linear, start: 1, scale: 2}");
+        assert!(
+            e.contains("unknown key `scale` in a `linear` schedule"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "schedule `linear` is built into the engine")]
+    fn should_not_let_a_library_shadow_a_built_in_schedule() {
+        let mut r = Registry::default();
+        r.add_schedule(crate::node::ScheduleType {
+            name: "linear",
+            summary: "",
+            doc: "",
+            params: vec![],
+            values: |_, _| Ok(vec![]),
+        });
     }
 }

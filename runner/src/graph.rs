@@ -229,7 +229,37 @@ pub fn list_types(r: &Registry) -> String {
     for t in r.resources.values() {
         let _ = writeln!(s, "  {:<22} {}", t.name, t.summary);
     }
+    if !r.schedules.is_empty() {
+        s.push_str(
+            "\nschedules for repeat vars (besides constant, linear, cosine, exponential):\n",
+        );
+        for t in r.schedules.values() {
+            let _ = writeln!(s, "  {:<22} {}", t.name, t.summary);
+        }
+    }
     s.push_str("\n`flowrun nodes TYPE` shows a type's ports, parameters and defaults.\n");
+    s
+}
+
+/// Documentation of a schedule for repeat `vars`.
+pub fn describe_schedule(t: &crate::node::ScheduleType) -> String {
+    let mut s = format!("{} (schedule for repeat vars) — {}\n\n", t.name, t.summary);
+    for line in t.doc.trim().lines() {
+        let _ = writeln!(s, "  {line}");
+    }
+    if !t.params.is_empty() {
+        let _ = writeln!(s, "\n  keys (besides `schedule: {}`):", t.name);
+        for p in &t.params {
+            let _ = writeln!(
+                s,
+                "    {:<18} {:<28} {}",
+                p.name,
+                p.kind.describe(),
+                fmt_default(&p.default)
+            );
+            let _ = writeln!(s, "      {}", p.doc);
+        }
+    }
     s
 }
 

@@ -73,6 +73,25 @@ pub struct BuildCtx<'a> {
 /// validated, its errors located with [`crate::Params::error`].
 pub type PipelineCheck = fn(&crate::Pipeline) -> crate::Diagnostics;
 
+/// A named schedule for a repeat block's `vars` that a node library adds to the engine's own
+/// (`constant`, `linear`, `cosine`, `exponential`): `x: {schedule: NAME, key: value, …}` gives
+/// step k the k-th of `count` numbers. The keys besides `schedule` are declared and validated
+/// like node parameters (unknown keys with a suggestion, types, ranges, required ones); what the
+/// numbers mean is the library's business.
+pub struct ScheduleType {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub doc: &'static str,
+    /// The keys besides `schedule`.
+    pub params: Vec<ParamDef>,
+    /// The values of steps 1 ..= `count` from the validated keys.
+    pub values: ScheduleFn,
+}
+
+/// Computes a [`ScheduleType`]'s `count` values; an error is located with [`Params::error`]
+/// (at the key it names as written, else at the schedule mapping).
+pub type ScheduleFn = fn(&Params, usize) -> std::result::Result<Vec<f64>, crate::Diagnostic>;
+
 /// Checks a pipeline's `device` string; `Err` is the message to show.
 pub type DeviceCheck = fn(&str) -> std::result::Result<(), String>;
 
@@ -108,6 +127,8 @@ pub struct Registry {
     pub device_check: Option<DeviceCheck>,
     /// Whole-pipeline checks, run in order once the pipeline compiled.
     pub checks: Vec<PipelineCheck>,
+    /// Named schedules for repeat `vars`, besides the engine's built-in ones.
+    pub schedules: BTreeMap<&'static str, ScheduleType>,
 }
 
 impl Registry {
@@ -116,6 +137,16 @@ impl Registry {
     }
     pub fn add_resource(&mut self, t: ResourceType) {
         self.resources.insert(t.name, t);
+    }
+    /// Add a named schedule. Its name must not be one of the built-in schedules
+    /// ([`crate::compile::BUILTIN_SCHEDULES`]), which would shadow it: a programming error.
+    pub fn add_schedule(&mut self, t: ScheduleType) {
+        assert!(
+            !crate::compile::BUILTIN_SCHEDULES.contains(&t.name),
+            "schedule `{}` is built into the engine",
+            t.name
+        );
+        self.schedules.insert(t.name, t);
     }
 }
 

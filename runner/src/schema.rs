@@ -143,16 +143,28 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         },
         "allOf": registry.nodes.values().map(node_rule).collect::<Vec<_>>(),
     });
-    let schedule = json!({
+    let builtin = json!({
         "type": "object",
         "required": ["schedule", "start"],
         "additionalProperties": false,
         "properties": {
-            "schedule": {"enum": ["constant", "linear", "cosine", "exponential"]},
+            "schedule": {"enum": crate::compile::BUILTIN_SCHEDULES},
             "start": {"type": "number"},
             "end": {"type": "number"},
         },
     });
+    let mut schedules = vec![builtin];
+    for t in registry.schedules.values() {
+        let mut s = params_schema(&t.params);
+        s["properties"]["schedule"] = json!({"const": t.name, "description": t.summary});
+        let mut required = vec![json!("schedule")];
+        if let Some(r) = s["required"].as_array() {
+            required.extend(r.iter().cloned());
+        }
+        s["required"] = json!(required);
+        schedules.push(s);
+    }
+    let schedule = json!({"anyOf": schedules});
     let repeat = json!({
         "type": "object",
         "required": ["repeat"],

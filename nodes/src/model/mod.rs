@@ -19,6 +19,7 @@ pub mod checkpoint;
 pub mod fused;
 pub mod sd3;
 pub mod shapes_unet;
+pub mod text_embeddings;
 pub mod train;
 pub mod vae;
 

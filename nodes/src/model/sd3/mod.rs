@@ -1,5 +1,6 @@
 //! `nodes::model::sd3` — diffusers' `SD3Transformer2DModel` (Stable Diffusion 3 and 3.5, the
-//! MMDiT velocity network) in burn, loaded from a diffusers folder ([`load_diffusers`]).
+//! MMDiT velocity network) in burn, loaded from a diffusers folder ([`load_diffusers`]) and
+//! written back as one ([`save_diffusers`], `flowrun export`).
 //!
 //! ```text
 //! x [B, C, H, W] ──PatchEmbed (p×p patches + centre-cropped sin-cos grid)──▶ [B, N, D]
@@ -25,11 +26,13 @@ pub mod attention;
 pub mod block;
 pub mod config;
 pub mod embeddings;
+pub mod export;
 pub mod load;
 mod policy;
 
 pub use block::JointTransformerBlock;
 pub use config::{QkNorm, SD3_CLASS_NAME, Sd3Config};
+pub use export::{ExportDtype, save_diffusers, save_diffusers_sharded};
 pub use load::load_diffusers;
 
 use anyhow::ensure;

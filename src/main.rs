@@ -202,26 +202,67 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
-    /// Velocity v_θ(x_t, t, c) of a checkpoint on inputs from a safetensors file (cross-checks).
+    /// Velocity v_θ(x_t, t, c) of a model on inputs from a safetensors file (cross-checks).
     ///
-    /// The inputs file holds `x_t` [B, 3, 32, 32] f32, `t` [B] f32 and `tokens` [B, L] token ids
-    /// (int64, int32 or float; or give `--prompt` once per row instead); the output holds `v`
-    /// [B, 3, 32, 32] f32. See bench/reference/README.md.
+    /// The model (`--checkpoint`) is a flowrun checkpoint — the ShapeWorld UNet, or an SD3 model
+    /// (metadata `flowrun.arch` = `sd3`, e.g. a run's checkpoints/iter-N/model.safetensors of
+    /// an `arch: sd3` policy) — or a diffusers folder holding an SD3 / SD3.5
+    /// SD3Transformer2DModel: a pipeline folder (model_index.json + transformer/), a transformer
+    /// folder (config.json + weights), or the path of that config.json.
+    ///
+    /// ShapeWorld UNet inputs: `x_t` [B, 3, 32, 32] f32, `t` [B] f32 and `tokens` [B, L] token
+    /// ids (int64, int32 or float; or give `--prompt` once per row instead); `--cfg S` > 1
+    /// guides with the null prompt.
+    ///
+    /// SD3 inputs: `latents` [B, C, H, W] (C = in_channels; H, W multiples of patch_size),
+    /// `t` [B] (σ in [0, 1], 1 = pure noise; the transformer is given σ·1000 as diffusers'
+    /// pipelines do), `prompt_embeds` [B, L, D] (D = joint_attention_dim) and `pooled` [B, P]
+    /// (P = pooled_projection_dim); float32, float16, bfloat16 or float64. With `--cfg S` ≠ 1
+    /// also `negative_prompt_embeds` [B or 1, L', D] and `negative_pooled` [B or 1, P]; the
+    /// output is then the guided v_u + S·(v_c − v_u).
+    ///
+    /// The output file holds `v` [B, C_out, H, W] f32. See bench/reference/README.md.
     Velocity {
+        /// A flowrun checkpoint (.safetensors) or a diffusers folder (see above).
         #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
         checkpoint: PathBuf,
+        /// The inputs (safetensors; the tensors above).
         #[arg(long)]
         inputs: PathBuf,
-        /// Prompts, one per row of `x_t` (instead of the file's `tokens`).
+        /// ShapeWorld UNet: prompts, one per row of `x_t` (instead of the file's `tokens`).
         #[arg(long)]
         prompt: Vec<String>,
-        /// Classifier-free guidance scale (1 = off).
+        /// Classifier-free guidance scale (1 = off; SD3 needs the negative_* inputs for it).
         #[arg(long, default_value_t = 1.0)]
         cfg: f32,
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "flex")]
         device: String,
+    },
+    /// Write a diffusers SD3Transformer2DModel folder from a flowrun checkpoint of an SD3 model.
+    ///
+    /// `--checkpoint` is a flowrun checkpoint of an `arch: sd3` policy (a run's
+    /// checkpoints/iter-N/model.safetensors), or a diffusers folder to write again (e.g. in
+    /// another dtype). `--out` gets config.json (diffusers' field names, `_class_name`
+    /// SD3Transformer2DModel) and diffusion_pytorch_model.safetensors in PyTorch's layouts —
+    /// sharded, with diffusion_pytorch_model.safetensors.index.json, above `--max-shard-size` —
+    /// which `SD3Transformer2DModel.from_pretrained(OUT)` loads, or which can stand in for a
+    /// pipeline's transformer/ folder. The folder is written atomically and must not exist (or
+    /// be empty).
+    Export {
+        /// A flowrun checkpoint of an SD3 model, or a diffusers folder.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The folder to create.
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored dtype of the weights (f32 keeps them exactly; f16 and bf16 round to nearest).
+        #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+        dtype: String,
+        /// Largest shard (bytes, or with a unit: 500MB, 10GB, 2GiB); diffusers' default.
+        #[arg(long, default_value = "10GB", value_name = "SIZE")]
+        max_shard_size: String,
     },
     /// Benchmark suite: rollout and GRPO-update speed, fitted slopes, matmul peak (BENCHMARKS.md).
     Bench(bench::BenchArgs),
@@ -406,6 +447,12 @@ fn main() -> ExitCode {
             &device,
         )),
         Some(Command::Bench(args)) => report(bench::run(&args)),
+        Some(Command::Export {
+            checkpoint,
+            out,
+            dtype,
+            max_shard_size,
+        }) => report(tools::export(&checkpoint, &out, &dtype, &max_shard_size)),
         Some(Command::Velocity {
             checkpoint,
             inputs,

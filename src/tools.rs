@@ -1,11 +1,16 @@
-//! `flowrun sample` and `flowrun eval`: use a checkpoint directly, outside a pipeline.
+//! `flowrun sample`, `eval`, `velocity` and `export`: use a checkpoint directly, outside a
+//! pipeline.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use nodes::device::{device, parse_device};
-use nodes::model::{load_safetensors, sample_euler, sample_standard_normal, tensor_from_vec};
+use nodes::model::sd3::{Sd3Transformer, load_diffusers};
+use nodes::model::{
+    VelocityModel, load_model, load_safetensors, sample_euler, sample_standard_normal,
+    tensor_from_vec,
+};
 use nodes::prompt_loader::{load_prompts, make_batch, parse_prompt};
 use nodes::sample_eval::{SampleEval, sample_tafs};
 use nodes::types::to_vec;
@@ -249,11 +254,64 @@ fn read_token_ids(
     Ok((shape, ids))
 }
 
-/// `flowrun velocity`: the model's velocity v_θ(x_t, t, c) (with classifier-free guidance when
-/// `cfg > 1`) on inputs read from a safetensors file — `x_t` [B, 3, H, W] f32, `t` [B] f32 and
-/// `tokens` [B, L] token ids (or `prompts`, one per row, instead of `tokens`) — written as `v`
-/// [B, 3, H, W] f32 to `out`. Used to cross-check other implementations of the model
-/// (bench/reference/check.py).
+/// What a `--checkpoint` path names.
+enum ModelSource {
+    /// A flowrun checkpoint file, with the architecture its header names (`None`: not readable
+    /// as safetensors; the loader says why).
+    Checkpoint { arch: Option<String> },
+    /// A diffusers folder (pipeline or transformer folder).
+    Diffusers(PathBuf),
+}
+
+/// A directory, or the path of a `config.json` / `model_index.json`, is a diffusers folder;
+/// anything else a flowrun checkpoint file.
+fn model_source(path: &Path) -> Result<ModelSource> {
+    if path.is_dir() {
+        return Ok(ModelSource::Diffusers(path.to_path_buf()));
+    }
+    if !path.exists() {
+        bail!("checkpoint {} does not exist", path.display());
+    }
+    let is_config = path
+        .file_name()
+        .is_some_and(|n| n == "config.json" || n == "model_index.json");
+    if is_config {
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        return Ok(ModelSource::Diffusers(dir));
+    }
+    Ok(ModelSource::Checkpoint {
+        arch: nodes::model::checkpoint::checkpoint_arch(path),
+    })
+}
+
+/// An SD3 transformer from a diffusers folder or a flowrun checkpoint of one.
+fn load_sd3(
+    checkpoint: &Path,
+    source: &ModelSource,
+    device: &burn::tensor::Device,
+) -> Result<Sd3Transformer> {
+    match source {
+        ModelSource::Diffusers(dir) => Ok(load_diffusers(dir, device)?.1),
+        ModelSource::Checkpoint { .. } => {
+            runner::rundir::verify_enclosing_checkpoint(checkpoint)
+                .with_context(|| format!("checkpoint {} is not usable", checkpoint.display()))?;
+            Ok(load_model::<Sd3Transformer>(checkpoint, device)?.1)
+        }
+    }
+}
+
+/// `flowrun velocity`: the model's velocity on inputs read from a safetensors file, written as
+/// `v` f32 to `out`. Used to cross-check other implementations of the model
+/// (bench/reference/check.py, tests/sd3_export.rs).
+///
+/// * ShapeWorld UNet (a flowrun checkpoint without `flowrun.arch`): `x_t` [B, 3, H, W] f32,
+///   `t` [B] f32 and `tokens` [B, L] token ids (or `prompts`, one per row, instead of
+///   `tokens`); classifier-free guidance with the null prompt when `cfg > 1`.
+/// * SD3 (a diffusers folder, or a flowrun checkpoint with `flowrun.arch` = `sd3`): see
+///   [`velocity_sd3`].
 pub fn velocity(
     checkpoint: &Path,
     inputs: &Path,
@@ -262,7 +320,41 @@ pub fn velocity(
     out: &Path,
     dev: &str,
 ) -> Result<()> {
-    use nodes::model::checkpoint::{NamedTensor, SafetensorsFile, serialize_safetensors};
+    let source = model_source(checkpoint)?;
+    match &source {
+        ModelSource::Checkpoint { arch } if arch.as_deref() != Some(Sd3Transformer::ARCH) => {
+            velocity_unet(checkpoint, inputs, prompts, cfg, out, dev)
+        }
+        _ => velocity_sd3(checkpoint, &source, inputs, prompts, cfg, out, dev),
+    }
+}
+
+/// Writes `v` [B, C, H, W] to `out` atomically.
+fn write_velocity(out: &Path, shape: [usize; 4], values: Vec<f32>) -> Result<()> {
+    use nodes::model::checkpoint::{NamedTensor, serialize_safetensors};
+    let tensors = [NamedTensor {
+        name: "v".into(),
+        shape: shape.to_vec(),
+        values,
+    }];
+    let bytes = serialize_safetensors(&tensors, Default::default())?;
+    runner::fsutil::write_atomic(out, &bytes)
+        .with_context(|| format!("writing {}", out.display()))?;
+    let [b, c, h, w] = shape;
+    println!("wrote {} (v: [{b}, {c}, {h}, {w}])", out.display());
+    Ok(())
+}
+
+/// The ShapeWorld UNet's `flowrun velocity`.
+fn velocity_unet(
+    checkpoint: &Path,
+    inputs: &Path,
+    prompts: &[String],
+    cfg: f32,
+    out: &Path,
+    dev: &str,
+) -> Result<()> {
+    use nodes::model::checkpoint::SafetensorsFile;
     let (model, device) = load(checkpoint, dev)?;
     let file = SafetensorsFile::read(inputs)?;
     let (x_shape, x) = file.get("x_t")?;
@@ -309,14 +401,246 @@ pub fn velocity(
         nodes::model::int_tensor_from_vec(tokens, [b, l], &device),
         cfg,
     );
-    let tensors = [NamedTensor {
-        name: "v".into(),
-        shape: vec![b, c, h, w],
-        values: to_vec(&v)?,
-    }];
-    let bytes = serialize_safetensors(&tensors, Default::default())?;
-    runner::fsutil::write_atomic(out, &bytes)
-        .with_context(|| format!("writing {}", out.display()))?;
-    println!("wrote {} (v: [{b}, {c}, {h}, {w}])", out.display());
+    write_velocity(out, [b, c, h, w], to_vec(&v)?)
+}
+
+/// The names an SD3 model's `flowrun velocity` inputs file holds.
+const SD3_INPUTS: &str = "`latents` [B, C, H, W], `t` [B] (σ in [0, 1]), `prompt_embeds` \
+                          [B, L, D] and `pooled` [B, P], and for --cfg also \
+                          `negative_prompt_embeds` [B or 1, L', D] and `negative_pooled` \
+                          [B or 1, P]";
+
+/// Tensor `name` of an inputs file as f32 (stored as F32, F16, BF16 or F64), or `None` when
+/// the file has no such tensor.
+fn input_f32(
+    file: &nodes::model::checkpoint::SafetensorsFile,
+    name: &str,
+) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+    use burn::tensor::{bf16, f16};
+    let st = file.tensors();
+    let Ok(view) = st.tensor(name) else {
+        return Ok(None);
+    };
+    let shape = view.shape().to_vec();
+    let data = view.data();
+    let pairs = || {
+        data.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+    };
+    let values: Vec<f32> = match format!("{:?}", view.dtype()).as_str() {
+        "F32" | "F64" => file.get(name)?.1,
+        "F16" => pairs().map(|b| f16::from_bits(b).to_f32()).collect(),
+        "BF16" => pairs().map(|b| bf16::from_bits(b).to_f32()).collect(),
+        other => bail!(
+            "{}: tensor `{name}` has dtype {other}; give float32, float16, bfloat16 or float64",
+            file.path.display()
+        ),
+    };
+    if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+        bail!(
+            "{}: tensor `{name}` holds a non-finite value ({bad})",
+            file.path.display()
+        );
+    }
+    Ok(Some((shape, values)))
+}
+
+/// `shape` as `[usize; D]`, or an error naming the tensor and the layout it must have.
+fn dims<const D: usize>(
+    inputs: &Path,
+    name: &str,
+    shape: &[usize],
+    want: &str,
+) -> Result<[usize; D]> {
+    shape.try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: `{name}` must be {want}, got {shape:?}",
+            inputs.display()
+        )
+    })
+}
+
+/// `flowrun velocity` of an SD3 transformer: inputs `latents` [B, C, H, W], `t` [B] (σ in
+/// [0, 1]; the transformer is given σ·1000, as diffusers' pipelines do), `prompt_embeds`
+/// [B, L, D] and `pooled` [B, P]. With `cfg` ≠ 1 also `negative_prompt_embeds` [B or 1, L', D]
+/// and `negative_pooled` [B or 1, P] (a leading 1 is broadcast over the batch): the guided
+/// `v_u + cfg·(v_c − v_u)`. Writes `v` [B, C_out, H, W].
+fn velocity_sd3(
+    checkpoint: &Path,
+    source: &ModelSource,
+    inputs: &Path,
+    prompts: &[String],
+    cfg: f32,
+    out: &Path,
+    dev: &str,
+) -> Result<()> {
+    use nodes::model::checkpoint::SafetensorsFile;
+    if !prompts.is_empty() {
+        bail!(
+            "--prompt is for the ShapeWorld UNet; {} holds an SD3 model, which reads \
+             `prompt_embeds` and `pooled` from --inputs",
+            checkpoint.display()
+        );
+    }
+    if !cfg.is_finite() {
+        bail!("--cfg {cfg} is not a guidance scale");
+    }
+    let kind = parse_device(dev).map_err(anyhow::Error::msg)?;
+    let device = device(kind);
+    // Inputs first: a mistake there is found before a large model is loaded.
+    let file = SafetensorsFile::read(inputs)?;
+    let shown = inputs.display();
+    let need = |name: &str| -> Result<(Vec<usize>, Vec<f32>)> {
+        input_f32(&file, name)?.ok_or_else(|| {
+            let hint = if name == "latents" && file.tensors().tensor("x_t").is_ok() {
+                " (`x_t` is the ShapeWorld UNet's name for it)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!(
+                "{shown}: missing tensor `{name}`{hint}; an SD3 model's inputs are {SD3_INPUTS}"
+            )
+        })
+    };
+    let (x_shape, x) = need("latents")?;
+    let x_dims: [usize; 4] = dims(inputs, "latents", &x_shape, "[B, C, H, W]")?;
+    let (t_shape, t) = need("t")?;
+    let t_dims: [usize; 1] = dims(inputs, "t", &t_shape, "[B] (one σ per row of `latents`)")?;
+    if let Some(bad) = t.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+        bail!("{shown}: `t` holds {bad}; give σ in [0, 1] (1 = pure noise)");
+    }
+    let (p_shape, p) = need("prompt_embeds")?;
+    let p_dims: [usize; 3] = dims(inputs, "prompt_embeds", &p_shape, "[B, L, D]")?;
+    let (q_shape, q) = need("pooled")?;
+    let q_dims: [usize; 2] = dims(inputs, "pooled", &q_shape, "[B, P]")?;
+    let negatives = match (
+        input_f32(&file, "negative_prompt_embeds")?,
+        input_f32(&file, "negative_pooled")?,
+    ) {
+        (Some(n), Some(m)) => Some((n, m)),
+        (None, None) => None,
+        (Some(_), None) | (None, Some(_)) => bail!(
+            "{shown}: `negative_prompt_embeds` and `negative_pooled` go together; the file has \
+             only one of them"
+        ),
+    };
+    let guided = cfg != 1.0;
+    if guided && negatives.is_none() {
+        bail!(
+            "--cfg {cfg} needs the unconditional branch: add `negative_prompt_embeds` \
+             [B or 1, L', D] and `negative_pooled` [B or 1, P] to {shown} (or leave --cfg at 1)"
+        );
+    }
+
+    let model = load_sd3(checkpoint, source, &device)?;
+    model
+        .check_inputs(&x_dims, &t_dims, &p_dims, &q_dims)
+        .map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
+    let [b, _, h, w] = x_dims;
+    let c = model.config();
+    let x = tensor_from_vec(x, x_dims, &device);
+    let t = tensor_from_vec(t, t_dims, &device);
+    let prompt = tensor_from_vec(p, p_dims, &device);
+    let pooled = tensor_from_vec(q, q_dims, &device);
+    let v = match negatives {
+        Some(((ns, nv), (ms, mv))) if guided => {
+            let [nb, l, d] = dims(inputs, "negative_prompt_embeds", &ns, "[B or 1, L', D]")?;
+            if !(nb == b || nb == 1) || l == 0 || d != c.joint_attention_dim {
+                bail!(
+                    "{shown}: `negative_prompt_embeds` is {ns:?}; expected [{b} or 1, L' >= 1, \
+                     joint_attention_dim = {}]",
+                    c.joint_attention_dim
+                );
+            }
+            let [mb, pp] = dims(inputs, "negative_pooled", &ms, "[B or 1, P]")?;
+            if !(mb == b || mb == 1) || pp != c.pooled_projection_dim {
+                bail!(
+                    "{shown}: `negative_pooled` is {ms:?}; expected [{b} or 1, \
+                     pooled_projection_dim = {}]",
+                    c.pooled_projection_dim
+                );
+            }
+            let neg = tensor_from_vec::<3>(nv, [nb, l, d], &device).expand([b, l, d]);
+            let neg_pooled = tensor_from_vec::<2>(mv, [mb, pp], &device).expand([b, pp]);
+            model.try_forward_cfg(x, t, prompt, pooled, neg, neg_pooled, cfg)?
+        }
+        _ => model.try_forward(x, t, prompt, pooled)?,
+    };
+    write_velocity(out, [b, c.output_channels(), h, w], to_vec(&v)?)
+}
+
+/// A size in bytes: a number with an optional unit, `KB`/`MB`/`GB`/`TB` (powers of 1000, as
+/// diffusers' `max_shard_size` reads them) or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        _ => {
+            bail!("size {s:?}: unknown unit {unit:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")
+        }
+    };
+    let value: f64 = num.parse().map_err(|_| {
+        anyhow::anyhow!("size {s:?} is not a number with an optional unit (e.g. 10GB)")
+    })?;
+    let bytes = value * mult as f64;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        bail!("size {s:?} must be at least 1 byte");
+    }
+    Ok(bytes as u64)
+}
+
+/// `flowrun export`: a diffusers `SD3Transformer2DModel` folder from a flowrun checkpoint of an
+/// SD3 model (or from a diffusers folder, e.g. to change its dtype).
+pub fn export(checkpoint: &Path, out: &Path, dtype: &str, max_shard_size: &str) -> Result<()> {
+    use nodes::model::sd3::export::{ExportDtype, check_target, save_diffusers_sharded};
+    let dtype: ExportDtype = dtype.parse()?;
+    let max_shard_size = parse_size(max_shard_size).context("--max-shard-size")?;
+    let source = model_source(checkpoint)?;
+    if let ModelSource::Checkpoint {
+        arch: Some(arch), ..
+    } = &source
+    {
+        if arch == nodes::model::FlowModel::ARCH {
+            bail!(
+                "{}: export writes diffusers SD3 folders; this checkpoint holds the ShapeWorld \
+                 UNet",
+                checkpoint.display()
+            );
+        }
+    }
+    // Before loading what may be a multi-GB model.
+    check_target(out)?;
+    let device = device(parse_device("flex").map_err(anyhow::Error::msg)?);
+    let model = load_sd3(checkpoint, &source, &device)?;
+    let start = std::time::Instant::now();
+    let summary = save_diffusers_sharded(&model, out, dtype, max_shard_size)?;
+    let files = if summary.files.len() == 1 {
+        summary.files[0].clone()
+    } else {
+        format!(
+            "{} shards + {}",
+            summary.files.len(),
+            nodes::model::sd3::load::WEIGHTS_INDEX_NAME
+        )
+    };
+    println!(
+        "wrote {}: SD3Transformer2DModel, {} tensors, {} bytes as {dtype} ({files}; {:.1} s)",
+        out.display(),
+        summary.tensors,
+        summary.total_size,
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -354,6 +354,31 @@ pub fn save_safetensors<M: VelocityModel>(model: &M, path: &Path) -> anyhow::Res
     write_atomic(path, &bytes).with_context(|| format!("saving checkpoint {}", path.display()))
 }
 
+/// The architecture a flowrun model checkpoint holds: its [`ARCH_KEY`] metadata, or the
+/// ShapeWorld UNet's [`VelocityModel::ARCH`] when absent. Reads only the safetensors header;
+/// `None` when `path` cannot be read as a safetensors file (its loader then says why).
+pub fn checkpoint_arch(path: &Path) -> Option<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok().filter(|m| m.is_file())?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).ok()?;
+    let n = u64::from_le_bytes(n);
+    // safetensors' own limit on a header (100 MB), and the file must hold it.
+    if n > 100_000_000 || n > len.saturating_sub(8) {
+        return None;
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).ok()?;
+    let value: serde_json::Value = serde_json::from_slice(&header).ok()?;
+    let arch = value
+        .get("__metadata__")
+        .and_then(|m| m.get(ARCH_KEY))
+        .and_then(|a| a.as_str())
+        .unwrap_or(FlowModel::ARCH);
+    Some(arch.to_string())
+}
+
 /// Parses the model config stored in a checkpoint's metadata.
 pub(crate) fn config_from_file<M: VelocityModel>(
     file: &SafetensorsFile,

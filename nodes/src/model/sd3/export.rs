@@ -177,8 +177,9 @@ pub fn save_diffusers_sharded(
     result.with_context(|| format!("exporting the SD3 transformer to {}", dir.display()))
 }
 
-/// `dir` must not exist, or be an empty directory.
-fn check_target(dir: &Path) -> anyhow::Result<()> {
+/// Checks that `dir` can be exported into: it must not exist, or be an empty folder (the error
+/// names it). [`save_diffusers`] checks it first; a caller may check before loading a model.
+pub fn check_target(dir: &Path) -> anyhow::Result<()> {
     let meta = match fs::symlink_metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => bail!("{}: cannot inspect the output folder: {e}", dir.display()),

@@ -926,3 +926,113 @@ fn should_never_export_over_an_existing_folder() {
         &[&junk.display().to_string(), "is not a safetensors file"],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Memory: an export holds about one tensor, never the file
+// ---------------------------------------------------------------------------------------------
+
+/// A `/proc/self/status` figure in bytes (`VmRSS`, `VmHWM`).
+fn proc_status_bytes(key: &str) -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/self/status"));
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Peak memory of exporting a model of SD3.5-Medium's widths (`FLOWRUN_EXPORT_MEMORY_LAYERS`
+/// blocks, default 2; 24 is the whole 2.2B-parameter model, 9 GB in f32): above the model
+/// itself, the export's peak must stay far below one tensor (the largest, the 384² sin-cos
+/// grid, is 906 MB): tensors are read in 16 MB blocks, whatever the model's size. Linux only; run it alone, as other tests' memory
+/// would count: `cargo test --release --test sd3_export -- --ignored --nocapture memory`.
+#[test]
+#[ignore]
+fn should_export_with_the_memory_of_about_one_tensor() {
+    use burn::module::{Module, ModuleVisitor, Param};
+    let layers: usize = std::env::var("FLOWRUN_EXPORT_MEMORY_LAYERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    // stabilityai/stable-diffusion-3.5-medium's transformer/config.json, with `layers` blocks.
+    let config = Sd3Config {
+        sample_size: 128,
+        patch_size: 2,
+        in_channels: 16,
+        num_layers: layers,
+        attention_head_dim: 64,
+        num_attention_heads: 24,
+        joint_attention_dim: 4096,
+        caption_projection_dim: 1536,
+        pooled_projection_dim: 2048,
+        out_channels: Some(16),
+        pos_embed_max_size: Some(384),
+        dual_attention_layers: (0..layers.min(13)).collect(),
+        qk_norm: Some("rms_norm".into()),
+        ..Sd3Config::default()
+    };
+    let start = std::time::Instant::now();
+    let model = config.init(&Device::flex(), 1);
+    // Materialise every parameter (the grid, biases and norm scales are lazy) and size them.
+    struct Sizes {
+        count: usize,
+        largest: usize,
+    }
+    impl ModuleVisitor for Sizes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.val().shape().num_elements();
+            self.count += n;
+            self.largest = self.largest.max(n);
+        }
+    }
+    let mut sizes = Sizes {
+        count: 0,
+        largest: 0,
+    };
+    model.visit(&mut sizes);
+    eprintln!(
+        "{layers} blocks: {:.3}B values ({:.2} GB in f32), largest tensor {:.1} MB; init {:.1} s",
+        sizes.count as f64 / 1e9,
+        sizes.count as f64 * 4.0 / 1e9,
+        sizes.largest as f64 * 4.0 / 1e6,
+        start.elapsed().as_secs_f64()
+    );
+    let dir = common::tmpdir("sd3-export-memory");
+    for dtype in [ExportDtype::F32, ExportDtype::BF16] {
+        let out = dir.join(dtype.name());
+        // Reset the peak (VmHWM) to the current resident size.
+        fs::write("/proc/self/clear_refs", "5").unwrap();
+        let base = proc_status_bytes("VmRSS");
+        let start = std::time::Instant::now();
+        save_diffusers(&model, &out, dtype).unwrap();
+        let secs = start.elapsed().as_secs_f64();
+        let peak = proc_status_bytes("VmHWM");
+        let over = peak.saturating_sub(base);
+        let written: u64 = fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        eprintln!(
+            "export {dtype}: {:.2} GB written in {secs:.1} s ({:.0} MB/s); resident {:.2} GB \
+             before, peak {:.2} GB: +{:.1} MB = {:.2}× the largest tensor (f32)",
+            written as f64 / 1e9,
+            written as f64 / 1e6 / secs,
+            base as f64 / 1e9,
+            peak as f64 / 1e9,
+            over as f64 / 1e6,
+            over as f64 / (sizes.largest as f64 * 4.0)
+        );
+        let bound = 128 << 20;
+        assert!(
+            over <= bound,
+            "the export took {over} bytes above the model; bound {bound}"
+        );
+        fs::remove_dir_all(&out).unwrap();
+    }
+}

@@ -16,9 +16,10 @@
 //!   weights (burn `[in, out]`) are transposed back to `[out, in]`, every other tensor is
 //!   written as it is. Values are stored as [`ExportDtype`] (F16 and BF16 rounded to nearest,
 //!   ties to even, as `torch.Tensor.to` rounds).
-//! * Memory: tensors are converted and written one at a time, in chunks; besides the model,
-//!   an export holds about one tensor (twice for a transposed `Linear` weight) and never the
-//!   whole file.
+//! * Memory: tensors are copied to the host, converted and written one at a time, in chunks of
+//!   `READ_CHUNK` values (16 MB of f32; a `Linear` weight a block of PyTorch rows at a time,
+//!   transposed on the way): besides the model, an export holds tens of MB, never a whole
+//!   tensor, let alone the file.
 //! * Atomic: everything is written into a hidden temporary folder next to `dir`, each file
 //!   fsynced, then the folder is renamed to `dir` and the parent fsynced; a failed export leaves
 //!   nothing behind. An existing non-empty `dir` is an error naming it (never overwritten); an
@@ -33,12 +34,12 @@ use std::str::FromStr;
 
 use anyhow::{Context, anyhow, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Tensor, bf16, f16};
+use burn::tensor::{Tensor, TensorData, bf16, f16};
 
 use super::Sd3Transformer;
 use super::config::{SD3_CLASS_NAME, Sd3Config};
-use super::load::{WEIGHTS_INDEX_NAME, WEIGHTS_NAME, transpose};
-use crate::model::checkpoint::{param_paths, tensor_values};
+use super::load::{WEIGHTS_INDEX_NAME, WEIGHTS_NAME};
+use crate::model::checkpoint::param_paths;
 
 /// The diffusers version the written `config.json` names (the one this crate's SD3 is checked
 /// against).
@@ -50,6 +51,9 @@ pub const DEFAULT_MAX_SHARD_SIZE: u64 = 10_000_000_000;
 
 /// Elements converted and written per chunk.
 const CHUNK: usize = 1 << 16;
+
+/// Elements of a tensor copied to the host at a time (16 MB of f32).
+const READ_CHUNK: usize = 1 << 22;
 
 /// The dtype of the written tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -155,7 +159,7 @@ pub fn save_diffusers_sharded(
         .with_context(|| format!("cannot create the folder {}", parent.display()))?;
     let tmp = runner::fsutil::temp_path(&parent.join(name));
     fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = write_folder(model, &tmp, dtype, max_shard_size).and_then(|summary| {
+    let result = write_folder(model, &tmp, dtype, max_shard_size, READ_CHUNK).and_then(|summary| {
         runner::fsutil::sync_dir(&tmp);
         // rename(2) replaces an empty directory and fails on a non-empty one, so a folder that
         // appeared meanwhile is never overwritten.
@@ -292,12 +296,14 @@ fn header(entries: &[&Entry], dtype: ExportDtype) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes config, weights and (when sharded) the index into the empty folder `dir`.
+/// Writes config, weights and (when sharded) the index into the empty folder `dir`, copying
+/// `read_chunk` values of a tensor to the host at a time.
 fn write_folder(
     model: &Sd3Transformer,
     dir: &Path,
     dtype: ExportDtype,
     max_shard_size: u64,
+    read_chunk: usize,
 ) -> anyhow::Result<ExportSummary> {
     let config_path = dir.join("config.json");
     runner::fsutil::write_atomic(
@@ -349,6 +355,7 @@ fn write_folder(
         path: Vec::new(),
         next: 0,
         buf: Vec::with_capacity(CHUNK * 4),
+        read_chunk: read_chunk.max(1),
         error: None,
     };
     model.visit(&mut writer);
@@ -402,11 +409,18 @@ struct ShardWriter<'a> {
     /// Index of the next parameter.
     next: usize,
     buf: Vec<u8>,
+    /// Values copied to the host at a time.
+    read_chunk: usize,
     error: Option<anyhow::Error>,
 }
 
 impl ShardWriter<'_> {
-    fn write_tensor(&mut self, name: &str, values: Vec<f32>) -> anyhow::Result<()> {
+    /// Writes one parameter, read `read_chunk` values at a time (in PyTorch's order).
+    fn write_tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        tensor: Tensor<D>,
+    ) -> anyhow::Result<()> {
         let i = self.next;
         self.next += 1;
         let entry = self
@@ -419,11 +433,6 @@ impl ShardWriter<'_> {
                 entry.name
             );
         }
-        let values = if entry.shape.len() == 2 {
-            transpose(&values, entry.shape[1], entry.shape[0])
-        } else {
-            values
-        };
         let s = self.shard_of[i];
         let path = self.dir.join(&self.files[s]);
         if !self.open.contains_key(&s) {
@@ -435,8 +444,35 @@ impl ShardWriter<'_> {
             self.open.insert(s, w);
         }
         let w = self.open.get_mut(&s).expect("opened above");
-        write_values(w, &values, self.dtype, &mut self.buf)
-            .map_err(|e| anyhow!("{}: tensor {name}: {e:#}", path.display()))?;
+        let dtype = self.dtype;
+        let chunk = self.read_chunk;
+        let buf = &mut self.buf;
+        let mut write = |part: TensorData| -> anyhow::Result<()> {
+            let part = part.convert::<f32>();
+            let values = part
+                .as_slice::<f32>()
+                .map_err(|e| anyhow!("internal: {e:?}"))?;
+            write_values(w, values, dtype, buf)
+        };
+        let n = tensor.shape().num_elements();
+        let result = if D == 2 {
+            // burn [in, out] → PyTorch [out, in]: a block of PyTorch rows at a time, each the
+            // transpose of a column block (a view; only the block is copied to the host).
+            let [rows, cols] = [entry.shape[1], entry.shape[0]];
+            let t: Tensor<2> = tensor.reshape([rows, cols]);
+            let step = (chunk / rows.max(1)).max(1);
+            (0..cols).step_by(step).try_for_each(|a| {
+                let b = (a + step).min(cols);
+                write(t.clone().slice_dim(1, a..b).transpose().into_data())
+            })
+        } else {
+            let t: Tensor<1> = tensor.reshape([n]);
+            (0..n).step_by(chunk).try_for_each(|a| {
+                let b = (a + chunk).min(n);
+                write(t.clone().slice_dim(0, a..b).into_data())
+            })
+        };
+        result.map_err(|e| anyhow!("{}: tensor {name}: {e:#}", path.display()))?;
         self.remaining[s] -= 1;
         if self.remaining[s] == 0 {
             let w = self.open.remove(&s).expect("open");
@@ -464,8 +500,7 @@ impl ModuleVisitor for ShardWriter<'_> {
             return;
         }
         let name = self.path.join(".");
-        let values = tensor_values(param.val());
-        if let Err(e) = self.write_tensor(&name, values) {
+        if let Err(e) = self.write_tensor(&name, param.val().detach()) {
             self.error = Some(e);
         }
     }
@@ -480,29 +515,40 @@ fn write_values(
     dtype: ExportDtype,
     buf: &mut Vec<u8>,
 ) -> anyhow::Result<()> {
-    if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-        bail!("holds a non-finite value ({v}); the model is broken, refusing to export it");
-    }
+    let size = dtype.size();
     for chunk in values.chunks(CHUNK) {
-        buf.clear();
+        if !chunk.iter().fold(true, |ok, v| ok & v.is_finite()) {
+            let v = chunk
+                .iter()
+                .find(|v| !v.is_finite())
+                .expect("one is not finite");
+            bail!("holds a non-finite value ({v}); the model is broken, refusing to export it");
+        }
+        buf.resize(chunk.len() * size, 0);
         match dtype {
             ExportDtype::F32 => {
-                for v in chunk {
-                    buf.extend_from_slice(&v.to_le_bytes());
+                for (d, v) in buf.chunks_exact_mut(4).zip(chunk) {
+                    d.copy_from_slice(&v.to_le_bytes());
                 }
             }
             ExportDtype::F16 => {
-                for &v in chunk {
+                let mut overflow = false;
+                for (d, &v) in buf.chunks_exact_mut(2).zip(chunk) {
                     let h = f16::from_f32(v);
-                    if h.is_infinite() {
-                        bail!("holds {v}, beyond float16's range (±65504); export as bf16 or f32");
-                    }
-                    buf.extend_from_slice(&h.to_bits().to_le_bytes());
+                    overflow |= h.is_infinite();
+                    d.copy_from_slice(&h.to_bits().to_le_bytes());
+                }
+                if overflow {
+                    let v = chunk
+                        .iter()
+                        .find(|&&v| f16::from_f32(v).is_infinite())
+                        .expect("one overflows");
+                    bail!("holds {v}, beyond float16's range (±65504); export as bf16 or f32");
                 }
             }
             ExportDtype::BF16 => {
-                for &v in chunk {
-                    buf.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
+                for (d, &v) in buf.chunks_exact_mut(2).zip(chunk) {
+                    d.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
                 }
             }
         }
@@ -621,6 +667,23 @@ mod tests {
                     .flatten()
                     .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
             );
+            fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn should_read_tensors_in_chunks_of_any_size() {
+        let dev = Device::flex();
+        let model = tiny_sd35().init(&dev, 3);
+        let want = collect_params(&model, "");
+        // 1 value at a time; 7 (a remainder in every tensor, and Linear blocks of one row
+        // where a column is longer than 7); 100 (several rows per block).
+        for chunk in [1, 7, 100] {
+            let dir = tmp(&format!("chunk-{chunk}"));
+            fs::create_dir_all(&dir).unwrap();
+            write_folder(&model, &dir, ExportDtype::F32, 5000, chunk).unwrap();
+            let (_, back) = load_diffusers(&dir, &dev).unwrap();
+            assert_eq!(collect_params(&back, ""), want, "read chunk {chunk}");
             fs::remove_dir_all(&dir).unwrap();
         }
     }

@@ -396,7 +396,7 @@ fn to_f32(view: &TensorView<'_>) -> Option<Vec<f32>> {
 }
 
 /// Row-major `[rows, cols]` → `[cols, rows]`, in cache-sized tiles.
-pub(super) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     const TILE: usize = 32;
     let mut dst = vec![0.0f32; src.len()];
     for r0 in (0..rows).step_by(TILE) {

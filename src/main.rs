@@ -235,6 +235,7 @@ enum Command {
         /// Classifier-free guidance scale (1 = off; SD3 needs the negative_* inputs for it).
         #[arg(long, default_value_t = 1.0)]
         cfg: f32,
+        /// Where to write `v` (safetensors).
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value = "flex")]

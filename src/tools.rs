@@ -263,11 +263,21 @@ enum ModelSource {
     Diffusers(PathBuf),
 }
 
-/// A directory, or the path of a `config.json` / `model_index.json`, is a diffusers folder;
-/// anything else a flowrun checkpoint file.
-fn model_source(path: &Path) -> Result<ModelSource> {
+/// A directory, or the path of a `config.json` / `model_index.json`, is a diffusers folder
+/// (except a run's checkpoint directory, which holds a `model.safetensors` and no config: that
+/// file is meant); anything else a flowrun checkpoint file. Returns the file or folder meant.
+fn model_source(path: &Path) -> Result<(PathBuf, ModelSource)> {
     if path.is_dir() {
-        return Ok(ModelSource::Diffusers(path.to_path_buf()));
+        let model = path.join("model.safetensors");
+        let is_diffusers =
+            path.join("config.json").exists() || path.join("model_index.json").exists();
+        if !is_diffusers && model.is_file() {
+            return model_source(&model);
+        }
+        return Ok((
+            path.to_path_buf(),
+            ModelSource::Diffusers(path.to_path_buf()),
+        ));
     }
     if !path.exists() {
         bail!("checkpoint {} does not exist", path.display());
@@ -280,11 +290,14 @@ fn model_source(path: &Path) -> Result<ModelSource> {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        return Ok(ModelSource::Diffusers(dir));
+        return Ok((dir.clone(), ModelSource::Diffusers(dir)));
     }
-    Ok(ModelSource::Checkpoint {
-        arch: nodes::model::checkpoint::checkpoint_arch(path),
-    })
+    Ok((
+        path.to_path_buf(),
+        ModelSource::Checkpoint {
+            arch: nodes::model::checkpoint::checkpoint_arch(path),
+        },
+    ))
 }
 
 /// An SD3 transformer from a diffusers folder or a flowrun checkpoint of one.
@@ -320,7 +333,8 @@ pub fn velocity(
     out: &Path,
     dev: &str,
 ) -> Result<()> {
-    let source = model_source(checkpoint)?;
+    let (checkpoint, source) = model_source(checkpoint)?;
+    let checkpoint = checkpoint.as_path();
     match &source {
         ModelSource::Checkpoint { arch } if arch.as_deref() != Some(Sd3Transformer::ARCH) => {
             velocity_unet(checkpoint, inputs, prompts, cfg, out, dev)
@@ -607,7 +621,8 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: &str, max_shard_size: &str) 
     use nodes::model::sd3::export::{ExportDtype, check_target, save_diffusers_sharded};
     let dtype: ExportDtype = dtype.parse()?;
     let max_shard_size = parse_size(max_shard_size).context("--max-shard-size")?;
-    let source = model_source(checkpoint)?;
+    let (checkpoint, source) = model_source(checkpoint)?;
+    let checkpoint = checkpoint.as_path();
     if let ModelSource::Checkpoint {
         arch: Some(arch), ..
     } = &source

@@ -89,6 +89,14 @@ const EXPORTS: &[Export] = &[
         dtype: "BF16",
         sharded: false,
     },
+    // Sharded as sd3_reference.py has diffusers shard the original (`max_shard_size="40KB"`).
+    Export {
+        name: "sd3_p2_crop-f32-40KB",
+        case: "sd3_p2_crop",
+        how: How::Lib(ExportDtype::F32, 40_000),
+        dtype: "F32",
+        sharded: true,
+    },
     // f32 weights rounded to float16.
     Export {
         name: "sd3_p1-f16",
@@ -485,6 +493,22 @@ fn should_reload_a_sharded_sd35_export_in_diffusers() {
 }
 
 #[test]
+fn should_write_the_config_and_index_diffusers_writes() {
+    check_export("sd3_p2_crop-f32-40KB");
+    let Some(s) = setup() else { return };
+    let case = Case::open(&s.reference, "sd3_p2_crop");
+    let out = s.work.join("sd3_p2_crop-f32-40KB");
+    // The same shards holding the same keys, byte for byte the same index and config.
+    for file in ["config.json", INDEX] {
+        assert_eq!(
+            fs::read_to_string(out.join(file)).unwrap(),
+            fs::read_to_string(case.folder.join(file)).unwrap(),
+            "{file} differs from the one diffusers' save_pretrained wrote"
+        );
+    }
+}
+
+#[test]
 fn should_reload_a_bf16_sd35_export_in_diffusers() {
     check_export("sd35_bf16-bf16");
 }
@@ -624,6 +648,16 @@ fn should_give_diffusers_velocity_for_a_sharded_transformer_folder() {
 fn should_give_diffusers_velocity_for_a_flowrun_sd3_checkpoint() {
     check_velocity_cli("checkpoint", "sd35_dual", |s, _| {
         checkpoint_of(&s.work, "sd35_dual")
+    });
+}
+
+#[test]
+fn should_give_diffusers_velocity_for_a_run_checkpoint_directory() {
+    check_velocity_cli("checkpoint-dir", "sd35_dual", |s, _| {
+        checkpoint_of(&s.work, "sd35_dual")
+            .parent()
+            .unwrap()
+            .to_path_buf()
     });
 }
 

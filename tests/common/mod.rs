@@ -2,8 +2,10 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `flowrun` binary under test.
 pub fn bin() -> Command {
@@ -94,4 +96,51 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
         eprintln!("NOTICE: {msg}; skipping this cross-check");
     }
     found
+}
+
+/// The reference server on a free port of 127.0.0.1; killed when dropped.
+pub struct RewardServer {
+    child: Child,
+    port: u16,
+}
+
+impl RewardServer {
+    pub fn start(flags: &[&str]) -> RewardServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .arg(root().join("examples/reward_server/server.py"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut s = RewardServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("reward server exited early: {st}");
+            }
+            assert!(Instant::now() < deadline, "reward server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/score", self.port)
+    }
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RewardServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

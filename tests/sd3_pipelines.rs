@@ -2,7 +2,8 @@
 //! end on a tiny random SD3 pipeline folder built by diffusers (`tests/python/tiny_sd3_pipeline.py`)
 //! with prompts encoded by `scripts/encode_prompts.py` and the reference reward server scoring the
 //! VAE-decoded images: 2 iterations, finite metrics, resume, Parquet with the latents. Needs Python
-//! with torch, diffusers and transformers (`common::python_with`: required under CI).
+//! with torch, diffusers and transformers (`common::python_with`: required under CI). The device
+//! is flex, or `$FLOWRUN_TEST_DEVICE` (e.g. `libtorch`).
 
 mod common;
 
@@ -71,9 +72,14 @@ fn overrides(model: &Path, emb: &Path, url: &str, score: &str) -> Vec<String> {
     ]
 }
 
+/// `flowrun ARGS --quiet --set …`, on `$FLOWRUN_TEST_DEVICE` when set (`.ci/run` runs these
+/// tests again on `libtorch` with `--features tch`).
 fn flowrun(args: &[&str], set: &[String]) -> Output {
     let mut c = bin();
     c.args(args).arg("--quiet");
+    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
+        c.args(["--device", &d]);
+    }
     for s in set {
         c.arg("--set").arg(s);
     }

@@ -152,6 +152,34 @@ fn should_run_tafs_grpo_sd3_end_to_end_and_resume() {
         assert_eq!(r["update/optimizer_steps"].as_f64(), Some(1.0), "{r}");
     }
     check_trajectories(&run, 2, 3);
+    replay(model, emb, &run, 3);
+}
+
+/// Replays a run's stored latents (`parquet_source` with the run's `embeddings`) into a GRPO
+/// update of the same model: the recomputed log-probs are the stored ones (ratio 1 on the first
+/// update, the weights being the starting ones).
+fn replay(model: &Path, emb: &Path, run: &Path, steps: usize) {
+    let dir = run.parent().unwrap().join("replay");
+    fs::create_dir_all(&dir).unwrap();
+    let yaml = format!(
+        "name: replay_sd3\nseed: 1\niterations: 1\nmemory_check: \"off\"\nresources:\n  policy:\n    type: flow_model\n    params: {{arch: sd3, diffusers: {m}, lr: 1.0e-5}}\nnodes:\n  - id: replay\n    type: parquet_source\n    params: {{dir: {t}, batch: 0, shuffle: false, embeddings: {e}}}\n  - repeat:\n      id: step\n      count: {steps}\n      nodes:\n        - id: pick\n          type: trajectory_step\n          inputs: {{trajectories: replay.trajectories}}\n  - id: update\n    type: grpo_update\n    uses: [policy]\n    params: {{clip_range: 1.0e-4}}\n    inputs:\n      transitions: pick@*.transition\n      advantages: replay.advantages\n      prompts: replay.prompts\n",
+        m = model.display(),
+        t = run.join("trajectories").display(),
+        e = emb.display(),
+    );
+    let p = dir.join("replay.yaml");
+    fs::write(&p, yaml).unwrap();
+    let runs = dir.join("runs");
+    let o = flowrun(
+        &[p.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()],
+        &[],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = finite_metrics(&only_run_dir(&runs));
+    assert_eq!(rows.len(), 1);
+    // f16-stored states: the recomputed log-prob matches the stored one to f16 rounding.
+    let dev = (rows[0]["update/ratio_max"].as_f64().unwrap() - 1.0).abs();
+    assert!(dev < 1e-2, "{}", rows[0]);
 }
 
 #[test]

@@ -304,3 +304,52 @@ fn write_store(path: &Path, l: usize, d: usize, q: usize) {
         .collect();
     fs::write(path.with_extension("jsonl"), sidecar).unwrap();
 }
+
+/// Bad policy and prompt settings each fail with a message saying what to set (no Python).
+#[test]
+fn should_say_what_an_sd3_policy_and_its_prompts_need() {
+    let dir = tmpdir("sd3-bad-settings");
+    let cases = [
+        (
+            "{arch: sd3}",
+            "{embeddings: x.safetensors}",
+            "`arch: sd3` needs weights: set `diffusers`",
+        ),
+        (
+            "{arch: sd3, diffusers: /nonexistent/sd3}",
+            "{embeddings: x.safetensors}",
+            "/nonexistent/sd3: not a directory",
+        ),
+        (
+            "{diffusers: /some/folder}",
+            "{path: datasets/shapes/train.jsonl}",
+            "`diffusers` is a diffusers folder for `arch: sd3`",
+        ),
+        (
+            "{size: tiny}",
+            "{path: datasets/shapes/train.jsonl, embeddings: x.safetensors}",
+            "set one of `path` (ShapeWorld prompts) and `embeddings`",
+        ),
+        (
+            "{size: tiny}",
+            "{embeddings: x.safetensors}",
+            "`policy` is ShapeWorld's UNet (`arch: shapes_unet`), which reads token ids",
+        ),
+    ];
+    for (i, (policy, loader, want)) in cases.iter().enumerate() {
+        let yaml = format!(
+            "name: bad\niterations: 1\nresources:\n  policy: {{type: flow_model, params: {policy}}}\nnodes:\n  - id: prompts\n    type: prompt_loader\n    params: {loader}\n  - id: noise\n    type: gaussian_noise\n    inputs: {{prompts: prompts.prompts}}\n  - id: predict\n    type: one_step_sampler\n    uses: [policy]\n    inputs: {{x: noise.x, prompts: prompts.prompts}}\n"
+        );
+        let p = dir.join(format!("bad-{i}.yaml"));
+        fs::write(&p, yaml).unwrap();
+        let runs = dir.join(format!("runs-{i}"));
+        let o = flowrun(
+            &[p.to_str().unwrap(), "--runs-dir", runs.to_str().unwrap()],
+            &[],
+        );
+        let out = text(&o);
+        assert!(!o.status.success(), "case {i}: {out}");
+        assert!(out.contains(want), "case {i}: want {want:?} in:\n{out}");
+        assert!(!out.contains("panicked"), "case {i}: {out}");
+    }
+}

@@ -18,6 +18,15 @@ pub fn check(p: &Pipeline) -> Diagnostics {
         .collect();
     for n in p.nodes.iter().filter(|n| n.ty == "prompt_loader") {
         let embeddings = n.params.opt_str("embeddings").ok().flatten();
+        let path = n.params.opt_str("path").ok().flatten();
+        if path.is_some() == embeddings.is_some() {
+            diags.push(n.params.error(
+                if path.is_some() { "embeddings" } else { "path" },
+                "set one of `path` (ShapeWorld prompts) and `embeddings` (a file written by \
+                 scripts/encode_prompts.py)",
+            ));
+            continue;
+        }
         for r in &policies {
             let arch = r.params.str("arch").unwrap_or("shapes_unet");
             match (arch, embeddings) {

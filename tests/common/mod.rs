@@ -144,3 +144,10 @@ impl Drop for RewardServer {
         self.stop();
     }
 }
+
+/// The device library-level tests run on: flex, or `$FLOWRUN_TEST_DEVICE` (`.ci/run` reruns the
+/// diffusers cross-checks on `libtorch` with `--features tch`).
+pub fn test_device() -> burn::tensor::Device {
+    let name = std::env::var("FLOWRUN_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    nodes::device::open(&name).unwrap_or_else(|e| panic!("FLOWRUN_TEST_DEVICE: {e}"))
+}

@@ -62,7 +62,7 @@ LOG_SQRT_2PI = math.log(math.sqrt(2.0 * math.pi))
 def tensor_column(table, name):
     """A fixed_shape_tensor column as a float32 array [rows, C, H, W]."""
     col = table.column(name).combine_chunks()
-    if isinstance(col.type, pa.ExtensionType):
+    if isinstance(col.type, pa.BaseExtensionType):
         shape = list(col.type.shape)
         storage = col.storage
     else:

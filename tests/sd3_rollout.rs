@@ -142,7 +142,13 @@ fn write_noise(path: &Path, tensors: &[(String, Vec<f32>)]) {
 /// Runs `case`'s pipeline for one iteration on the tiny model, regenerates its noise and runs
 /// the check script; returns the script's JSON.
 fn run_and_check(case: &Case, name: &str) -> Option<serde_json::Value> {
-    let py = python_with(&["torch", "diffusers", "transformers", "safetensors", "pyarrow"])?;
+    let py = python_with(&[
+        "torch",
+        "diffusers",
+        "transformers",
+        "safetensors",
+        "pyarrow",
+    ])?;
     let (model, emb) = sd3_fixture()?;
     let srv = RewardServer::start(&[]);
     let dir = tmpdir(name);
@@ -217,14 +223,18 @@ fn run_and_check(case: &Case, name: &str) -> Option<serde_json::Value> {
 /// ones 0, the stored temperature and cfg the pipeline's.
 fn check(case: &Case, r: &serde_json::Value, extra_rel: &[&str]) {
     let info = &r["info"];
-    assert_eq!(info["transitions"].as_u64(), Some(case.transitions as u64), "{r}");
+    assert_eq!(
+        info["transitions"].as_u64(),
+        Some(case.transitions as u64),
+        "{r}"
+    );
     assert_eq!(info["samples"].as_u64(), Some(BATCH as u64), "{r}");
     let mut failed = Vec::new();
     for k in REL.iter().chain(extra_rel) {
         let e = r["rel"][k]
             .as_f64()
             .unwrap_or_else(|| panic!("rel.{k} missing or not a number: {r}"));
-        if !(e <= TOL) {
+        if e.is_nan() || e > TOL {
             failed.push(format!("rel {k} = {e:.3e} > {TOL:.0e}"));
         }
     }
@@ -240,7 +250,7 @@ fn check(case: &Case, r: &serde_json::Value, extra_rel: &[&str]) {
         let e = r["abs"][k]
             .as_f64()
             .unwrap_or_else(|| panic!("abs.{k} missing: {r}"));
-        if !(e <= 1e-6) {
+        if e.is_nan() || e > 1e-6 {
             failed.push(format!("abs {k}: max|Δ| = {e:.3e}"));
         }
     }

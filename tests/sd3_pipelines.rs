@@ -9,51 +9,9 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::OnceLock;
+use std::process::Output;
 
-use common::{RewardServer, bin, metrics, only_run_dir, python_with, root, text, tmpdir};
-
-/// The tiny model folder and its prompt embeddings (built once per test binary), or `None`
-/// without Python (outside CI).
-fn fixture() -> Option<&'static (PathBuf, PathBuf)> {
-    static F: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
-    F.get_or_init(|| {
-        let py = python_with(&["torch", "diffusers", "transformers", "safetensors"])?;
-        let dir = tmpdir("sd3-pipelines");
-        let model = dir.join("model");
-        let run = |args: &[&std::ffi::OsStr]| {
-            let o = Command::new(&py)
-                .args(args)
-                .current_dir(root())
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", text(&o));
-        };
-        run(&[
-            root().join("tests/python/tiny_sd3_pipeline.py").as_os_str(),
-            model.as_os_str(),
-        ]);
-        let prompts = dir.join("prompts.txt");
-        fs::write(
-            &prompts,
-            "a red apple\na photo of a cat\na blue car\na green tree\n",
-        )
-        .unwrap();
-        let emb = dir.join("emb.safetensors");
-        run(&[
-            root().join("scripts/encode_prompts.py").as_os_str(),
-            model.as_os_str(),
-            prompts.as_os_str(),
-            "--out".as_ref(),
-            emb.as_os_str(),
-            "--max-sequence-length".as_ref(),
-            "16".as_ref(),
-        ]);
-        Some((model, emb))
-    })
-    .as_ref()
-}
+use common::{RewardServer, bin, metrics, only_run_dir, root, sd3_fixture, text, tmpdir};
 
 /// The `--set` overrides that point a shipped SD3 pipeline at the tiny model: 2 prompts × 2,
 /// 8×8 latents, one checkpoint per iteration.
@@ -125,7 +83,7 @@ fn check_trajectories(run: &Path, iterations: usize, steps: usize) {
 
 #[test]
 fn should_run_tafs_grpo_sd3_end_to_end_and_resume() {
-    let Some((model, emb)) = fixture() else {
+    let Some((model, emb)) = sd3_fixture() else {
         return;
     };
     let srv = RewardServer::start(&[]);
@@ -184,7 +142,7 @@ fn replay(model: &Path, emb: &Path, run: &Path, steps: usize) {
 
 #[test]
 fn should_run_flow_grpo_sd3_end_to_end() {
-    let Some((model, emb)) = fixture() else {
+    let Some((model, emb)) = sd3_fixture() else {
         return;
     };
     let srv = RewardServer::start(&[]);
@@ -209,7 +167,7 @@ fn should_run_flow_grpo_sd3_end_to_end() {
 
 #[test]
 fn should_refuse_embeddings_of_another_width_naming_both_files() {
-    let Some((model, _)) = fixture() else {
+    let Some((model, _)) = sd3_fixture() else {
         return;
     };
     // Embeddings of another model: width 32 instead of the transformer's 128.
@@ -247,7 +205,7 @@ fn should_refuse_embeddings_of_another_width_naming_both_files() {
 
 #[test]
 fn should_refuse_shapeworld_prompts_for_an_sd3_policy() {
-    let Some((model, emb)) = fixture() else {
+    let Some((model, emb)) = sd3_fixture() else {
         return;
     };
     let mut set = overrides(

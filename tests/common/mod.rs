@@ -5,6 +5,7 @@ use std::fs;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The `flowrun` binary under test.
@@ -96,6 +97,49 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
         eprintln!("NOTICE: {msg}; skipping this cross-check");
     }
     found
+}
+
+/// The tiny diffusers SD3 pipeline folder (`tests/python/tiny_sd3_pipeline.py`) and its prompt
+/// embeddings (`scripts/encode_prompts.py`, 16 T5 tokens, of "a red apple", "a photo of a cat",
+/// "a blue car", "a green tree"), built once per test binary; `None` without a Python with
+/// torch, diffusers, transformers and safetensors (outside CI, see [`python_with`]).
+pub fn sd3_fixture() -> Option<&'static (PathBuf, PathBuf)> {
+    static F: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    F.get_or_init(|| {
+        let py = python_with(&["torch", "diffusers", "transformers", "safetensors"])?;
+        let dir = tmpdir("sd3-fixture");
+        let model = dir.join("model");
+        let run = |args: &[&std::ffi::OsStr]| {
+            let o = Command::new(&py)
+                .args(args)
+                .current_dir(root())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+        };
+        run(&[
+            root().join("tests/python/tiny_sd3_pipeline.py").as_os_str(),
+            model.as_os_str(),
+        ]);
+        let prompts = dir.join("prompts.txt");
+        fs::write(
+            &prompts,
+            "a red apple\na photo of a cat\na blue car\na green tree\n",
+        )
+        .unwrap();
+        let emb = dir.join("emb.safetensors");
+        run(&[
+            root().join("scripts/encode_prompts.py").as_os_str(),
+            model.as_os_str(),
+            prompts.as_os_str(),
+            "--out".as_ref(),
+            emb.as_os_str(),
+            "--max-sequence-length".as_ref(),
+            "16".as_ref(),
+        ]);
+        Some((model, emb))
+    })
+    .as_ref()
 }
 
 /// The reference server on a free port of 127.0.0.1; killed when dropped.

@@ -94,20 +94,9 @@ const FLOW_GRPO: Case = Case {
     flags: &["--noise-level", "0.7"],
 };
 
-/// `runner::NodeCtx::seed_for` for a node `id` at iteration `iteration` (a copy: the check that
-/// the regenerated noise is the stored first state fails if the derivation ever changes).
+/// `runner::NodeCtx::seed_for` for a node `id` at iteration `iteration`.
 fn seed_for(seed: u64, id: &str, iteration: u64, stream: &str) -> u64 {
-    fn splitmix(x: u64) -> u64 {
-        let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    let mut h = splitmix(seed ^ 0x9e37_79b9_7f4a_7c15);
-    for b in id.bytes().chain([0xff]).chain(stream.bytes()) {
-        h = splitmix(h ^ b as u64);
-    }
-    splitmix(h ^ iteration)
+    runner::stream_seed(seed, id, iteration, stream)
 }
 
 /// The standard-normal [BATCH, C, H, W] draw of node `id`'s `stream` at iteration 1, as

@@ -3,12 +3,11 @@
 //! malformed, NaN). Skipped, with a notice, when `python3` is missing.
 
 mod common;
-use common::{only_run_dir, root, text, tmpdir};
+use common::{RewardServer as Server, only_run_dir, root, text, tmpdir};
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn python_available() -> bool {
@@ -22,53 +21,6 @@ fn python_available() -> bool {
         eprintln!("NOTICE: python3 not found; skipping this reward-server test");
     }
     ok
-}
-
-/// The reference server on a free port of 127.0.0.1; killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(flags: &[&str]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .arg(root().join("examples/reward_server/server.py"))
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(flags)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut s = Server { child, port };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(st)) = s.child.try_wait() {
-                panic!("reward server exited early: {st}");
-            }
-            assert!(Instant::now() < deadline, "reward server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
-    }
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/score", self.port)
-    }
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// tests/pipelines/valid-tafs-tiny.yaml with its reward (`score`) replaced by an `http_reward`

@@ -158,7 +158,7 @@ fn check_case(name: &str) {
     let Some(dir) = reference() else { return };
     let case = Case::open(dir, name);
     let mut log = format!("{name} ({}):\n", case.file.meta("dtype").unwrap());
-    let dev = Device::flex();
+    let dev = common::test_device();
     let start = std::time::Instant::now();
     let (config, model) = load_diffusers(&case.folder, &dev).unwrap();
     log.push_str(&format!(
@@ -283,7 +283,7 @@ fn should_compute_the_grid_diffusers_stores() {
     let Some(dir) = reference() else { return };
     for name in ["sd3_p1", "sd3_p2_crop"] {
         let case = Case::open(dir, name);
-        let (config, model) = load_diffusers(&case.folder, &Device::flex()).unwrap();
+        let (config, model) = load_diffusers(&case.folder, &common::test_device()).unwrap();
         let stored = values(model.pos_embed.pos_embed.as_ref().unwrap().val());
         let m = config.pos_embed_max_size.unwrap();
         let ours = sincos_pos_embed(config.inner_dim(), m, m, config.base_size());
@@ -374,7 +374,7 @@ fn should_compute_the_grid_when_the_file_has_none() {
         return;
     };
     let case = Case::open(reference().unwrap(), "sd3_p1");
-    let dev = Device::flex();
+    let dev = common::test_device();
     let (_, model) = load_diffusers(&folder, &dev).unwrap();
     let v = model.forward(
         case.tensor("x", &dev),
@@ -399,7 +399,7 @@ fn should_compute_the_grid_when_the_file_has_none() {
 // ---------------------------------------------------------------------------------------------
 
 fn load_err(folder: &Path) -> String {
-    match load_diffusers(folder, &Device::flex()) {
+    match load_diffusers(folder, &common::test_device()) {
         Ok(_) => panic!("{} loaded", folder.display()),
         Err(e) => format!("{e}"),
     }
@@ -641,7 +641,7 @@ fn should_say_the_config_is_missing() {
 fn should_reject_a_latent_the_model_cannot_take() {
     let Some(dir) = reference() else { return };
     let case = Case::open(dir, "sd3_p2_crop");
-    let dev = Device::flex();
+    let dev = common::test_device();
     let (config, model): (Sd3Config, Sd3Transformer) = load_diffusers(&case.folder, &dev).unwrap();
     let x = |h: usize, w: usize| Tensor::<4>::zeros([2, config.in_channels, h, w], &dev);
     let args = || {

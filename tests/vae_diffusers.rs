@@ -63,7 +63,7 @@ fn tensor4(shape: &[usize], values: Vec<f32>, device: &Device) -> Tensor<4> {
 #[test]
 fn should_decode_exactly_like_diffusers() {
     let Some(dir) = reference() else { return };
-    let device = Device::flex();
+    let device = common::test_device();
     // (reference, folder handed to load_vae)
     for (name, folder) in [("a", "a"), ("b", "b"), ("c", "c")] {
         let (config, vae) = load_vae(&dir.join(folder), &device)
@@ -95,7 +95,7 @@ fn should_decode_exactly_like_diffusers() {
 #[test]
 fn should_load_the_reference_folders_as_diffusers_wrote_them() {
     let Some(dir) = reference() else { return };
-    let d = Device::flex();
+    let d = common::test_device();
     let (a, _) = load_vae(&dir.join("a"), &d).unwrap();
     assert_eq!(
         (a.latent_channels, a.scaling_factor, a.shift_factor),
@@ -127,7 +127,7 @@ fn tiny_vae(dir: &Path) -> PathBuf {
         .with_use_quant_conv(false)
         .with_use_post_quant_conv(false);
     let path = dir.join("vae");
-    save_vae(&path, &config.init_seeded(1, &Device::flex())).unwrap();
+    save_vae(&path, &config.init_seeded(1, &common::test_device())).unwrap();
     path
 }
 

@@ -82,6 +82,8 @@ pub struct PolicyModel<M: VelocityModel> {
 
 /// The architectures a `flow_model` can hold. Code that works for any of them is written once,
 /// generic over [`VelocityModel`], and dispatched with [`with_policy!`](crate::with_policy).
+// One per resource, never moved in bulk: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Policy {
     /// ShapeWorld's UNet (`arch: shapes_unet`, the default).
     ShapesUnet(PolicyModel<FlowModel>),

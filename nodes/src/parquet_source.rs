@@ -30,14 +30,17 @@ use parquet::arrow::arrow_reader::{ParquetRecordBatchReaderBuilder, RowSelection
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
-use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, PortDef, Registry};
+use runner::{
+    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, PortDef, Registry,
+};
 
 use crate::device::open;
 use crate::grpo::LinearGaussian;
 use crate::model::tensor_from_vec;
-use crate::prompt_loader::{make_batch, parse_prompt};
+use crate::model::text_embeddings::PromptEmbeddings;
+use crate::prompt_loader::{make_batch, make_embedded_batch, parse_prompt};
 use crate::trajectory_sink::{TENSOR_SHAPE, scalar_columns};
-use crate::types::{Advantages, PromptBatch, Transition};
+use crate::types::{Advantages, Prompt, PromptBatch, Transition};
 use crate::world::{IMAGE_LEN, PromptRecord, Split};
 
 /// Port type of [`TrajectoryBatch`].
@@ -82,17 +85,26 @@ pub fn register(r: &mut Registry) {
             ParamDef::new("dir", ParamKind::Path, "directory of trajectory files (e.g. runs/<run>/trajectories)"),
             ParamDef::int("batch", 0, 0, 1 << 20, "samples per iteration (0 = one stored iteration per iteration)"),
             ParamDef::boolean("shuffle", true, "shuffle files (batch 0) or samples (batch N), each epoch anew"),
+            ParamDef::new(
+                "embeddings",
+                ParamKind::Path,
+                "trajectories of a model conditioned on text embeddings: the prompt_loader's `embeddings` file (prompts are looked up by their text)",
+            )
+            .default(ParamValue::Str(String::new())),
         ],
         resources: vec![],
         factory: |ctx| {
             let p = ctx.params;
-            let src = ParquetSource::open(
+            let mut src = ParquetSource::open(
                 Path::new(p.str("dir")?),
                 p.usize("batch")?,
                 p.bool("shuffle")?,
                 ctx.seed,
                 open(ctx.device).map_err(anyhow::Error::msg)?,
             )?;
+            if let Some(path) = p.opt_str("embeddings")? {
+                src.embeddings = Some(ReplayEmbeddings::open(Path::new(path))?);
+            }
             Ok(Box::new(src))
         },
     });
@@ -193,6 +205,48 @@ pub struct ParquetSource {
     pool: Vec<(usize, usize)>,
     device: burn::tensor::Device,
     records: HashMap<String, Arc<PromptRecord>>,
+    /// Prompt embeddings to rebuild encoded prompts from (`embeddings`).
+    embeddings: Option<ReplayEmbeddings>,
+}
+
+/// An embeddings store with its rows indexed by prompt text.
+struct ReplayEmbeddings {
+    store: PromptEmbeddings,
+    rows: HashMap<String, usize>,
+}
+
+impl ReplayEmbeddings {
+    fn open(path: &Path) -> Result<Self> {
+        let store = PromptEmbeddings::open(path)?;
+        let mut rows = HashMap::new();
+        for i in (0..store.len()).rev() {
+            rows.insert(store.text(i).to_string(), i);
+        }
+        Ok(ReplayEmbeddings { store, rows })
+    }
+
+    /// The encoded prompt of a stored sample.
+    fn prompt(&self, s: &StoredSample) -> Result<Arc<Prompt>> {
+        let Some(&row) = self.rows.get(&s.prompt) else {
+            bail!(
+                "prompt `{}` (\"{}\") is not in {}: replay with the embeddings file the run sampled with",
+                s.prompt_id,
+                s.prompt,
+                self.store.path().display()
+            );
+        };
+        let metadata = match self.store.metadata(row) {
+            serde_json::Value::Object(m) => m.clone(),
+            _ => serde_json::Map::new(),
+        };
+        Ok(Arc::new(Prompt {
+            id: s.prompt_id.clone(),
+            prompt: s.prompt.clone(),
+            metadata,
+            shapes: None,
+            embedding_row: Some(row),
+        }))
+    }
 }
 
 /// The trajectory files of `dir`: `*.parquet`, not hidden (`.`) or set aside (`_`), by name.
@@ -509,6 +563,7 @@ impl ParquetSource {
             pool,
             device,
             records: HashMap::new(),
+            embeddings: None,
         })
     }
 
@@ -583,15 +638,27 @@ impl ParquetSource {
         let n = sel.len();
         let k = self.steps;
         // Prompts, groups as stored (one group per distinct (file, stored group)).
-        let mut recs = Vec::with_capacity(n);
-        for &(f, s) in sel {
-            let smp = self.files[f].samples[s].clone();
-            let r = self
-                .record(&smp)
-                .with_context(|| format!("trajectory file {}", self.files[f].path.display()))?;
-            recs.push(r);
-        }
-        let mut prompts = make_batch(&recs, 1)?;
+        let mut prompts = if let Some(e) = &self.embeddings {
+            let recs = sel
+                .iter()
+                .map(|&(f, s)| {
+                    e.prompt(&self.files[f].samples[s]).with_context(|| {
+                        format!("trajectory file {}", self.files[f].path.display())
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            make_embedded_batch(&e.store, &recs, 1)?
+        } else {
+            let mut recs = Vec::with_capacity(n);
+            for &(f, s) in sel {
+                let smp = self.files[f].samples[s].clone();
+                let r = self
+                    .record(&smp)
+                    .with_context(|| format!("trajectory file {}", self.files[f].path.display()))?;
+                recs.push(r);
+            }
+            make_batch(&recs, 1)?
+        };
         let mut gid: HashMap<(usize, u32), (usize, usize)> = HashMap::new();
         for (i, &(f, s)) in sel.iter().enumerate() {
             let next = gid.len();

@@ -11,7 +11,8 @@ use runner::{
     Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, PortDef, Registry,
 };
 
-use crate::types::{Prompt, PromptBatch};
+use crate::model::text_embeddings::PromptEmbeddings;
+use crate::types::{GroupEmbeddings, Prompt, PromptBatch};
 use crate::world::{self, PromptRecord};
 
 pub fn register(r: &mut Registry) {
@@ -31,7 +32,14 @@ pub fn register(r: &mut Registry) {
             "B = P·G samples with tokens and targets",
         )],
         params: vec![
-            ParamDef::new("path", ParamKind::Path, "JSONL or text file of prompts"),
+            ParamDef::new("path", ParamKind::Path, "JSONL or text file of ShapeWorld prompts")
+                .default(ParamValue::Str(String::new())),
+            ParamDef::new(
+                "embeddings",
+                ParamKind::Path,
+                "instead of `path`: prompts encoded by scripts/encode_prompts.py (safetensors + sidecar), for models conditioned on text embeddings",
+            )
+            .default(ParamValue::Str(String::new())),
             ParamDef::int(
                 "prompts_per_iter",
                 8,
@@ -64,20 +72,32 @@ pub fn register(r: &mut Registry) {
         resources: vec![],
         factory: |ctx| {
             let p = ctx.params;
-            let path = p.str("path")?;
-            let mut records = load_prompts(Path::new(path))?;
-            if let Some(cat) = p.opt_str("category")? {
-                records.retain(|r| r.category.as_str() == cat);
-                if records.is_empty() {
-                    bail!("no prompt of category `{cat}` in {path}");
-                }
-            }
             let limit = p.usize("limit")?;
-            if limit > 0 {
-                records.truncate(limit);
-            }
+            let category = p.opt_str("category")?;
+            let source = match (p.opt_str("path")?, p.opt_str("embeddings")?) {
+                (Some(_), Some(_)) => bail!(
+                    "set one of `path` (ShapeWorld prompts) and `embeddings` (encoded prompts), not both"
+                ),
+                (None, None) => bail!(
+                    "set `path` (a ShapeWorld prompt file) or `embeddings` (a file written by scripts/encode_prompts.py)"
+                ),
+                (Some(path), None) => {
+                    let mut records = load_prompts(Path::new(path))?;
+                    if let Some(cat) = category {
+                        records.retain(|r| r.category.as_str() == cat);
+                        if records.is_empty() {
+                            bail!("no prompt of category `{cat}` in {path}");
+                        }
+                    }
+                    if limit > 0 {
+                        records.truncate(limit);
+                    }
+                    Source::Shapes(records.into_iter().map(Arc::new).collect())
+                }
+                (None, Some(path)) => Source::embedded(Path::new(path), category, limit)?,
+            };
             Ok(Box::new(PromptLoader {
-                records: records.into_iter().map(Arc::new).collect(),
+                source,
                 per_iter: p.usize("prompts_per_iter")?,
                 group: p.usize("group_size")?,
                 shuffle: p.bool("shuffle")?,
@@ -299,8 +319,129 @@ pub fn make_batch(prompts: &[Arc<PromptRecord>], group: usize) -> Result<PromptB
     Ok(b)
 }
 
+/// Where the prompts come from.
+enum Source {
+    /// ShapeWorld prompts (token ids).
+    Shapes(Vec<Arc<PromptRecord>>),
+    /// Encoded prompts: the store and the rows in use.
+    Embedded {
+        store: Arc<PromptEmbeddings>,
+        prompts: Vec<Arc<Prompt>>,
+    },
+}
+
+impl Source {
+    fn embedded(path: &Path, category: Option<&str>, limit: usize) -> Result<Source> {
+        let store = PromptEmbeddings::open(path)?;
+        let mut prompts = Vec::new();
+        for i in 0..store.len() {
+            let metadata = match store.metadata(i) {
+                serde_json::Value::Object(m) => m.clone(),
+                _ => serde_json::Map::new(),
+            };
+            let id = metadata
+                .get("id")
+                .and_then(|v| v.as_str())
+                .map_or_else(|| format!("{i:06}"), str::to_string);
+            let prompt = Prompt {
+                id,
+                prompt: store.text(i).to_string(),
+                metadata,
+                shapes: None,
+                embedding_row: Some(i),
+            };
+            if category.is_some_and(|c| prompt.category() != c) {
+                continue;
+            }
+            prompts.push(Arc::new(prompt));
+        }
+        if let Some(cat) = category
+            && prompts.is_empty()
+        {
+            bail!(
+                "no prompt of category `{cat}` (its `category` or `tag`) in {}",
+                path.display()
+            );
+        }
+        if prompts.is_empty() {
+            bail!("{} holds no prompts", path.display());
+        }
+        if limit > 0 {
+            prompts.truncate(limit);
+        }
+        Ok(Source::Embedded {
+            store: Arc::new(store),
+            prompts,
+        })
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Source::Shapes(r) => r.len(),
+            Source::Embedded { prompts, .. } => prompts.len(),
+        }
+    }
+
+    /// The batch of prompts `idx` (positions in this source), each repeated `group` times.
+    fn batch(&self, idx: &[usize], group: usize) -> Result<PromptBatch> {
+        match self {
+            Source::Shapes(r) => {
+                let recs: Vec<Arc<PromptRecord>> = idx.iter().map(|&i| r[i].clone()).collect();
+                make_batch(&recs, group)
+            }
+            Source::Embedded { store, prompts } => {
+                let chosen: Vec<Arc<Prompt>> = idx.iter().map(|&i| prompts[i].clone()).collect();
+                make_embedded_batch(store, &chosen, group)
+            }
+        }
+    }
+}
+
+/// The batch of encoded `prompts` (each repeated `group` times) with their embeddings, one
+/// row per prompt, read from `store`.
+pub fn make_embedded_batch(
+    store: &PromptEmbeddings,
+    prompts: &[Arc<Prompt>],
+    group: usize,
+) -> Result<PromptBatch> {
+    let rows: Vec<usize> = prompts
+        .iter()
+        .map(|p| {
+            p.embedding_row.ok_or_else(|| {
+                anyhow!("prompt `{}` has no row in {}", p.id, store.path().display())
+            })
+        })
+        .collect::<Result<_>>()?;
+    let (prompt_embeds, pooled) = store.rows(&rows)?;
+    let (negative_embeds, negative_pooled) = store.negative();
+    let mut b = PromptBatch {
+        records: Vec::with_capacity(prompts.len() * group),
+        group: Vec::new(),
+        member: Vec::new(),
+        tokens: Vec::new(),
+        max_tokens: 0,
+        embeddings: Some(Arc::new(GroupEmbeddings {
+            prompt_embeds,
+            pooled,
+            negative_embeds,
+            negative_pooled,
+            seq_len: store.seq_len(),
+            dim: store.dim(),
+            pooled_dim: store.pooled_dim(),
+        })),
+    };
+    for (g, p) in prompts.iter().enumerate() {
+        for m in 0..group {
+            b.records.push(p.clone());
+            b.group.push(g);
+            b.member.push(m);
+        }
+    }
+    Ok(b)
+}
+
 struct PromptLoader {
-    records: Vec<Arc<PromptRecord>>,
+    source: Source,
     per_iter: usize,
     group: usize,
     shuffle: bool,
@@ -312,7 +453,7 @@ struct PromptLoader {
 
 impl PromptLoader {
     fn reorder(&mut self) {
-        self.order = (0..self.records.len()).collect();
+        self.order = (0..self.source.len()).collect();
         if self.shuffle {
             let mut rng = ChaCha8Rng::seed_from_u64(
                 self.seed ^ self.epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -320,7 +461,8 @@ impl PromptLoader {
             self.order.shuffle(&mut rng);
         }
     }
-    fn next_prompts(&mut self) -> Vec<Arc<PromptRecord>> {
+    /// Positions (in the source) of the next iteration's prompts.
+    fn next_prompts(&mut self) -> Vec<usize> {
         if self.order.is_empty() {
             self.reorder();
         }
@@ -331,7 +473,7 @@ impl PromptLoader {
                 self.cursor = 0;
                 self.reorder();
             }
-            out.push(self.records[self.order[self.cursor]].clone());
+            out.push(self.order[self.cursor]);
             self.cursor += 1;
         }
         out
@@ -341,7 +483,7 @@ impl PromptLoader {
 impl Node for PromptLoader {
     fn run(&mut self, ctx: &NodeCtx, _: &Inputs) -> Result<Outputs> {
         let prompts = self.next_prompts();
-        let batch = make_batch(&prompts, self.group)?;
+        let batch = self.source.batch(&prompts, self.group)?;
         ctx.metric("epoch", self.epoch as f64);
         Ok(Outputs::new().with("prompts", batch))
     }
@@ -384,7 +526,7 @@ mod tests {
     #[test]
     fn should_walk_epochs_deterministically_and_resume_position() {
         let mk = || PromptLoader {
-            records: recs(5),
+            source: Source::Shapes(recs(5)),
             per_iter: 2,
             group: 1,
             shuffle: true,
@@ -396,7 +538,7 @@ mod tests {
         let mut a = mk();
         let ids: Vec<String> = (0..6)
             .flat_map(|_| a.next_prompts())
-            .map(|r| r.id.clone())
+            .map(|i| i.to_string())
             .collect();
         // First epoch covers all 5 prompts once.
         let mut first: Vec<_> = ids[..5].to_vec();
@@ -411,7 +553,7 @@ mod tests {
         c.restore(st).unwrap();
         let rest: Vec<String> = (0..5)
             .flat_map(|_| c.next_prompts())
-            .map(|r| r.id.clone())
+            .map(|i| i.to_string())
             .collect();
         assert_eq!(rest, ids[2..12].to_vec());
     }

@@ -30,6 +30,8 @@ pub struct Prompt {
     pub metadata: serde_json::Map<String, serde_json::Value>,
     /// The ShapeWorld record, for the nodes that verify ShapeWorld images.
     pub shapes: Option<Arc<PromptRecord>>,
+    /// Row of the prompt in its embeddings file (prompt_loader's `embeddings`).
+    pub embedding_row: Option<usize>,
 }
 
 impl Prompt {
@@ -46,6 +48,7 @@ impl Prompt {
             prompt: rec.prompt.clone(),
             metadata,
             shapes: Some(rec),
+            embedding_row: None,
         }
     }
 

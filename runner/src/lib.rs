@@ -26,7 +26,7 @@ pub use diag::{Diagnostic, Diagnostics, Loc, Source};
 pub use exec::{RunError, RunOptions, RunSummary, run};
 pub use node::{
     BuildCtx, Inputs, Node, NodeCtx, NodeType, Outputs, PipelineCheck, PortDef, Registry, Resource,
-    ResourceSlot, ResourceType, ScheduleFn, ScheduleType, Value,
+    ResourceSlot, ResourceType, ScheduleFn, ScheduleType, Value, stream_seed,
 };
 pub use params::{ParamDef, ParamKind, ParamValue, Params};
 

@@ -192,15 +192,21 @@ pub struct NodeCtx {
     pub(crate) metrics: Mutex<Vec<(String, f64)>>,
 }
 
+/// The seed [`NodeCtx::seed_for`] gives node `id` at `iteration` for `stream`, under the
+/// pipeline's `seed` (for tools and tests that regenerate a run's random draws).
+pub fn stream_seed(seed: u64, id: &str, iteration: u64, stream: &str) -> u64 {
+    let mut h = splitmix(seed ^ 0x9e37_79b9_7f4a_7c15);
+    for b in id.bytes().chain([0xff]).chain(stream.bytes()) {
+        h = splitmix(h ^ b as u64);
+    }
+    splitmix(h ^ iteration)
+}
+
 impl NodeCtx {
     /// A seed unique to this node, this iteration and `stream`: deterministic whatever the
     /// scheduling order.
     pub fn seed_for(&self, stream: &str) -> u64 {
-        let mut h = splitmix(self.seed ^ 0x9e37_79b9_7f4a_7c15);
-        for b in self.id.bytes().chain([0xff]).chain(stream.bytes()) {
-            h = splitmix(h ^ b as u64);
-        }
-        splitmix(h ^ self.iteration)
+        stream_seed(self.seed, &self.id, self.iteration, stream)
     }
 
     /// Record a metric for this iteration (logged as `node_id/name`).

@@ -2,8 +2,11 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// The `flowrun` binary under test.
 pub fn bin() -> Command {
@@ -94,4 +97,101 @@ pub fn python_with(modules: &[&str]) -> Option<PathBuf> {
         eprintln!("NOTICE: {msg}; skipping this cross-check");
     }
     found
+}
+
+/// The tiny diffusers SD3 pipeline folder (`tests/python/tiny_sd3_pipeline.py`) and its prompt
+/// embeddings (`scripts/encode_prompts.py`, 16 T5 tokens, of "a red apple", "a photo of a cat",
+/// "a blue car", "a green tree"), built once per test binary; `None` without a Python with
+/// torch, diffusers, transformers and safetensors (outside CI, see [`python_with`]).
+pub fn sd3_fixture() -> Option<&'static (PathBuf, PathBuf)> {
+    static F: OnceLock<Option<(PathBuf, PathBuf)>> = OnceLock::new();
+    F.get_or_init(|| {
+        let py = python_with(&["torch", "diffusers", "transformers", "safetensors"])?;
+        let dir = tmpdir("sd3-fixture");
+        let model = dir.join("model");
+        let run = |args: &[&std::ffi::OsStr]| {
+            let o = Command::new(&py)
+                .args(args)
+                .current_dir(root())
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+        };
+        run(&[
+            root().join("tests/python/tiny_sd3_pipeline.py").as_os_str(),
+            model.as_os_str(),
+        ]);
+        let prompts = dir.join("prompts.txt");
+        fs::write(
+            &prompts,
+            "a red apple\na photo of a cat\na blue car\na green tree\n",
+        )
+        .unwrap();
+        let emb = dir.join("emb.safetensors");
+        run(&[
+            root().join("scripts/encode_prompts.py").as_os_str(),
+            model.as_os_str(),
+            prompts.as_os_str(),
+            "--out".as_ref(),
+            emb.as_os_str(),
+            "--max-sequence-length".as_ref(),
+            "16".as_ref(),
+        ]);
+        Some((model, emb))
+    })
+    .as_ref()
+}
+
+/// The reference server on a free port of 127.0.0.1; killed when dropped.
+pub struct RewardServer {
+    child: Child,
+    port: u16,
+}
+
+impl RewardServer {
+    pub fn start(flags: &[&str]) -> RewardServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .arg(root().join("examples/reward_server/server.py"))
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut s = RewardServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = s.child.try_wait() {
+                panic!("reward server exited early: {st}");
+            }
+            assert!(Instant::now() < deadline, "reward server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/score", self.port)
+    }
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RewardServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The device library-level tests run on: flex, or `$FLOWRUN_TEST_DEVICE` (`.ci/run` reruns the
+/// diffusers cross-checks on `libtorch` with `--features tch`).
+pub fn test_device() -> burn::tensor::Device {
+    let name = std::env::var("FLOWRUN_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    nodes::device::open(&name).unwrap_or_else(|e| panic!("FLOWRUN_TEST_DEVICE: {e}"))
 }

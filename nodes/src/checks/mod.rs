@@ -3,10 +3,12 @@
 
 use runner::Registry;
 
+pub mod conditioning;
 pub mod memory;
 pub mod schedule;
 
 pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);
     r.checks.push(memory::check);
+    r.checks.push(conditioning::check);
 }

@@ -49,6 +49,16 @@ pub fn load_diffusers(dir: &Path, device: &Device) -> anyhow::Result<(Sd3Config,
     Ok((config, model))
 }
 
+/// The transformer config of a diffusers folder (pipeline or transformer folder) and the file it
+/// came from, without touching the weights.
+pub fn read_config(dir: &Path) -> anyhow::Result<(PathBuf, Sd3Config)> {
+    let config_path = transformer_dir(dir)?.join("config.json");
+    let text = read_small_text(&config_path)?;
+    let config =
+        Sd3Config::from_json(&text).map_err(|e| anyhow!("{}: {e:#}", config_path.display()))?;
+    Ok((config_path, config))
+}
+
 /// The folder holding `config.json` and the weights.
 fn transformer_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     if !dir.is_dir() {

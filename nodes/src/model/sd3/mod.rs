@@ -33,7 +33,7 @@ mod policy;
 pub use block::JointTransformerBlock;
 pub use config::{QkNorm, SD3_CLASS_NAME, Sd3Config};
 pub use export::{ExportDtype, save_diffusers, save_diffusers_sharded};
-pub use load::load_diffusers;
+pub use load::{load_diffusers, read_config};
 
 use anyhow::ensure;
 use burn::module::{Module, ModuleMapper, Param, ParamId};

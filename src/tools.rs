@@ -263,16 +263,46 @@ enum ModelSource {
     Diffusers(PathBuf),
 }
 
-/// A directory, or the path of a `config.json` / `model_index.json`, is a diffusers folder
-/// (except a run's checkpoint directory, which holds a `model.safetensors` and no config: that
-/// file is meant); anything else a flowrun checkpoint file. Returns the file or folder meant.
+/// The flowrun model files a directory without a diffusers config holds: its own
+/// `model.safetensors`, and those of a run checkpoint's resources
+/// (`checkpoints/iter-N/resources/<name>/model.safetensors`).
+fn flowrun_models_in(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::iter::once(dir.join("model.safetensors"))
+        .chain(
+            std::fs::read_dir(dir.join("resources"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path().join("model.safetensors")),
+        )
+        .filter(|p| p.is_file())
+        .collect();
+    found.sort();
+    found
+}
+
+/// A directory, or the path of a `config.json` / `model_index.json`, is a diffusers folder —
+/// except a directory with no such config that holds one flowrun `model.safetensors` (itself,
+/// or a run checkpoint's `resources/<name>/`): that file is meant. Anything else is a flowrun
+/// checkpoint file. Returns the file or folder meant.
 fn model_source(path: &Path) -> Result<(PathBuf, ModelSource)> {
     if path.is_dir() {
-        let model = path.join("model.safetensors");
         let is_diffusers =
             path.join("config.json").exists() || path.join("model_index.json").exists();
-        if !is_diffusers && model.is_file() {
-            return model_source(&model);
+        if !is_diffusers {
+            match flowrun_models_in(path).as_slice() {
+                [] => {}
+                [one] => return model_source(one),
+                several => bail!(
+                    "{} holds several models ({}); give one of them",
+                    path.display(),
+                    several
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
         }
         return Ok((
             path.to_path_buf(),

@@ -149,7 +149,7 @@ fn setup() -> Option<&'static Setup> {
             eprintln!("sd3_reference.py: {:.1} s", start.elapsed().as_secs_f64());
 
             let work = common::tmpdir("sd3-export-work");
-            let dev = Device::flex();
+            let dev = common::test_device();
             let mut jobs = Vec::new();
             for e in EXPORTS {
                 let case = Case::open(&reference, e.case);
@@ -244,7 +244,7 @@ impl Case {
 
     /// Our velocity, conditional and unconditional, of the model in `folder` on these inputs.
     fn ours(&self, folder: &Path) -> [(Vec<usize>, Vec<f32>); 2] {
-        let dev = Device::flex();
+        let dev = common::test_device();
         let (_, model) = load_diffusers(folder, &dev).unwrap();
         let run = |prompt: &str, pooled: &str| {
             let v = model.forward(
@@ -584,17 +584,20 @@ fn write_inputs(path: &Path, tensors: Vec<NamedTensor>) {
     fs::write(path, bytes).unwrap();
 }
 
+/// `flowrun velocity`, on `$FLOWRUN_TEST_DEVICE` when set.
 fn flowrun_velocity(model: &Path, inputs: &Path, out: &Path, extra: &[&str]) -> Output {
-    common::bin()
-        .args(["velocity", "--checkpoint"])
+    let mut c = common::bin();
+    c.args(["velocity", "--checkpoint"])
         .arg(model)
         .arg("--inputs")
         .arg(inputs)
         .arg("--out")
         .arg(out)
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(extra);
+    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
+        c.args(["--device", &d]);
+    }
+    c.output().unwrap()
 }
 
 /// `flowrun velocity` of `model` on `case`'s inputs, with and without `--cfg`, against
@@ -680,7 +683,7 @@ fn tiny_model(dir: &Path) -> (Sd3Transformer, PathBuf, PathBuf) {
         pos_embed_max_size: Some(8),
         ..Sd3Config::tiny()
     };
-    let model = config.init(&Device::flex(), 42);
+    let model = config.init(&common::test_device(), 42);
     let folder = dir.join("tiny-sd35");
     save_diffusers(&model, &folder, ExportDtype::F32).unwrap();
     let ck = dir.join("tiny-sd35.safetensors");
@@ -728,7 +731,7 @@ fn assert_fails_with(o: &Output, parts: &[&str]) {
 fn should_match_the_library_and_broadcast_a_single_negative_prompt() {
     let dir = common::tmpdir("sd3-velocity-tiny");
     let (model, folder, ck) = tiny_model(&dir);
-    let dev = Device::flex();
+    let dev = common::test_device();
     let mut inputs = tiny_inputs();
     // One negative prompt for the batch, of another length (two forwards).
     inputs.push(named("negative_prompt_embeds", &[1, 5, 32], -0.11));
@@ -946,7 +949,7 @@ fn should_never_export_over_an_existing_folder() {
     let o = flowrun_export(&ck, &out, &["--dtype", "bf16"]);
     assert_fails_with(&o, &[&out.display().to_string(), "already exists"]);
     // A diffusers folder re-exported in another dtype loads back as rounded f32.
-    let (_, back) = load_diffusers(&out, &Device::flex()).unwrap();
+    let (_, back) = load_diffusers(&out, &common::test_device()).unwrap();
     assert_eq!(back.config().num_layers, 4);
     // A bad shard size.
     let o = flowrun_export(&folder, &dir.join("x"), &["--max-shard-size", "10XB"]);
@@ -959,6 +962,183 @@ fn should_never_export_over_an_existing_folder() {
         &o,
         &[&junk.display().to_string(), "is not a safetensors file"],
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A real run: TAFS-GRPO on the tiny SD3 pipeline, its checkpoint exported
+// ---------------------------------------------------------------------------------------------
+
+/// One iteration of `pipelines/tafs_grpo_sd3.yaml` on the tiny SD3 pipeline (learning rate
+/// raised so that the update visibly moves the weights), then `flowrun export` of its
+/// checkpoint directory: diffusers loads the folder and computes what flowrun computes from the
+/// checkpoint — the trained weights, not the starting ones.
+#[test]
+fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
+    let Some((model_dir, emb)) = common::sd3_fixture() else {
+        return;
+    };
+    let py = common::python_with(&["torch", "diffusers", "safetensors"]).unwrap();
+    let srv = common::RewardServer::start(&[]);
+    let runs = common::tmpdir("sd3-export-runs");
+    let pipeline = common::root().join("pipelines/tafs_grpo_sd3.yaml");
+    let m = model_dir.display();
+    let set = [
+        format!("resources.policy.params.diffusers={m}"),
+        format!("resources.vae.params.path={m}"),
+        format!("nodes.prompts.params.embeddings={}", emb.display()),
+        "nodes.prompts.params.prompts_per_iter=2".into(),
+        "nodes.prompts.params.group_size=2".into(),
+        "nodes.noise.params.height=8".into(),
+        "nodes.noise.params.width=8".into(),
+        "iterations=1".into(),
+        "checkpoint_every=1".into(),
+        "resources.policy.params.lr=1.0e-3".into(),
+        format!("nodes.step.nodes.score.params.url={}", srv.url()),
+    ];
+    let mut c = common::bin();
+    c.arg(&pipeline).arg("--runs-dir").arg(&runs).arg("--quiet");
+    for s in &set {
+        c.arg("--set").arg(s);
+    }
+    let start = std::time::Instant::now();
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let mut log = format!(
+        "tafs_grpo_sd3, 1 iteration: {:.1} s\n",
+        start.elapsed().as_secs_f64()
+    );
+    let run = common::only_run_dir(&runs);
+    let ckdir = run.join("checkpoints/iter-000001");
+    let ck = ckdir.join("resources/policy/model.safetensors");
+    assert!(ck.is_file(), "{} is missing", ck.display());
+
+    // Export the checkpoint directory (its one model is meant).
+    let work = common::tmpdir("sd3-export-run-work");
+    let out = work.join("exported");
+    let o = flowrun_export(&ckdir, &out, &[]);
+    assert!(o.status.success(), "{}", common::text(&o));
+    log.push_str(&String::from_utf8_lossy(&o.stdout));
+
+    // The transformer's inputs, in sd3_reference.py's names.
+    let original = model_dir.join("transformer");
+    let config =
+        Sd3Config::from_json(&fs::read_to_string(original.join("config.json")).unwrap()).unwrap();
+    let (j, p) = (config.joint_attention_dim, config.pooled_projection_dim);
+    let inputs = work.join("inputs.safetensors");
+    let tensors = vec![
+        named("x", &[2, config.in_channels, 8, 8], 0.37),
+        NamedTensor {
+            name: "sigma".into(),
+            shape: vec![2],
+            values: vec![0.9, 0.35],
+        },
+        named("prompt_embeds", &[2, 5, j], 0.13),
+        named("pooled", &[2, p], 0.29),
+        named("negative_prompt_embeds", &[2, 5, j], -0.21),
+        named("negative_pooled", &[2, p], 0.05),
+    ];
+    write_inputs(&inputs, tensors.clone());
+    let jobs = serde_json::json!([
+        {"folder": out, "inputs": inputs, "out": work.join("exported.out.safetensors")},
+        {"folder": original, "inputs": inputs, "out": work.join("original.out.safetensors")},
+    ]);
+    let jobs_file = work.join("jobs.json");
+    fs::write(&jobs_file, jobs.to_string()).unwrap();
+    let script = common::root().join("tests/python/sd3_reload.py");
+    let o = Command::new(&py)
+        .arg(&script)
+        .arg(&jobs_file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::text(&o));
+    let theirs = SafetensorsFile::read(&work.join("exported.out.safetensors")).unwrap();
+    let before = SafetensorsFile::read(&work.join("original.out.safetensors")).unwrap();
+
+    // Ours, from the run's checkpoint.
+    let dev = common::test_device();
+    let (_, ours) = nodes::model::load_model::<Sd3Transformer>(&ck, &dev).unwrap();
+    let t = |name: &str| tensors.iter().find(|t| t.name == name).unwrap();
+    let to3 = |n: &NamedTensor| -> Tensor<3> {
+        tensor_from_vec(n.values.clone(), n.shape.clone().try_into().unwrap(), &dev)
+    };
+    let x: Tensor<4> = tensor_from_vec(
+        t("x").values.clone(),
+        t("x").shape.clone().try_into().unwrap(),
+        &dev,
+    );
+    let sigma: Tensor<1> = tensor_from_vec(t("sigma").values.clone(), [2], &dev);
+    let pooled = |n: &str| -> Tensor<2> { tensor_from_vec(t(n).values.clone(), [2, p], &dev) };
+    for (label, prompt, pool) in [
+        ("velocity", "prompt_embeds", "pooled"),
+        ("v_uncond", "negative_prompt_embeds", "negative_pooled"),
+    ] {
+        let v = ours.forward(x.clone(), sigma.clone(), to3(t(prompt)), pooled(pool));
+        let got = (v.dims().to_vec(), values(v));
+        let (ts, tv) = theirs.get(label).unwrap();
+        check(
+            &mut log,
+            &format!("diffusers(export) vs ours(checkpoint): {label}"),
+            (&ts, &tv),
+            (&got.0, &got.1),
+            TOL,
+        );
+        let (bs, bv) = before.get(label).unwrap();
+        let moved = rel_err(label, (&ts, &tv), (&bs, &bv));
+        log.push_str(&format!(
+            "  diffusers(export) vs diffusers(starting weights): {label} = {moved:.2e}\n"
+        ));
+        assert!(
+            moved > 1e-4,
+            "{label}: the export holds the starting weights ({moved})"
+        );
+    }
+
+    // config.json and keys as the pipeline's transformer/ folder has them.
+    assert_eq!(
+        maths_fields(&read_json(&out.join("config.json"))),
+        maths_fields(&read_json(&original.join("config.json")))
+    );
+    assert_eq!(
+        weights(&out).keys.keys().collect::<Vec<_>>(),
+        weights(&original).keys.keys().collect::<Vec<_>>()
+    );
+
+    // flowrun velocity on the checkpoint directory and on the export: diffusers' velocity.
+    let vin = work.join("velocity-in.safetensors");
+    let renamed: Vec<NamedTensor> = tensors
+        .iter()
+        .map(|n| NamedTensor {
+            name: match n.name.as_str() {
+                "x" => "latents".into(),
+                "sigma" => "t".into(),
+                other => other.into(),
+            },
+            ..n.clone()
+        })
+        .collect();
+    write_inputs(&vin, renamed);
+    let (_, vc) = theirs.get("velocity").unwrap();
+    let (shape, vu) = theirs.get("v_uncond").unwrap();
+    let v_cfg: Vec<f32> = vc.iter().zip(&vu).map(|(c, u)| u + 4.5 * (c - u)).collect();
+    for model in [&ckdir, &out] {
+        for (extra, want) in [(vec![], &vc), (vec!["--cfg", "4.5"], &v_cfg)] {
+            let vout = work.join("v.safetensors");
+            let o = flowrun_velocity(model, &vin, &vout, &extra);
+            assert!(o.status.success(), "{}", common::text(&o));
+            let (gs, gv) = SafetensorsFile::read(&vout).unwrap().get("v").unwrap();
+            check(
+                &mut log,
+                &format!(
+                    "flowrun velocity {} {extra:?} vs diffusers(export)",
+                    model.file_name().unwrap().to_string_lossy()
+                ),
+                (&gs, &gv),
+                (&shape, want),
+                TOL,
+            );
+        }
+    }
+    eprint!("{log}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -653,17 +653,13 @@ pub fn export(checkpoint: &Path, out: &Path, dtype: &str, max_shard_size: &str) 
     let max_shard_size = parse_size(max_shard_size).context("--max-shard-size")?;
     let (checkpoint, source) = model_source(checkpoint)?;
     let checkpoint = checkpoint.as_path();
-    if let ModelSource::Checkpoint {
-        arch: Some(arch), ..
-    } = &source
+    if let ModelSource::Checkpoint { arch: Some(arch) } = &source
+        && arch == nodes::model::FlowModel::ARCH
     {
-        if arch == nodes::model::FlowModel::ARCH {
-            bail!(
-                "{}: export writes diffusers SD3 folders; this checkpoint holds the ShapeWorld \
-                 UNet",
-                checkpoint.display()
-            );
-        }
+        bail!(
+            "{}: export writes diffusers SD3 folders; this checkpoint holds the ShapeWorld UNet",
+            checkpoint.display()
+        );
     }
     // Before loading what may be a multi-GB model.
     check_target(out)?;

@@ -12,6 +12,7 @@
 //! the tests print a NOTICE and pass, except under CI (`FLOWRUN_CI=1`), where they fail.
 
 mod common;
+use common::{check_rel, values};
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -86,40 +87,8 @@ impl Case {
     }
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
-
 fn values_of<const D: usize>(t: Option<Tensor<D>>) -> Option<(Vec<usize>, Vec<f32>)> {
     t.map(|t| (t.dims().to_vec(), values(t)))
-}
-
-/// max|a − b| / max|b|, after checking the shapes agree.
-fn rel_err(what: &str, got: (&[usize], &[f32]), want: (&[usize], &[f32])) -> f32 {
-    assert_eq!(got.0, want.0, "{what}: shape");
-    let scale = want.1.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0, "{what}: the reference is all zero");
-    let diff = got
-        .1
-        .iter()
-        .zip(want.1)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
-}
-
-/// Asserts the relative error is within `tol`, noting it in `log` (printed whole per case, so
-/// that parallel tests do not interleave their figures).
-fn check(
-    log: &mut String,
-    what: &str,
-    got: (&[usize], &[f32]),
-    want: (&[usize], &[f32]),
-    tol: f32,
-) -> f32 {
-    let e = rel_err(what, got, want);
-    log.push_str(&format!("  {what}: max|Δ|/max|ref| = {e:.2e}\n"));
-    assert!(e <= tol, "{what}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}");
-    e
 }
 
 /// The gradients of the named parameters, in PyTorch's layout (Linear weights transposed back).
@@ -173,7 +142,7 @@ fn check_case(name: &str) {
     let pooled = case.tensor::<2>("pooled", &dev);
     let v = model.forward(x.clone(), sigma.clone(), prompt.clone(), pooled.clone());
     let (vs, vv) = case.raw("velocity");
-    check(
+    check_rel(
         &mut log,
         "velocity",
         (&v.dims(), &values(v)),
@@ -195,7 +164,7 @@ fn check_case(name: &str) {
         )
         .unwrap();
     let (cs, cv) = case.raw("v_cfg");
-    check(
+    check_rel(
         &mut log,
         "v_cfg (batched)",
         (&v_cfg.dims(), &values(v_cfg)),
@@ -220,7 +189,7 @@ fn check_case(name: &str) {
     ] {
         let g = g.unwrap_or_else(|| panic!("{label} has no gradient"));
         let (s, r) = case.raw(&format!("grad.{label}"));
-        check(
+        check_rel(
             &mut log,
             &format!("grad {label}"),
             (&g.0, &g.1),
@@ -243,7 +212,7 @@ fn check_case(name: &str) {
             .get(name)
             .unwrap_or_else(|| panic!("no parameter {name}"));
         let (s, r) = case.raw(&format!("grad.param.{name}"));
-        check(
+        check_rel(
             &mut log,
             &format!("grad {name}"),
             (gs, gv),
@@ -384,7 +353,7 @@ fn should_compute_the_grid_when_the_file_has_none() {
     );
     let (s, r) = case.raw("velocity");
     let mut log = "sd3_p1 without the stored grid:\n".to_string();
-    check(
+    check_rel(
         &mut log,
         "velocity",
         (&v.dims(), &values(v)),

@@ -17,6 +17,7 @@
 //! cross-checks: without one they print a NOTICE and pass, except under CI (`FLOWRUN_CI=1`).
 
 mod common;
+use common::{check_rel, rel_err, values};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -262,38 +263,6 @@ impl Case {
     }
 }
 
-fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
-
-/// max|a − b| / max|b|, after checking the shapes agree.
-fn rel_err(what: &str, got: (&[usize], &[f32]), want: (&[usize], &[f32])) -> f32 {
-    assert_eq!(got.0, want.0, "{what}: shape");
-    let scale = want.1.iter().fold(0f32, |m, v| m.max(v.abs()));
-    assert!(scale > 0.0, "{what}: the reference is all zero");
-    let diff = got
-        .1
-        .iter()
-        .zip(want.1)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
-}
-
-fn check(
-    log: &mut String,
-    what: &str,
-    got: (&[usize], &[f32]),
-    want: (&[usize], &[f32]),
-    tol: f32,
-) {
-    let e = rel_err(what, got, want);
-    log.push_str(&format!("  {what}: max|Δ|/max|ref| = {e:.2e}\n"));
-    assert!(
-        e <= tol,
-        "{what}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}\n{log}"
-    );
-}
-
 /// The keys of a folder's weights, and for a sharded one the index.
 struct Weights {
     /// key → (file, safetensors dtype, bytes of data)
@@ -450,7 +419,7 @@ fn check_export(name: &str) {
         ("v_uncond", &v_uncond, "v_uncond"),
     ] {
         let (rs, rv) = reloaded.get(theirs_name).unwrap();
-        check(
+        check_rel(
             &mut log,
             &format!("diffusers(export) vs ours: {label}"),
             (&rs, &rv),
@@ -465,7 +434,7 @@ fn check_export(name: &str) {
             ));
             assert!(err < 1e-2, "{label}: {err}");
         } else {
-            check(
+            check_rel(
                 &mut log,
                 &format!("diffusers(export) vs diffusers(original): {label}"),
                 (&rs, &rv),
@@ -625,7 +594,7 @@ fn check_velocity_cli(label: &str, case_name: &str, model: impl Fn(&Setup, &Case
         ));
         let got = SafetensorsFile::read(&out).unwrap().get("v").unwrap();
         let (ws, wv) = case.raw(want);
-        check(&mut log, what, (&got.0, &got.1), (&ws, &wv), TOL);
+        check_rel(&mut log, what, (&got.0, &got.1), (&ws, &wv), TOL);
     }
     eprint!("{log}");
 }
@@ -1075,7 +1044,7 @@ fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
         let v = ours.forward(x.clone(), sigma.clone(), to3(t(prompt)), pooled(pool));
         let got = (v.dims().to_vec(), values(v));
         let (ts, tv) = theirs.get(label).unwrap();
-        check(
+        check_rel(
             &mut log,
             &format!("diffusers(export) vs ours(checkpoint): {label}"),
             (&ts, &tv),
@@ -1126,7 +1095,7 @@ fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
             let o = flowrun_velocity(model, &vin, &vout, &extra);
             assert!(o.status.success(), "{}", common::text(&o));
             let (gs, gv) = SafetensorsFile::read(&vout).unwrap().get("v").unwrap();
-            check(
+            check_rel(
                 &mut log,
                 &format!(
                     "flowrun velocity {} {extra:?} vs diffusers(export)",

@@ -195,3 +195,39 @@ pub fn test_device() -> burn::tensor::Device {
     let name = std::env::var("FLOWRUN_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
     nodes::device::open(&name).unwrap_or_else(|e| panic!("FLOWRUN_TEST_DEVICE: {e}"))
 }
+
+/// A tensor's values as f32 on the host.
+pub fn values<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()
+}
+
+/// max|a − b| / max|b|, after checking the shapes agree.
+pub fn rel_err(what: &str, got: (&[usize], &[f32]), want: (&[usize], &[f32])) -> f32 {
+    assert_eq!(got.0, want.0, "{what}: shape");
+    let scale = want.1.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "{what}: the reference is all zero");
+    let diff = got
+        .1
+        .iter()
+        .zip(want.1)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+/// Asserts the relative error is within `tol`, noting it in `log` (printed whole per case, so
+/// that parallel tests do not interleave their figures); returns it.
+pub fn check_rel(
+    log: &mut String,
+    what: &str,
+    got: (&[usize], &[f32]),
+    want: (&[usize], &[f32]),
+    tol: f32,
+) -> f32 {
+    let e = rel_err(what, got, want);
+    log.push_str(&format!("  {what}: max|Δ|/max|ref| = {e:.2e}\n"));
+    assert!(
+        e <= tol,
+        "{what}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}\n{log}"
+    );
+    e
+}

@@ -575,7 +575,7 @@ fn should_say_a_file_is_not_safetensors() {
         &msg,
         &[
             &weights.display().to_string(),
-            "not a valid safetensors file",
+            "is not a safetensors file: its header is too large",
         ],
     );
     fs::write(&weights, b"tiny").unwrap();

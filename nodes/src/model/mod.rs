@@ -22,6 +22,7 @@ pub mod shapes_unet;
 pub mod text_embeddings;
 pub mod train;
 pub mod vae;
+pub mod weights;
 
 mod conditioning;
 

@@ -5,7 +5,7 @@
 //! Optimizer state is keyed by parameter *path* (not burn's random `ParamId`), so a resumed
 //! trainer matches its state to a freshly built model exactly.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -19,9 +19,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::checkpoint::{
-    ARCH_KEY, CONFIG_KEY, FORMAT_KEY, NamedTensor, SafetensorsFile, collect_params,
-    config_from_file, load_params, serialize_safetensors, tensor_values, write_atomic,
+    ARCH_KEY, CONFIG_KEY, FORMAT_KEY, SafetensorsFile, config_from_file, load_params,
+    no_unknown_tensors,
 };
+use super::weights::{Entry, Layout, StoreDtype, module_entries, save_atomic};
 use super::{
     Conditioning, FlowModel, FlowModelConfig, VelocityModel, flow_matching_loss, model_device,
 };
@@ -278,25 +279,17 @@ impl<M: VelocityModel> Trainer<M> {
     /// atomically (temp file + fsync + rename). Tensor names: `model.<path>`, `ema.<path>`,
     /// `adam.m.<path>`, `adam.v.<path>`.
     pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
-        let mut tensors = collect_params(&self.model, "model.");
-        tensors.extend(collect_params(&self.ema, "ema."));
+        let mut entries = module_entries(&self.model, "model.", Layout::Burn);
+        entries.extend(module_entries(&self.ema, "ema.", Layout::Burn));
         let mut times = BTreeMap::new();
         let mut names: Vec<&String> = self.states.keys().collect();
         names.sort();
-        for name in names {
+        for &name in &names {
             let slot = &self.states[name];
             let [numel] = slot.m.dims();
             times.insert(name.clone(), slot.time);
-            tensors.push(NamedTensor {
-                name: format!("adam.m.{name}"),
-                shape: vec![numel],
-                values: tensor_values(slot.m.clone()),
-            });
-            tensors.push(NamedTensor {
-                name: format!("adam.v.{name}"),
-                shape: vec![numel],
-                values: tensor_values(slot.v.clone()),
-            });
+            entries.push(Entry::new(format!("adam.m.{name}"), vec![numel]));
+            entries.push(Entry::new(format!("adam.v.{name}"), vec![numel]));
         }
         let mut metadata = HashMap::new();
         metadata.insert(
@@ -313,9 +306,18 @@ impl<M: VelocityModel> Trainer<M> {
         metadata.insert(STEP_KEY.to_string(), self.step.to_string());
         metadata.insert(ADAM_TIME_KEY.to_string(), serde_json::to_string(&times)?);
         metadata.insert(FORMAT_KEY.to_string(), TRAINER_FORMAT.to_string());
-        let bytes = serialize_safetensors(&tensors, metadata)?;
-        write_atomic(path, &bytes)
-            .with_context(|| format!("saving trainer state {}", path.display()))
+        // Streamed a tensor at a time: the host never holds a copy of the whole state.
+        save_atomic(path, entries, StoreDtype::F32, &metadata, |w| {
+            w.write_module(&self.model, "model.", Layout::Burn)?;
+            w.write_module(&self.ema, "ema.", Layout::Burn)?;
+            for name in names {
+                let slot = &self.states[name];
+                w.write(&format!("adam.m.{name}"), slot.m.clone(), Layout::Burn)?;
+                w.write(&format!("adam.v.{name}"), slot.v.clone(), Layout::Burn)?;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("saving trainer state {}", path.display()))
     }
 
     /// Restores a trainer written by [`save_state`](Self::save_state). Training continues
@@ -349,9 +351,19 @@ impl<M: VelocityModel> Trainer<M> {
 
         let plain = device.clone().without_autodiff();
         let ad = plain.clone().autodiff();
-        let (model, mut used) = load_params(M::init_zeros(&model_config, &ad), &file, "model.")?;
-        let (ema, used_ema) = load_params(M::init_zeros(&model_config, &plain), &file, "ema.")?;
-        used.extend(used_ema);
+        let mut used = HashSet::new();
+        let model = load_params(
+            M::init_zeros(&model_config, &ad),
+            &file,
+            "model.",
+            &mut used,
+        )?;
+        let ema = load_params(
+            M::init_zeros(&model_config, &plain),
+            &file,
+            "ema.",
+            &mut used,
+        )?;
 
         let mut states = HashMap::new();
         let shapes: HashMap<String, usize> = super::checkpoint::param_paths(&model)
@@ -381,20 +393,7 @@ impl<M: VelocityModel> Trainer<M> {
             let v = load("v")?;
             states.insert(name, AdamSlot { time, m, v });
         }
-        let extra: Vec<String> = file
-            .tensors()
-            .names()
-            .into_iter()
-            .filter(|n| !used.contains(*n))
-            .map(str::to_string)
-            .collect();
-        if !extra.is_empty() {
-            bail!(
-                "{}: unexpected tensor(s): {:?}",
-                path.display(),
-                &extra[..extra.len().min(8)]
-            );
-        }
+        no_unknown_tensors(&file, &used)?;
         let optim = build_optim(&config);
         Ok(Self {
             config,

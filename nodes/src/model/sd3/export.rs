@@ -25,21 +25,20 @@
 //!   nothing behind. An existing non-empty `dir` is an error naming it (never overwritten); an
 //!   existing empty one is replaced.
 
-use std::collections::BTreeMap;
-use std::fmt;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 use anyhow::{Context, anyhow, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData, bf16, f16};
+use burn::tensor::Tensor;
 
 use super::Sd3Transformer;
 use super::config::{SD3_CLASS_NAME, Sd3Config};
-use super::load::{WEIGHTS_INDEX_NAME, WEIGHTS_NAME};
-use crate::model::checkpoint::param_paths;
+use crate::model::weights::{
+    Entry, Layout, READ_CHUNK, TensorWriter, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, module_entries,
+};
 
 /// The diffusers version the written `config.json` names (the one this crate's SD3 is checked
 /// against).
@@ -49,71 +48,8 @@ pub const DIFFUSERS_VERSION: &str = "0.42.1";
 /// 10·10⁹ bytes).
 pub const DEFAULT_MAX_SHARD_SIZE: u64 = 10_000_000_000;
 
-/// Elements converted and written per chunk.
-const CHUNK: usize = 1 << 16;
-
-/// Elements of a tensor copied to the host at a time (16 MB of f32).
-const READ_CHUNK: usize = 1 << 22;
-
 /// The dtype of the written tensors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ExportDtype {
-    /// float32: the model's values exactly.
-    #[default]
-    F32,
-    /// float16 (finite values beyond ±65504 are an error, not infinities).
-    F16,
-    /// bfloat16 (what SD3.5's published weights use).
-    BF16,
-}
-
-impl ExportDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            ExportDtype::F32 => 4,
-            ExportDtype::F16 | ExportDtype::BF16 => 2,
-        }
-    }
-
-    /// The safetensors dtype name.
-    pub fn safetensors_name(self) -> &'static str {
-        match self {
-            ExportDtype::F32 => "F32",
-            ExportDtype::F16 => "F16",
-            ExportDtype::BF16 => "BF16",
-        }
-    }
-
-    /// The short name (`f32`, `f16`, `bf16`), as `--dtype` spells it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ExportDtype::F32 => "f32",
-            ExportDtype::F16 => "f16",
-            ExportDtype::BF16 => "bf16",
-        }
-    }
-}
-
-impl fmt::Display for ExportDtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for ExportDtype {
-    type Err = anyhow::Error;
-
-    /// `f32` / `float32` / `fp32`, `f16` / `float16` / `fp16`, `bf16` / `bfloat16`.
-    fn from_str(s: &str) -> anyhow::Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(ExportDtype::F32),
-            "f16" | "float16" | "fp16" | "half" => Ok(ExportDtype::F16),
-            "bf16" | "bfloat16" => Ok(ExportDtype::BF16),
-            _ => bail!("unknown dtype {s:?} (expected f32, f16 or bf16)"),
-        }
-    }
-}
+pub use crate::model::weights::StoreDtype as ExportDtype;
 
 /// What [`save_diffusers_sharded`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -234,16 +170,6 @@ pub fn diffusers_config_json(config: &Sd3Config) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(&fields)? + "\n")
 }
 
-/// One tensor of the export, in PyTorch's layout.
-#[derive(Debug, Clone)]
-struct Entry {
-    name: String,
-    /// PyTorch's shape.
-    shape: Vec<usize>,
-    /// Bytes of data.
-    bytes: u64,
-}
-
 /// `huggingface_hub.split_torch_state_dict_into_shards`: tensors in order; a tensor larger
 /// than `max` is a shard of its own (appended at once, while the current shard stays open);
 /// otherwise a tensor that would take the current shard past `max` starts a new one. Returns
@@ -270,32 +196,6 @@ fn plan_shards(sizes: &[u64], max: u64) -> Vec<Vec<usize>> {
     shards
 }
 
-/// A safetensors header: the 8-byte length, then the JSON (diffusers' `{"format": "pt"}`
-/// metadata, the tensors with consecutive offsets in the given order), padded with spaces to a
-/// multiple of 8 bytes as the safetensors library pads it.
-fn header(entries: &[&Entry], dtype: ExportDtype) -> anyhow::Result<Vec<u8>> {
-    let mut json = String::from(r#"{"__metadata__":{"format":"pt"}"#);
-    let mut offset = 0u64;
-    for e in entries {
-        let end = offset + e.bytes;
-        json.push(',');
-        json.push_str(&serde_json::to_string(&e.name)?);
-        json.push_str(&format!(
-            r#":{{"dtype":"{}","shape":{},"data_offsets":[{offset},{end}]}}"#,
-            dtype.safetensors_name(),
-            serde_json::to_string(&e.shape)?,
-        ));
-        offset = end;
-    }
-    json.push('}');
-    while !json.len().is_multiple_of(8) {
-        json.push(' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(json.as_bytes());
-    Ok(out)
-}
-
 /// Writes config, weights and (when sharded) the index into the empty folder `dir`, copying
 /// `read_chunk` values of a tensor to the host at a time.
 fn write_folder(
@@ -311,18 +211,11 @@ fn write_folder(
         diffusers_config_json(model.config())?.as_bytes(),
     )?;
 
-    let entries: Vec<Entry> = param_paths(model)
-        .into_iter()
-        .map(|(name, _, mut shape)| {
-            // burn's Linear weights (the only 2-D parameters) are [in, out]; PyTorch's [out, in].
-            if shape.len() == 2 {
-                shape.reverse();
-            }
-            let bytes = (shape.iter().product::<usize>() * dtype.size()) as u64;
-            Entry { name, shape, bytes }
-        })
+    let entries = module_entries(model, "", Layout::Torch);
+    let sizes: Vec<u64> = entries
+        .iter()
+        .map(|e| (e.numel() * dtype.size()) as u64)
         .collect();
-    let sizes: Vec<u64> = entries.iter().map(|e| e.bytes).collect();
     let total_size: u64 = sizes.iter().sum();
     let shards = plan_shards(&sizes, max_shard_size);
     let n = shards.len();
@@ -343,19 +236,17 @@ fn write_folder(
     let mut writer = ShardWriter {
         dir,
         dtype,
-        entries: &entries,
         files: &files,
-        headers: shards
+        shard_entries: shards
             .iter()
-            .map(|idx| header(&idx.iter().map(|&i| &entries[i]).collect::<Vec<_>>(), dtype))
-            .collect::<anyhow::Result<_>>()?,
+            .map(|idx| idx.iter().map(|&i| entries[i].clone()).collect())
+            .collect(),
         remaining: shards.iter().map(Vec::len).collect(),
         shard_of,
         open: BTreeMap::new(),
         path: Vec::new(),
         next: 0,
-        buf: Vec::with_capacity(CHUNK * 4),
-        read_chunk: read_chunk.max(1),
+        read_chunk,
         error: None,
     };
     model.visit(&mut writer);
@@ -398,24 +289,23 @@ fn write_folder(
 struct ShardWriter<'a> {
     dir: &'a Path,
     dtype: ExportDtype,
-    entries: &'a [Entry],
     files: &'a [String],
-    headers: Vec<Vec<u8>>,
+    /// Each shard's tensors, in the order they are written.
+    shard_entries: Vec<Vec<Entry>>,
     /// Tensors not yet written, per shard.
     remaining: Vec<usize>,
     shard_of: Vec<usize>,
-    open: BTreeMap<usize, BufWriter<File>>,
+    open: BTreeMap<usize, TensorWriter<BufWriter<File>>>,
     path: Vec<String>,
     /// Index of the next parameter.
     next: usize,
-    buf: Vec<u8>,
     /// Values copied to the host at a time.
     read_chunk: usize,
     error: Option<anyhow::Error>,
 }
 
 impl ShardWriter<'_> {
-    /// Writes one parameter, read `read_chunk` values at a time (in PyTorch's order).
+    /// Writes one parameter into its shard.
     fn write_tensor<const D: usize>(
         &mut self,
         name: &str,
@@ -423,62 +313,36 @@ impl ShardWriter<'_> {
     ) -> anyhow::Result<()> {
         let i = self.next;
         self.next += 1;
-        let entry = self
-            .entries
+        let s = *self
+            .shard_of
             .get(i)
             .ok_or_else(|| anyhow!("internal: parameter {name} was not planned"))?;
-        if entry.name != name {
-            bail!(
-                "internal: parameter {i} is {name}, planned as {}",
-                entry.name
-            );
-        }
-        let s = self.shard_of[i];
         let path = self.dir.join(&self.files[s]);
         if !self.open.contains_key(&s) {
             let file =
                 File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-            let mut w = BufWriter::with_capacity(1 << 20, file);
-            w.write_all(&self.headers[s])
-                .with_context(|| format!("writing {}", path.display()))?;
+            let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+            let w = TensorWriter::new(
+                BufWriter::with_capacity(1 << 20, file),
+                std::mem::take(&mut self.shard_entries[s]),
+                self.dtype,
+                &metadata,
+            )
+            .with_context(|| format!("writing {}", path.display()))?
+            .check_finite(true)
+            .read_chunk(self.read_chunk);
             self.open.insert(s, w);
         }
         let w = self.open.get_mut(&s).expect("opened above");
-        let dtype = self.dtype;
-        let chunk = self.read_chunk;
-        let buf = &mut self.buf;
-        let mut write = |part: TensorData| -> anyhow::Result<()> {
-            let part = part.convert::<f32>();
-            let values = part
-                .as_slice::<f32>()
-                .map_err(|e| anyhow!("internal: {e:?}"))?;
-            write_values(w, values, dtype, buf)
-        };
-        let n = tensor.shape().num_elements();
-        let result = if D == 2 {
-            // burn [in, out] → PyTorch [out, in]: a block of PyTorch rows at a time, each the
-            // transpose of a column block (a view; only the block is copied to the host).
-            let [rows, cols] = [entry.shape[1], entry.shape[0]];
-            let t: Tensor<2> = tensor.reshape([rows, cols]);
-            let step = (chunk / rows.max(1)).max(1);
-            (0..cols).step_by(step).try_for_each(|a| {
-                let b = (a + step).min(cols);
-                write(t.clone().slice_dim(1, a..b).transpose().into_data())
-            })
-        } else {
-            let t: Tensor<1> = tensor.reshape([n]);
-            (0..n).step_by(chunk).try_for_each(|a| {
-                let b = (a + chunk).min(n);
-                write(t.clone().slice_dim(0, a..b).into_data())
-            })
-        };
-        result.map_err(|e| anyhow!("{}: tensor {name}: {e:#}", path.display()))?;
+        w.write(name, tensor, Layout::Torch)
+            .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         self.remaining[s] -= 1;
         if self.remaining[s] == 0 {
             let w = self.open.remove(&s).expect("open");
             let file = w
-                .into_inner()
-                .map_err(|e| anyhow!("writing {}: {}", path.display(), e.error()))?;
+                .finish()
+                .and_then(|b| b.into_inner().map_err(|e| anyhow!("{}", e.error())))
+                .with_context(|| format!("writing {}", path.display()))?;
             file.sync_all()
                 .with_context(|| format!("cannot fsync {}", path.display()))?;
         }
@@ -506,63 +370,13 @@ impl ModuleVisitor for ShardWriter<'_> {
     }
 }
 
-/// Converts `values` to `dtype` (little-endian) and writes them, `CHUNK` at a time. Non-finite
-/// values, and finite ones that f16 cannot hold, are an error: an exported model must compute
-/// what this one computes.
-fn write_values(
-    w: &mut impl Write,
-    values: &[f32],
-    dtype: ExportDtype,
-    buf: &mut Vec<u8>,
-) -> anyhow::Result<()> {
-    let size = dtype.size();
-    for chunk in values.chunks(CHUNK) {
-        if !chunk.iter().fold(true, |ok, v| ok & v.is_finite()) {
-            let v = chunk
-                .iter()
-                .find(|v| !v.is_finite())
-                .expect("one is not finite");
-            bail!("holds a non-finite value ({v}); the model is broken, refusing to export it");
-        }
-        buf.resize(chunk.len() * size, 0);
-        match dtype {
-            ExportDtype::F32 => {
-                for (d, v) in buf.chunks_exact_mut(4).zip(chunk) {
-                    d.copy_from_slice(&v.to_le_bytes());
-                }
-            }
-            ExportDtype::F16 => {
-                let mut overflow = false;
-                for (d, &v) in buf.chunks_exact_mut(2).zip(chunk) {
-                    let h = f16::from_f32(v);
-                    overflow |= h.is_infinite();
-                    d.copy_from_slice(&h.to_bits().to_le_bytes());
-                }
-                if overflow {
-                    let v = chunk
-                        .iter()
-                        .find(|&&v| f16::from_f32(v).is_infinite())
-                        .expect("one overflows");
-                    bail!("holds {v}, beyond float16's range (±65504); export as bf16 or f32");
-                }
-            }
-            ExportDtype::BF16 => {
-                for (d, &v) in buf.chunks_exact_mut(2).zip(chunk) {
-                    d.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
-                }
-            }
-        }
-        w.write_all(buf)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::checkpoint::collect_params;
     use crate::model::sd3::load_diffusers;
     use burn::tensor::Device;
+    use burn::tensor::{bf16, f16};
 
     fn tmp(label: &str) -> PathBuf {
         let d =

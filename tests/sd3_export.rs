@@ -940,7 +940,8 @@ fn should_never_export_over_an_existing_folder() {
 /// One iteration of `pipelines/tafs_grpo_sd3.yaml` on the tiny SD3 pipeline (learning rate
 /// raised so that the update visibly moves the weights), then `flowrun export` of its
 /// checkpoint directory: diffusers loads the folder and computes what flowrun computes from the
-/// checkpoint — the trained weights, not the starting ones.
+/// checkpoint — the trained weights, not the starting ones. The checkpoint's own
+/// `transformer/` folder is that export, byte for byte.
 #[test]
 fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
     let Some((model_dir, emb)) = common::sd3_fixture() else {
@@ -1007,7 +1008,21 @@ fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
         named("negative_pooled", &[2, p], 0.05),
     ];
     write_inputs(&inputs, tensors.clone());
+    // Every checkpoint of an sd3 policy holds the same folder already (`export: auto` = f32).
+    let auto = ckdir.join("resources/policy/transformer");
+    assert!(
+        auto.join("config.json").is_file(),
+        "{} is missing",
+        auto.display()
+    );
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        assert!(
+            fs::read(auto.join(f)).unwrap() == fs::read(out.join(f)).unwrap(),
+            "{f}: the checkpoint's transformer/ differs from `flowrun export` of it"
+        );
+    }
     let jobs = serde_json::json!([
+        {"folder": auto, "inputs": inputs, "out": work.join("auto.out.safetensors")},
         {"folder": out, "inputs": inputs, "out": work.join("exported.out.safetensors")},
         {"folder": original, "inputs": inputs, "out": work.join("original.out.safetensors")},
     ]);
@@ -1022,6 +1037,14 @@ fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
     assert!(o.status.success(), "{}", common::text(&o));
     let theirs = SafetensorsFile::read(&work.join("exported.out.safetensors")).unwrap();
     let before = SafetensorsFile::read(&work.join("original.out.safetensors")).unwrap();
+    let auto_out = SafetensorsFile::read(&work.join("auto.out.safetensors")).unwrap();
+    for label in ["velocity", "v_uncond"] {
+        assert_eq!(
+            auto_out.get(label).unwrap(),
+            theirs.get(label).unwrap(),
+            "diffusers on the checkpoint's transformer/: {label}"
+        );
+    }
 
     // Ours, from the run's checkpoint.
     let dev = common::test_device();

@@ -293,6 +293,11 @@ fn should_say_what_an_sd3_policy_and_its_prompts_need() {
             "{embeddings: x.safetensors}",
             "`policy` is ShapeWorld's UNet (`arch: shapes_unet`), which reads token ids",
         ),
+        (
+            "{size: tiny, export: bf16}",
+            "{path: datasets/shapes/train.jsonl}",
+            "`export` writes a diffusers SD3 transformer folder: it needs `arch: sd3`",
+        ),
     ];
     for (i, (policy, loader, want)) in cases.iter().enumerate() {
         let yaml = format!(

@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
-use crate::model::sd3::{Sd3Transformer, load_diffusers};
+use crate::model::sd3::{ExportDtype, Sd3Transformer, load_diffusers, save_diffusers};
 use crate::model::{
     Conditioning, FlowModel, FlowModelConfig, Trainer, TrainerConfig, VelocityModel, load_model,
     load_safetensors, model_device, save_safetensors,
@@ -18,6 +18,9 @@ use crate::types::RolloutGraph;
 use crate::world;
 
 pub const TYPE: &str = "flow_model";
+
+/// The diffusers folder of an `arch: sd3` policy inside its checkpoint directory.
+pub const EXPORT_DIR: &str = "transformer";
 
 pub fn register(r: &mut Registry) {
     r.add_resource(ResourceType {
@@ -30,7 +33,8 @@ pub fn register(r: &mut Registry) {
               one; it reads latents and text embeddings (prompt_loader's `embeddings`). Trained in place by `flow_matching_train` or `grpo_update` (its one writer);\n\
               samplers read it. Every run checkpoint stores trainer.safetensors (weights, EMA,\n\
               AdamW moments, step), model.safetensors (the weights used for sampling: loadable by\n\
-              `flowrun sample` and from Python) and reference.safetensors (the KL reference).\n\
+              `flowrun sample` and from Python) and reference.safetensors (the KL reference);\n\
+              with `arch: sd3` also transformer/, the same weights as a diffusers folder (`export`).\n\
               With `rollout_graph: keep` (needs `sample_with: current`) samplers run the\n\
               trainer's autodiff model and keep each velocity's graph with its transition;\n\
               grpo_update's first, exactly on-policy step back-propagates through those graphs\n\
@@ -67,6 +71,12 @@ pub fn register(r: &mut Registry) {
                 "recompute",
                 &["recompute", "keep"],
                 "keep: grpo_update back-propagates through the samplers' forward instead of recomputing it (faster, more memory)",
+            ),
+            ParamDef::choice(
+                "export",
+                "auto",
+                &["auto", "off", "f32", "bf16", "f16"],
+                "arch sd3: every run checkpoint also holds the sampling weights as a diffusers folder, resources/<name>/transformer/ (SD3Transformer2DModel.from_pretrained loads it), in this dtype; auto = f32 for sd3, off for shapes_unet",
             ),
         ],
         factory: build,
@@ -185,6 +195,8 @@ pub struct FlowModelRes {
     /// Plain (non-autodiff) device for inference.
     pub device: Device,
     pub source: Option<PathBuf>,
+    /// `arch: sd3`: the dtype of the diffusers folder each checkpoint holds (`None`: none).
+    pub export: Option<ExportDtype>,
     config: TrainerConfig,
 }
 
@@ -230,6 +242,14 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
         );
     }
     let reference = p.bool("reference")?;
+    let export = match (p.str("export")?, p.str("arch")?) {
+        ("off", _) | ("auto", "shapes_unet") => None,
+        ("auto", _) => Some(ExportDtype::F32),
+        (dtype, "sd3") => Some(dtype.parse()?),
+        (_, arch) => bail!(
+            "`export` writes a diffusers SD3 transformer folder: it needs `arch: sd3` (the `{arch}` model has no diffusers counterpart; leave `export` unset)"
+        ),
+    };
     let (policy, source) = match p.str("arch")? {
         "sd3" => {
             let (model, source) = match (&checkpoint, &diffusers) {
@@ -285,6 +305,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
         keep_rollout_graph,
         device: dev,
         source,
+        export,
         config,
     }))
 }
@@ -309,6 +330,7 @@ impl FlowModelRes {
             keep_rollout_graph: false,
             device,
             source: None,
+            export: None,
             config,
         }
     }
@@ -429,7 +451,16 @@ impl PolicySampler {
 
 impl Resource for FlowModelRes {
     fn save(&self, dir: &Path) -> Result<()> {
-        with_policy!(&self.policy, p => p.save(dir, self.sample_with_ema))
+        with_policy!(&self.policy, p => p.save(dir, self.sample_with_ema))?;
+        if let (Policy::Sd3(p), Some(dtype)) = (&self.policy, self.export) {
+            // The weights of model.safetensors, as diffusers reads them (streamed: no host copy).
+            save_diffusers(
+                &p.sampling_model(self.sample_with_ema),
+                &dir.join(EXPORT_DIR),
+                dtype,
+            )?;
+        }
+        Ok(())
     }
     fn load(&mut self, dir: &Path) -> Result<()> {
         let (device, config) = (self.device.clone(), self.config.clone());

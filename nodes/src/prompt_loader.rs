@@ -428,6 +428,7 @@ pub fn make_embedded_batch(
             seq_len: store.seq_len(),
             dim: store.dim(),
             pooled_dim: store.pooled_dim(),
+            uploaded: Default::default(),
         })),
     };
     for (g, p) in prompts.iter().enumerate() {

@@ -106,6 +106,47 @@ pub struct GroupEmbeddings {
     pub dim: usize,
     /// Q
     pub pooled_dim: usize,
+    /// The embeddings as device tensors, uploaded once per device and shared by every sampler
+    /// step and update of the batch.
+    pub uploaded: UploadCache,
+}
+
+/// Device copies of a batch's [`GroupEmbeddings`] (empty when cloned).
+#[derive(Default)]
+pub struct UploadCache(std::sync::Mutex<Vec<(Device, TextConditioning)>>);
+
+impl Clone for UploadCache {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl std::fmt::Debug for UploadCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UploadCache")
+    }
+}
+
+impl GroupEmbeddings {
+    /// Every group's embeddings and the negative, on `device` (uploaded at the first call).
+    pub fn on_device(&self, device: &Device) -> TextConditioning {
+        let mut cache = self.uploaded.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Device equality ignores autodiff: a plain and an autodiff copy are kept apart.
+        let same = |d: &Device| d == device && d.is_autodiff() == device.is_autodiff();
+        if let Some((_, t)) = cache.iter().find(|(d, _)| same(d)) {
+            return t.clone();
+        }
+        let p = self.prompt_embeds.len() / (self.seq_len * self.dim).max(1);
+        let (l, d, q) = (self.seq_len, self.dim, self.pooled_dim);
+        let text = TextConditioning {
+            prompt_embeds: tensor_from_vec(self.prompt_embeds.clone(), [p, l, d], device),
+            pooled: tensor_from_vec(self.pooled.clone(), [p, q], device),
+            negative_embeds: tensor_from_vec(self.negative_embeds.clone(), [1, l, d], device),
+            negative_pooled: tensor_from_vec(self.negative_pooled.clone(), [1, q], device),
+        };
+        cache.push((device.clone(), text.clone()));
+        text
+    }
 }
 
 impl PromptBatch {
@@ -130,18 +171,8 @@ impl PromptBatch {
         let Some(e) = &self.embeddings else {
             return Conditioning::Tokens(self.tokens_rows(idx, device));
         };
-        let p = e.prompt_embeds.len() / (e.seq_len * e.dim).max(1);
         let groups: Vec<usize> = idx.iter().map(|&i| self.group[i]).collect();
-        let text = TextConditioning {
-            prompt_embeds: tensor_from_vec(e.prompt_embeds.clone(), [p, e.seq_len, e.dim], device),
-            pooled: tensor_from_vec(e.pooled.clone(), [p, e.pooled_dim], device),
-            negative_embeds: tensor_from_vec(
-                e.negative_embeds.clone(),
-                [1, e.seq_len, e.dim],
-                device,
-            ),
-            negative_pooled: tensor_from_vec(e.negative_pooled.clone(), [1, e.pooled_dim], device),
-        };
+        let text = e.on_device(device);
         Conditioning::Text(text).select(&groups)
     }
 
@@ -329,4 +360,37 @@ pub struct Rewards {
 pub struct Advantages {
     pub values: Vec<Vec<f32>>,
     pub mode: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_upload_a_batchs_embeddings_once_per_device() {
+        let (p, l, d, q) = (2, 3, 4, 5);
+        let e = GroupEmbeddings {
+            prompt_embeds: (0..p * l * d).map(|v| v as f32).collect(),
+            pooled: (0..p * q).map(|v| -(v as f32)).collect(),
+            negative_embeds: vec![0.5; l * d],
+            negative_pooled: vec![0.25; q],
+            seq_len: l,
+            dim: d,
+            pooled_dim: q,
+            uploaded: Default::default(),
+        };
+        let dev = Device::flex();
+        let a = e.on_device(&dev);
+        let b = e.on_device(&dev);
+        assert_eq!(e.uploaded.0.lock().unwrap().len(), 1);
+        assert_eq!(a.prompt_embeds.dims(), [p, l, d]);
+        let vals = |t: Tensor<3>| t.into_data().to_vec::<f32>().unwrap();
+        assert_eq!(vals(a.prompt_embeds), e.prompt_embeds);
+        assert_eq!(vals(b.negative_embeds), e.negative_embeds);
+        // An autodiff device gets its own copy; a clone of the batch starts empty.
+        let ad = e.on_device(&dev.clone().autodiff());
+        assert_eq!(e.uploaded.0.lock().unwrap().len(), 2);
+        assert_eq!(ad.pooled.into_data().to_vec::<f32>().unwrap(), e.pooled);
+        assert!(e.clone().uploaded.0.lock().unwrap().is_empty());
+    }
 }

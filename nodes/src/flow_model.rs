@@ -58,7 +58,7 @@ pub fn register(r: &mut Registry) {
             ParamDef::float("beta1", 0.9, 0.0, 1.0, "AdamW β1"),
             ParamDef::float("beta2", 0.999, 0.0, 1.0, "AdamW β2"),
             ParamDef::float("grad_clip_norm", 1.0, 0.0, 1e9, "global gradient-norm clip (0 = off)"),
-            ParamDef::float("ema_decay", 0.999, 0.0, 1.0, "EMA decay of the weights"),
+            ParamDef::float("ema_decay", 0.999, 0.0, 1.0, "EMA decay of the weights; 0 = no EMA (no copy of the weights is kept: one model less in memory)"),
             ParamDef::choice(
                 "sample_with",
                 "current",
@@ -137,7 +137,7 @@ impl<M: VelocityModel> PolicyModel<M> {
     /// The weights samplers use, on the plain device: the EMA or the current weights.
     pub fn sampling_model(&self, ema: bool) -> M {
         if ema {
-            self.trainer.ema().clone()
+            self.trainer.ema()
         } else {
             self.trainer.model().valid()
         }

@@ -87,7 +87,8 @@ pub struct StepStats {
 pub struct Trainer<M: VelocityModel = FlowModel> {
     pub config: TrainerConfig,
     model: M,
-    ema: M,
+    /// `None` with `ema_decay: 0`: the EMA would be the weights themselves, so no copy is kept.
+    ema: Option<M>,
     optim: AdamW,
     states: HashMap<String, AdamSlot>,
     step: u64,
@@ -139,7 +140,7 @@ impl<M: VelocityModel> Trainer<M> {
         } else {
             model.train()
         };
-        let ema = model.valid();
+        let ema = (config.ema_decay > 0.0).then(|| model.valid());
         let optim = build_optim(&config);
         Self {
             config,
@@ -157,9 +158,13 @@ impl<M: VelocityModel> Trainer<M> {
         &self.model
     }
 
-    /// EMA weights (plain device), ready for inference or `save_safetensors`.
-    pub fn ema(&self) -> &M {
-        &self.ema
+    /// EMA weights (plain device), ready for inference or `save_safetensors`: with
+    /// `ema_decay: 0` the current weights (no copy of them is kept).
+    pub fn ema(&self) -> M {
+        match &self.ema {
+            Some(ema) => ema.clone(),
+            None => self.model.valid(),
+        }
     }
 
     /// Number of optimisation steps taken.
@@ -246,6 +251,7 @@ impl<M: VelocityModel> Trainer<M> {
         };
 
         let lr = self.current_lr();
+        let before = (self.ema.is_none() && self.config.ema_decay > 0.0).then(|| self.model.valid());
         let mut mapper = AdamMapper {
             optim: &self.optim,
             states: &mut self.states,
@@ -261,11 +267,17 @@ impl<M: VelocityModel> Trainer<M> {
         // EMA update with warmup of the decay.
         let n = self.step as f64;
         let decay = self.config.ema_decay.min((1.0 + n) / (10.0 + n));
-        self.ema = self.ema.clone().map(&mut EmaMapper {
-            updated: &updated,
-            decay,
-            path: Vec::new(),
-        });
+        self.ema = if self.config.ema_decay > 0.0 {
+            // A resumed run may switch the EMA on: it starts from the weights before this step.
+            let ema = self.ema.take().unwrap_or_else(|| before.unwrap_or_else(|| self.model.valid()));
+            Some(ema.map(&mut EmaMapper {
+                updated: &updated,
+                decay,
+                path: Vec::new(),
+            }))
+        } else {
+            None
+        };
 
         self.step += 1;
         StepStats {
@@ -280,7 +292,9 @@ impl<M: VelocityModel> Trainer<M> {
     /// `adam.m.<path>`, `adam.v.<path>`.
     pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
         let mut entries = module_entries(&self.model, "model.", Layout::Burn);
-        entries.extend(module_entries(&self.ema, "ema.", Layout::Burn));
+        if let Some(ema) = &self.ema {
+            entries.extend(module_entries(ema, "ema.", Layout::Burn));
+        }
         let mut times = BTreeMap::new();
         let mut names: Vec<&String> = self.states.keys().collect();
         names.sort();
@@ -309,7 +323,9 @@ impl<M: VelocityModel> Trainer<M> {
         // Streamed a tensor at a time: the host never holds a copy of the whole state.
         save_atomic(path, entries, StoreDtype::F32, &metadata, |w| {
             w.write_module(&self.model, "model.", Layout::Burn)?;
-            w.write_module(&self.ema, "ema.", Layout::Burn)?;
+            if let Some(ema) = &self.ema {
+                w.write_module(ema, "ema.", Layout::Burn)?;
+            }
             for name in names {
                 let slot = &self.states[name];
                 w.write(&format!("adam.m.{name}"), slot.m.clone(), Layout::Burn)?;
@@ -358,12 +374,17 @@ impl<M: VelocityModel> Trainer<M> {
             "model.",
             &mut used,
         )?;
-        let ema = load_params(
-            M::init_zeros(&model_config, &plain),
-            &file,
-            "ema.",
-            &mut used,
-        )?;
+        // A state saved with `ema_decay: 0` has no EMA (the weights are their own).
+        let ema = if file.names().any(|n| n.starts_with("ema.")) {
+            Some(load_params(
+                M::init_zeros(&model_config, &plain),
+                &file,
+                "ema.",
+                &mut used,
+            )?)
+        } else {
+            None
+        };
 
         let mut states = HashMap::new();
         let shapes: HashMap<String, usize> = super::checkpoint::param_paths(&model)

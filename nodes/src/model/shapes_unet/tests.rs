@@ -396,8 +396,8 @@ fn should_resume_training_exactly_from_saved_state() {
         assert_eq!(la, lb);
     }
     assert_eq!(
-        checkpoint::collect_params(a.ema(), ""),
-        checkpoint::collect_params(b.ema(), "")
+        checkpoint::collect_params(&a.ema(), ""),
+        checkpoint::collect_params(&b.ema(), "")
     );
     assert_eq!(
         checkpoint::collect_params(&a.model().valid(), ""),
@@ -405,8 +405,51 @@ fn should_resume_training_exactly_from_saved_state() {
     );
     // A model checkpoint is not a trainer state.
     let model_path = dir.join("model.safetensors");
-    save_safetensors(a.ema(), &model_path).unwrap();
+    save_safetensors(&a.ema(), &model_path).unwrap();
     assert!(Trainer::<FlowModel>::load_state(&model_path, &dev).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn should_keep_no_ema_copy_with_ema_decay_zero_and_resume_either_way() {
+    let dev = device();
+    let cfg = FlowModelConfig::tiny(VOCAB, MAX_TOKENS);
+    let tcfg = TrainerConfig::new().with_lr(2e-3).with_ema_decay(0.0);
+    let (x0, noise, t, tokens) = batch(4, 11, &dev);
+    let mut with = Trainer::new(&cfg, tcfg.clone().with_ema_decay(0.5), &dev);
+    let mut without = Trainer::new(&cfg, tcfg.clone(), &dev);
+    for _ in 0..2 {
+        let a = with.step(x0.clone(), noise.clone(), t.clone(), tokens.clone());
+        let b = without.step(x0.clone(), noise.clone(), t.clone(), tokens.clone());
+        assert_eq!(a, b, "the EMA must not change training");
+    }
+    // The "EMA" of decay 0 is the weights themselves.
+    let weights = checkpoint::collect_params(&without.model().valid(), "");
+    assert_eq!(checkpoint::collect_params(&without.ema(), ""), weights);
+    assert_ne!(checkpoint::collect_params(&with.ema(), ""), weights);
+    let dir = temp_dir("no-ema");
+    let path = dir.join("state.safetensors");
+    without.save_state(&path).unwrap();
+    let file = checkpoint::SafetensorsFile::read(&path).unwrap();
+    assert!(file.names().any(|n| n.starts_with("model.")));
+    assert!(!file.names().any(|n| n.starts_with("ema.")), "no EMA copy saved");
+    // Resumed without an EMA, then switched on: it starts from the weights before the step.
+    let mut resumed = Trainer::<FlowModel>::load_state(&path, &dev).unwrap();
+    assert_eq!(checkpoint::collect_params(&resumed.ema(), ""), weights);
+    resumed.config.ema_decay = 0.5;
+    let before = checkpoint::collect_params(&resumed.model().valid(), "");
+    resumed.step(x0.clone(), noise.clone(), t.clone(), tokens.clone());
+    let after = checkpoint::collect_params(&resumed.model().valid(), "");
+    let ema = checkpoint::collect_params(&resumed.ema(), "");
+    // decay min(0.5, (1 + 2) / (10 + 2)) = 0.25: ema = 0.25·before + 0.75·after.
+    for ((e, b), a) in ema.iter().zip(&before).zip(&after) {
+        for ((ev, bv), av) in e.values.iter().zip(&b.values).zip(&a.values) {
+            assert!((ev - (0.25 * bv + 0.75 * av)).abs() <= 1e-6, "{}", e.name);
+        }
+    }
+    resumed.save_state(&path).unwrap();
+    let file = checkpoint::SafetensorsFile::read(&path).unwrap();
+    assert!(file.names().any(|n| n.starts_with("ema.")));
     std::fs::remove_dir_all(dir).ok();
 }
 

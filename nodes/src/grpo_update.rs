@@ -129,19 +129,79 @@ fn rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
 
 /// Back-propagates `loss` (a share of the step's loss) into `grads`; returns its value.
 /// A non-finite loss is an error, before any gradient is applied.
+/// Back-propagates `loss` into `grads`, keeping its value (detached, on the device) in `diag`:
+/// nothing is read back here, so the device never waits for the host.
 fn backward_into<M: VelocityModel>(
     trainer: &Trainer<M>,
     grads: &mut GradientsAccumulator<M>,
     loss: Tensor<1>,
-) -> Result<f64> {
-    let (g, value) = trainer.gradients(loss);
-    if !value.is_finite() {
-        bail!(
-            "the GRPO loss is {value}; the update is not applied (lower the learning rate or check the rewards)"
-        );
+    diag: &mut Diagnostics,
+) {
+    diag.losses.push(loss.clone().detach());
+    grads.accumulate(trainer.model(), trainer.backward(loss));
+}
+
+/// One optimizer step's diagnostics, kept on the device and read back in one transfer before
+/// the step is applied (on CUDA each read is a synchronisation: one per step, not several per
+/// transition).
+#[derive(Default)]
+struct Diagnostics {
+    /// Per transition and minibatch: ratio [n], log-prob [n], policy-gradient term [1], KL [1].
+    terms: Vec<Term>,
+    /// The value of every back-propagated loss [1], in order.
+    losses: Vec<Tensor<1>>,
+}
+
+struct Term {
+    ratio: Tensor<1>,
+    logp: Tensor<1>,
+    pg: Tensor<1>,
+    kl: Option<Tensor<1>>,
+}
+
+/// [`Diagnostics`] on the host.
+struct HostTerm {
+    ratio: Vec<f32>,
+    logp: Vec<f32>,
+    pg: f32,
+    kl: Option<f32>,
+}
+
+impl Diagnostics {
+    /// Everything in one device → host copy: the terms, then the loss values.
+    fn read(self) -> Result<(Vec<HostTerm>, Vec<f32>)> {
+        let mut parts = Vec::new();
+        for t in &self.terms {
+            parts.extend([t.ratio.clone(), t.logp.clone(), t.pg.clone()]);
+            parts.extend(t.kl.clone());
+        }
+        parts.extend(self.losses.iter().cloned());
+        if parts.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let all = to_vec(&Tensor::cat(parts, 0))?;
+        let mut at = 0;
+        let mut take = |n: usize| {
+            let v = all[at..at + n].to_vec();
+            at += n;
+            v
+        };
+        let terms = self
+            .terms
+            .iter()
+            .map(|t| {
+                let [n] = t.ratio.dims();
+                HostTerm {
+                    ratio: take(n),
+                    logp: take(n),
+                    pg: take(1)[0],
+                    kl: t.kl.as_ref().map(|_| take(1)[0]),
+                }
+            })
+            .collect();
+        let losses = take(self.losses.len());
+        Ok((terms, losses))
     }
-    grads.accumulate(trainer.model(), g);
-    Ok(value as f64)
 }
 
 impl GrpoUpdate {
@@ -230,6 +290,9 @@ impl GrpoUpdate {
             for group in chunks.chunks(self.grad_accum.max(1)) {
                 let group_n: usize = group.iter().map(|c| c.len()).sum();
                 let mut grads = GradientsAccumulator::<M>::new();
+                let mut diag = Diagnostics::default();
+                // (minibatch indices, transition, weight) of each of diag's terms.
+                let mut term_of: Vec<(&[usize], &Transition, f32)> = Vec::new();
                 let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
                     (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
                 for idx in group {
@@ -301,22 +364,7 @@ impl GrpoUpdate {
                             .neg();
                         let pg = unclipped.max_pair(clipped_t).mean();
                         let mut term = pg.clone();
-                        // Diagnostics (host).
-                        let r = to_vec(&ratio)?;
-                        let lp = to_vec(&logp)?;
-                        for (j, &ri) in r.iter().enumerate() {
-                            let ri = ri as f64;
-                            st.ratio_min = st.ratio_min.min(ri);
-                            st.ratio_max = st.ratio_max.max(ri);
-                            rsum += ri;
-                            clipped += ((ri - 1.0).abs() > self.clip as f64) as usize;
-                            akl += (tr.old_logprob[idx[j]] - lp[j]) as f64;
-                            if st.steps == 0 {
-                                st.first_ratio_max_dev =
-                                    st.first_ratio_max_dev.max((ri - 1.0).abs());
-                            }
-                        }
-                        pg_sum += (pg.into_scalar::<f32>() * w) as f64;
+                        let mut kl_value = None;
                         if let (Some(cond_plain), Some(reference)) =
                             (&cond_plain, m.reference.as_ref())
                         {
@@ -333,13 +381,16 @@ impl GrpoUpdate {
                                 .square()
                                 .mean()
                                 .mul_scalar(1.0 / (2.0 * k.std * k.std));
-                            let klv = kl.clone().into_scalar::<f32>() as f64;
-                            if st.steps == 0 {
-                                st.first_kl += klv;
-                            }
-                            kl_sum += klv * w as f64;
+                            kl_value = Some(kl.clone().detach());
                             term = term + kl.mul_scalar(self.beta);
                         }
+                        diag.terms.push(Term {
+                            ratio: ratio.detach(),
+                            logp: logp.detach(),
+                            pg: pg.detach(),
+                            kl: kl_value,
+                        });
+                        term_of.push((idx, tr, w));
                         let term = term.mul_scalar(w);
                         if from_rollout {
                             // Its graph is alive anyway: one backward for all such terms.
@@ -351,10 +402,41 @@ impl GrpoUpdate {
                         }
                         // Back-propagate this transition's share now: its graph is freed
                         // before the next transition's forward.
-                        lv += backward_into(&m.trainer, &mut grads, term)?;
+                        backward_into(&m.trainer, &mut grads, term, &mut diag);
                     }
                     if let Some(j) = joint.take() {
-                        lv += backward_into(&m.trainer, &mut grads, j)?;
+                        backward_into(&m.trainer, &mut grads, j, &mut diag);
+                    }
+                }
+                // The step's diagnostics, in one read, in the order they were computed.
+                let (terms, losses) = diag.read()?;
+                for value in losses {
+                    if !value.is_finite() {
+                        bail!(
+                            "the GRPO loss is {value}; the update is not applied (lower the learning rate or check the rewards)"
+                        );
+                    }
+                    lv += value as f64;
+                }
+                for (t, &(idx, tr, w)) in terms.iter().zip(&term_of) {
+                    for (j, &ri) in t.ratio.iter().enumerate() {
+                        let ri = ri as f64;
+                        st.ratio_min = st.ratio_min.min(ri);
+                        st.ratio_max = st.ratio_max.max(ri);
+                        rsum += ri;
+                        clipped += ((ri - 1.0).abs() > self.clip as f64) as usize;
+                        akl += (tr.old_logprob[idx[j]] - t.logp[j]) as f64;
+                        if st.steps == 0 {
+                            st.first_ratio_max_dev = st.first_ratio_max_dev.max((ri - 1.0).abs());
+                        }
+                    }
+                    pg_sum += (t.pg * w) as f64;
+                    if let Some(klv) = t.kl {
+                        let klv = klv as f64;
+                        if st.steps == 0 {
+                            st.first_kl += klv;
+                        }
+                        kl_sum += klv * w as f64;
                     }
                 }
                 let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
@@ -641,8 +723,11 @@ mod tests {
         let mut bad = tr.clone();
         bad.old_logprob[0] = f32::NAN;
         let up = GrpoUpdate { beta: 0.0, ..up };
+        let before = probe_velocity(&res, &prompts);
         let e = up.update(&mut res, &[&bad], &adv, &prompts, 0).unwrap_err();
         assert!(e.to_string().contains("not applied"), "{e}");
+        // Nothing was applied: the weights are as they were.
+        assert_eq!(probe_velocity(&res, &prompts), before);
     }
 
     #[test]

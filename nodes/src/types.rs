@@ -384,13 +384,13 @@ mod tests {
         let b = e.on_device(&dev);
         assert_eq!(e.uploaded.0.lock().unwrap().len(), 1);
         assert_eq!(a.prompt_embeds.dims(), [p, l, d]);
-        let vals = |t: Tensor<3>| t.into_data().to_vec::<f32>().unwrap();
+        let vals = |t: Tensor<3>| t.into_data().try_to_vec::<f32>().unwrap();
         assert_eq!(vals(a.prompt_embeds), e.prompt_embeds);
         assert_eq!(vals(b.negative_embeds), e.negative_embeds);
         // An autodiff device gets its own copy; a clone of the batch starts empty.
         let ad = e.on_device(&dev.clone().autodiff());
         assert_eq!(e.uploaded.0.lock().unwrap().len(), 2);
-        assert_eq!(ad.pooled.into_data().to_vec::<f32>().unwrap(), e.pooled);
+        assert_eq!(ad.pooled.into_data().try_to_vec::<f32>().unwrap(), e.pooled);
         assert!(e.clone().uploaded.0.lock().unwrap().is_empty());
     }
 }

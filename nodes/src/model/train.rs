@@ -220,6 +220,12 @@ impl<M: VelocityModel> Trainer<M> {
         self.apply_gradients(grads, loss_value)
     }
 
+    /// The gradients of `loss` w.r.t. the model's parameters, without reading anything back
+    /// from the device.
+    pub fn backward(&self, loss: Tensor<1>) -> GradientsParams {
+        GradientsParams::from_grads(loss.backward(), &self.model)
+    }
+
     /// Backward of a scalar `loss` computed from [`model`](Self::model): its gradients per
     /// parameter and its value. The graph is freed here, so several losses can be
     /// back-propagated one after another and their gradients summed with burn's
@@ -251,7 +257,8 @@ impl<M: VelocityModel> Trainer<M> {
         };
 
         let lr = self.current_lr();
-        let before = (self.ema.is_none() && self.config.ema_decay > 0.0).then(|| self.model.valid());
+        let before =
+            (self.ema.is_none() && self.config.ema_decay > 0.0).then(|| self.model.valid());
         let mut mapper = AdamMapper {
             optim: &self.optim,
             states: &mut self.states,
@@ -269,7 +276,10 @@ impl<M: VelocityModel> Trainer<M> {
         let decay = self.config.ema_decay.min((1.0 + n) / (10.0 + n));
         self.ema = if self.config.ema_decay > 0.0 {
             // A resumed run may switch the EMA on: it starts from the weights before this step.
-            let ema = self.ema.take().unwrap_or_else(|| before.unwrap_or_else(|| self.model.valid()));
+            let ema = self
+                .ema
+                .take()
+                .unwrap_or_else(|| before.unwrap_or_else(|| self.model.valid()));
             Some(ema.map(&mut EmaMapper {
                 updated: &updated,
                 decay,

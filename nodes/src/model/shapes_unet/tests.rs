@@ -432,7 +432,10 @@ fn should_keep_no_ema_copy_with_ema_decay_zero_and_resume_either_way() {
     without.save_state(&path).unwrap();
     let file = checkpoint::SafetensorsFile::read(&path).unwrap();
     assert!(file.names().any(|n| n.starts_with("model.")));
-    assert!(!file.names().any(|n| n.starts_with("ema.")), "no EMA copy saved");
+    assert!(
+        !file.names().any(|n| n.starts_with("ema.")),
+        "no EMA copy saved"
+    );
     // Resumed without an EMA, then switched on: it starts from the weights before the step.
     let mut resumed = Trainer::<FlowModel>::load_state(&path, &dev).unwrap();
     assert_eq!(checkpoint::collect_params(&resumed.ema(), ""), weights);

@@ -163,8 +163,8 @@ enum Command {
     /// prompt, and decoded by the VAE (`--vae`, default the pipeline's vae/) at `--height` ×
     /// `--width` pixels (default: the transformer's sample_size × the VAE's scale factor). The
     /// grid has a row per prompt, labelled with its text, of `--seeds` images each (small
-    /// images enlarged to 64 px). `--save-latents FILE` also writes the noise, the latents and
-    /// the decoded images.
+    /// images enlarged to 64 px). `--save-latents FILE` also writes the initial and the sampled
+    /// latents and the decoded images (`--latents` reads that file back).
     ///
     /// Example: flowrun sample --checkpoint models/sd3.5-medium --embeddings
     /// embeds/eval.safetensors --prompt "a photo of a cat" --sampler euler --steps 28 --cfg 4.5

@@ -231,8 +231,11 @@ fn setup(
     };
     // A diffusers folder's config is read before its weights, so that a mismatch is found
     // before a large model loads; a flowrun checkpoint's comes with its weights (after the VAE).
-    let check_widths = |config: &Sd3Config, config_file: &Path| -> Result<()> {
-        let described = format!("{shown} ({})", config_file.display());
+    let check_widths = |config: &Sd3Config, config_file: Option<&Path>| -> Result<()> {
+        let described = match config_file {
+            Some(f) => format!("{shown} ({})", f.display()),
+            None => shown.to_string(),
+        };
         match width_mismatch(
             &format!("--embeddings {}", embeddings.display()),
             &store,
@@ -245,7 +248,7 @@ fn setup(
     };
     if let ModelSource::Diffusers(dir) = source {
         let (file, config) = read_config(dir)?;
-        check_widths(&config, &file)?;
+        check_widths(&config, Some(&file))?;
     }
     let vae = VaeRes::load(&vae_path, &device)
         .with_context(|| format!("--vae {}", vae_path.display()))?;
@@ -259,7 +262,7 @@ fn setup(
         }
         ModelSource::Checkpoint { .. } => {
             let m = load_sd3(checkpoint, source, &device)?;
-            check_widths(m.config(), checkpoint)?;
+            check_widths(m.config(), None)?;
             m
         }
     };
@@ -390,9 +393,12 @@ fn generate(
         let b = idx.len();
         let mut x = Vec::with_capacity(b * n);
         for &i in idx {
+            // Drawn either way, so that TAFS's fresh noise does not depend on --latents: a
+            // run's --save-latents file given back as --latents reproduces it.
+            let drawn = sample_standard_normal(&mut rngs[i], n);
             match init {
                 Some(v) => x.extend_from_slice(&v[i * n..(i + 1) * n]),
-                None => x.extend(sample_standard_normal(&mut rngs[i], n)),
+                None => x.extend(drawn),
             }
         }
         out.noise.extend_from_slice(&x);
@@ -619,12 +625,12 @@ pub fn sample(
         let [c, h, w] = s.latent;
         let tensors = [
             NamedTensor {
-                name: "noise".into(),
+                name: "latents".into(),
                 shape: vec![b, c, h, w],
                 values: g.noise,
             },
             NamedTensor {
-                name: "latents".into(),
+                name: "sampled".into(),
                 shape: vec![b, c, h, w],
                 values: g.latents,
             },
@@ -656,7 +662,7 @@ pub fn sample(
         runner::fsutil::write_atomic(p, &bytes)
             .with_context(|| format!("writing {}", p.display()))?;
         println!(
-            "wrote {} (noise and latents [{b}, {c}, {h}, {w}], images [{b}, 3, {ph}, {pw}])",
+            "wrote {} (latents and sampled [{b}, {c}, {h}, {w}], images [{b}, 3, {ph}, {pw}])",
             p.display()
         );
     }

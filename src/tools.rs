@@ -88,13 +88,15 @@ pub struct SampleArgs {
     pub num_prompts: Option<usize>,
     #[command(flatten)]
     pub sd3: sd3_tools::Sd3Opts,
-    /// Start from these latents instead of seeded noise: a safetensors file with `latents`
-    /// [B, C, h, w] (float32/16, bfloat16), B = prompts × --seeds, prompt by prompt; the image
-    /// size is theirs. TAFS's fresh noise still comes from --seed.
+    /// Start from these latents instead of seeded noise, as diffusers' pipeline's `latents`
+    /// argument: a safetensors file with `latents` [B, C, h, w] (float32, float16, bfloat16),
+    /// B = prompts × --seeds, prompt by prompt; the image size is theirs. TAFS's fresh noise
+    /// is --seed's, as without --latents.
     #[arg(long, value_name = "FILE", help_heading = sd3_tools::HEADING)]
     pub latents: Option<PathBuf>,
-    /// Also write `noise` (the initial latents), `latents` (the sampled ones) [B, C, h, w] and
-    /// `images` (decoded, [B, 3, H, W] in [-1, 1]) as float32 safetensors.
+    /// Also write the initial `latents` (what --latents reads: the run is reproduced from
+    /// this file), the `sampled` latents [B, C, h, w] and the decoded `images` [B, 3, H, W] in
+    /// [-1, 1], as float32 safetensors.
     #[arg(long, value_name = "FILE", help_heading = sd3_tools::HEADING)]
     pub save_latents: Option<PathBuf>,
 }

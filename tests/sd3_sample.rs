@@ -532,6 +532,9 @@ fn should_write_a_labelled_grid_of_the_right_size_deterministically_for_a_seed()
     // Cell (row 1, image 2) is image 1·3 + 2 of the saved images, enlarged.
     let (shape, images) = read(&saved, "images");
     assert_eq!(shape, [12, 3, 16, 16]);
+    // Decoded images are clamped to [-1, 1] (this VAE decodes some pixels beyond).
+    assert!(images.iter().all(|v| (-1.0..=1.0).contains(v)));
+    assert!(images.iter().any(|v| v.abs() == 1.0));
     let k = 3 + 2;
     let cell = nodes::world::chw_to_rgb8(&images[k * 768..(k + 1) * 768], 16, 16).unwrap();
     let (x0, y0) = (2 + 2 * 66, 2 + 77 + 2 + 13);
@@ -572,6 +575,44 @@ fn should_write_a_labelled_grid_of_the_right_size_deterministically_for_a_seed()
     let (_, one) = read(&alone, "sampled");
     let n = 16 * 8 * 8;
     assert_same(&one, &all[3 * n..5 * n], "one prompt alone");
+    // Prompts in the order given: --prompt texts (exactly, else ignoring case and spacing),
+    // then --prompt-id (a row, or the metadata's `id`).
+    let (_, picked, log) = grid(
+        "f",
+        &[
+            "--seeds",
+            "1",
+            "--seed",
+            "7",
+            "--prompt",
+            "a green tree",
+            "--prompt",
+            "A  Red apple",
+            "--prompt-id",
+            "dogs",
+            "--prompt-id",
+            "1",
+        ],
+    );
+    for (i, p) in [
+        "a green tree",
+        "a red apple",
+        "two dogs",
+        "a photo of a cat",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert!(log.contains(&format!("row {}: {p} (", i + 1)), "{log}");
+    }
+    let (_, picked) = read(&picked, "sampled");
+    assert_same(&picked[..n], &all[9 * n..10 * n], "a green tree, image 0");
+    assert_same(&picked[n..2 * n], &all[..n], "a red apple, image 0");
+    assert_same(
+        &picked[3 * n..],
+        &all[3 * n..4 * n],
+        "a photo of a cat, image 0",
+    );
     // --height/--width in pixels: 24×32 px images enlarged 2× (cells 48×64).
     let (png, ..) = grid(
         "e",
@@ -616,6 +657,43 @@ fn should_sample_a_flowrun_checkpoint_and_a_transformer_folder_as_their_pipeline
     with_vae.extend(["--vae", s(model)]);
     let c = sample_latents(&dir, "checkpoint", &ck, emb, &with_vae);
     assert_same(&read(&c, "sampled").1, &want_latents, "flowrun checkpoint");
+    // The shift comes from the pipeline's scheduler config: a copy whose config says 1.5
+    // samples as --shift 1.5 does, and a flowrun checkpoint takes it from --vae's pipeline.
+    let other = dir.join("shift1.5");
+    for sub in ["transformer", "vae", "scheduler"] {
+        fs::create_dir_all(other.join(sub)).unwrap();
+        for e in fs::read_dir(model.join(sub)).unwrap().flatten() {
+            fs::copy(e.path(), other.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    fs::copy(
+        model.join("model_index.json"),
+        other.join("model_index.json"),
+    )
+    .unwrap();
+    fs::write(
+        other.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.5}"#,
+    )
+    .unwrap();
+    let from_config = read(
+        &sample_latents(&dir, "config", &other, emb, &args),
+        "sampled",
+    )
+    .1;
+    let mut flag = args.to_vec();
+    flag.extend(["--shift", "1.5"]);
+    let from_flag = read(&sample_latents(&dir, "flag", model, emb, &flag), "sampled").1;
+    assert_same(&from_config, &from_flag, "shift from scheduler_config.json");
+    assert!(rel(&from_config, &want_latents) > 1e-3);
+    let mut ck_other = args.to_vec();
+    ck_other.extend(["--vae", s(&other)]);
+    let c = sample_latents(&dir, "checkpoint-other", &ck, emb, &ck_other);
+    assert_same(
+        &read(&c, "sampled").1,
+        &from_flag,
+        "shift from --vae's pipeline",
+    );
     // --latents from a --save-latents file reproduces the run, grid included.
     let mut again = args.to_vec();
     again.extend(["--latents", s(&want)]);
@@ -865,9 +943,11 @@ fn should_explain_every_bad_sd3_input() {
     );
     let flux = dir.join("flux");
     fs::create_dir_all(flux.join("scheduler")).unwrap();
-    for f in ["model_index.json"] {
-        fs::copy(model.join(f), flux.join(f)).unwrap();
-    }
+    fs::copy(
+        model.join("model_index.json"),
+        flux.join("model_index.json"),
+    )
+    .unwrap();
     for sub in ["transformer", "vae"] {
         fs::create_dir_all(flux.join(sub)).unwrap();
         for f in ["config.json", "diffusion_pytorch_model.safetensors"] {

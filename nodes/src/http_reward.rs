@@ -267,9 +267,9 @@ impl RewardClient {
         if batch_size == 0 || concurrency == 0 {
             bail!("batch_size and concurrency must be at least 1");
         }
-        if !(timeout_s.is_finite() && timeout_s > 0.0)
-            || !(backoff_s.is_finite() && backoff_s >= 0.0)
-        {
+        let timing_ok =
+            timeout_s.is_finite() && timeout_s > 0.0 && backoff_s.is_finite() && backoff_s >= 0.0;
+        if !timing_ok {
             bail!("timeout_s must be > 0 and backoff_s >= 0");
         }
         let timeout = Duration::from_secs_f64(timeout_s);

@@ -164,7 +164,10 @@ pub fn sample_euler_sigmas<M: VelocityModel>(
     if sigmas.len() < 2 {
         anyhow::bail!("an Euler schedule needs at least 2 sigmas, got {sigmas:?}");
     }
-    if let Some(w) = sigmas.windows(2).find(|w| !(w[1] < w[0])) {
+    if let Some(w) = sigmas
+        .windows(2)
+        .find(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Less))
+    {
         anyhow::bail!(
             "the Euler schedule's sigmas must decrease, got {} then {}",
             w[0],

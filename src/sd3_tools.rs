@@ -46,6 +46,8 @@ pub const DEFAULT_SHIFT: f64 = 3.0;
 pub const DEFAULT_BATCH: usize = 4;
 /// Prompts `sample` takes from the file without `--prompt` / `--prompt-id`.
 pub const DEFAULT_NUM_PROMPTS: usize = 4;
+/// The most images one `sample` makes (a grid side is at most 32768 px anyway).
+pub const MAX_IMAGES: usize = 1 << 20;
 /// The noise seed of `eval` (the ShapeWorld evaluation's).
 pub const EVAL_SEED: u64 = 1234;
 /// JPEG quality of `--reward compressibility` (DDPO's, `compressibility_reward`'s default).
@@ -76,8 +78,8 @@ pub struct Sd3Opts {
     /// Image width in pixels (as --height).
     #[arg(long, value_name = "PX", help_heading = HEADING)]
     pub width: Option<usize>,
-    /// Samples per transformer forward and per VAE decode (memory) [default: 4]; the images do
-    /// not depend on it.
+    /// Samples per transformer forward and per VAE decode (memory) [default: 4]; each image's
+    /// noise is its own, so the images do not depend on it (up to float rounding).
     #[arg(long, value_name = "N", help_heading = HEADING)]
     pub batch: Option<usize>,
 }
@@ -283,8 +285,18 @@ fn setup(
     })
 }
 
-/// The VAE must decode what the transformer makes.
+/// The VAE must decode what the transformer makes, and the transformer must make a velocity of
+/// its input's shape.
 fn check_vae(config: &Sd3Config, vae: &VaeRes, vae_path: &Path, checkpoint: &Path) -> Result<()> {
+    if config.in_channels != config.output_channels() {
+        bail!(
+            "the transformer of {} takes {}-channel latents but outputs {} channels: a \
+             flow-matching velocity has its state's shape, so it cannot be sampled",
+            checkpoint.display(),
+            config.in_channels,
+            config.output_channels()
+        );
+    }
     if vae.config.latent_channels != config.output_channels() {
         bail!(
             "the VAE in {} decodes {}-channel latents, but the transformer of {} makes \
@@ -584,7 +596,17 @@ pub fn sample(
     let store = PromptEmbeddings::open(&emb).context("--embeddings")?;
     let chosen = pick_prompts(&store, &emb, a.prompts, a.prompt_ids, a.num_prompts)?;
     drop(store);
-    let b = chosen.len() * a.seeds;
+    let b = chosen
+        .len()
+        .checked_mul(a.seeds)
+        .filter(|&b| b <= MAX_IMAGES)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} prompts × --seeds {} is more than {MAX_IMAGES} images",
+                chosen.len(),
+                a.seeds
+            )
+        })?;
     let init = a.latents.map(|p| read_latents(p, b)).transpose()?;
     let hw = init.as_ref().map(|(s, _)| (s[2], s[3]));
     let s = setup(checkpoint, source, o, dev, hw)?;

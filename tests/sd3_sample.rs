@@ -959,6 +959,14 @@ fn should_explain_every_bad_sd3_input() {
         r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": true}"#,
     )
     .unwrap();
+    let vae4 = dir.join("vae4");
+    let four = VaeConfig::new()
+        .with_latent_channels(4)
+        .with_block_out_channels(vec![8])
+        .with_norm_num_groups(4)
+        .with_use_post_quant_conv(false);
+    save_vae(&vae4, &four.init_seeded(1, &Device::flex())).unwrap();
+    let vae4 = s(&vae4);
     let (lone, ck, wide, latents, flux) = (s(&lone), s(&ck), s(&wide), s(&latents), s(&flux));
     let out = dir.join("g.png");
     let g = s(&out);
@@ -1092,6 +1100,14 @@ fn should_explain_every_bad_sd3_input() {
         (
             sample(&["--checkpoint", flux, "--embeddings", e]),
             vec!["scheduler_config.json", "use_dynamic_shifting", "--shift"],
+        ),
+        (
+            sample(&["--checkpoint", m, "--embeddings", e, "--vae", vae4]),
+            vec!["decodes 4-channel latents", "16-channel", "--vae"],
+        ),
+        (
+            sample(&["--checkpoint", m, "--embeddings", e, "--seeds", "100000000"]),
+            vec!["--seeds 100000000 is more than 1048576 images"],
         ),
         (
             sample(&["--checkpoint", m, "--embeddings", e, "--tau", "2"]),

@@ -451,6 +451,16 @@ fn generate(
     Ok(out)
 }
 
+/// Unguided sampling is rarely what an SD3 user wants: say so (the default stays ShapeWorld's).
+fn note_cfg(cfg: f32) {
+    if cfg <= 1.0 {
+        println!(
+            "note: --cfg {cfg} samples without guidance; SD3 models are usually sampled with \
+             --cfg 4.5 (SD3.5, the SD3 pipelines) to 7 (SD3 Medium, diffusers' default)"
+        );
+    }
+}
+
 /// Checks the sampler's settings.
 fn check_sampler(s: &Sampler) -> Result<()> {
     if s.steps == 0 {
@@ -699,6 +709,7 @@ pub fn sample(
         s.schedule.from,
         sampler.cfg
     );
+    note_cfg(sampler.cfg);
     for (i, p) in chosen.iter().enumerate() {
         println!(
             "  row {}: {} (prompt {}, row {} of {})",
@@ -984,6 +995,7 @@ pub fn eval(
         sampler.cfg,
         s.embeddings.display()
     );
+    note_cfg(sampler.cfg);
     if let Some(p) = a.csv {
         if p.extension().is_some_and(|e| e == "parquet") {
             write_parquet(p, &rows)?;

@@ -13,6 +13,7 @@ mod logging;
 mod oom;
 mod plot;
 mod report;
+mod sd3_tools;
 mod tools;
 
 #[derive(Parser)]
@@ -143,65 +144,50 @@ enum Command {
         repeats: usize,
     },
     /// Sample images for prompts from a checkpoint and write a PNG grid.
-    Sample {
-        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
-        checkpoint: PathBuf,
-        /// A prompt (repeatable), e.g. "two red circles".
-        #[arg(long, required = true)]
-        prompt: Vec<String>,
-        #[arg(long, default_value_t = 4)]
-        steps: usize,
-        #[arg(long, default_value = "tafs", value_parser = ["euler", "tafs"])]
-        sampler: String,
-        /// TAFS temperature (of the first re-noising when --tau-end is given).
-        #[arg(long, default_value_t = 1.0)]
-        tau: f32,
-        /// TAFS temperature at step K: linear from --tau, like the pipelines'
-        /// `tau: {schedule: linear, start, end}` (default: constant --tau).
-        #[arg(long)]
-        tau_end: Option<f32>,
-        /// Classifier-free guidance scale (1 = off).
-        #[arg(long, default_value_t = 1.0)]
-        cfg: f32,
-        /// Images per prompt.
-        #[arg(long, default_value_t = 8)]
-        seeds: usize,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "grid.png")]
-        out: PathBuf,
-        #[arg(long, default_value = "flex")]
-        device: String,
-    },
-    /// Verifier accuracy of a checkpoint per category and number of steps.
-    Eval {
-        #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
-        checkpoint: PathBuf,
-        #[arg(long, default_value = "datasets/shapes/eval.jsonl")]
-        prompts: PathBuf,
-        /// Comma-separated step counts.
-        #[arg(long, default_value = "1,2,4,40", value_delimiter = ',')]
-        steps: Vec<usize>,
-        #[arg(long, default_value = "euler", value_parser = ["euler", "tafs"])]
-        sampler: String,
-        /// TAFS temperature (of the first re-noising when --tau-end is given).
-        #[arg(long, default_value_t = 1.0)]
-        tau: f32,
-        /// TAFS temperature at step K: linear from --tau, like the pipelines'
-        /// `tau: {schedule: linear, start, end}` (default: constant --tau).
-        #[arg(long)]
-        tau_end: Option<f32>,
-        #[arg(long, default_value_t = 1.0)]
-        cfg: f32,
-        /// Prompts per split and category (0 = all).
-        #[arg(long, default_value_t = 0)]
-        limit: usize,
-        /// Also write the table to FILE: CSV, or Parquet when FILE ends in `.parquet`.
-        #[arg(long, value_name = "FILE")]
-        csv: Option<PathBuf>,
-        #[arg(long, default_value = "flex")]
-        device: String,
-    },
+    ///
+    /// The model (`--checkpoint`) is the ShapeWorld UNet's checkpoint (the default) or an SD3 /
+    /// SD3.5 model: a diffusers pipeline folder (model_index.json, transformer/, vae/,
+    /// scheduler/), a transformer folder, or a flowrun checkpoint of an `arch: sd3` policy (a
+    /// run's checkpoints/iter-N/… model.safetensors, or that checkpoint folder).
+    ///
+    /// ShapeWorld: the prompts are `--prompt` texts; the grid has a row of `--seeds` 32×32
+    /// images per prompt, and the verifier's count of correct images is printed.
+    ///
+    /// SD3: the prompts come from `--embeddings FILE` (scripts/encode_prompts.py): `--prompt
+    /// TEXT` picks a prompt by its text, `--prompt-id` by row or id, and without either the
+    /// first `--num-prompts` (4) are drawn. Each image starts from its own seeded noise (from
+    /// --seed, the prompt's row and the image's index; or `--latents FILE`), is sampled on
+    /// diffusers' FlowMatchEulerDiscreteScheduler sigmas with `--shift` (the pipeline's
+    /// scheduler_config.json, else 3.0) — `euler` is StableDiffusion3Pipeline's loop, `tafs`
+    /// the TAFS pipelines' rollout at those K sigmas — with CFG against the file's negative
+    /// prompt, and decoded by the VAE (`--vae`, default the pipeline's vae/) at `--height` ×
+    /// `--width` pixels (default: the transformer's sample_size × the VAE's scale factor). The
+    /// grid has a row per prompt, labelled with its text, of `--seeds` images each (small
+    /// images enlarged to 64 px). `--save-latents FILE` also writes the initial and the sampled
+    /// latents and the decoded images (`--latents` reads that file back).
+    ///
+    /// Example: flowrun sample --checkpoint models/sd3.5-medium --embeddings
+    /// embeds/eval.safetensors --prompt "a photo of a cat" --sampler euler --steps 28 --cfg 4.5
+    /// --seeds 4 --out cat.png
+    Sample(tools::SampleArgs),
+    /// Verifier accuracy (ShapeWorld) or mean reward (SD3) of a checkpoint per step count.
+    ///
+    /// The model (`--checkpoint`) is as for `flowrun sample`.
+    ///
+    /// ShapeWorld: every prompt of `--prompts` is sampled once per step count (fixed noise)
+    /// and checked by the verifier: accuracy per category, held-out and overall.
+    ///
+    /// SD3: every prompt of `--embeddings` (or `--limit` per category) is sampled once per
+    /// step count from fixed noise (seed 1234; the same noise for every step count), decoded
+    /// by the VAE and scored by `--reward compressibility|incompressibility` or a reward
+    /// server (`--reward-url`): the mean ± std (population) of the rewards per step count,
+    /// overall and per prompt category when the file's metadata has one (`category`, or
+    /// GenEval's `tag`). `--csv` columns: category, steps, n, reward_mean, reward_std.
+    ///
+    /// Example: flowrun eval --checkpoint runs/tafs_grpo_sd3-…/checkpoints/iter-000100 --vae
+    /// models/sd3.5-medium --embeddings embeds/eval.safetensors --steps 1,2,4 --sampler tafs
+    /// --cfg 4.5 --reward-url http://127.0.0.1:8000/score --csv eval.csv
+    Eval(tools::EvalArgs),
     /// Velocity v_θ(x_t, t, c) of a model on inputs from a safetensors file (cross-checks).
     ///
     /// The model (`--checkpoint`) is a flowrun checkpoint — the ShapeWorld UNet, or an SD3 model
@@ -401,52 +387,8 @@ fn main() -> ExitCode {
             batch,
             repeats.max(1),
         )),
-        Some(Command::Sample {
-            checkpoint,
-            prompt,
-            steps,
-            sampler,
-            tau,
-            tau_end,
-            cfg,
-            seeds,
-            seed,
-            out,
-            device,
-        }) => report(tools::sample(
-            &checkpoint,
-            &prompt,
-            steps,
-            &sampler,
-            (tau, tau_end.unwrap_or(tau)),
-            cfg,
-            seeds,
-            seed,
-            &out,
-            &device,
-        )),
-        Some(Command::Eval {
-            checkpoint,
-            prompts,
-            steps,
-            sampler,
-            tau,
-            tau_end,
-            cfg,
-            limit,
-            csv,
-            device,
-        }) => report(tools::eval(
-            &checkpoint,
-            &prompts,
-            &steps,
-            &sampler,
-            (tau, tau_end.unwrap_or(tau)),
-            cfg,
-            limit,
-            csv.as_deref(),
-            &device,
-        )),
+        Some(Command::Sample(args)) => report(tools::sample(&args)),
+        Some(Command::Eval(args)) => report(tools::eval(&args)),
         Some(Command::Bench(args)) => report(bench::run(&args)),
         Some(Command::Export {
             checkpoint,

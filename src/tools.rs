@@ -18,6 +18,8 @@ use nodes::world::{self, IMAGE_LEN, PromptRecord};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::sd3_tools;
+
 fn load(checkpoint: &Path, dev: &str) -> Result<(nodes::model::FlowModel, burn::tensor::Device)> {
     let kind = parse_device(dev).map_err(anyhow::Error::msg)?;
     let device = device(kind);
@@ -41,9 +43,143 @@ fn check_tau(tau: (f32, f32)) -> Result<()> {
     Ok(())
 }
 
+/// `flowrun sample`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SampleArgs {
+    /// The model: the ShapeWorld UNet's checkpoint, or an SD3 / SD3.5 model (a diffusers
+    /// pipeline or transformer folder, or a flowrun checkpoint of an `arch: sd3` policy).
+    #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+    pub checkpoint: PathBuf,
+    /// A prompt (repeatable). ShapeWorld: its text, e.g. "two red circles" (at least one).
+    /// SD3: a prompt of --embeddings, by its text (exactly, else ignoring case and spacing).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    #[arg(long, default_value_t = 4)]
+    pub steps: usize,
+    #[arg(long, default_value = "tafs", value_parser = ["euler", "tafs"])]
+    pub sampler: String,
+    /// TAFS temperature (of the first re-noising when --tau-end is given).
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f32,
+    /// TAFS temperature at step K: linear from --tau, like the pipelines'
+    /// `tau: {schedule: linear, start, end}` (default: constant --tau).
+    #[arg(long)]
+    pub tau_end: Option<f32>,
+    /// Classifier-free guidance scale (1 = off). SD3 guides with the embeddings file's negative
+    /// (empty) prompt; SD3.5 is usually sampled at 4.5 (Flow-GRPO's setting), SD3 Medium at 7
+    /// (diffusers' default).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg: f32,
+    /// Images per prompt.
+    #[arg(long, default_value_t = 8)]
+    pub seeds: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value = "grid.png")]
+    pub out: PathBuf,
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// A prompt of --embeddings by its row (0-based: the .jsonl sidecar's `index`) or its
+    /// metadata `id` (repeatable; after the --prompt ones).
+    #[arg(long, value_name = "ID", help_heading = sd3_tools::HEADING)]
+    pub prompt_id: Vec<String>,
+    /// Without --prompt and --prompt-id: the first N prompts of --embeddings [default: 4].
+    #[arg(long, value_name = "N", help_heading = sd3_tools::HEADING)]
+    pub num_prompts: Option<usize>,
+    #[command(flatten)]
+    pub sd3: sd3_tools::Sd3Opts,
+    /// Start from these latents instead of seeded noise, as diffusers' pipeline's `latents`
+    /// argument: a safetensors file with `latents` [B, C, h, w] (float32, float16, bfloat16),
+    /// B = prompts × --seeds, prompt by prompt; the image size is theirs. TAFS's fresh noise
+    /// is --seed's, as without --latents.
+    #[arg(long, value_name = "FILE", help_heading = sd3_tools::HEADING)]
+    pub latents: Option<PathBuf>,
+    /// Also write the initial `latents` (what --latents reads: the run is reproduced from
+    /// this file), the `sampled` latents [B, C, h, w] and the decoded `images` [B, 3, H, W] in
+    /// [-1, 1], as float32 safetensors.
+    #[arg(long, value_name = "FILE", help_heading = sd3_tools::HEADING)]
+    pub save_latents: Option<PathBuf>,
+}
+
+/// Whether a model source holds the ShapeWorld UNet (any flowrun checkpoint that is not SD3).
+fn is_unet(source: &ModelSource) -> bool {
+    matches!(source, ModelSource::Checkpoint { arch } if arch.as_deref() != Some(Sd3Transformer::ARCH))
+}
+
+/// Refuses SD3-only flags for the ShapeWorld UNet.
+fn reject_sd3_flags(checkpoint: &Path, flags: &[&str]) -> Result<()> {
+    if !flags.is_empty() {
+        bail!(
+            "{} {} for SD3 models; {} holds the ShapeWorld UNet",
+            flags.join(", "),
+            if flags.len() == 1 { "is" } else { "are" },
+            checkpoint.display()
+        );
+    }
+    Ok(())
+}
+
+/// `flowrun sample`: the ShapeWorld UNet's grid, or an SD3 model's ([`sd3_tools::sample`]).
+pub fn sample(a: &SampleArgs) -> Result<()> {
+    let tau = (a.tau, a.tau_end.unwrap_or(a.tau));
+    check_tau(tau)?;
+    let (checkpoint, source) = model_source(&a.checkpoint)?;
+    if is_unet(&source) {
+        let mut flags = a.sd3.given();
+        for (f, on) in [
+            ("--prompt-id", !a.prompt_id.is_empty()),
+            ("--num-prompts", a.num_prompts.is_some()),
+            ("--latents", a.latents.is_some()),
+            ("--save-latents", a.save_latents.is_some()),
+        ] {
+            if on {
+                flags.push(f);
+            }
+        }
+        reject_sd3_flags(&checkpoint, &flags)?;
+        if a.prompt.is_empty() {
+            bail!("give at least one --prompt, e.g. --prompt \"two red circles\"");
+        }
+        return sample_unet(
+            &checkpoint,
+            &a.prompt,
+            a.steps,
+            &a.sampler,
+            tau,
+            a.cfg,
+            a.seeds,
+            a.seed,
+            &a.out,
+            &a.device,
+        );
+    }
+    sd3_tools::sample(
+        &checkpoint,
+        &source,
+        &a.sd3,
+        &sd3_tools::SampleSd3 {
+            prompts: &a.prompt,
+            prompt_ids: &a.prompt_id,
+            num_prompts: a.num_prompts,
+            seeds: a.seeds,
+            seed: a.seed,
+            out: &a.out,
+            latents: a.latents.as_deref(),
+            save_latents: a.save_latents.as_deref(),
+        },
+        sd3_tools::Sampler {
+            name: &a.sampler,
+            steps: a.steps,
+            tau,
+            cfg: a.cfg,
+        },
+        &a.device,
+    )
+}
+
 /// Sample `seeds` images per prompt and write them as a PNG grid (one row per prompt).
 #[allow(clippy::too_many_arguments)]
-pub fn sample(
+fn sample_unet(
     checkpoint: &Path,
     prompts: &[String],
     steps: usize,
@@ -55,7 +191,6 @@ pub fn sample(
     out: &Path,
     dev: &str,
 ) -> Result<()> {
-    check_tau(tau)?;
     let (model, device) = load(checkpoint, dev)?;
     let mut records = Vec::new();
     for p in prompts {
@@ -97,9 +232,123 @@ pub fn sample(
     Ok(())
 }
 
+/// The ShapeWorld evaluation prompts `flowrun eval` reads by default.
+pub const EVAL_PROMPTS: &str = "datasets/shapes/eval.jsonl";
+
+/// `flowrun eval`'s flags.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EvalArgs {
+    /// The model: the ShapeWorld UNet's checkpoint, or an SD3 / SD3.5 model (a diffusers
+    /// pipeline or transformer folder, or a flowrun checkpoint of an `arch: sd3` policy).
+    #[arg(long, default_value = "checkpoints/shapes-small.safetensors")]
+    pub checkpoint: PathBuf,
+    /// ShapeWorld: the evaluation prompts (JSONL with targets) [default:
+    /// datasets/shapes/eval.jsonl]. SD3 reads --embeddings instead.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// Comma-separated step counts.
+    #[arg(long, default_value = "1,2,4,40", value_delimiter = ',')]
+    pub steps: Vec<usize>,
+    #[arg(long, default_value = "euler", value_parser = ["euler", "tafs"])]
+    pub sampler: String,
+    /// TAFS temperature (of the first re-noising when --tau-end is given).
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f32,
+    /// TAFS temperature at step K: linear from --tau, like the pipelines'
+    /// `tau: {schedule: linear, start, end}` (default: constant --tau).
+    #[arg(long)]
+    pub tau_end: Option<f32>,
+    /// Classifier-free guidance scale (1 = off; for SD3 see `flowrun sample --help`).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg: f32,
+    /// Prompts per split and category (0 = all); SD3: per metadata category (`category`, or
+    /// GenEval's `tag`).
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    /// Also write the table to FILE: CSV, or Parquet when FILE ends in `.parquet`.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    #[arg(long, default_value = "flex")]
+    pub device: String,
+    /// Score the decoded images with a built-in reward: DDPO's JPEG compressibility (reward =
+    /// −kB at quality 95) or incompressibility (+kB).
+    #[arg(long, value_name = "NAME", value_parser = ["compressibility", "incompressibility"],
+          help_heading = sd3_tools::HEADING)]
+    pub reward: Option<String>,
+    /// Score the decoded images with a reward server (the `http_reward` protocol,
+    /// flowrun-reward/1: PNG images, 32 per request, 60 s timeout, 3 retries; README "Reward
+    /// plug-ins").
+    #[arg(long, value_name = "URL", help_heading = sd3_tools::HEADING)]
+    pub reward_url: Option<String>,
+    #[command(flatten)]
+    pub sd3: sd3_tools::Sd3Opts,
+}
+
+/// `flowrun eval`: the ShapeWorld verifier's accuracy table, or an SD3 model's rewards
+/// ([`sd3_tools::eval`]).
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    let tau = (a.tau, a.tau_end.unwrap_or(a.tau));
+    check_tau(tau)?;
+    let (checkpoint, source) = model_source(&a.checkpoint)?;
+    if is_unet(&source) {
+        let mut flags = a.sd3.given();
+        for (f, on) in [
+            ("--reward", a.reward.is_some()),
+            ("--reward-url", a.reward_url.is_some()),
+        ] {
+            if on {
+                flags.push(f);
+            }
+        }
+        reject_sd3_flags(&checkpoint, &flags)?;
+        let prompts = a
+            .prompts
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(EVAL_PROMPTS));
+        return eval_unet(
+            &checkpoint,
+            &prompts,
+            &a.steps,
+            &a.sampler,
+            tau,
+            a.cfg,
+            a.limit,
+            a.csv.as_deref(),
+            &a.device,
+        );
+    }
+    if let Some(p) = &a.prompts {
+        bail!(
+            "--prompts {} is a ShapeWorld prompt file; {} is an SD3 model, which reads encoded \
+             prompts from --embeddings",
+            p.display(),
+            checkpoint.display()
+        );
+    }
+    let reward = sd3_tools::Reward::parse(a.reward.as_deref(), a.reward_url.as_deref())?;
+    sd3_tools::eval(
+        &checkpoint,
+        &source,
+        &a.sd3,
+        &sd3_tools::EvalSd3 {
+            reward,
+            steps: &a.steps,
+            limit: a.limit,
+            csv: a.csv.as_deref(),
+        },
+        sd3_tools::Sampler {
+            name: &a.sampler,
+            steps: 1,
+            tau,
+            cfg: a.cfg,
+        },
+        &a.device,
+    )
+}
+
 /// Verifier accuracy per category and step count; optionally written as CSV.
 #[allow(clippy::too_many_arguments)]
-pub fn eval(
+fn eval_unet(
     checkpoint: &Path,
     prompts: &Path,
     steps: &[usize],
@@ -110,7 +359,6 @@ pub fn eval(
     csv: Option<&Path>,
     dev: &str,
 ) -> Result<()> {
-    check_tau(tau)?;
     let (model, device) = load(checkpoint, dev)?;
     let mut records = load_prompts(prompts)?;
     if limit > 0 {
@@ -255,7 +503,7 @@ fn read_token_ids(
 }
 
 /// What a `--checkpoint` path names.
-enum ModelSource {
+pub(crate) enum ModelSource {
     /// A flowrun checkpoint file, with the architecture its header names (`None`: not readable
     /// as safetensors; the loader says why).
     Checkpoint { arch: Option<String> },
@@ -285,7 +533,7 @@ fn flowrun_models_in(dir: &Path) -> Vec<PathBuf> {
 /// except a directory with no such config that holds one flowrun `model.safetensors` (itself,
 /// or a run checkpoint's `resources/<name>/`): that file is meant. Anything else is a flowrun
 /// checkpoint file. Returns the file or folder meant.
-fn model_source(path: &Path) -> Result<(PathBuf, ModelSource)> {
+pub(crate) fn model_source(path: &Path) -> Result<(PathBuf, ModelSource)> {
     if path.is_dir() {
         let is_diffusers =
             path.join("config.json").exists() || path.join("model_index.json").exists();
@@ -331,7 +579,7 @@ fn model_source(path: &Path) -> Result<(PathBuf, ModelSource)> {
 }
 
 /// An SD3 transformer from a diffusers folder or a flowrun checkpoint of one.
-fn load_sd3(
+pub(crate) fn load_sd3(
     checkpoint: &Path,
     source: &ModelSource,
     device: &burn::tensor::Device,
@@ -456,7 +704,7 @@ const SD3_INPUTS: &str = "`latents` [B, C, H, W], `t` [B] (σ in [0, 1]), `promp
 
 /// Tensor `name` of an inputs file as f32 (stored as F32, F16, BF16 or F64), or `None` when
 /// the file has no such tensor.
-fn input_f32(
+pub(crate) fn input_f32(
     file: &nodes::model::checkpoint::SafetensorsFile,
     name: &str,
 ) -> Result<Option<(Vec<usize>, Vec<f32>)>> {

@@ -84,6 +84,91 @@ fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
     y
 }
 
+/// The scheduler of a diffusers pipeline folder, as `flowrun sample`/`eval` read it from
+/// `scheduler/scheduler_config.json`: the `FlowMatchEulerDiscreteScheduler` settings that
+/// [`sigmas`] reproduces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// `shift` (diffusers' default 1.0; SD3 and SD3.5 ship 3.0).
+    pub shift: f64,
+    /// `num_train_timesteps` (default 1000).
+    pub num_train_timesteps: u32,
+    /// The file read.
+    pub path: std::path::PathBuf,
+}
+
+/// `dir/scheduler/scheduler_config.json` of a diffusers pipeline folder, or `None` when the
+/// folder has none. An error, naming the file and the field, when it is not a
+/// `FlowMatchEulerDiscreteScheduler` or sets an option [`sigmas`] does not reproduce
+/// (dynamic shifting, a terminal shift, Karras/exponential/beta sigmas, inverted sigmas,
+/// stochastic sampling).
+pub fn read_scheduler_config(dir: &std::path::Path) -> anyhow::Result<Option<SchedulerConfig>> {
+    use anyhow::{Context, bail};
+    use serde_json::Value;
+    let path = dir.join("scheduler").join("scheduler_config.json");
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let shown = path.display();
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {shown}"))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{shown} is not valid JSON"))?;
+    let Value::Object(m) = v else {
+        bail!("{shown} is not a JSON object");
+    };
+    const CLASS: &str = "FlowMatchEulerDiscreteScheduler";
+    match m.get("_class_name") {
+        None => {}
+        Some(Value::String(c)) if c == CLASS => {}
+        Some(other) => bail!(
+            "{shown}: the scheduler is {other}; flowrun samples with {CLASS}'s schedule (SD3,              SD3.5): give --shift to use it anyway"
+        ),
+    }
+    let shift = match m.get("shift") {
+        None => 1.0,
+        Some(Value::Number(n)) => n.as_f64().unwrap_or(f64::NAN),
+        Some(other) => bail!("{shown}: `shift` is {other}, not a number"),
+    };
+    if !(shift.is_finite() && shift > 0.0) {
+        bail!("{shown}: `shift` must be a positive number");
+    }
+    let num_train_timesteps = match m.get("num_train_timesteps") {
+        None => 1000,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(t) if (1..=1 << 24).contains(&t) => t as u32,
+            _ => bail!("{shown}: `num_train_timesteps` must be an integer in 1..=16777216"),
+        },
+        Some(other) => bail!("{shown}: `num_train_timesteps` is {other}, not a number"),
+    };
+    // Options that change the sigmas: off (false / null) in SD3's and SD3.5's configs.
+    for key in [
+        "use_dynamic_shifting",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "invert_sigmas",
+        "stochastic_sampling",
+    ] {
+        match m.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+            Some(other) => bail!(
+                "{shown}: `{key}` is {other}; flowrun's schedule is the plain shifted one                  (SD3, SD3.5): give --shift to sample with that anyway"
+            ),
+        }
+    }
+    match m.get("shift_terminal") {
+        None | Some(Value::Null) => {}
+        Some(other) => bail!(
+            "{shown}: `shift_terminal` is {other}; flowrun's schedule has no terminal shift              (SD3, SD3.5): give --shift to sample without it"
+        ),
+    }
+    Ok(Some(SchedulerConfig {
+        shift,
+        num_train_timesteps,
+        path,
+    }))
+}
+
 const DOC: &str = "\
 The sigmas of diffusers' FlowMatchEulerDiscreteScheduler(shift, num_train_timesteps) after
 set_timesteps(N), N being the repeat block's `count`, exactly as float32 (SD3 and Flow-GRPO

@@ -123,27 +123,20 @@ pub fn register(r: &mut Registry) {
         resources: vec![],
         factory: |ctx| {
             let p = ctx.params;
-            let url = p.str("url")?.to_string();
-            if let Err(m) = check_url(&url) {
-                bail!("http_reward `{}`: {m}", ctx.id);
-            }
-            let timeout = Duration::from_secs_f64(p.f64("timeout_s")?);
-            let agent: ureq::Agent = ureq::Agent::config_builder()
-                .timeout_global(Some(timeout))
-                .http_status_as_error(false)
-                .build()
-                .into();
+            let client = RewardClient::new(
+                p.str("url")?,
+                Encoding::parse(p.str("encoding")?)?,
+                p.usize("batch_size")?,
+                p.usize("concurrency")?,
+                p.f64("timeout_s")?,
+                p.usize("retries")?,
+                p.f64("backoff_s")?,
+            )
+            .map_err(|e| anyhow!("http_reward `{}`: {e}", ctx.id))?;
             Ok(Box::new(HttpReward {
-                url,
-                encoding: Encoding::parse(p.str("encoding")?)?,
-                batch_size: p.usize("batch_size")?,
-                concurrency: p.usize("concurrency")?,
-                timeout,
-                retries: p.usize("retries")?,
-                backoff_s: p.f64("backoff_s")?,
+                client,
                 on_nonfinite: OnNonFinite::from_params(p)?,
                 step: ctx.step.map_or(0, |s| s.0),
-                agent,
             }))
         },
     });
@@ -213,6 +206,14 @@ impl Encoding {
 }
 
 struct HttpReward {
+    client: RewardClient,
+    on_nonfinite: OnNonFinite,
+    step: usize,
+}
+
+/// A client of a `flowrun-reward/1` server: what the `http_reward` node sends and how it
+/// retries, usable outside a pipeline (`flowrun eval`).
+pub struct RewardClient {
     url: String,
     encoding: Encoding,
     batch_size: usize,
@@ -220,9 +221,20 @@ struct HttpReward {
     timeout: Duration,
     retries: usize,
     backoff_s: f64,
-    on_nonfinite: OnNonFinite,
-    step: usize,
     agent: ureq::Agent,
+}
+
+/// What a server answered for a batch: the scores as sent (f64; a non-finite score is NaN or
+/// ±inf), one per image, and the named sub-scores.
+pub struct ServerScores {
+    pub scores: Vec<f64>,
+    pub subs: BTreeMap<String, Vec<f64>>,
+    /// Requests sent (one per `batch_size` images).
+    pub requests: usize,
+    /// Retries made.
+    pub retries: usize,
+    /// Wall time of the requests.
+    pub wall_s: f64,
 }
 
 /// Scores of one request: `scores[i]`, and `subs[name][i]`.
@@ -238,7 +250,51 @@ enum Failure {
     Fatal(String),
 }
 
-impl HttpReward {
+impl RewardClient {
+    /// A client of the server at `url` (a plain `http://` URL, see [`check_url`]), sending
+    /// `batch_size` images per request in `encoding`, `concurrency` requests in flight, each
+    /// limited to `timeout_s` and retried `retries` times after `backoff_s·2^(n−1)`.
+    pub fn new(
+        url: &str,
+        encoding: Encoding,
+        batch_size: usize,
+        concurrency: usize,
+        timeout_s: f64,
+        retries: usize,
+        backoff_s: f64,
+    ) -> Result<Self> {
+        check_url(url).map_err(anyhow::Error::msg)?;
+        if batch_size == 0 || concurrency == 0 {
+            bail!("batch_size and concurrency must be at least 1");
+        }
+        let timing_ok =
+            timeout_s.is_finite() && timeout_s > 0.0 && backoff_s.is_finite() && backoff_s >= 0.0;
+        if !timing_ok {
+            bail!("timeout_s must be > 0 and backoff_s >= 0");
+        }
+        let timeout = Duration::from_secs_f64(timeout_s);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(RewardClient {
+            url: url.to_string(),
+            encoding,
+            batch_size,
+            concurrency,
+            timeout,
+            retries,
+            backoff_s,
+            agent,
+        })
+    }
+
+    /// The server's URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Describe items `range` of the batch for error messages.
     fn items(prompts: &PromptBatch, range: std::ops::Range<usize>) -> String {
         let ids: Vec<&str> = prompts.records[range.clone()]
@@ -429,20 +485,26 @@ fn item_of(msg: &str) -> Option<usize> {
     msg[open..close].parse().ok()
 }
 
-impl Node for HttpReward {
-    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
-        let images = inputs.get::<Images>("images")?;
-        let prompts = inputs.get::<PromptBatch>("prompts")?;
-        let (pixels, height, width) = images
-            .rgb("images")
-            .map_err(|e| anyhow!("http_reward `{}`: {e}", ctx.id))?;
+impl RewardClient {
+    /// Scores `pixels` (B CHW [3, height, width] images in [-1, 1], B = `prompts.len()`),
+    /// sending each image with its prompt; `at` = (iteration, step, t) as the requests state
+    /// them. Errors name the URL, the item (prompt id) and `where_` (e.g. "at iteration 3,
+    /// step 2").
+    pub fn score(
+        &self,
+        pixels: &[f32],
+        (height, width): (usize, usize),
+        prompts: &PromptBatch,
+        (iteration, step, t): (u64, usize, f32),
+        where_: &str,
+    ) -> Result<ServerScores> {
         let len = 3 * height * width;
         let b = prompts.len();
-        if images.batch() != b {
+        if pixels.len() != b * len {
             bail!(
-                "http_reward `{}`: got {} images for {b} prompts",
-                ctx.id,
-                images.batch()
+                "reward server {}: {} values for {b} images of 3×{height}×{width}",
+                self.url,
+                pixels.len()
             );
         }
         let ranges: Vec<std::ops::Range<usize>> = (0..b)
@@ -450,7 +512,6 @@ impl Node for HttpReward {
             .map(|s| s..(s + self.batch_size).min(b))
             .collect();
         let url = &self.url;
-        let where_ = format!("at iteration {}, step {}", ctx.iteration, self.step);
         // Bodies are built up front (encoding errors are ours, not the server's).
         let mut bodies = Vec::with_capacity(ranges.len());
         for r in &ranges {
@@ -476,9 +537,9 @@ impl Node for HttpReward {
             bodies.push(
                 json!({
                     "protocol": PROTOCOL,
-                    "iteration": ctx.iteration,
-                    "step": self.step,
-                    "t": images.t,
+                    "iteration": iteration,
+                    "step": step,
+                    "t": t,
                     "encoding": self.encoding.name(),
                     "height": height,
                     "width": width,
@@ -543,6 +604,42 @@ impl Node for HttpReward {
                 all[range.clone()].copy_from_slice(&vs);
             }
         }
+        Ok(ServerScores {
+            scores: sent,
+            subs,
+            requests: ranges.len(),
+            retries: retries_used.load(Ordering::SeqCst),
+            wall_s: t0.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+impl Node for HttpReward {
+    fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
+        let images = inputs.get::<Images>("images")?;
+        let prompts = inputs.get::<PromptBatch>("prompts")?;
+        let (pixels, height, width) = images
+            .rgb("images")
+            .map_err(|e| anyhow!("http_reward `{}`: {e}", ctx.id))?;
+        let b = prompts.len();
+        if images.batch() != b {
+            bail!(
+                "http_reward `{}`: got {} images for {b} prompts",
+                ctx.id,
+                images.batch()
+            );
+        }
+        let url = self.client.url();
+        let where_ = format!("at iteration {}, step {}", ctx.iteration, self.step);
+        let scored = self.client.score(
+            &pixels,
+            (height, width),
+            prompts,
+            (ctx.iteration, self.step, images.t),
+            &where_,
+        )?;
+        let sent = &scored.scores;
+        let subs = &scored.subs;
         // A finite score beyond f32's range becomes ±inf here, and is treated as non-finite.
         let mut values: Vec<f32> = sent.iter().map(|&v| v as f32).collect();
         let mut bad = 0;
@@ -564,7 +661,7 @@ impl Node for HttpReward {
                 }
             }
         }
-        for (name, vs) in &subs {
+        for (name, vs) in subs {
             let finite: Vec<f64> = vs.iter().copied().filter(|v| v.is_finite()).collect();
             if finite.len() < vs.len() && self.on_nonfinite == OnNonFinite::Error {
                 let i = vs.iter().position(|v| !v.is_finite()).unwrap_or(0);
@@ -588,10 +685,10 @@ impl Node for HttpReward {
             ..Rewards::default()
         };
         log_metrics(ctx, &r);
-        ctx.metric("requests", ranges.len() as f64);
-        ctx.metric("retries", retries_used.load(Ordering::SeqCst) as f64);
+        ctx.metric("requests", scored.requests as f64);
+        ctx.metric("retries", scored.retries as f64);
         ctx.metric("nonfinite", bad as f64);
-        ctx.metric("request_wall_s", t0.elapsed().as_secs_f64());
+        ctx.metric("request_wall_s", scored.wall_s);
         Ok(Outputs::new().with("rewards", r))
     }
 }

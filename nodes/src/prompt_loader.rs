@@ -333,27 +333,9 @@ enum Source {
 impl Source {
     fn embedded(path: &Path, category: Option<&str>, limit: usize) -> Result<Source> {
         let store = PromptEmbeddings::open(path)?;
-        let mut prompts = Vec::new();
-        for i in 0..store.len() {
-            let metadata = match store.metadata(i) {
-                serde_json::Value::Object(m) => m.clone(),
-                _ => serde_json::Map::new(),
-            };
-            let id = metadata
-                .get("id")
-                .and_then(|v| v.as_str())
-                .map_or_else(|| format!("{i:06}"), str::to_string);
-            let prompt = Prompt {
-                id,
-                prompt: store.text(i).to_string(),
-                metadata,
-                shapes: None,
-                embedding_row: Some(i),
-            };
-            if category.is_some_and(|c| prompt.category() != c) {
-                continue;
-            }
-            prompts.push(Arc::new(prompt));
+        let mut prompts = embedded_prompts(&store);
+        if let Some(c) = category {
+            prompts.retain(|p| p.category() == c);
         }
         if let Some(cat) = category
             && prompts.is_empty()
@@ -395,6 +377,30 @@ impl Source {
             }
         }
     }
+}
+
+/// Every prompt of an embeddings store, in row order: its text, its metadata, and its id (the
+/// metadata's `id`, else the row number as six digits, `000042`).
+pub fn embedded_prompts(store: &PromptEmbeddings) -> Vec<Arc<Prompt>> {
+    (0..store.len())
+        .map(|i| {
+            let metadata = match store.metadata(i) {
+                serde_json::Value::Object(m) => m.clone(),
+                _ => serde_json::Map::new(),
+            };
+            let id = metadata
+                .get("id")
+                .and_then(|v| v.as_str())
+                .map_or_else(|| format!("{i:06}"), str::to_string);
+            Arc::new(Prompt {
+                id,
+                prompt: store.text(i).to_string(),
+                metadata,
+                shapes: None,
+                embedding_row: Some(i),
+            })
+        })
+        .collect()
 }
 
 /// The batch of encoded `prompts` (each repeated `group` times) with their embeddings, one

@@ -15,7 +15,10 @@ use runner::{
 };
 
 use crate::flow_model::{FlowModelRes, TYPE};
-use crate::model::{FlowModel, sample_euler, sample_standard_normal, tensor_from_vec};
+use crate::grpo::LinearGaussian;
+use crate::model::{
+    Conditioning, FlowModel, VelocityModel, sample_euler, sample_standard_normal, tensor_from_vec,
+};
 use crate::prompt_loader::{load_prompts, make_batch};
 use crate::types::to_vec;
 use crate::world::{self, IMAGE_LEN, PromptRecord};
@@ -154,6 +157,48 @@ pub fn sample_tafs(
         }
     }
     x0
+}
+
+/// TAFS sampling of any [`VelocityModel`] on a given schedule, step for step as the TAFS
+/// pipelines' nodes compute it (`one_step_sampler`, then `annealed_renoiser`'s Gaussian step):
+/// at each prediction time `ts[k]` (K values, decreasing, `ts[0]` the noise's time) x̂0 =
+/// x − t·v_cfg(x, t); before the next step, x ← a·x + b·v + std·ε with the kernel of
+/// [`LinearGaussian::tafs`]`(ts[k], ts[k+1], τ_k)`, τ_k = [`tau_at`]`(tau, k, K)`, and ε from
+/// `fresh` (standard-normal, the state's shape). Returns the last x̂0.
+///
+/// noise: [B, C, H, W], cond: batch B → [B, C, H, W]
+pub fn sample_tafs_schedule<M: VelocityModel>(
+    model: &M,
+    noise: Tensor<4>,
+    cond: &Conditioning,
+    ts: &[f32],
+    tau: (f32, f32),
+    cfg: f32,
+    fresh: &mut dyn FnMut() -> Result<Tensor<4>>,
+) -> Result<Tensor<4>> {
+    if ts.is_empty() {
+        anyhow::bail!("TAFS needs at least one timestep");
+    }
+    let [b, _, _, _] = noise.dims();
+    let device = noise.device();
+    let steps = ts.len();
+    let mut x = noise;
+    let mut x0 = x.clone();
+    for (k, &t) in ts.iter().enumerate() {
+        let tt = Tensor::<1>::full([b], t, &device);
+        let v = model.velocity_cfg(x.clone(), tt, cond, cfg)?;
+        x0 = x.clone() - v.clone().mul_scalar(t);
+        if let Some(&tn) = ts.get(k + 1) {
+            let kernel = LinearGaussian::tafs(t, tn, tau_at(tau, k, steps))?;
+            let mean = x.mul_scalar(kernel.a) + v.mul_scalar(kernel.b);
+            x = if kernel.is_stochastic() {
+                mean + fresh()?.mul_scalar(kernel.std)
+            } else {
+                mean
+            };
+        }
+    }
+    Ok(x0)
 }
 
 /// Accuracy results: (steps, category or "all"/"heldout") → (correct, total).

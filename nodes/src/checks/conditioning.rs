@@ -6,7 +6,7 @@ use std::path::Path;
 
 use runner::{Diagnostics, Pipeline};
 
-use crate::model::sd3::read_config;
+use crate::model::sd3::{Sd3Config, read_config};
 use crate::model::text_embeddings::PromptEmbeddings;
 
 pub fn check(p: &Pipeline) -> Diagnostics {
@@ -49,21 +49,9 @@ pub fn check(p: &Pipeline) -> Diagnostics {
                     else {
                         continue;
                     };
-                    let (d, q) = (store.dim(), store.pooled_dim());
-                    if d != cfg.joint_attention_dim || q != cfg.pooled_projection_dim {
-                        diags.push(n.params.error(
-                            "embeddings",
-                            format!(
-                                "{emb} holds embeddings of width {d} (pooled {q}), but the \
-                                 transformer of `{}` ({}) reads joint_attention_dim {} \
-                                 (pooled_projection_dim {}): encode the prompts with this \
-                                 model's text encoders",
-                                r.name,
-                                config_path.display(),
-                                cfg.joint_attention_dim,
-                                cfg.pooled_projection_dim
-                            ),
-                        ));
+                    let model = format!("`{}` ({})", r.name, config_path.display());
+                    if let Some(msg) = width_mismatch(emb, &store, &model, &cfg) {
+                        diags.push(n.params.error("embeddings", msg));
                     }
                 }
                 (_, Some(_)) => diags.push(n.params.error(
@@ -79,4 +67,24 @@ pub fn check(p: &Pipeline) -> Diagnostics {
         }
     }
     diags
+}
+
+/// Why the prompt embeddings `store` (named `emb` in the message) cannot condition the SD3
+/// transformer `config` (`model` describes it, e.g. "`policy` (models/x/transformer/config.json)"):
+/// their widths are not its `joint_attention_dim` / `pooled_projection_dim`. `None` when they fit.
+pub fn width_mismatch(
+    emb: &str,
+    store: &PromptEmbeddings,
+    model: &str,
+    config: &Sd3Config,
+) -> Option<String> {
+    let (d, q) = (store.dim(), store.pooled_dim());
+    (d != config.joint_attention_dim || q != config.pooled_projection_dim).then(|| {
+        format!(
+            "{emb} holds embeddings of width {d} (pooled {q}), but the transformer of {model} \
+             reads joint_attention_dim {} (pooled_projection_dim {}): encode the prompts with \
+             this model's text encoders",
+            config.joint_attention_dim, config.pooled_projection_dim
+        )
+    })
 }

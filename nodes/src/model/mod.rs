@@ -148,6 +148,43 @@ pub fn sample_euler<M: VelocityModel>(
     Ok(x)
 }
 
+/// Deterministic Euler sampler on a given schedule, as diffusers'
+/// `FlowMatchEulerDiscreteScheduler.step` integrates: `x ← x + (σ_{i+1} − σ_i)·v_cfg(x, σ_i)`
+/// for i = 0 … N−1 over `sigmas` = σ_0 > σ_1 > … > σ_N (N + 1 values, e.g.
+/// [`crate::flow_match_schedule::sigmas`]: σ_0 = 1, σ_N = 0). Returns the last state.
+///
+/// noise: [B, C, H, W], cond: batch B → [B, C, H, W]
+pub fn sample_euler_sigmas<M: VelocityModel>(
+    model: &M,
+    noise: Tensor<4>,
+    cond: &Conditioning,
+    sigmas: &[f32],
+    cfg: f32,
+) -> anyhow::Result<Tensor<4>> {
+    if sigmas.len() < 2 {
+        anyhow::bail!("an Euler schedule needs at least 2 sigmas, got {sigmas:?}");
+    }
+    if let Some(w) = sigmas
+        .windows(2)
+        .find(|w| w[1].partial_cmp(&w[0]) != Some(std::cmp::Ordering::Less))
+    {
+        anyhow::bail!(
+            "the Euler schedule's sigmas must decrease, got {} then {}",
+            w[0],
+            w[1]
+        );
+    }
+    let [b, _, _, _] = noise.dims();
+    let device = noise.device();
+    let mut x = noise;
+    for w in sigmas.windows(2) {
+        let t = Tensor::<1>::full([b], w[0], &device);
+        let v = model.velocity_cfg(x.clone(), t, cond, cfg)?;
+        x = x + v.mul_scalar(w[1] - w[0]);
+    }
+    Ok(x)
+}
+
 /// The device a model's parameters live on.
 pub fn model_device<M: Module>(model: &M) -> Device {
     model

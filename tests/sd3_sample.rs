@@ -84,6 +84,13 @@ fn read(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     SafetensorsFile::read(path).unwrap().get(name).unwrap()
 }
 
+/// Asserts max|Δ|/max|ref| ≤ `tol`: the same images batched with other prompts (batched
+/// kernels may round differently, e.g. libtorch's).
+fn assert_close(got: &[f32], want: &[f32], tol: f64, what: &str) {
+    let e = rel(got, want);
+    assert!(e <= tol, "{what}: max|Δ|/max|ref| = {e:.3e} > {tol:.0e}");
+}
+
 /// Asserts bit-identical values without printing them all.
 fn assert_same(got: &[f32], want: &[f32], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -574,7 +581,7 @@ fn should_write_a_labelled_grid_of_the_right_size_deterministically_for_a_seed()
     let (_, all) = read(&saved, "sampled");
     let (_, one) = read(&alone, "sampled");
     let n = 16 * 8 * 8;
-    assert_same(&one, &all[3 * n..5 * n], "one prompt alone");
+    assert_close(&one, &all[3 * n..5 * n], 1e-5, "one prompt alone");
     // Prompts in the order given: --prompt texts (exactly, else ignoring case and spacing),
     // then --prompt-id (a row, or the metadata's `id`).
     let (_, picked, log) = grid(
@@ -606,11 +613,17 @@ fn should_write_a_labelled_grid_of_the_right_size_deterministically_for_a_seed()
         assert!(log.contains(&format!("row {}: {p} (", i + 1)), "{log}");
     }
     let (_, picked) = read(&picked, "sampled");
-    assert_same(&picked[..n], &all[9 * n..10 * n], "a green tree, image 0");
-    assert_same(&picked[n..2 * n], &all[..n], "a red apple, image 0");
-    assert_same(
+    assert_close(
+        &picked[..n],
+        &all[9 * n..10 * n],
+        1e-5,
+        "a green tree, image 0",
+    );
+    assert_close(&picked[n..2 * n], &all[..n], 1e-5, "a red apple, image 0");
+    assert_close(
         &picked[3 * n..],
         &all[3 * n..4 * n],
+        1e-5,
         "a photo of a cat, image 0",
     );
     // --height/--width in pixels: 24×32 px images enlarged 2× (cells 48×64).

@@ -118,9 +118,9 @@ pub struct BenchArgs {
     pub beta: f32,
     /// With --sd3: measure memory instead of time — per block and per row, the bytes an
     /// autodiff forward's graph holds and the peak resident bytes of a forward and of
-    /// forward + backward, for SD3 blocks and SD3.5 blocks (RMS qk-norm, second attention) of
-    /// the folder's width, at --probe-sides latent sizes with 333 text tokens per 1024 image
-    /// tokens (SD3.5-Medium's ratio at 512 px).
+    /// forward + backward, for SD3 blocks and SD3.5 blocks (RMS qk-norm, without and with the
+    /// second attention) of the folder's width, at --probe-sides latent sizes with 333 text
+    /// tokens per 1024 image tokens (SD3.5-Medium's ratio at 512 px).
     #[arg(long, requires = "sd3")]
     pub memory_probe: bool,
     /// With --memory-probe: latent sides, comma-separated [default: the model's and 1.5×].

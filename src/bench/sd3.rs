@@ -382,10 +382,33 @@ fn bench_config(
 // Memory probe
 // ---------------------------------------------------------------------------------------------
 
-/// The probe's models: `base` with `layers` blocks, as SD3 (`sd35` false: the folder's own
-/// attention) or as SD3.5 (RMS qk-norm, the second attention in every block but the last),
-/// with a sin-cos grid large enough for `side`.
-fn probe_config(base: &Sd3Config, layers: usize, sd35: bool, side: usize) -> Sd3Config {
+/// The kinds of block the memory probe measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockKind {
+    /// The folder's own blocks.
+    Sd3,
+    /// SD3.5's: RMS qk-norm.
+    Sd35,
+    /// SD3.5's with the second (image) attention, `dual_attention_layers`.
+    Sd35Dual,
+}
+
+impl BlockKind {
+    pub const ALL: [BlockKind; 3] = [BlockKind::Sd3, BlockKind::Sd35, BlockKind::Sd35Dual];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockKind::Sd3 => "SD3",
+            BlockKind::Sd35 => "SD3.5",
+            BlockKind::Sd35Dual => "SD3.5 dual",
+        }
+    }
+}
+
+/// The probe's models: `base` with `layers` blocks of `kind` (the second attention, for
+/// `Sd35Dual`, in every block but the last, which is `context_pre_only`), with a sin-cos grid
+/// large enough for `side`.
+fn probe_config(base: &Sd3Config, layers: usize, kind: BlockKind, side: usize) -> Sd3Config {
     let patches = side / base.patch_size;
     let mut c = Sd3Config {
         num_layers: layers,
@@ -393,8 +416,11 @@ fn probe_config(base: &Sd3Config, layers: usize, sd35: bool, side: usize) -> Sd3
         ..base.clone()
     };
     c.dual_attention_layers.retain(|&i| i + 1 < layers);
-    if sd35 {
+    if kind != BlockKind::Sd3 {
         c.qk_norm = Some("rms_norm".into());
+        c.dual_attention_layers.clear();
+    }
+    if kind == BlockKind::Sd35Dual {
         c.dual_attention_layers = (0..layers - 1).collect();
     }
     c
@@ -493,7 +519,7 @@ fn memory_probe(
         )?;
         writeln!(
             out,
-            "{:<6} {:>6} {:>6} {:>6} {:>16} {:>16} {:>16} {:>14} {:>14}",
+            "{:<10} {:>6} {:>6} {:>6} {:>16} {:>16} {:>16} {:>14} {:>14}",
             "blocks",
             "image",
             "text",
@@ -504,13 +530,13 @@ fn memory_probe(
             "graph/row all",
             "update pk/row"
         )?;
-        for sd35 in [false, true] {
+        for kind in BlockKind::ALL {
             for &side in sides {
                 let p = base.patch_size;
                 let n = (side / p) * (side / p);
                 let l = ((n as f64 * TEXT_PER_IMAGE_TOKEN).round() as usize).max(1);
-                let a = probe(&probe_config(base, small, sd35, side), &dev, rows, side, l)?;
-                let b = probe(&probe_config(base, large, sd35, side), &dev, rows, side, l)?;
+                let a = probe(&probe_config(base, small, kind, side), &dev, rows, side, l)?;
+                let b = probe(&probe_config(base, large, kind, side), &dev, rows, side, l)?;
                 let per = |x: Option<u64>, y: Option<u64>| {
                     x.zip(y).map(|(x, y)| {
                         y.saturating_sub(x) as f64 / (large - small) as f64 / rows as f64
@@ -519,10 +545,10 @@ fn memory_probe(
                 let per_row = |x: Option<u64>| x.map(|x| x as f64 / rows as f64);
                 let g = per(a.graph, b.graph);
                 let u = per(a.update_peak, b.update_peak);
-                let kind = if sd35 { "SD3.5" } else { "SD3" };
+                let kind = kind.name();
                 writeln!(
                     out,
-                    "{kind:<6} {n:>6} {l:>6} {:>6} {:>16} {:>16} {:>16} {:>14} {:>14}",
+                    "{kind:<10} {n:>6} {l:>6} {:>6} {:>16} {:>16} {:>16} {:>14} {:>14}",
                     n + l,
                     mib(g.map(|x| x as u64)),
                     mib(u.map(|x| x as u64)),
@@ -924,12 +950,14 @@ mod tests {
     #[test]
     fn should_build_probe_configs_of_both_kinds() {
         let base = Sd3Config::tiny();
-        let c = probe_config(&base, 4, true, 48);
+        let c = probe_config(&base, 4, BlockKind::Sd35Dual, 48);
         assert_eq!(c.dual_attention_layers, vec![0, 1, 2]);
         assert_eq!(c.qk_norm.as_deref(), Some("rms_norm"));
         assert!(c.validate().is_ok());
         assert_eq!(c.pos_embed_max_size, Some(96));
-        let c = probe_config(&base, 2, false, 8);
+        let c = probe_config(&base, 4, BlockKind::Sd35, 48);
+        assert!(c.dual_attention_layers.is_empty() && c.qk_norm.is_some());
+        let c = probe_config(&base, 2, BlockKind::Sd3, 8);
         assert!(c.dual_attention_layers.is_empty() && c.qk_norm.is_none());
     }
 

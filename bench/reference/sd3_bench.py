@@ -542,7 +542,13 @@ def fit(points, d, heads):
 
 
 def estimate(probes, d0, h0, out):
-    """SD3.5-Medium's per-sample memory from one peer's probes (see BENCHMARKS.md)."""
+    """SD3.5-Medium's per-sample memory from one peer's probes (see BENCHMARKS.md).
+
+    Per block and per row, bytes = α·T·D + β·H·T² (T tokens, D the width, H heads), fitted
+    through the two probed token counts at the small width D0 = 256, H0 = 4, then evaluated
+    at SD3.5-Medium's T = 1357, D = 1536, H = 24 for its 13 dual-attention blocks and 11 others
+    (the last, context_pre_only block counted as a full one: an overestimate of < 1/24).
+    """
     def per_block(kind, key):
         pts = []
         for p in probes:
@@ -558,8 +564,8 @@ def estimate(probes, d0, h0, out):
 
     t = SD35M["image_tokens"] + SD35M["text_tokens"]
     d, h = SD35M["inner"], SD35M["heads"]
+    mib, gib = 2 ** 20, 2 ** 30
     res = {}
-    gib = 2 ** 30
     for key, name in [("graph_bytes", "graph"), ("update_peak_bytes", "update peak")]:
         total = 0.0
         lines = []
@@ -569,28 +575,28 @@ def estimate(probes, d0, h0, out):
             alpha, beta = fit(pts[:2], d0, h0)
             per = alpha * t * d + beta * h * t * t
             total += count * per
-            lines.append(f"    {kind:<11} measured {', '.join(f'T={x} {y / 2**20:.2f} MiB' for x, y in pts)}"
+            lines.append(f"    {kind:<11} {', '.join(f'T={x}: {y / mib:.2f} MiB' for x, y in pts)}"
                          f" per block·row → α = {alpha:.1f} B per token·channel, β = {beta:.2f} B"
-                         f" per head·token²; at T = {t}, D = {d}, H = {h}: {per / 2**20:.0f} MiB"
-                         f" × {count} blocks")
+                         f" per head·token² → {per / mib:.0f} MiB per block·row × {count} blocks")
         res[name] = total
-        out.append(f"  {name} per row of all {SD35M['layers']} blocks: {total / gib:.2f} GiB")
+        out.append(f"  {name}, all {SD35M['layers']} blocks, per row: {total / gib:.2f} GiB")
         out.extend(lines)
     pts = per_row("SD3.5 dual", "inference_peak_bytes")
     alpha, beta = fit(pts[:2], d0, h0)
     inf = alpha * t * d + beta * h * t * t
     res["inference peak"] = inf
-    out.append(f"  forward without grad, peak per row: measured "
-               f"{', '.join(f'T={x} {y / 2**20:.2f} MiB' for x, y in pts)} → α = {alpha:.1f}, "
-               f"β = {beta:.2f} → {inf / gib:.3f} GiB at T = {t}")
-    rows = 2  # CFG
-    out.append(f"  per sample (CFG: 2 rows): rollout {rows * inf / gib:.2f} GiB transient "
-               f"(recompute) or {rows * res['graph'] * 3 / gib:.1f} GiB with kept graphs (3 "
-               f"transitions); update {rows * res['update peak'] / gib:.1f} GiB (one transition's "
-               f"graph at a time; graph alone {rows * res['graph'] / gib:.1f} GiB)")
-    out.append(f"  fixed: {SD35M['params'] / 1e9:.2f}B parameters × 4 B = "
+    out.append(f"  forward without autodiff (whole model), peak per row: "
+               f"{', '.join(f'T={x}: {y / mib:.2f} MiB' for x, y in pts)} → α = {alpha:.1f}, "
+               f"β = {beta:.2f} → {inf / mib:.0f} MiB")
+    rows = 2  # CFG: the prompt and the negative prompt
+    out.append(f"  per sample (CFG: 2 rows): update ≈ one transition's graph "
+               f"{rows * res['graph'] / gib:.1f} GiB (peak measured with its backward: "
+               f"{rows * res['update peak'] / gib:.1f} GiB); rollout {rows * inf / gib:.2f} GiB "
+               f"transient with rollout_graph recompute, {3 * rows * res['graph'] / gib:.1f} GiB "
+               f"with keep (K − 1 = 3 graphs)")
+    out.append(f"  fixed, not per sample: {SD35M['params'] / 1e9:.2f}B parameters × 4 B = "
                f"{SD35M['params'] * 4 / gib:.1f} GiB per f32 copy; weights, gradients, AdamW m and"
-               f" v, EMA and the KL reference = 6 copies = {6 * SD35M['params'] * 4 / gib:.1f} GiB")
+               f" v, EMA and the KL reference: 6 copies = {6 * SD35M['params'] * 4 / gib:.1f} GiB")
     return {k: v * rows for k, v in res.items()}
 
 
@@ -679,7 +685,7 @@ def main():
     ap.add_argument("--beta", type=float, default=HP["beta"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--memory", action="store_true", help="memory probes instead of timing")
-    ap.add_argument("--rows", type=int, default=4, help="--memory: rows per probe forward")
+    ap.add_argument("--rows", type=int, default=8, help="--memory: rows per probe forward")
     ap.add_argument("--sides", type=lambda s: [int(x) for x in s.split(",")], default=[32, 48],
                     help="--memory: latent sides of the probes")
     ap.add_argument("--json", help="write every figure here")

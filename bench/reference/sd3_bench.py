@@ -29,7 +29,8 @@ Each round runs every `--flowrun BIN:DEVICE` (`BIN bench --sd3 DIR/transformer -
 --device DEVICE --json …`) and the reference (this script as a child process, `worker`), each
 as its own process doing 1 warm-up + `--repeats` iterations; the order alternates from round to
 round. Peak memory of each peer is its process's peak resident set (`ru_maxrss` from `wait4`,
-the same call for both). `--memory` runs each peer's memory probe instead (see `probe()`).
+the same call for both; "loaded": its resident set once the model is loaded, before the first
+iteration). `--memory` runs each peer's memory probe instead (see `probe()`).
 """
 
 import argparse
@@ -281,6 +282,7 @@ def worker_iterate(args):
     t0 = time.perf_counter()
     model, e = load(args.model, args.embeddings)
     load_s = time.perf_counter() - t0
+    rss_after_load = status_kib("VmRSS")
     hp = dict(HP, cfg=args.cfg, beta=args.beta)
     grpo = Sd3TafsGrpo(model, hp)
     b, k = args.batch, args.steps
@@ -309,7 +311,8 @@ def worker_iterate(args):
         if i > 0:
             runs.append(dict(rollout=t1 - t0, rollout_forward=fwd, update=t2 - t1,
                              iteration=t2 - t0, grad_norm=grad_norm, **times))
-    print(json.dumps(dict(runs=runs, load_s=load_s, torch=torch.__version__,
+    print(json.dumps(dict(runs=runs, load_s=load_s, rss_after_load_kib=rss_after_load,
+                          torch=torch.__version__,
                           threads=torch.get_num_threads(), peak_rss_kib=status_kib("VmHWM"))))
 
 
@@ -430,7 +433,8 @@ def time_flowrun(spec, args, jdir):
         runs.append(row)
     return dict(spec=spec, command=" ".join(cmd[:-2]), maxrss_kib=maxrss,
                 summary=summarize(runs, args.batch), runs=runs, grad_norm=c["grad_norm"],
-                load_s=r["devices"][0]["load_s"])
+                load_s=r["devices"][0]["load_s"],
+                rss_after_load_kib=r["devices"][0]["rss_after_load_kib"])
 
 
 def time_reference(args):
@@ -446,23 +450,24 @@ def time_reference(args):
     r = json.loads(stdout.strip().splitlines()[-1])
     return dict(spec="reference", maxrss_kib=maxrss, summary=summarize(r["runs"], args.batch),
                 runs=r["runs"], grad_norm=[x["grad_norm"] for x in r["runs"]],
-                torch=r["torch"], threads=r["threads"], load_s=r["load_s"])
+                torch=r["torch"], threads=r["threads"], load_s=r["load_s"],
+                rss_after_load_kib=r["rss_after_load_kib"])
 
 
-def fmt_row(name, s, b, maxrss):
+def fmt_row(name, s, b, maxrss, loaded):
     ms = lambda x: f"{x * 1e3 / b:9.1f}"  # noqa: E731  ms per sample
     return (f"{name:<28} {ms(s['rollout'])} {ms(s['update'])} {ms(s['iteration'])}   "
             f"{s['forward'] * 1e3:8.0f} {s['reference'] * 1e3:8.0f} {s['backward'] * 1e3:8.0f} "
-            f"{s['optimizer'] * 1e3:8.0f}   {maxrss / 1024:8.0f}")
+            f"{s['optimizer'] * 1e3:8.0f}   {maxrss / 1024:8.0f} {(loaded or 0) / 1024:8.0f}")
 
 
 def timing_main(args):
     rounds = []
     jdir = tempfile.mkdtemp(prefix="sd3-bench-")
     header = (f"{'peer':<28} {'rollout':>9} {'update':>9} {'iter':>9}   {'fwd':>8} {'ref':>8} "
-              f"{'bwd':>8} {'optim':>8}   {'peak RSS':>8}\n{'':<28} {'ms/sample':>9} "
-              f"{'ms/sample':>9} {'ms/sample':>9}   {'ms':>8} {'ms':>8} {'ms':>8} {'ms':>8}   "
-              f"{'MiB':>8}")
+              f"{'bwd':>8} {'optim':>8}   {'peak RSS':>8} {'loaded':>8}\n{'':<28} "
+              f"{'ms/sample':>9} {'ms/sample':>9} {'ms/sample':>9}   {'ms':>8} {'ms':>8} "
+              f"{'ms':>8} {'ms':>8}   {'MiB':>8} {'MiB':>8}")
     for rnd in range(args.rounds):
         load = os.getloadavg()
         peers = {}
@@ -480,7 +485,8 @@ def timing_main(args):
             if "error" in r:
                 print(f"{name}: failed: {r['error']}")
             else:
-                print(fmt_row(name, r["summary"], args.batch, r["maxrss_kib"]))
+                print(fmt_row(name, r["summary"], args.batch, r["maxrss_kib"],
+                              r["rss_after_load_kib"]))
         ref = peers["reference"]
         for spec in args.flowrun:
             r = peers[spec]
@@ -518,7 +524,8 @@ def timing_main(args):
             continue
         allruns = [x for r in rs for x in r["runs"]]
         print(fmt_row(name, summarize(allruns, args.batch), args.batch,
-                      max(r["maxrss_kib"] for r in rs)))
+                      max(r["maxrss_kib"] for r in rs),
+                      max(r["rss_after_load_kib"] or 0 for r in rs)))
     result = dict(settings=vars(args), rounds=rounds, flowrun_over_reference=summary,
                   model=SMALL, text_tokens=TEXT_TOKENS)
     if args.json:

@@ -740,6 +740,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         let (_, model) =
             load_diffusers(setup.dir, &dev).with_context(|| format!("loading on {name}"))?;
         let load_s = t_load.elapsed().as_secs_f64();
+        let rss_after_load = status_kib("VmRSS");
         let mut res = FlowModelRes::sd3(
             model,
             TrainerConfig::new()
@@ -824,6 +825,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             "device": name,
             "matmul": {"n": 1024, "per_run": 4, "timing": mm.json(), "gflops": peak},
             "load_s": load_s,
+            "rss_after_load_kib": rss_after_load,
             "configs": configs,
             "live_bytes_after": live,
             "live_bytes_before_load": live0,

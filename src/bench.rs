@@ -39,6 +39,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
+mod sd3;
+
 /// Learning rate, clip range and advantage clip of the update: `pipelines/tafs_grpo.yaml`'s.
 const LR: f64 = 1e-5;
 const CLIP_RANGE: f64 = 1e-4;
@@ -87,6 +89,51 @@ pub struct BenchArgs {
     /// Side n of the f32 n×n×n matmul of the peak [default: 1024; --quick: 256].
     #[arg(long, value_name = "N")]
     pub matmul_n: Option<usize>,
+    /// SD3 mode: time TAFS-GRPO iterations of this diffusers SD3 / SD3.5 transformer (a
+    /// pipeline or `transformer/` folder) instead of the ShapeWorld suite: the rollout (K
+    /// one-step predictions with CFG, K − 1 annealed re-noisings) and `grpo_update` (clipped
+    /// GRPO, β·KL to a reference, AdamW) as pipelines/tafs_grpo_sd3.yaml runs them, per sample,
+    /// with the update split into forward, reference, backward and optimizer. --steps
+    /// [default 4] and --batches [default 16] set K and the batch; --repeats the timed
+    /// iterations after one warm-up. bench/reference/sd3_bench.py runs it against PyTorch +
+    /// diffusers (BENCHMARKS.md, "SD3 small").
+    #[arg(long, value_name = "DIR")]
+    pub sd3: Option<PathBuf>,
+    /// With --sd3: the prompts' embeddings (scripts/encode_prompts.py's format) [default:
+    /// seeded random embeddings of --text-tokens tokens of the model's widths].
+    #[arg(long, value_name = "FILE", requires = "sd3")]
+    pub embeddings: Option<PathBuf>,
+    /// With --sd3 and no --embeddings: text tokens per prompt (77 CLIP + 77 T5).
+    #[arg(long, value_name = "L", default_value_t = 154)]
+    pub text_tokens: usize,
+    /// With --sd3: latent height and width [default: the model's sample_size].
+    #[arg(long, value_name = "N", requires = "sd3")]
+    pub latent_size: Option<usize>,
+    /// With --sd3: classifier-free guidance scale (tafs_grpo_sd3.yaml's); ≤ 1 runs no
+    /// unconditional branch.
+    #[arg(long, value_name = "S", default_value_t = 4.5)]
+    pub cfg: f32,
+    /// With --sd3: weight β of the KL penalty (tafs_grpo_sd3.yaml's; 0: no reference forward).
+    #[arg(long, value_name = "B", default_value_t = 0.04)]
+    pub beta: f32,
+    /// With --sd3: measure memory instead of time — per block and per row, the bytes an
+    /// autodiff forward's graph holds and the peak resident bytes of a forward and of
+    /// forward + backward, for SD3 blocks and SD3.5 blocks (RMS qk-norm, without and with the
+    /// second attention) of the folder's width, at --probe-sides latent sizes with 333 text
+    /// tokens per 1024 image tokens (SD3.5-Medium's ratio at 512 px).
+    #[arg(long, requires = "sd3")]
+    pub memory_probe: bool,
+    /// With --memory-probe: latent sides, comma-separated [default: the model's and 1.5×].
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "N,...",
+        requires = "memory_probe"
+    )]
+    pub probe_sides: Option<Vec<usize>>,
+    /// With --memory-probe: rows (batch) of each probe forward.
+    #[arg(long, value_name = "R", default_value_t = 4)]
+    pub probe_rows: usize,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1087,6 +1134,9 @@ fn header() -> Value {
 
 /// `flowrun bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(dir) = &args.sd3 {
+        return sd3::run(args, dir);
+    }
     let plan = plan(args)?;
     let mut header = header();
     let flops = count_flops(&plan.config);

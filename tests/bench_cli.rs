@@ -219,3 +219,140 @@ fn should_name_a_missing_checkpoint_and_json_directory() {
         "--repeats must be at least 1",
     );
 }
+
+/// A tiny SD3 transformer folder written by flowrun itself (seeded weights, patch 2,
+/// 16 latent channels, 8×8 latents): no Python needed.
+fn tiny_sd3_folder(dir: &std::path::Path) -> std::path::PathBuf {
+    use burn::tensor::Device;
+    use nodes::model::sd3::{ExportDtype, Sd3Config, save_diffusers};
+    let cfg = Sd3Config {
+        sample_size: 8,
+        patch_size: 2,
+        in_channels: 16,
+        out_channels: Some(16),
+        num_layers: 2,
+        pos_embed_max_size: Some(8),
+        ..Sd3Config::tiny()
+    };
+    let out = dir.join("transformer");
+    save_diffusers(&cfg.init(&Device::flex(), 3), &out, ExportDtype::F32).unwrap();
+    out
+}
+
+/// `flowrun bench --sd3`: one TAFS-GRPO configuration on a tiny model, every figure in the
+/// JSON; then the memory probe. Seconds.
+#[test]
+fn should_time_a_tiny_sd3_iteration_and_probe_its_memory() {
+    let dir = tmpdir("bench-sd3");
+    let model = tiny_sd3_folder(&dir);
+    let out = dir.join("sd3.json");
+    let o = bin()
+        .current_dir(root())
+        .args(["bench", "--sd3"])
+        .arg(&model)
+        .args([
+            "--device",
+            "flex",
+            "--steps",
+            "3",
+            "--batches",
+            "4",
+            "--repeats",
+            "2",
+            "--text-tokens",
+            "5",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert!(o.status.success(), "{log}");
+    for s in [
+        "== flex",
+        "rollout ms/s",
+        "update ms/s",
+        "peak resident set",
+    ] {
+        assert!(log.contains(s), "no `{s}` in:\n{log}");
+    }
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(r["mode"], "sd3");
+    let s = &r["settings"];
+    assert_eq!(numbers(&s["steps"]), [3]);
+    assert_eq!(numbers(&s["batches"]), [4]);
+    assert_eq!(s["cfg"], 4.5);
+    assert_eq!(s["text_tokens"], 5);
+    let m = &r["model"];
+    assert_eq!(m["image_tokens"], 16);
+    assert_eq!(m["rows_per_sample"], 2.0);
+    assert!(m["params"].as_u64().unwrap() > 0);
+    let d = &r["devices"][0];
+    assert_eq!(d["device"], "flex");
+    let c = &d["configs"][0];
+    assert_eq!((c["k"].as_u64(), c["batch"].as_u64()), (Some(3), Some(4)));
+    // The schedule is the pipeline's: flow-match sigmas chaining from 1 to 0.
+    let sched = c["schedule"].as_array().unwrap();
+    assert_eq!(sched.len(), 3);
+    assert_eq!(sched[0][0], 1.0);
+    assert_eq!(sched[2][1], 0.0);
+    let mut problems = Vec::new();
+    for k in ["rollout", "update", "iteration", "rollout_forward"] {
+        assert_eq!(c[k]["runs_ms"].as_array().unwrap().len(), 2, "{k}: {c:#}");
+        check_figures(&c[k], k, true, &mut problems);
+    }
+    for k in ["forward", "reference", "backward", "optimizer"] {
+        check_figures(&c["update_breakdown"][k], k, true, &mut problems);
+    }
+    check_figures(&c["per_sample_ms"], "per_sample_ms", true, &mut problems);
+    assert!(problems.is_empty(), "{problems:#?}");
+    let it = c["iteration"]["median_ms"].as_f64().unwrap();
+    let parts =
+        c["rollout"]["median_ms"].as_f64().unwrap() + c["update"]["median_ms"].as_f64().unwrap();
+    assert!(it <= parts * 1.0001 + 1e-9, "{it} vs {parts}");
+    assert!(r["peak_rss_kib"].as_u64().unwrap() > 0);
+
+    let out = dir.join("probe.json");
+    let o = bin()
+        .current_dir(root())
+        .args(["bench", "--sd3"])
+        .arg(&model)
+        .args([
+            "--device",
+            "flex",
+            "--memory-probe",
+            "--probe-rows",
+            "2",
+            "--json",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let log = text(&o);
+    assert!(o.status.success(), "{log}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let probes = r["probes"].as_array().unwrap();
+    // Three kinds of block at two latent sizes (the model's, 8, and 1.5×, 12).
+    assert_eq!(probes.len(), 6, "{r:#}");
+    for p in probes {
+        let g = p["graph_bytes"].as_array().unwrap();
+        let (a, b) = (g[0].as_u64().unwrap(), g[1].as_u64().unwrap());
+        // Four blocks hold more than two.
+        assert!(b > a && a > 0, "{p}");
+    }
+    let kinds: Vec<&str> = probes
+        .iter()
+        .map(|p| p["block"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"SD3.5 dual"), "{kinds:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn should_name_a_missing_sd3_folder() {
+    fails_with(
+        &["bench", "--sd3", "no/such/model"],
+        "no/such/model: not a directory",
+    );
+    fails_with(&["bench", "--embeddings", "x.safetensors"], "--sd3");
+}

@@ -335,6 +335,27 @@ impl FlowModelRes {
         }
     }
 
+    /// A resource around an SD3 / SD3.5 transformer `model` (on a plain device) sampling with
+    /// its current weights, as `arch: sd3` with `sample_with: current` builds it (e.g. for
+    /// `flowrun bench --sd3`).
+    pub fn sd3(
+        model: Sd3Transformer,
+        config: TrainerConfig,
+        reference: bool,
+        keep_rollout_graph: bool,
+    ) -> Self {
+        let device = model_device(&model);
+        FlowModelRes {
+            policy: Policy::Sd3(PolicyModel::new(model, &config, reference)),
+            sample_with_ema: false,
+            keep_rollout_graph,
+            device,
+            source: None,
+            export: None,
+            config,
+        }
+    }
+
     /// The ShapeWorld UNet policy, or an error naming what `what` needs and what this holds.
     pub fn unet(&self, what: &str) -> Result<&PolicyModel<FlowModel>> {
         match &self.policy {

@@ -23,6 +23,8 @@
 //! (the update measured 5–24% faster than with a backward per transition: BENCHMARKS.md,
 //! "Session 7").
 
+use std::time::Instant;
+
 use anyhow::{Result, bail};
 use burn::optim::GradientsAccumulator;
 use burn::tensor::{Device, Tensor};
@@ -111,6 +113,15 @@ pub struct UpdateStats {
     pub first_kl: f64,
     /// Transitions whose rollout graph (`rollout_graph: keep`) replaced the forward pass.
     pub graphs_reused: usize,
+    /// Wall time of the update's phases, in seconds (summed over minibatches; exact on CPU
+    /// devices, where every op runs before it returns): the policy's forward and the loss
+    /// terms (`forward_s`), the KL reference's forward (`reference_s`), the backward passes
+    /// with the gradients' accumulation (`backward_s`) and the optimizer steps — grad-norm
+    /// clipping, AdamW, EMA (`optimizer_s`). `flowrun bench --sd3` reports them.
+    pub forward_s: f64,
+    pub reference_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
 }
 
 /// Rows `idx` of a state tensor, on its own device (no copy when `idx` is the whole batch in
@@ -306,6 +317,7 @@ impl GrpoUpdate {
                         (self.beta > 0.0).then(|| prompts.conditioning_rows(idx, plain));
                     let mut joint: Option<Tensor<1>> = None;
                     for h in &host {
+                        let t_forward = Instant::now();
                         let tr = h.tr;
                         let k = tr.kernel;
                         // [n, C, H, W], sliced where the states live: no host round trip.
@@ -365,9 +377,11 @@ impl GrpoUpdate {
                         let pg = unclipped.max_pair(clipped_t).mean();
                         let mut term = pg.clone();
                         let mut kl_value = None;
+                        st.forward_s += t_forward.elapsed().as_secs_f64();
                         if let (Some(cond_plain), Some(reference)) =
                             (&cond_plain, m.reference.as_ref())
                         {
+                            let t_reference = Instant::now();
                             let vr = reference.velocity_cfg(
                                 x_plain.clone(),
                                 Tensor::<1>::full([n], tr.t, plain),
@@ -383,6 +397,7 @@ impl GrpoUpdate {
                                 .mul_scalar(1.0 / (2.0 * k.std * k.std));
                             kl_value = Some(kl.clone().detach());
                             term = term + kl.mul_scalar(self.beta);
+                            st.reference_s += t_reference.elapsed().as_secs_f64();
                         }
                         diag.terms.push(Term {
                             ratio: ratio.detach(),
@@ -402,10 +417,14 @@ impl GrpoUpdate {
                         }
                         // Back-propagate this transition's share now: its graph is freed
                         // before the next transition's forward.
+                        let t_backward = Instant::now();
                         backward_into(&m.trainer, &mut grads, term, &mut diag);
+                        st.backward_s += t_backward.elapsed().as_secs_f64();
                     }
                     if let Some(j) = joint.take() {
+                        let t_backward = Instant::now();
                         backward_into(&m.trainer, &mut grads, j, &mut diag);
+                        st.backward_s += t_backward.elapsed().as_secs_f64();
                     }
                 }
                 // The step's diagnostics, in one read, in the order they were computed.
@@ -439,7 +458,9 @@ impl GrpoUpdate {
                         kl_sum += klv * w as f64;
                     }
                 }
+                let t_optimizer = Instant::now();
                 let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
+                st.optimizer_s += t_optimizer.elapsed().as_secs_f64();
                 let cnt = (group_n * host.len()) as f64;
                 st.loss += lv;
                 st.pg_loss += pg_sum;

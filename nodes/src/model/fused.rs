@@ -82,7 +82,7 @@ pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
 
 /// Whether `x` takes the libtorch path of this module: `FLOWRUN_FUSED_OPS` not `0`, and `x` on
 /// libtorch (CPU or CUDA). Always false in a build without the `tch` feature.
-pub fn on_libtorch(x: &Tensor<4>) -> bool {
+pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
     #[cfg(feature = "tch")]
     {
         native::applies(x)
@@ -152,6 +152,33 @@ pub fn attention(
     None
 }
 
+/// LayerNorm over the last axis without affine parameters (the SD3 blocks' norms) with
+/// libtorch's `layer_norm` kernel and its backward on libtorch; `None` elsewhere, where the
+/// caller composes it from burn's ops.
+///
+/// x: [..., D] → [..., D]
+#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
+pub fn layer_norm<const D: usize>(x: &Tensor<D>, eps: f64) -> Option<Tensor<D>> {
+    #[cfg(feature = "tch")]
+    if native::applies(x) {
+        return Some(native::layer_norm(x.clone(), eps));
+    }
+    None
+}
+
+/// GELU with the tanh approximation (diffusers' `GELU(approximate="tanh")`): libtorch's
+/// kernel and its backward on libtorch, burn's `gelu_approximate` (seven elementwise ops,
+/// each differentiated on its own) elsewhere.
+///
+/// x: any shape → same shape
+pub fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    #[cfg(feature = "tch")]
+    if native::applies(&x) {
+        return native::gelu_tanh(x);
+    }
+    burn::tensor::activation::gelu_approximate(x)
+}
+
 #[cfg(feature = "tch")]
 #[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 mod native {
@@ -166,7 +193,7 @@ mod native {
 
     /// Whether the libtorch path applies to `x`: enabled, and `x` lives on libtorch (CPU or
     /// CUDA), with or without autodiff.
-    pub(super) fn applies(x: &Tensor<4>) -> bool {
+    pub(super) fn applies<const D: usize>(x: &Tensor<D>) -> bool {
         super::native_ops_enabled()
             && matches!(
                 x.device().inner().as_dispatch(),
@@ -226,6 +253,17 @@ mod native {
         ))
     }
 
+    pub(super) fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
+        Tensor::from_dispatch(<Dispatch as NativeOps>::native_layer_norm(
+            x.into_dispatch(),
+            eps,
+        ))
+    }
+
+    pub(super) fn gelu_tanh<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+        Tensor::from_dispatch(<Dispatch as NativeOps>::native_gelu_tanh(x.into_dispatch()))
+    }
+
     pub(super) fn attention(
         q: Tensor<4>,
         k: Tensor<4>,
@@ -280,6 +318,12 @@ mod native {
             v: FloatTensor<Self>,
             bias: FloatTensor<Self>,
         ) -> FloatTensor<Self>;
+
+        /// LayerNorm over the last axis, no affine parameters. x: [..., D] → [..., D]
+        fn native_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
+
+        /// GELU, tanh approximation. Any shape.
+        fn native_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self>;
     }
 
     fn conv_forward([x, weight, bias]: [&tch::Tensor; 3], padding: usize) -> tch::Tensor {
@@ -304,6 +348,15 @@ mod native {
     ) -> tch::Tensor {
         let y = x.group_norm(groups as i64, Some(gamma), Some(beta), eps, false);
         (y * (scale + 1.0) + shift).silu()
+    }
+
+    fn layer_norm_forward([x]: [&tch::Tensor; 1], eps: f64) -> tch::Tensor {
+        let d = *x.size().last().expect("a tensor with a last axis");
+        x.layer_norm([d], None::<&tch::Tensor>, None::<&tch::Tensor>, eps, false)
+    }
+
+    fn gelu_tanh_forward([x]: [&tch::Tensor; 1]) -> tch::Tensor {
+        x.gelu("tanh")
     }
 
     fn attention_forward([q, k, v, bias]: [&tch::Tensor; 4]) -> tch::Tensor {
@@ -360,6 +413,14 @@ mod native {
                 &bias.tensor,
             ]))
         }
+
+        fn native_layer_norm(x: TchTensor, eps: f64) -> TchTensor {
+            TchTensor::new(layer_norm_forward([&x.tensor], eps))
+        }
+
+        fn native_gelu_tanh(x: TchTensor) -> TchTensor {
+            TchTensor::new(gelu_tanh_forward([&x.tensor]))
+        }
     }
 
     impl<C: CheckpointStrategy> NativeOps for Autodiff<LibTorch, C> {
@@ -404,6 +465,14 @@ mod native {
             bias: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             record::<C, 4>([q, k, v, bias], attention_forward)
+        }
+
+        fn native_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+            record::<C, 1>([x], |t| layer_norm_forward(t, eps))
+        }
+
+        fn native_gelu_tanh(x: FloatTensor<Self>) -> FloatTensor<Self> {
+            record::<C, 1>([x], gelu_tanh_forward)
         }
     }
 

@@ -17,15 +17,19 @@ use burn::module::{
     Content, Devices, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
 use burn::nn::Linear;
-use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::{Attention, EPS};
 use super::config::QkNorm;
+use crate::model::fused;
 use crate::model::layers::linear;
 
-/// LayerNorm over the last axis without affine parameters. x: [B, T, D] → [B, T, D]
+/// LayerNorm over the last axis without affine parameters (libtorch's kernel on libtorch).
+/// x: [B, T, D] → [B, T, D]
 pub fn layer_norm(x: Tensor<3>) -> Tensor<3> {
+    if let Some(y) = fused::layer_norm(&x, EPS) {
+        return y;
+    }
     let mean = x.clone().mean_dim(2);
     let centred = x - mean;
     let var = centred.clone().square().mean_dim(2);
@@ -251,7 +255,7 @@ impl FeedForward {
 
     /// x: [B, T, D] → [B, T, D]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = gelu_approximate(self.net.gelu.proj.forward(x));
+        let h = fused::gelu_tanh(self.net.gelu.proj.forward(x));
         self.net.out.forward(h)
     }
 }

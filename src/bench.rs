@@ -1108,6 +1108,21 @@ fn command_line() -> String {
         .join(" ")
 }
 
+/// The first lines of a bench report: `title — date`, the command, the machine and its load.
+pub(crate) fn print_run_header(title: &str, h: &Value) {
+    println!("{title} — {} UTC", h["date_utc"].as_str().unwrap_or("?"));
+    println!("command: {}", h["command"].as_str().unwrap_or("?"));
+    println!(
+        "machine: {}, {} cores; load average at start {}",
+        h["cpu_model"].as_str().unwrap_or("?"),
+        h["cores"],
+        load_average().map_or("unknown".into(), |v| format!(
+            "{:.2} {:.2} {:.2}",
+            v[0], v[1], v[2]
+        ))
+    );
+}
+
 fn header() -> Value {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1148,20 +1163,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     let h = &header;
-    println!(
-        "flowrun bench — {} UTC",
-        h["date_utc"].as_str().unwrap_or("?")
-    );
-    println!("command: {}", h["command"].as_str().unwrap_or("?"));
-    println!(
-        "machine: {}, {} cores; load average at start {}",
-        h["cpu_model"].as_str().unwrap_or("?"),
-        h["cores"],
-        load_average().map_or("unknown".into(), |v| format!(
-            "{:.2} {:.2} {:.2}",
-            v[0], v[1], v[2]
-        ))
-    );
+    print_run_header("flowrun bench", h);
     println!(
         "commit: {}{}; flowrun {}, built {} libtorch",
         h["git_commit"].as_str().unwrap_or("unknown"),

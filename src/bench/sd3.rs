@@ -655,20 +655,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
     let flops_row = forward_flops(&config, n_img, text_tokens);
     let rows_per_sample = if args.cfg > 1.0 { 2.0 } else { 1.0 };
     let params = config.init_zeros(&Device::flex()).num_params_sd3();
-    println!(
-        "flowrun bench --sd3 — {} UTC",
-        header["date_utc"].as_str().unwrap_or("?")
-    );
-    println!("command: {}", header["command"].as_str().unwrap_or("?"));
-    println!(
-        "machine: {}, {} cores; load average at start {}",
-        header["cpu_model"].as_str().unwrap_or("?"),
-        header["cores"],
-        load_average().map_or("unknown".into(), |v| format!(
-            "{:.2} {:.2} {:.2}",
-            v[0], v[1], v[2]
-        ))
-    );
+    super::print_run_header("flowrun bench --sd3", &header);
     println!(
         "model: {} — {} blocks, {} heads × {}, joint_attention_dim {}, pooled {}, patch {}, {params} parameters; latents {}×{}×{side} ({n_img} image tokens), {text_tokens} text tokens; {:.3} GFLOP per row forward, {} rows per sample (CFG {})",
         config_path.display(),

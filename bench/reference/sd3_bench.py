@@ -456,7 +456,7 @@ def time_reference(args):
 
 def fmt_row(name, s, b, maxrss, loaded):
     ms = lambda x: f"{x * 1e3 / b:9.1f}"  # noqa: E731  ms per sample
-    return (f"{name:<28} {ms(s['rollout'])} {ms(s['update'])} {ms(s['iteration'])}   "
+    return (f"{name:<36} {ms(s['rollout'])} {ms(s['update'])} {ms(s['iteration'])}   "
             f"{s['forward'] * 1e3:8.0f} {s['reference'] * 1e3:8.0f} {s['backward'] * 1e3:8.0f} "
             f"{s['optimizer'] * 1e3:8.0f}   {maxrss / 1024:8.0f} {(loaded or 0) / 1024:8.0f}")
 
@@ -464,8 +464,8 @@ def fmt_row(name, s, b, maxrss, loaded):
 def timing_main(args):
     rounds = []
     jdir = tempfile.mkdtemp(prefix="sd3-bench-")
-    header = (f"{'peer':<28} {'rollout':>9} {'update':>9} {'iter':>9}   {'fwd':>8} {'ref':>8} "
-              f"{'bwd':>8} {'optim':>8}   {'peak RSS':>8} {'loaded':>8}\n{'':<28} "
+    header = (f"{'peer':<36} {'rollout':>9} {'update':>9} {'iter':>9}   {'fwd':>8} {'ref':>8} "
+              f"{'bwd':>8} {'optim':>8}   {'peak RSS':>8} {'loaded':>8}\n{'':<36} "
               f"{'ms/sample':>9} {'ms/sample':>9} {'ms/sample':>9}   {'ms':>8} {'ms':>8} "
               f"{'ms':>8} {'ms':>8}   {'MiB':>8} {'MiB':>8}")
     for rnd in range(args.rounds):
@@ -630,13 +630,13 @@ def memory_main(args):
                 peers[spec] = json.load(f)["probes"]
     text = [f"memory per row (MiB), {args.rows} rows per probe; per block = (4 blocks − 2 blocks)"
             " / 2; text tokens = 333/1024 of the image tokens"]
-    text.append(f"{'peer':<28} {'block':<11} {'T':>5} {'graph/blk':>10} {'upd pk/blk':>10} "
+    text.append(f"{'peer':<36} {'block':<11} {'T':>5} {'graph/blk':>10} {'upd pk/blk':>10} "
                 f"{'infer pk':>9} {'graph all':>10} {'upd pk all':>10}")
     for name, ps in peers.items():
         for p in ps:
             r = p["rows"]
             blk = lambda k: (p[k][1] - p[k][0]) / 2 / r / 2**20  # noqa: E731
-            text.append(f"{name:<28} {p['block']:<11} {p['image_tokens'] + p['text_tokens']:>5} "
+            text.append(f"{name:<36} {p['block']:<11} {p['image_tokens'] + p['text_tokens']:>5} "
                         f"{blk('graph_bytes'):>10.2f} {blk('update_peak_bytes'):>10.2f} "
                         f"{p['inference_peak_bytes'][1] / r / 2**20:>9.2f} "
                         f"{p['graph_bytes'][1] / r / 2**20:>10.2f} "

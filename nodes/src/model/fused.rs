@@ -25,7 +25,7 @@
 use std::sync::OnceLock;
 
 use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
+use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::Tensor;
 
 /// Whether the libtorch path is enabled (`FLOWRUN_FUSED_OPS` unset or not `0`).
@@ -152,21 +152,6 @@ pub fn attention(
     None
 }
 
-/// `linear.forward(x)`: on libtorch one `addmm` with the bias folded into the product (what
-/// `torch.nn.functional.linear` runs) and its backward; burn's separate matmul and bias add
-/// elsewhere (and for a layer without bias).
-///
-/// x: [..., d_in] → [..., d_out]
-pub fn linear<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    #[cfg(feature = "tch")]
-    if let Some(bias) = &linear.bias
-        && native::applies(&x)
-    {
-        return native::linear(x, linear.weight.val(), bias.val());
-    }
-    linear.forward(x)
-}
-
 /// LayerNorm over the last axis without affine parameters (the SD3 blocks' norms) with
 /// libtorch's `layer_norm` kernel and its backward on libtorch; `None` elsewhere, where the
 /// caller composes it from burn's ops.
@@ -268,14 +253,6 @@ mod native {
         ))
     }
 
-    pub(super) fn linear<const D: usize>(x: Tensor<D>, w: Tensor<2>, b: Tensor<1>) -> Tensor<D> {
-        Tensor::from_dispatch(<Dispatch as NativeOps>::native_linear(
-            x.into_dispatch(),
-            w.into_dispatch(),
-            b.into_dispatch(),
-        ))
-    }
-
     pub(super) fn layer_norm<const D: usize>(x: Tensor<D>, eps: f64) -> Tensor<D> {
         Tensor::from_dispatch(<Dispatch as NativeOps>::native_layer_norm(
             x.into_dispatch(),
@@ -342,13 +319,6 @@ mod native {
             bias: FloatTensor<Self>,
         ) -> FloatTensor<Self>;
 
-        /// x @ w + b. x: [..., d_in], w: [d_in, d_out] (burn's layout), b: [d_out]
-        fn native_linear(
-            x: FloatTensor<Self>,
-            w: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-        ) -> FloatTensor<Self>;
-
         /// LayerNorm over the last axis, no affine parameters. x: [..., D] → [..., D]
         fn native_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self>;
 
@@ -378,17 +348,6 @@ mod native {
     ) -> tch::Tensor {
         let y = x.group_norm(groups as i64, Some(gamma), Some(beta), eps, false);
         (y * (scale + 1.0) + shift).silu()
-    }
-
-    fn linear_forward([x, w, b]: [&tch::Tensor; 3]) -> tch::Tensor {
-        let mut shape = x.size();
-        let d_in = *shape.last().expect("a tensor with a last axis");
-        let d_out = w.size()[1];
-        let y = b.addmm(&x.reshape([-1, d_in]), w);
-        if let Some(last) = shape.last_mut() {
-            *last = d_out;
-        }
-        y.reshape(shape)
     }
 
     fn layer_norm_forward([x]: [&tch::Tensor; 1], eps: f64) -> tch::Tensor {
@@ -455,10 +414,6 @@ mod native {
             ]))
         }
 
-        fn native_linear(x: TchTensor, w: TchTensor, b: TchTensor) -> TchTensor {
-            TchTensor::new(linear_forward([&x.tensor, &w.tensor, &b.tensor]))
-        }
-
         fn native_layer_norm(x: TchTensor, eps: f64) -> TchTensor {
             TchTensor::new(layer_norm_forward([&x.tensor], eps))
         }
@@ -510,14 +465,6 @@ mod native {
             bias: FloatTensor<Self>,
         ) -> FloatTensor<Self> {
             record::<C, 4>([q, k, v, bias], attention_forward)
-        }
-
-        fn native_linear(
-            x: FloatTensor<Self>,
-            w: FloatTensor<Self>,
-            b: FloatTensor<Self>,
-        ) -> FloatTensor<Self> {
-            record::<C, 3>([x, w, b], linear_forward)
         }
 
         fn native_layer_norm(x: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {

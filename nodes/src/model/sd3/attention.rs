@@ -105,7 +105,7 @@ impl Attention {
     }
 
     fn project(&self, proj: &Linear, norm: &Option<RmsNorm>, x: Tensor<3>) -> Tensor<4> {
-        let y = self.split_heads(fused::linear(proj, x));
+        let y = self.split_heads(proj.forward(x));
         match norm {
             Some(n) => n.forward(y),
             None => y,
@@ -117,7 +117,7 @@ impl Attention {
         let q = self.project(&self.to_q, &self.norm_q, x.clone());
         let k = self.project(&self.to_k, &self.norm_k, x.clone());
         let v = self.project(&self.to_v, &None, x);
-        fused::linear(&self.to_out[0], merge_heads(sdpa(q, k, v)))
+        self.to_out[0].forward(merge_heads(sdpa(q, k, v)))
     }
 
     /// Joint attention. x: [B, N, D], context: [B, L, D] → (image [B, N, D], text [B, L, D] or
@@ -158,17 +158,11 @@ impl Attention {
                 let out = merge_heads(sdpa(Tensor::cat(vec![q_img, q_txt], 2), k, v));
                 let img = out.clone().slice_dim(1, 0..n);
                 let txt = out.slice_dim(1, n..n + l);
-                (
-                    fused::linear(&self.to_out[0], img),
-                    Some(fused::linear(to_add_out, txt)),
-                )
+                (self.to_out[0].forward(img), Some(to_add_out.forward(txt)))
             }
             // The last block: text rows of the attention are discarded, so only the image
             // queries attend (the same image rows as the full joint attention).
-            None => (
-                fused::linear(&self.to_out[0], merge_heads(sdpa(q_img, k, v))),
-                None,
-            ),
+            None => (self.to_out[0].forward(merge_heads(sdpa(q_img, k, v))), None),
         }
     }
 }

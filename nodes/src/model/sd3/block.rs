@@ -255,8 +255,8 @@ impl FeedForward {
 
     /// x: [B, T, D] → [B, T, D]
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = fused::gelu_tanh(fused::linear(&self.net.gelu.proj, x));
-        fused::linear(&self.net.out, h)
+        let h = fused::gelu_tanh(self.net.gelu.proj.forward(x));
+        self.net.out.forward(h)
     }
 }
 

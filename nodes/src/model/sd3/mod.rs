@@ -46,7 +46,6 @@ use rand_chacha::ChaCha8Rng;
 use block::{AdaLayerNorm, AdaNormKind};
 use embeddings::{CombinedTimestepTextProjEmbeddings, PatchEmbed, sincos_pos_embed};
 
-use crate::model::fused;
 use crate::model::layers::linear;
 use crate::model::standard_normal;
 
@@ -266,7 +265,7 @@ impl Sd3Transformer {
             .forward(sigma.mul_scalar(1000.0), pooled);
         let temb_act = silu(temb);
         // [B, L, D]
-        let mut context = Some(fused::linear(&self.context_embedder, prompt_embeds));
+        let mut context = Some(self.context_embedder.forward(prompt_embeds));
         for block in &self.transformer_blocks {
             let ctx = context
                 .take()
@@ -277,7 +276,9 @@ impl Sd3Transformer {
         }
         let hidden = self.norm_out.forward_continuous(hidden, temb_act);
         // [B, N, p·p·C_out] → [B, h, w, p, p, C_out] → [B, C_out, h, p, w, p]
-        let out = fused::linear(&self.proj_out, hidden)
+        let out = self
+            .proj_out
+            .forward(hidden)
             .reshape([b, h, w, p, p, c_out])
             .permute([0, 5, 1, 3, 2, 4])
             .reshape([b, c_out, hh, ww]);

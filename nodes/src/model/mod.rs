@@ -17,6 +17,7 @@
 
 pub mod checkpoint;
 pub mod fused;
+pub mod lora;
 pub mod sd3;
 pub mod shapes_unet;
 pub mod text_embeddings;
@@ -28,6 +29,7 @@ mod conditioning;
 
 pub use checkpoint::{load_model, load_safetensors, save_safetensors};
 pub use conditioning::{Conditioning, TextConditioning};
+pub use lora::{Linear, Linears, LoraConfig};
 pub use shapes_unet::{FlowModel, FlowModelConfig, Level, layers};
 pub use train::{Trainer, TrainerConfig};
 
@@ -38,12 +40,15 @@ use serde::de::DeserializeOwned;
 
 /// A flow-matching velocity model `v_θ(x_t, t, c)`: the one interface samplers, the GRPO update
 /// and the trainer use.
-pub trait VelocityModel: Module + 'static {
+pub trait VelocityModel: Module + Linears + 'static {
     /// The architecture's configuration (stored as JSON in flowrun's checkpoints).
     type Config: Clone + std::fmt::Debug + Serialize + DeserializeOwned + Send + Sync + 'static;
 
     /// The architecture's name, as the `flow_model` resource's `arch` parameter spells it.
     const ARCH: &'static str;
+
+    /// The layers a `lora:` without `targets` adapts (peft `target_modules` patterns).
+    const LORA_TARGETS: &'static [&'static str];
 
     /// The configuration this model was built from.
     fn config(&self) -> &Self::Config;

@@ -9,8 +9,8 @@
 //! Shape letters: `B` batch, `N` image tokens, `L` text tokens, `D` inner width,
 //! `heads × dh = D`.
 
+use crate::model::lora::Linear;
 use burn::module::{Module, Param};
-use burn::nn::Linear;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Tensor};
 
@@ -232,3 +232,14 @@ mod tests {
         }
     }
 }
+
+crate::impl_linears!(Attention {
+    to_q,
+    to_k,
+    to_v,
+    add_q_proj,
+    add_k_proj,
+    add_v_proj,
+    to_out,
+    to_add_out
+});

@@ -12,11 +12,11 @@
 //! Every LayerNorm here has no affine parameters and eps 1e-6. Shape letters: `B` batch,
 //! `T` tokens, `D` inner width.
 
+use crate::model::lora::Linear;
 use burn::module::Module;
 use burn::module::{
     Content, Devices, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
-use burn::nn::Linear;
 use burn::tensor::{Device, Tensor};
 
 use super::attention::{Attention, EPS};
@@ -397,6 +397,7 @@ mod tests {
                     [4],
                     &dev,
                 ))),
+                ..norm.linear
             },
             kind: norm.kind,
         };
@@ -408,5 +409,30 @@ mod tests {
             (y[0] - 8.0).abs() < 1e-4 && (y[1] - 22.0).abs() < 1e-4,
             "{y:?}"
         );
+    }
+}
+
+crate::impl_linears!(AdaLayerNorm { linear });
+crate::impl_linears!(GeluTanh { proj });
+crate::impl_linears!(FeedForward { net });
+crate::impl_linears!(JointTransformerBlock {
+    norm1,
+    norm1_context,
+    attn,
+    attn2,
+    ff,
+    ff_context
+});
+
+/// `net.0.proj` and `net.2`, as the hand-written [`Module`] impl names them.
+impl crate::model::lora::Linears for FeedForwardNet {
+    fn each_linear(
+        &mut self,
+        path: &str,
+        f: &mut dyn FnMut(&str, &mut crate::model::lora::Linear),
+    ) {
+        use crate::model::lora::join;
+        self.gelu.each_linear(&join(path, "0"), f);
+        self.out.each_linear(&join(path, "2"), f);
     }
 }

@@ -6,8 +6,10 @@
 //! `h = H/p`, `w = W/p`, `N = h·w` image tokens, `D` inner width.
 
 use burn::module::{Module, Param};
+use burn::nn::Initializer;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Initializer, Linear};
+
+use crate::model::lora::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 
@@ -271,3 +273,9 @@ mod tests {
         assert!((e[384] - 500f32.sin()).abs() < 1e-5);
     }
 }
+
+crate::impl_linears!(Mlp { linear_1, linear_2 });
+crate::impl_linears!(CombinedTimestepTextProjEmbeddings {
+    timestep_embedder,
+    text_embedder
+});

@@ -35,9 +35,9 @@ pub use config::{QkNorm, SD3_CLASS_NAME, Sd3Config};
 pub use export::{ExportDtype, save_diffusers, save_diffusers_sharded};
 pub use load::{load_diffusers, read_config};
 
+use crate::model::lora::Linear;
 use anyhow::ensure;
 use burn::module::{Module, ModuleMapper, Param, ParamId};
-use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
@@ -478,3 +478,11 @@ mod tests {
         }
     }
 }
+
+crate::impl_linears!(Sd3Transformer {
+    time_text_embed,
+    context_embedder,
+    transformer_blocks,
+    norm_out,
+    proj_out
+});

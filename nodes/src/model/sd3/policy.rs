@@ -10,6 +10,17 @@ use crate::model::{Conditioning, VelocityModel};
 impl VelocityModel for Sd3Transformer {
     type Config = Sd3Config;
     const ARCH: &'static str = "sd3";
+    /// Flow-GRPO's: every attention projection, image and text side.
+    const LORA_TARGETS: &'static [&'static str] = &[
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+    ];
 
     fn config(&self) -> &Sd3Config {
         &self.config

@@ -8,7 +8,7 @@ use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{
     Embedding, EmbeddingConfig, GroupNorm, GroupNormConfig, Initializer, LayerNorm,
-    LayerNormConfig, Linear, LinearConfig, PaddingConfig2d,
+    LayerNormConfig, PaddingConfig2d,
 };
 use burn::tensor::activation::{gelu, softmax};
 use burn::tensor::module::{avg_pool2d, interpolate};
@@ -16,6 +16,7 @@ use burn::tensor::ops::{AvgPoolOptions, InterpolateMode, InterpolateOptions};
 use burn::tensor::{Bool, Device, Int, Tensor};
 
 use super::fused::{self, conv2d};
+pub use crate::model::lora::Linear;
 
 /// Large negative logit added to masked (padding) keys. Finite so that rows whose keys are
 /// all masked (the text self-attention of the null prompt) stay NaN-free.
@@ -23,9 +24,7 @@ const MASK_LOGIT: f32 = -1.0e4;
 
 /// Linear layer with zero-initialised weights (deterministic init overwrites the rest).
 pub(crate) fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_initializer(Initializer::Zeros)
-        .init(device)
+    Linear::zeros(d_in, d_out, device)
 }
 
 pub(crate) fn conv3x3(c_in: usize, c_out: usize, device: &Device) -> Conv2d {
@@ -411,7 +410,7 @@ impl AttnBlock {
             let any = key_bias.clone().equal_elem(0.0).float().max_dim(3);
             attend(q, k_txt, v_txt, key_bias) * any
         };
-        if !fused::on_libtorch(&x) {
+        if !fused::on_libtorch(&x) || self.proj.is_adapted() {
             // [B, HW, C]
             let out = self.proj.forward(merge_heads(ctx));
             return x + out.swap_dims(1, 2).reshape([b, c, h, w]);
@@ -460,3 +459,13 @@ pub fn upsample(x: Tensor<4>) -> Tensor<4> {
         .expand([b, c, h, 2, w, 2])
         .reshape([b, c, 2 * h, 2 * w])
 }
+
+crate::impl_linears!(TextLayer {
+    qkv,
+    proj,
+    fc1,
+    fc2
+});
+crate::impl_linears!(TextEncoder { layers });
+crate::impl_linears!(ResBlock { film });
+crate::impl_linears!(AttnBlock { qkv, text_kv, proj });

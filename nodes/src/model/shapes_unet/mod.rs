@@ -28,10 +28,10 @@ pub mod layers;
 #[cfg(test)]
 mod tests;
 
+use crate::model::lora::Linear;
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::GroupNorm;
-use burn::nn::Linear;
 use burn::nn::conv::Conv2d;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor};
@@ -391,6 +391,8 @@ impl FlowModel {
 impl VelocityModel for FlowModel {
     type Config = FlowModelConfig;
     const ARCH: &'static str = "shapes_unet";
+    /// The image attention's projections (text-conditioned joint/cross attention).
+    const LORA_TARGETS: &'static [&'static str] = &["attn.qkv", "attn.text_kv", "attn.proj"];
 
     fn config(&self) -> &FlowModelConfig {
         &self.config
@@ -436,3 +438,14 @@ impl VelocityModel for FlowModel {
         self.config.cfg_dropout
     }
 }
+
+crate::impl_linears!(Level { blocks, attn });
+crate::impl_linears!(FlowModel {
+    text,
+    time_fc1,
+    time_fc2,
+    text_cond,
+    down,
+    mid,
+    up
+});

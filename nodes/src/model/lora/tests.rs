@@ -1,0 +1,149 @@
+use burn::tensor::Device;
+
+use super::*;
+use crate::model::checkpoint::tensor_values;
+use crate::model::{FlowModelConfig, VelocityModel};
+
+#[test]
+fn should_match_paths_as_peft_does() {
+    assert!(matches("transformer_blocks.0.attn.to_q", "attn.to_q"));
+    assert!(matches("transformer_blocks.0.attn.to_q", "to_q"));
+    assert!(matches(
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.0.attn.to_q"
+    ));
+    assert!(!matches("transformer_blocks.0.attn.to_qk", "to_q"));
+    assert!(!matches("transformer_blocks.0.attn2.to_q", "attn.to_q"));
+    assert!(matches(
+        "transformer_blocks.10.attn.to_out.0",
+        "*.attn.to_out.0"
+    ));
+    assert!(matches("transformer_blocks.3.attn2.to_q", "attn*.to_q"));
+    assert!(!matches("to_q", "attn.to_q"));
+}
+
+#[test]
+fn should_reject_bad_settings_together() {
+    let mut c = LoraConfig::new(0, -1.0);
+    c.dropout = 0.1;
+    c.targets = vec!["attn..to_q".into()];
+    let e = format!("{:#}", c.validate().unwrap_err());
+    for part in ["`rank`", "`alpha`", "`dropout`", "attn..to_q"] {
+        assert!(e.contains(part), "{e}");
+    }
+    let e = LoraConfig::from_json(&serde_json::json!({"rank": 4, "rnak": 2})).unwrap_err();
+    assert!(format!("{e}").contains("rnak"), "{e}");
+    assert_eq!(
+        LoraConfig::from_json(&serde_json::Value::Null).unwrap(),
+        None
+    );
+}
+
+/// Every parameter non-zero (the fresh UNet's zero-initialised outputs would hide adapters).
+struct Fill(u64);
+
+impl burn::module::ModuleMapper for Fill {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, t, mapper) = param.consume();
+        let shape = t.shape();
+        let n = shape.num_elements();
+        self.0 += 1;
+        let k = self.0 as f32;
+        let v: Vec<f32> = (0..n)
+            .map(|i| 0.2 * ((i as f32 + k) * 0.37).sin())
+            .collect();
+        let t = Tensor::from_data(TensorData::new(v, shape), &t.device());
+        Param::from_mapped_value(id, t, mapper)
+    }
+}
+
+fn unet() -> crate::model::FlowModel {
+    FlowModelConfig::tiny(crate::world::vocab_size(), crate::world::MAX_TOKENS)
+        .with_seed(3)
+        .init(&Device::flex())
+        .map(&mut Fill(0))
+}
+
+fn same(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[test]
+fn should_freeze_the_base_and_adapt_only_the_targets() {
+    let cfg = LoraConfig::new(2, 4.0);
+    let (mut m, adapted) = attach(unet(), &cfg, crate::model::FlowModel::LORA_TARGETS, 7).unwrap();
+    assert!(!adapted.is_empty());
+    assert!(adapted.iter().all(|p| p.contains("attn.")), "{adapted:?}");
+    let trainable = trainable_paths(&m.clone().train());
+    assert_eq!(trainable.len(), 2 * adapted.len(), "{trainable:?}");
+    assert!(
+        trainable
+            .iter()
+            .all(|p| p.ends_with("lora_A.weight") || p.ends_with("lora_B.weight"))
+    );
+    for (_, r, s) in adapted_layers(&mut m) {
+        assert_eq!((r, s), (2, 2.0));
+    }
+}
+
+#[test]
+fn should_start_as_the_base_and_detach_to_it() {
+    let base = unet();
+    let cfg = LoraConfig::new(3, 3.0);
+    let (m, _) = attach(base.clone(), &cfg, crate::model::FlowModel::LORA_TARGETS, 1).unwrap();
+    let dev = Device::flex();
+    let x = crate::model::tensor_from_vec(
+        (0..2 * 3 * 16 * 16)
+            .map(|i| (i as f32 * 0.01).sin())
+            .collect(),
+        [2, 3, 16, 16],
+        &dev,
+    );
+    let t = Tensor::<1>::from_floats([0.3, 0.8], &dev);
+    let cond = crate::model::Conditioning::Tokens(crate::model::int_tensor_from_vec(
+        vec![1; 2 * crate::world::MAX_TOKENS],
+        [2, crate::world::MAX_TOKENS],
+        &dev,
+    ));
+    let v0 = tensor_values(base.velocity(x.clone(), t.clone(), &cond).unwrap());
+    // B = 0: the adapted model is the base.
+    assert!(v0.iter().any(|v| *v != 0.0));
+    assert!(same(
+        &tensor_values(m.velocity(x.clone(), t.clone(), &cond).unwrap()),
+        &v0
+    ));
+    // Non-zero B: different; detached: the base again, exactly.
+    let mut m = m;
+    m.each_linear("", &mut |_, lin| {
+        if let Some(b) = &mut lin.lora_B {
+            let [r, o] = b.weight.dims();
+            b.weight = Param::from_tensor(Tensor::ones([r, o], &dev).mul_scalar(0.1));
+        }
+    });
+    let v1 = tensor_values(m.velocity(x.clone(), t.clone(), &cond).unwrap());
+    assert!(!same(&v1, &v0));
+    let merged = tensor_values(
+        merge(m.clone())
+            .velocity(x.clone(), t.clone(), &cond)
+            .unwrap(),
+    );
+    for (a, b) in merged.iter().zip(&v1) {
+        assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+    }
+    assert!(same(
+        &tensor_values(detach(m).velocity(x, t, &cond).unwrap()),
+        &v0
+    ));
+}
+
+#[test]
+fn should_name_targets_that_match_nothing() {
+    let cfg = LoraConfig::new(2, 2.0).with_targets(&["attn.qkv", "attn.to_q"]);
+    let e = attach(unet(), &cfg, &[], 0).unwrap_err();
+    let e = format!("{e}");
+    assert!(
+        e.contains("`attn.to_q`") && !e.contains("`attn.qkv`"),
+        "{e}"
+    );
+    assert!(e.contains("named like"), "{e}");
+}

@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
+use crate::model::lora::{self, LoraConfig, file::LORA_WEIGHTS_NAME};
 use crate::model::sd3::{ExportDtype, Sd3Transformer, load_diffusers, save_diffusers};
 use crate::model::{
     Conditioning, FlowModel, FlowModelConfig, Trainer, TrainerConfig, VelocityModel, load_model,
@@ -21,6 +22,8 @@ pub const TYPE: &str = "flow_model";
 
 /// The diffusers folder of an `arch: sd3` policy inside its checkpoint directory.
 pub const EXPORT_DIR: &str = "transformer";
+/// The folder of a LoRA policy's adapter (diffusers' file) inside its checkpoint directory.
+pub const LORA_DIR: &str = "lora";
 
 pub fn register(r: &mut Registry) {
     r.add_resource(ResourceType {
@@ -72,6 +75,12 @@ pub fn register(r: &mut Registry) {
                 &["recompute", "keep"],
                 "keep: grpo_update back-propagates through the samplers' forward instead of recomputing it (faster, more memory)",
             ),
+            ParamDef::new(
+                "lora",
+                ParamKind::Any,
+                "LoRA adapters, the base frozen: {rank: 32, alpha: 64, targets: [attn.to_q, …] (peft target_modules patterns; default: the architecture's attention projections), init: gaussian|kaiming, rslora: false}, or {weights: FILE} to start from a diffusers/peft adapter; only the adapters are trained and carry AdamW state, `reference: true` is the base with the adapters off (no copy), checkpoints hold the adapters as lora/pytorch_lora_weights.safetensors",
+            )
+            .default(ParamValue::Json(serde_json::Value::Null)),
             ParamDef::choice(
                 "export",
                 "auto",
@@ -87,7 +96,12 @@ pub fn register(r: &mut Registry) {
 /// of one architecture.
 pub struct PolicyModel<M: VelocityModel> {
     pub trainer: Trainer<M>,
+    /// A frozen copy of the starting weights (without LoRA).
     pub reference: Option<M>,
+    /// With LoRA: the adapters' settings, and whether the KL reference is the base (the
+    /// trainer's model with its adapters off: the same tensors, no copy).
+    pub lora: Option<LoraConfig>,
+    pub reference_is_base: bool,
 }
 
 /// The architectures a `flow_model` can hold. Code that works for any of them is written once,
@@ -131,6 +145,44 @@ impl<M: VelocityModel> PolicyModel<M> {
         PolicyModel {
             trainer: Trainer::from_model(model, config.clone()),
             reference,
+            lora: None,
+            reference_is_base: false,
+        }
+    }
+
+    /// A LoRA policy: `model` holds its adapters (its base frozen); with `reference` the KL
+    /// reference is the base itself.
+    pub fn with_lora(model: M, config: &TrainerConfig, reference: bool, lora: LoraConfig) -> Self {
+        PolicyModel {
+            trainer: Trainer::from_model(model, config.clone()),
+            reference: None,
+            lora: Some(lora),
+            reference_is_base: reference,
+        }
+    }
+
+    /// The KL reference on the plain device, if the policy has one: the frozen copy, or a LoRA
+    /// policy's base (its adapters off; the tensors are the trainer's own, not copied).
+    pub fn reference_model(&self) -> Option<M> {
+        if self.reference_is_base {
+            return Some(lora::detach(self.trainer.model().valid()));
+        }
+        self.reference.clone()
+    }
+
+    /// Whether the policy has a KL reference.
+    pub fn has_reference(&self) -> bool {
+        self.reference_is_base || self.reference.is_some()
+    }
+
+    /// The weights written to `model.safetensors` and the diffusers export: the sampling weights
+    /// with any adapter folded in.
+    pub fn export_model(&self, ema: bool) -> M {
+        let m = self.sampling_model(ema);
+        if self.lora.is_some() {
+            lora::merge(m)
+        } else {
+            m
         }
     }
 
@@ -158,17 +210,35 @@ impl<M: VelocityModel> PolicyModel<M> {
 
     fn save(&self, dir: &Path, ema: bool) -> Result<()> {
         self.trainer.save_state(&dir.join("trainer.safetensors"))?;
-        save_safetensors(&self.sampling_model(ema), &dir.join("model.safetensors"))?;
+        save_safetensors(&self.export_model(ema), &dir.join("model.safetensors"))?;
         if let Some(r) = &self.reference {
             save_safetensors(r, &dir.join("reference.safetensors"))?;
+        }
+        if let Some(cfg) = &self.lora {
+            // diffusers' pipelines name the transformer's keys `transformer.…`.
+            let prefix = if M::ARCH == "sd3" { "transformer." } else { "" };
+            let d = dir.join(LORA_DIR);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            lora::file::save_adapters(
+                &self.sampling_model(ema),
+                &d.join(LORA_WEIGHTS_NAME),
+                prefix,
+                cfg.init,
+            )?;
         }
         Ok(())
     }
 
     fn load(&mut self, dir: &Path, device: &Device, config: &TrainerConfig) -> Result<()> {
         let p = dir.join("trainer.safetensors");
-        let mut t = Trainer::<M>::load_state(&p, device)
-            .with_context(|| format!("loading {}", p.display()))?;
+        let mut t = if self.lora.is_some() {
+            // The base is this policy's own (loaded once from its source); the adapters, their
+            // EMA and moments come from the state.
+            Trainer::<M>::load_state_over(&p, self.trainer.model().clone())
+        } else {
+            Trainer::<M>::load_state(&p, device)
+        }
+        .with_context(|| format!("loading {}", p.display()))?;
         // Hyper-parameters come from the (possibly overridden) pipeline, the state from disk.
         t.config = config.clone();
         self.trainer = t;
@@ -217,6 +287,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let p = ctx.params;
     let dev = open(ctx.device).map_err(anyhow::Error::msg)?;
     let config = trainer_config(ctx)?;
+    let lora = LoraConfig::from_json(&p.json("lora")?).context("`lora`")?;
     let checkpoint = match p.opt_str("checkpoint")? {
         Some(path) => {
             let path = PathBuf::from(path);
@@ -262,7 +333,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
                     "`arch: sd3` needs weights: set `diffusers` to a diffusers folder (e.g. SD3.5-Medium's) or `checkpoint` to a flowrun checkpoint of an SD3 model"
                 ),
             };
-            let policy = PolicyModel::new(model, &config, reference);
+            let policy = make_policy(model, &config, reference, lora.as_ref(), ctx.seed)?;
             (Policy::Sd3(policy), Some(source))
         }
         _ => {
@@ -294,7 +365,13 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
                 );
             }
             (
-                Policy::ShapesUnet(PolicyModel::new(model, &config, reference)),
+                Policy::ShapesUnet(make_policy(
+                    model,
+                    &config,
+                    reference,
+                    lora.as_ref(),
+                    ctx.seed,
+                )?),
                 source,
             )
         }
@@ -310,6 +387,35 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     }))
 }
 
+/// The policy around `model` (plain device): with `lora`, its adapters attached (fresh, seeded
+/// by `seed`, or from the adapter file of `lora.weights`) and its base frozen.
+pub fn make_policy<M: VelocityModel>(
+    model: M,
+    config: &TrainerConfig,
+    reference: bool,
+    lora: Option<&LoraConfig>,
+    seed: u64,
+) -> Result<PolicyModel<M>> {
+    let Some(cfg) = lora else {
+        return Ok(PolicyModel::new(model, config, reference));
+    };
+    let (model, cfg) = match &cfg.weights {
+        Some(w) => {
+            let (m, info) = lora::file::load_adapters(model, w)?;
+            let mut c = info.config;
+            c.weights = Some(w.clone());
+            (m, c)
+        }
+        None => (
+            lora::attach(model, cfg, M::LORA_TARGETS, seed)
+                .context("`lora`")?
+                .0,
+            cfg.clone(),
+        ),
+    };
+    Ok(PolicyModel::with_lora(model, config, reference, cfg))
+}
+
 impl FlowModelRes {
     /// A resource around the ShapeWorld UNet `model` (on a plain device), e.g. for tests and
     /// tools.
@@ -320,12 +426,8 @@ impl FlowModelRes {
         sample_with_ema: bool,
     ) -> Self {
         let device = model_device(&model);
-        let reference = reference.then(|| model.clone());
         FlowModelRes {
-            policy: Policy::ShapesUnet(PolicyModel {
-                trainer: Trainer::from_model(model, config.clone()),
-                reference,
-            }),
+            policy: Policy::ShapesUnet(PolicyModel::new(model, &config, reference)),
             sample_with_ema,
             keep_rollout_graph: false,
             device,

@@ -272,12 +272,18 @@ impl GrpoUpdate {
         if host.is_empty() {
             bail!("no stochastic transitions to train on (is every τ 0?)");
         }
-        if self.beta > 0.0 && m.reference.is_none() {
+        if self.beta > 0.0 && !m.has_reference() {
             bail!(
                 "`beta` > 0 needs a reference model: set `reference: true` on the flow_model resource"
             );
         }
         let ad: Device = m.trainer.device().clone();
+        // The frozen copy, or a LoRA policy's base (its adapters off: the trainer's own tensors).
+        let reference = if self.beta > 0.0 {
+            m.reference_model()
+        } else {
+            None
+        };
         let mb = if self.minibatch == 0 {
             b
         } else {
@@ -379,7 +385,7 @@ impl GrpoUpdate {
                         let mut kl_value = None;
                         st.forward_s += t_forward.elapsed().as_secs_f64();
                         if let (Some(cond_plain), Some(reference)) =
-                            (&cond_plain, m.reference.as_ref())
+                            (&cond_plain, reference.as_ref())
                         {
                             let t_reference = Instant::now();
                             let vr = reference.velocity_cfg(

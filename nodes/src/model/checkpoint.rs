@@ -139,16 +139,19 @@ pub fn serialize_safetensors(
 pub use super::weights::SafetensorsFile;
 
 /// Loads every float parameter of `module` from `file` (tensor names `prefix + path`, burn
-/// layouts, any float dtype), adding the names taken to `used`; one error lists every missing,
-/// mis-shaped or unreadable tensor.
+/// layouts, any float dtype) but the `optional` paths that the file lacks, adding the names
+/// taken to `used`; one error lists every missing, mis-shaped or unreadable tensor.
 pub(crate) fn load_params<M: Module>(
     module: M,
     file: &SafetensorsFile,
     prefix: &str,
     used: &mut HashSet<String>,
+    optional: &[&str],
 ) -> anyhow::Result<M> {
     let mut problems = Problems::default();
-    let opts = LoadOptions::new(Layout::Burn).prefix(prefix);
+    let opts = LoadOptions::new(Layout::Burn)
+        .prefix(prefix)
+        .optional(optional);
     let module = load_module(module, file, opts, used, &mut problems);
     problems.into_result(|| {
         format!(
@@ -257,7 +260,7 @@ pub fn load_model<M: VelocityModel>(
     }
     let config = config_from_file::<M>(&file)?;
     let mut used = HashSet::new();
-    let model = load_params(M::init_zeros(&config, device), &file, "", &mut used)?;
+    let model = load_params(M::init_zeros(&config, device), &file, "", &mut used, &[])?;
     no_unknown_tensors(&file, &used)?;
     Ok((config, model))
 }

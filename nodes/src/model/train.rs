@@ -22,7 +22,8 @@ use super::checkpoint::{
     ARCH_KEY, CONFIG_KEY, FORMAT_KEY, SafetensorsFile, config_from_file, load_params,
     no_unknown_tensors,
 };
-use super::weights::{Entry, Layout, StoreDtype, module_entries, save_atomic};
+use super::lora::trainable_paths;
+use super::weights::{Entry, Layout, StoreDtype, module_entries_where, save_atomic};
 use super::{
     Conditioning, FlowModel, FlowModelConfig, VelocityModel, flow_matching_loss, model_device,
 };
@@ -32,6 +33,9 @@ pub const TRAINER_FORMAT: &str = "flowrun.trainer_state.v1";
 const TRAINER_CONFIG_KEY: &str = "flowrun.trainer_config";
 const STEP_KEY: &str = "flowrun.step";
 const ADAM_TIME_KEY: &str = "flowrun.adam_time";
+/// Set in states that hold only the trained parameters (a LoRA policy's adapters): the frozen
+/// base is the policy's own weights, loaded once from its source, never copied into a state.
+const FROZEN_KEY: &str = "flowrun.frozen_base";
 
 /// Optimisation hyper-parameters.
 #[derive(Config, Debug, PartialEq)]
@@ -299,11 +303,16 @@ impl<M: VelocityModel> Trainer<M> {
 
     /// Saves model, EMA, AdamW moments, step counter and configs to one safetensors file,
     /// atomically (temp file + fsync + rename). Tensor names: `model.<path>`, `ema.<path>`,
-    /// `adam.m.<path>`, `adam.v.<path>`.
+    /// `adam.m.<path>`, `adam.v.<path>`. A model with frozen parameters (LoRA) saves only its
+    /// trained ones: resume it with [`load_state_over`](Self::load_state_over) and its base.
     pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
-        let mut entries = module_entries(&self.model, "model.", Layout::Burn);
+        let all = super::checkpoint::param_paths(&self.model);
+        let trained: HashSet<String> = trainable_paths(&self.model).into_iter().collect();
+        let partial = trained.len() < all.len();
+        let keep = |p: &str| !partial || trained.contains(p);
+        let mut entries = module_entries_where(&self.model, "model.", Layout::Burn, &keep);
         if let Some(ema) = &self.ema {
-            entries.extend(module_entries(ema, "ema.", Layout::Burn));
+            entries.extend(module_entries_where(ema, "ema.", Layout::Burn, &keep));
         }
         let mut times = BTreeMap::new();
         let mut names: Vec<&String> = self.states.keys().collect();
@@ -330,11 +339,14 @@ impl<M: VelocityModel> Trainer<M> {
         metadata.insert(STEP_KEY.to_string(), self.step.to_string());
         metadata.insert(ADAM_TIME_KEY.to_string(), serde_json::to_string(&times)?);
         metadata.insert(FORMAT_KEY.to_string(), TRAINER_FORMAT.to_string());
+        if partial {
+            metadata.insert(FROZEN_KEY.to_string(), "1".to_string());
+        }
         // Streamed a tensor at a time: the host never holds a copy of the whole state.
         save_atomic(path, entries, StoreDtype::F32, &metadata, |w| {
-            w.write_module(&self.model, "model.", Layout::Burn)?;
+            w.write_module_where(&self.model, "model.", Layout::Burn, &keep)?;
             if let Some(ema) = &self.ema {
-                w.write_module(ema, "ema.", Layout::Burn)?;
+                w.write_module_where(ema, "ema.", Layout::Burn, &keep)?;
             }
             for name in names {
                 let slot = &self.states[name];
@@ -349,6 +361,19 @@ impl<M: VelocityModel> Trainer<M> {
     /// Restores a trainer written by [`save_state`](Self::save_state). Training continues
     /// bit-for-bit as if it had not been interrupted (same CFG-dropout stream, moments, EMA).
     pub fn load_state(path: &Path, device: &Device) -> anyhow::Result<Self> {
+        Self::load_state_impl(path, device, None)
+    }
+
+    /// [`load_state`](Self::load_state) over `base`: the model with its frozen parameters (a
+    /// LoRA policy's base, with adapters of the state's shapes), whose trained parameters, EMA
+    /// and moments come from the state. The state must hold every trained parameter of `base`
+    /// and nothing `base` lacks.
+    pub fn load_state_over(path: &Path, base: M) -> anyhow::Result<Self> {
+        let device = model_device(&base);
+        Self::load_state_impl(path, &device, Some(base))
+    }
+
+    fn load_state_impl(path: &Path, device: &Device, base: Option<M>) -> anyhow::Result<Self> {
         let file = SafetensorsFile::read(path)?;
         let format = file.meta(FORMAT_KEY)?;
         if format != TRAINER_FORMAT {
@@ -378,20 +403,51 @@ impl<M: VelocityModel> Trainer<M> {
         let plain = device.clone().without_autodiff();
         let ad = plain.clone().autodiff();
         let mut used = HashSet::new();
-        let model = load_params(
-            M::init_zeros(&model_config, &ad),
-            &file,
-            "model.",
-            &mut used,
-        )?;
+        let frozen_base = file.metadata.contains_key(FROZEN_KEY);
+        let (model, ema_start, frozen) = match base {
+            Some(base) => {
+                let ours = serde_json::to_value(VelocityModel::config(&base))?;
+                if serde_json::to_value(&model_config)? != ours {
+                    bail!(
+                        "{}: the state was trained on a `{}` model of another configuration \
+                         than this policy's",
+                        path.display(),
+                        M::ARCH
+                    );
+                }
+                let base = if model_device(&base).is_autodiff() {
+                    base
+                } else {
+                    base.train()
+                };
+                let trained: HashSet<String> = trainable_paths(&base).into_iter().collect();
+                let frozen: Vec<String> = super::checkpoint::param_paths(&base)
+                    .into_iter()
+                    .map(|(p, _, _)| p)
+                    .filter(|p| !trained.contains(p))
+                    .collect();
+                let ema = base.valid();
+                (base, ema, frozen)
+            }
+            None => {
+                if frozen_base {
+                    bail!(
+                        "{}: this state holds only the trained parameters (LoRA adapters) of                          a frozen base: it resumes inside its pipeline, whose `flow_model`                          loads the base",
+                        path.display()
+                    );
+                }
+                (
+                    M::init_zeros(&model_config, &ad),
+                    M::init_zeros(&model_config, &plain),
+                    Vec::new(),
+                )
+            }
+        };
+        let optional: Vec<&str> = frozen.iter().map(String::as_str).collect();
+        let model = load_params(model, &file, "model.", &mut used, &optional)?;
         // A state saved with `ema_decay: 0` has no EMA (the weights are their own).
         let ema = if file.names().any(|n| n.starts_with("ema.")) {
-            Some(load_params(
-                M::init_zeros(&model_config, &plain),
-                &file,
-                "ema.",
-                &mut used,
-            )?)
+            Some(load_params(ema_start, &file, "ema.", &mut used, &optional)?)
         } else {
             None
         };

@@ -22,8 +22,15 @@ use serde_json::{Value, json};
 
 use super::{Factor, Linears, LoraConfig, LoraInit, adapted_layers};
 use crate::model::weights::{
-    Entry, Layout, SafetensorsFile, StoreDtype, read_small_text, save_atomic, to_f32, transpose,
+    Entry, Layout, Problems, SafetensorsFile, StoreDtype, read_small_text, save_atomic, to_f32,
+    transpose,
 };
+
+const NOT_IN_MODEL: &str = "adapted layer(s) that are not linear layers of the model";
+const MISFIT: &str = "adapter(s) of another shape than their layer";
+const HALF: &str = "layer(s) with only one of lora_A and lora_B";
+const NOT_FACTORS: &str =
+    "key(s) that are not LoRA factors (`<layer>.lora_A.weight` / `.lora_B.weight`)";
 
 /// diffusers' adapter file name (`load_lora_weights(dir)` looks for it).
 pub const LORA_WEIGHTS_NAME: &str = "pytorch_lora_weights.safetensors";
@@ -224,7 +231,7 @@ pub fn load_adapters<M: Module + Linears>(model: M, path: &Path) -> Result<(M, A
     let prefix = key_prefix(&names, &fpath)?;
     // layer → (A, B) keys
     let mut layers: BTreeMap<String, [Option<&str>; 2]> = BTreeMap::new();
-    let mut unknown = Vec::new();
+    let mut unknown: Vec<String> = Vec::new();
     for n in &names {
         let rest = &n[prefix.len()..];
         if let Some(l) = rest.strip_suffix(".lora_A.weight") {
@@ -247,7 +254,7 @@ pub fn load_adapters<M: Module + Linears>(model: M, path: &Path) -> Result<(M, A
     let global_alpha = cfg.get("lora_alpha").and_then(Value::as_f64);
 
     let mut model = model.no_grad();
-    let mut problems: Vec<String> = Vec::new();
+    let mut problems = Problems::default();
     let mut seen = Vec::new();
     let mut adapted = Vec::new();
     model.each_linear("", &mut |p, lin| {
@@ -258,7 +265,7 @@ pub fn load_adapters<M: Module + Linears>(model: M, path: &Path) -> Result<(M, A
         };
         seen.push(p.to_string());
         let [Some(ka), Some(kb)] = *keys else {
-            problems.push(format!("{p}: only one of lora_A and lora_B"));
+            problems.push(HALF, p.to_string());
             return;
         };
         let (Some(va), Some(vb)) = (file.view(ka), file.view(kb)) else {
@@ -268,16 +275,19 @@ pub fn load_adapters<M: Module + Linears>(model: M, path: &Path) -> Result<(M, A
         let (sa, sb) = (va.shape().to_vec(), vb.shape().to_vec());
         let r = sa.first().copied().unwrap_or(0);
         if sa.len() != 2 || sa[1] != d_in || sb.len() != 2 || sb != [d_out, r] || r == 0 {
-            problems.push(format!(
-                "{p}: lora_A {sa:?} and lora_B {sb:?} do not fit the layer [{d_out}, {d_in}] \
-                 (expected [r, {d_in}] and [{d_out}, r])"
-            ));
+            problems.push(
+                MISFIT,
+                format!(
+                    "{p} (lora_A {sa:?}, lora_B {sb:?}; the layer takes [r, {d_in}] and \
+                     [{d_out}, r])"
+                ),
+            );
             return;
         }
         let (a, b) = match (to_f32(&va), to_f32(&vb)) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(e), _) | (_, Err(e)) => {
-                problems.push(format!("{p}: {e}"));
+                problems.push("unreadable factor(s)", format!("{p}: {e}"));
                 return;
             }
         };
@@ -301,26 +311,14 @@ pub fn load_adapters<M: Module + Linears>(model: M, path: &Path) -> Result<(M, A
     });
     for l in layers.keys() {
         if !seen.contains(l) {
-            problems.push(format!("{l}: not a linear layer of the model"));
+            problems.push(NOT_IN_MODEL, l.clone());
         }
     }
-    if !unknown.is_empty() {
-        unknown.sort();
-        let n = unknown.len();
-        unknown.truncate(5);
-        problems.push(format!(
-            "{n} key(s) that are not LoRA factors (`<layer>.lora_A.weight` / `.lora_B.weight`): {}",
-            unknown.join(", ")
-        ));
+    unknown.sort();
+    for k in unknown {
+        problems.push(NOT_FACTORS, k);
     }
-    if !problems.is_empty() {
-        let n = problems.len();
-        problems.truncate(10);
-        bail!(
-            "{shown}: the LoRA adapter does not fit the model ({n} problem(s)):\n  {}",
-            problems.join("\n  ")
-        );
-    }
+    problems.into_result(|| format!("{shown}: the LoRA adapter does not fit the model"))?;
     if adapted.is_empty() {
         bail!("{shown}: holds no LoRA factor");
     }

@@ -55,7 +55,8 @@ impl LoraInit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraConfig {
-    /// r: the adapters' rank.
+    /// r: the adapters' rank (0 with `weights`, which sets it).
+    #[serde(default)]
     pub rank: usize,
     /// α; the low-rank term is scaled by α / r (α / √r with `rslora`). Default: r (scale 1).
     #[serde(default)]
@@ -72,6 +73,10 @@ pub struct LoraConfig {
     /// rsLoRA: scale α / √r instead of α / r.
     #[serde(default)]
     pub rslora: bool,
+    /// Start from this adapter (diffusers' `pytorch_lora_weights.safetensors`, peft's
+    /// `adapter_model.safetensors`, or a folder holding one): its layers, ranks and α.
+    #[serde(default)]
+    pub weights: Option<std::path::PathBuf>,
 }
 
 impl LoraConfig {
@@ -83,6 +88,7 @@ impl LoraConfig {
             init: LoraInit::Gaussian,
             dropout: 0.0,
             rslora: false,
+            weights: None,
         }
     }
 
@@ -108,8 +114,16 @@ impl LoraConfig {
     /// Every problem of the settings (field names as the YAML spells them).
     pub fn validate(&self) -> Result<()> {
         let mut problems = Vec::new();
-        if self.rank == 0 {
-            problems.push("`rank` must be at least 1".to_string());
+        if self.weights.is_some() {
+            if self.rank != 0 || self.alpha.is_some() || !self.targets.is_empty() {
+                problems.push(
+                    "set either `weights` (an adapter file: rank, alpha and layers come from \
+                     it) or `rank`/`alpha`/`targets` (fresh adapters), not both"
+                        .to_string(),
+                );
+            }
+        } else if self.rank == 0 {
+            problems.push("`rank` must be at least 1 (or `weights`: an adapter file)".to_string());
         }
         if let Some(a) = self.alpha
             && !(a.is_finite() && a > 0.0)
@@ -267,8 +281,10 @@ pub fn linear_paths<M: Linears>(model: &mut M) -> Vec<String> {
 
 /// Freezes every parameter of `model` and attaches a fresh adapter (seeded by `seed` and the
 /// layer's path) to each linear layer matching one of the targets (`defaults` when the config
-/// names none). Returns the model and the adapted layers' paths. An error names the targets
-/// that match no layer (with examples of the model's layer names) and layers already adapted.
+/// names none). Returns the model and the adapted layers' paths. An error names the given
+/// targets that match no layer (with examples of the model's layer names; of the defaults, only
+/// none matching at all is an error: a one-block SD3 has no `attn.to_add_out`) and layers
+/// already adapted.
 pub fn attach<M: Module + Linears>(
     model: M,
     cfg: &LoraConfig,
@@ -332,7 +348,8 @@ pub fn attach<M: Module + Linears>(
         .filter(|(_, h)| !**h)
         .map(|(t, _)| *t)
         .collect();
-    if !unmatched.is_empty() {
+    let strict = !cfg.targets.is_empty();
+    if !unmatched.is_empty() && (strict || adapted.is_empty()) {
         let names = linear_paths(&mut model);
         let shown: Vec<&str> = names.iter().take(6).map(|s| s.as_str()).collect();
         bail!(

@@ -23,4 +23,7 @@ pub use load::{
     Layout, LoadOptions, MISSHAPED, MISSING, Problems, TensorSource, UNKNOWN, load_all,
     load_module, unknown_keys,
 };
-pub use write::{Entry, READ_CHUNK, StoreDtype, TensorWriter, header, module_entries, save_atomic};
+pub use write::{
+    Entry, READ_CHUNK, StoreDtype, TensorWriter, header, module_entries, module_entries_where,
+    save_atomic,
+};

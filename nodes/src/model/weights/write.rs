@@ -107,8 +107,20 @@ impl Entry {
 /// The entries of `module`'s float parameters, in the order [`TensorWriter::write_module`]
 /// writes them: `prefix + path`, shapes in `layout`.
 pub fn module_entries<M: Module>(module: &M, prefix: &str, layout: Layout) -> Vec<Entry> {
+    module_entries_where(module, prefix, layout, &|_| true)
+}
+
+/// [`module_entries`] of the parameters whose path `keep` accepts (the order of
+/// [`TensorWriter::write_module_where`]).
+pub fn module_entries_where<M: Module>(
+    module: &M,
+    prefix: &str,
+    layout: Layout,
+    keep: &dyn Fn(&str) -> bool,
+) -> Vec<Entry> {
     param_paths(module)
         .into_iter()
+        .filter(|(path, _, _)| keep(path))
         .map(|(path, _, mut shape)| {
             if layout == Layout::Torch && shape.len() == 2 {
                 shape.reverse();
@@ -262,14 +274,27 @@ impl<W: Write> TensorWriter<W> {
         prefix: &str,
         layout: Layout,
     ) -> anyhow::Result<()> {
-        struct Visit<'a, W: Write> {
+        self.write_module_where(module, prefix, layout, &|_| true)
+    }
+
+    /// [`write_module`](Self::write_module) of the parameters whose path `keep` accepts (as
+    /// [`module_entries_where`] planned them).
+    pub fn write_module_where<M: Module>(
+        &mut self,
+        module: &M,
+        prefix: &str,
+        layout: Layout,
+        keep: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        struct Visit<'a, 'k, W: Write> {
             writer: &'a mut TensorWriter<W>,
             prefix: &'a str,
+            keep: &'k dyn Fn(&str) -> bool,
             layout: Layout,
             path: Vec<String>,
             error: Option<anyhow::Error>,
         }
-        impl<W: Write> ModuleVisitor for Visit<'_, W> {
+        impl<W: Write> ModuleVisitor for Visit<'_, '_, W> {
             fn enter_module(&mut self, name: &str, _container_type: &str) {
                 self.path.push(name.to_string());
             }
@@ -277,8 +302,9 @@ impl<W: Write> TensorWriter<W> {
                 self.path.pop();
             }
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-                if self.error.is_none() {
-                    let name = format!("{}{}", self.prefix, self.path.join("."));
+                let path = self.path.join(".");
+                if self.error.is_none() && (self.keep)(&path) {
+                    let name = format!("{}{path}", self.prefix);
                     let r = self.writer.write(&name, param.val().detach(), self.layout);
                     self.error = r.err();
                 }
@@ -287,6 +313,7 @@ impl<W: Write> TensorWriter<W> {
         let mut v = Visit {
             writer: self,
             prefix,
+            keep,
             layout,
             path: Vec::new(),
             error: None,

@@ -1,5 +1,7 @@
 use burn::tensor::Device;
 
+use burn::module::{Module, ModuleVisitor, Param};
+
 use super::*;
 use crate::model::checkpoint::tensor_values;
 use crate::model::{FlowModelConfig, VelocityModel};
@@ -146,4 +148,126 @@ fn should_name_targets_that_match_nothing() {
         "{e}"
     );
     assert!(e.contains("named like"), "{e}");
+}
+
+/// Every parameter's values by path.
+fn params(m: &crate::model::FlowModel) -> std::collections::BTreeMap<String, Vec<u32>> {
+    struct V {
+        path: Vec<String>,
+        out: std::collections::BTreeMap<String, Vec<u32>>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let v = tensor_values(p.val().detach());
+            self.out
+                .insert(self.path.join("."), v.iter().map(|x| x.to_bits()).collect());
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        out: Default::default(),
+    };
+    m.visit(&mut v);
+    v.out
+}
+
+fn fm_batch(
+    seed: u64,
+    dev: &Device,
+) -> (Tensor<4>, Tensor<4>, Tensor<1>, crate::model::Conditioning) {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (b, n) = (4, 4 * 3 * 16 * 16);
+    let x0 = crate::model::sample_standard_normal(&mut rng, n);
+    let noise = crate::model::sample_standard_normal(&mut rng, n);
+    let t = crate::model::sample_logit_normal(&mut rng, b, 0.0, 1.0);
+    let l = crate::world::MAX_TOKENS;
+    let tokens: Vec<i64> = (0..b * l).map(|i| (1 + i % 7) as i64).collect();
+    (
+        crate::model::tensor_from_vec(x0, [b, 3, 16, 16], dev),
+        crate::model::tensor_from_vec(noise, [b, 3, 16, 16], dev),
+        crate::model::tensor_from_vec(t, [b], dev),
+        crate::model::Conditioning::Tokens(crate::model::int_tensor_from_vec(tokens, [b, l], dev)),
+    )
+}
+
+fn lora_trainer() -> crate::model::Trainer<crate::model::FlowModel> {
+    let cfg = LoraConfig::new(2, 4.0);
+    let (m, _) = attach(unet(), &cfg, crate::model::FlowModel::LORA_TARGETS, 9).unwrap();
+    crate::model::Trainer::from_model(m, crate::model::TrainerConfig::new().with_lr(1e-3))
+}
+
+#[test]
+fn should_train_only_the_adapters_and_keep_the_base_bit_identical() {
+    let dev = Device::flex();
+    let mut tr = lora_trainer();
+    let before = params(&tr.model().valid());
+    for s in 0..2 {
+        let (x0, noise, t, cond) = fm_batch(s, &dev);
+        tr.flow_matching_step(x0, noise, t, cond).unwrap();
+    }
+    let after = params(&tr.model().valid());
+    let changed: Vec<&String> = before.keys().filter(|k| before[*k] != after[*k]).collect();
+    assert!(!changed.is_empty());
+    for k in before.keys() {
+        let adapter = k.ends_with("lora_A.weight") || k.ends_with("lora_B.weight");
+        if !adapter {
+            assert!(before[k] == after[k], "base parameter {k} changed");
+        }
+    }
+    // Every lora_B moved from zero; nothing else but adapters did.
+    assert!(changed.iter().all(|k| k.contains(".lora_")), "{changed:?}");
+    assert!(
+        before
+            .keys()
+            .filter(|k| k.ends_with("lora_B.weight"))
+            .all(|k| changed.contains(&k)),
+        "{changed:?}"
+    );
+}
+
+#[test]
+fn should_resume_a_lora_state_over_its_base_exactly() {
+    let dev = Device::flex();
+    let mut a = lora_trainer();
+    let (x0, noise, t, cond) = fm_batch(1, &dev);
+    a.flow_matching_step(x0, noise, t, cond).unwrap();
+    let dir = std::env::temp_dir().join(format!("flowrun-lora-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("trainer.safetensors");
+    a.save_state(&path).unwrap();
+    // Only adapters, their EMA and their moments are in the file: no base tensor.
+    let file = crate::model::checkpoint::SafetensorsFile::read(&path).unwrap();
+    let names: Vec<&str> = file.names().collect();
+    assert!(!names.is_empty());
+    assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("adam.m.")));
+    assert!(names.iter().any(|n| n.starts_with("ema.")));
+    // Without its base, a clear refusal.
+    let Err(e) = crate::model::Trainer::<crate::model::FlowModel>::load_state(&path, &dev) else {
+        panic!("a LoRA state loaded without its base");
+    };
+    assert!(
+        format!("{e}").contains("only the trained parameters"),
+        "{e}"
+    );
+
+    // Over a freshly built policy (base + fresh adapters), the next step is the same.
+    let mut b =
+        crate::model::Trainer::load_state_over(&path, lora_trainer().model().valid()).unwrap();
+    let (x0, noise, t, cond) = fm_batch(2, &dev);
+    let sa = a
+        .flow_matching_step(x0.clone(), noise.clone(), t.clone(), cond.clone())
+        .unwrap();
+    let sb = b.flow_matching_step(x0, noise, t, cond).unwrap();
+    assert_eq!(sa, sb);
+    assert!(params(&a.model().valid()) == params(&b.model().valid()));
+    assert!(params(&a.ema()) == params(&b.ema()));
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,0 +1,221 @@
+//! LoRA end to end: TAFS-GRPO with `lora:` on the ShapeWorld UNet (embedded, no Python) and on
+//! the tiny diffusers SD3 pipeline (Python, required under CI): 2 iterations, resume, what the
+//! checkpoints hold (the adapters only in the trainer state, diffusers' adapter file, the merged
+//! weights in model.safetensors, no reference copy).
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use common::{RewardServer, bin, metrics, only_run_dir, root, sd3_fixture, text, tmpdir};
+use nodes::model::checkpoint::SafetensorsFile;
+use nodes::model::lora::file::load_adapters;
+use nodes::model::sd3::{Sd3Transformer, load_diffusers};
+use nodes::model::{load_model, tensor_from_vec};
+
+fn run(args: &[&str], set: &[String]) -> std::process::Output {
+    let mut c = bin();
+    c.args(args).arg("--quiet");
+    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
+        c.args(["--device", &d]);
+    }
+    for s in set {
+        c.arg("--set").arg(s);
+    }
+    c.output().unwrap()
+}
+
+/// The policy's folder in the run's newest checkpoint.
+fn policy_dir(run: &Path) -> PathBuf {
+    let latest = fs::read_to_string(run.join("checkpoints/latest")).unwrap();
+    run.join("checkpoints")
+        .join(latest.trim())
+        .join("resources/policy")
+}
+
+/// The trainer state holds adapters only (weights, EMA, moments), no reference copy is written.
+fn check_checkpoint(dir: &Path) {
+    let state = SafetensorsFile::read(&dir.join("trainer.safetensors")).unwrap();
+    let names: Vec<&str> = state.names().collect();
+    assert!(names.iter().any(|n| n.starts_with("adam.m.")), "{names:?}");
+    assert!(
+        names
+            .iter()
+            .all(|n| n.contains(".lora_A.") || n.contains(".lora_B.")),
+        "a base tensor in the trainer state: {names:?}"
+    );
+    assert!(!dir.join("reference.safetensors").exists());
+    assert!(dir.join("lora/pytorch_lora_weights.safetensors").is_file());
+    // model.safetensors holds merged weights: no adapter key.
+    let model = SafetensorsFile::read(&dir.join("model.safetensors")).unwrap();
+    assert!(model.names().all(|n| !n.contains("lora_")));
+}
+
+fn metric_rows(run: &Path) -> Vec<serde_json::Value> {
+    // Timings differ between runs; everything else must not.
+    metrics(run)
+        .into_iter()
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.retain(|k, _| !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_"));
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn should_train_shapeworld_with_lora_and_resume_exactly() {
+    let pipeline = root().join("tests/pipelines/valid-tafs-tiny.yaml");
+    let p = pipeline.to_str().unwrap();
+    let lora = "resources.policy.params.lora={rank: 2, alpha: 4}".to_string();
+    let base = [lora, "checkpoint_every=1".to_string()];
+
+    // Straight through, 2 iterations.
+    let straight = tmpdir("lora-unet-straight");
+    let mut set = base.to_vec();
+    set.push("iterations=2".into());
+    let o = run(&[p, "--runs-dir", straight.to_str().unwrap()], &set);
+    assert!(o.status.success(), "{}", text(&o));
+    let straight = only_run_dir(&straight);
+
+    // 1 iteration, then resumed to 2.
+    let resumed = tmpdir("lora-unet-resumed");
+    let mut set = base.to_vec();
+    set.push("iterations=1".into());
+    let o = run(&[p, "--runs-dir", resumed.to_str().unwrap()], &set);
+    assert!(o.status.success(), "{}", text(&o));
+    let resumed = only_run_dir(&resumed);
+    let o = run(
+        &["run", "--resume", resumed.to_str().unwrap()],
+        &["iterations=2".to_string()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+
+    let (a, b) = (metric_rows(&straight), metric_rows(&resumed));
+    assert_eq!(a.len(), 2);
+    assert_eq!(a, b, "a resumed LoRA run differs from an uninterrupted one");
+    for r in &a {
+        assert!(r["update/loss"].as_f64().unwrap().is_finite(), "{r}");
+        // beta > 0 with `reference: true`: the KL to the base (adapters off) is computed.
+        assert!(r.get("update/kl").is_some_and(|v| v.is_number()), "{r}");
+    }
+    check_checkpoint(&policy_dir(&straight));
+}
+
+#[test]
+fn should_say_what_is_wrong_with_a_lora_setting() {
+    let pipeline = root().join("tests/pipelines/valid-tafs-tiny.yaml");
+    let runs = tmpdir("lora-bad");
+    for (lora, want) in [
+        ("{rank: 0}", "`rank` must be at least 1"),
+        (
+            "{rank: 4, targets: [attn.to_q]}",
+            "`attn.to_q` match no linear layer",
+        ),
+        ("{rank: 4, dropout: 0.1}", "`dropout` 0.1 is not supported"),
+        ("{rank: 4, rnak: 2}", "unknown field `rnak`"),
+        ("{weights: /nonexistent/lora}", "does not exist"),
+    ] {
+        let o = run(
+            &[
+                pipeline.to_str().unwrap(),
+                "--runs-dir",
+                runs.to_str().unwrap(),
+            ],
+            &[format!("resources.policy.params.lora={lora}")],
+        );
+        assert!(!o.status.success(), "{lora} was accepted");
+        let t = text(&o);
+        assert!(t.contains(want), "{lora}: {t}");
+        assert!(
+            t.contains("policy"),
+            "{lora}: the resource is not named: {t}"
+        );
+        assert!(!t.contains("panicked"), "{t}");
+    }
+}
+
+#[test]
+fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
+    let Some((model, emb)) = sd3_fixture() else {
+        return;
+    };
+    let srv = RewardServer::start(&[]);
+    let runs = tmpdir("lora-sd3-runs");
+    let pipeline = root().join("pipelines/tafs_grpo_sd3.yaml");
+    let m = model.display();
+    let mut set = vec![
+        format!("resources.policy.params.diffusers={m}"),
+        format!("resources.vae.params.path={m}"),
+        format!("nodes.prompts.params.embeddings={}", emb.display()),
+        "nodes.prompts.params.prompts_per_iter=2".into(),
+        "nodes.prompts.params.group_size=2".into(),
+        "nodes.noise.params.height=8".into(),
+        "nodes.noise.params.width=8".into(),
+        "checkpoint_every=1".into(),
+        format!("nodes.step.nodes.score.params.url={}", srv.url()),
+        "resources.policy.params.lora={rank: 4, alpha: 8}".into(),
+        "resources.policy.params.lr=1.0e-3".into(),
+    ];
+    set.push("iterations=1".into());
+    let o = run(
+        &[
+            pipeline.to_str().unwrap(),
+            "--runs-dir",
+            runs.to_str().unwrap(),
+        ],
+        &set,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rd = only_run_dir(&runs);
+    let o = run(
+        &["run", "--resume", rd.to_str().unwrap()],
+        &["iterations=2".to_string()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let rows = metrics(&rd);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert!(r["update/loss"].as_f64().unwrap().is_finite(), "{r}");
+    }
+    let dir = policy_dir(&rd);
+    check_checkpoint(&dir);
+    // The diffusers export is the merged model too (diffusers-loadable, no adapter keys).
+    assert!(dir.join("transformer/config.json").is_file());
+
+    // The checkpoint's adapter over the base = its merged model.safetensors.
+    let dev = Device::flex();
+    let (_, base) = load_diffusers(model, &dev).unwrap();
+    let (adapted, info) = load_adapters(base, &dir.join("lora")).unwrap();
+    assert!(!info.layers.is_empty());
+    assert!(info.layers.iter().all(|l| (l.2 - 2.0).abs() < 1e-12));
+    let (_, merged) = load_model::<Sd3Transformer>(&dir.join("model.safetensors"), &dev).unwrap();
+    let c = merged.config.clone();
+    let vals = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + 1.0) * s).sin()).collect();
+    let x = tensor_from_vec(
+        vals(2 * c.in_channels * 64, 0.3),
+        [2, c.in_channels, 8, 8],
+        &dev,
+    );
+    let sigma = tensor_from_vec(vec![0.7, 0.2], [2], &dev);
+    let pr = tensor_from_vec(
+        vals(2 * 3 * c.joint_attention_dim, 0.7),
+        [2, 3, c.joint_attention_dim],
+        &dev,
+    );
+    let po = tensor_from_vec(
+        vals(2 * c.pooled_projection_dim, 0.9),
+        [2, c.pooled_projection_dim],
+        &dev,
+    );
+    let va = common::values(adapted.forward(x.clone(), sigma.clone(), pr.clone(), po.clone()));
+    let vm = common::values(merged.forward(x, sigma, pr, po));
+    let shape = [va.len()];
+    let e = common::rel_err("merged vs adapter", (&shape, &vm), (&shape, &va));
+    assert!(
+        e < 1e-5,
+        "merged model.safetensors vs base + lora/: {e:.2e}"
+    );
+}

@@ -134,6 +134,32 @@ pub struct BenchArgs {
     /// With --memory-probe: rows (batch) of each probe forward.
     #[arg(long, value_name = "R", default_value_t = 4)]
     pub probe_rows: usize,
+    /// With --sd3: train LoRA adapters of rank R and scale α/R on Flow-GRPO's eight attention
+    /// projections instead of every weight (the base frozen; the KL reference is the base).
+    #[arg(long, value_name = "R[:ALPHA]", requires = "sd3", value_parser = parse_lora)]
+    pub lora: Option<(usize, f64)>,
+}
+
+/// `R` or `R:ALPHA` (α defaults to R).
+fn parse_lora(s: &str) -> Result<(usize, f64), String> {
+    let (r, a) = match s.split_once(':') {
+        Some((r, a)) => (r, Some(a)),
+        None => (s, None),
+    };
+    let r: usize = r
+        .parse()
+        .ok()
+        .filter(|r| *r >= 1)
+        .ok_or_else(|| format!("rank {r:?} is not a positive integer"))?;
+    let a = match a {
+        Some(a) => a
+            .parse::<f64>()
+            .ok()
+            .filter(|a| a.is_finite() && *a > 0.0)
+            .ok_or_else(|| format!("alpha {a:?} is not a positive number"))?,
+        None => r as f64,
+    };
+    Ok((r, a))
 }
 
 // ---------------------------------------------------------------------------------------------

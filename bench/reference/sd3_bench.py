@@ -31,6 +31,12 @@ as its own process doing 1 warm-up + `--repeats` iterations; the order alternate
 round. Peak memory of each peer is its process's peak resident set (`ru_maxrss` from `wait4`,
 the same call for both; "loaded": its resident set once the model is loaded, before the first
 iteration). `--memory` runs each peer's memory probe instead (see `probe()`).
+
+`--lora R[:ALPHA]`: both peers train LoRA adapters of rank R (α default R) on Flow-GRPO's eight
+attention projections (`attn.to_q/k/v`, `attn.to_out.0`, `attn.add_q/k/v_proj`,
+`attn.to_add_out`), gaussian init, the base frozen; the KL reference is the base with the
+adapters off (peft's `disable_adapters()` here, as Flow-GRPO's `disable_adapter()`; flowrun's
+`lora:` with `reference: true`), the EMA over the adapters only.
 """
 
 import argparse
@@ -159,14 +165,43 @@ def log_prob(x, mean, std):
     return -sq / (2.0 * std * std * d) - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
+                "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+
+
+class BaseOf:
+    """A peft-adapted model with its adapters switched off (Flow-GRPO's KL reference,
+    `with transformer.disable_adapter():`), callable like the model."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **kw):
+        self.model.disable_adapters()
+        try:
+            return self.model(**kw)
+        finally:
+            self.model.enable_adapters()
+
+
 class Sd3TafsGrpo:
-    """The policy (trained in place), its frozen reference, AdamW and the EMA."""
+    """The policy (trained in place), its frozen reference, AdamW and the EMA. With
+    `hp["lora"] = (r, alpha)`: peft LoRA adapters on Flow-GRPO's eight attention projections
+    (gaussian init), the base frozen, the reference the base with the adapters off."""
 
     def __init__(self, model, hp):
         import torch
         self.hp = hp
+        if hp.get("lora"):
+            from peft import LoraConfig
+            r, alpha = hp["lora"]
+            model.requires_grad_(False)
+            model.add_adapter(LoraConfig(r=r, lora_alpha=alpha, init_lora_weights="gaussian",
+                                         target_modules=LORA_TARGETS))
+            self.ref = BaseOf(model) if hp["beta"] > 0 else None
+        else:
+            self.ref = copy.deepcopy(model).requires_grad_(False) if hp["beta"] > 0 else None
         self.model = model
-        self.ref = copy.deepcopy(model).requires_grad_(False) if hp["beta"] > 0 else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=hp["lr"], betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=0.0)
@@ -273,6 +308,14 @@ def load(model_dir, embeddings):
     return model, e
 
 
+def parse_lora(s):
+    """`R` or `R:ALPHA` → (R, ALPHA); None for no LoRA."""
+    if not s:
+        return None
+    r, _, a = s.partition(":")
+    return int(r), float(a) if a else float(r)
+
+
 def worker_iterate(args):
     """1 warm-up + `repeats` reference iterations; prints one JSON line."""
     import numpy as np
@@ -283,7 +326,7 @@ def worker_iterate(args):
     model, e = load(args.model, args.embeddings)
     load_s = time.perf_counter() - t0
     rss_after_load = status_kib("VmRSS")
-    hp = dict(HP, cfg=args.cfg, beta=args.beta)
+    hp = dict(HP, cfg=args.cfg, beta=args.beta, lora=parse_lora(args.lora))
     grpo = Sd3TafsGrpo(model, hp)
     b, k = args.batch, args.steps
     g = 8 if b % 8 == 0 else 1
@@ -417,6 +460,8 @@ def time_flowrun(spec, args, jdir):
            os.path.join(args.dir, "embeds.safetensors"), "--device", device, "--batches",
            str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
            "--cfg", str(args.cfg), "--beta", str(args.beta), "--json", out]
+    if args.lora:
+        cmd[-2:-2] = ["--lora", args.lora]
     stdout, stderr, rc, maxrss = run_child(cmd)
     if rc != 0:
         return dict(spec=spec, error=(stdout + stderr)[-800:])
@@ -443,7 +488,7 @@ def time_reference(args):
            os.path.join(args.dir, "embeds.safetensors"), "--batch", str(args.batch), "--steps",
            str(args.steps), "--repeats", str(args.repeats), "--cfg", str(args.cfg), "--beta",
            str(args.beta), "--threads", str(args.threads), "--latent-size",
-           str(SMALL["sample_size"])]
+           str(SMALL["sample_size"])] + (["--lora", args.lora] if args.lora else [])
     stdout, stderr, rc, maxrss = run_child(cmd)
     if rc != 0:
         return dict(spec="reference", error=(stdout + stderr)[-1500:])
@@ -672,6 +717,7 @@ def main():
         ap.add_argument("--beta", type=float, default=HP["beta"])
         ap.add_argument("--threads", type=int, default=0)
         ap.add_argument("--latent-size", type=int, default=SMALL["sample_size"])
+        ap.add_argument("--lora", default=None)
         ap.add_argument("--rows", type=int, default=4)
         ap.add_argument("--sides", type=lambda s: [int(x) for x in s.split(",")],
                         default=[32, 48])
@@ -691,6 +737,9 @@ def main():
     ap.add_argument("--cfg", type=float, default=HP["cfg"])
     ap.add_argument("--beta", type=float, default=HP["beta"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--lora", metavar="R[:ALPHA]", default=None,
+                    help="both peers train LoRA adapters (rank R, alpha, Flow-GRPO's targets; "
+                         "peft on the reference side) instead of every weight")
     ap.add_argument("--memory", action="store_true", help="memory probes instead of timing")
     ap.add_argument("--rows", type=int, default=8, help="--memory: rows per probe forward")
     ap.add_argument("--sides", type=lambda s: [int(x) for x in s.split(",")], default=[32, 48],

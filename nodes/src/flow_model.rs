@@ -445,17 +445,18 @@ impl FlowModelRes {
         config: TrainerConfig,
         reference: bool,
         keep_rollout_graph: bool,
-    ) -> Self {
+        lora: Option<&LoraConfig>,
+    ) -> Result<Self> {
         let device = model_device(&model);
-        FlowModelRes {
-            policy: Policy::Sd3(PolicyModel::new(model, &config, reference)),
+        Ok(FlowModelRes {
+            policy: Policy::Sd3(make_policy(model, &config, reference, lora, 0)?),
             sample_with_ema: false,
             keep_rollout_graph,
             device,
             source: None,
             export: None,
             config,
-        }
+        })
     }
 
     /// The ShapeWorld UNet policy, or an error naming what `what` needs and what this holds.

@@ -713,8 +713,16 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         repeats: args.repeats,
     };
     println!(
-        "settings: K {steps:?}, batch {batches:?}, {} timed iterations after 1 warm-up (medians); CFG {}, β {}, lr {LR:e}, clip {CLIP_RANGE:e}, rollout_graph recompute",
-        args.repeats, args.cfg, args.beta
+        "settings: K {steps:?}, batch {batches:?}, {} timed iterations after 1 warm-up (medians); CFG {}, β {}, lr {LR:e}, clip {CLIP_RANGE:e}, rollout_graph recompute; {}",
+        args.repeats,
+        args.cfg,
+        args.beta,
+        match args.lora {
+            Some((r, a)) => format!(
+                "LoRA rank {r}, alpha {a} on Flow-GRPO's attention projections (base frozen, reference = base)"
+            ),
+            None => "every weight trained".into(),
+        }
     );
     let mut reports = Vec::new();
     let mut table = String::new();
@@ -729,6 +737,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             load_diffusers(setup.dir, &dev).with_context(|| format!("loading on {name}"))?;
         let load_s = t_load.elapsed().as_secs_f64();
         let rss_after_load = status_kib("VmRSS");
+        let lora = args.lora.map(|(r, a)| nodes::model::LoraConfig::new(r, a));
         let mut res = FlowModelRes::sd3(
             model,
             TrainerConfig::new()
@@ -736,7 +745,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
                 .with_grad_clip_norm(GRAD_CLIP),
             setup.beta > 0.0,
             false,
-        );
+            lora.as_ref(),
+        )?;
         let progress = |m: &str| eprintln!("[{name}] {m}");
         let mut configs = Vec::new();
         writeln!(
@@ -860,6 +870,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             "tau_start": TAU_START, "tau_end": TAU_END, "shift": SHIFT,
             "rollout_graph": "recompute", "latent_side": side, "text_tokens": text_tokens,
             "embeddings": args.embeddings.as_ref().map(|p| p.display().to_string()),
+            "lora": args.lora.map(|(r, a)| json!({"rank": r, "alpha": a})),
         },
         "model": {
             "dir": dir.display().to_string(), "config": config, "params": params,

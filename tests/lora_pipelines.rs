@@ -9,23 +9,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
-use common::{RewardServer, bin, metrics, only_run_dir, root, sd3_fixture, text, tmpdir};
+use common::{
+    RewardServer, flowrun as run, metrics, only_run_dir, root, sd3_fixture, sd3_overrides, text,
+    tmpdir,
+};
 use nodes::model::checkpoint::SafetensorsFile;
 use nodes::model::lora::file::load_adapters;
 use nodes::model::sd3::{Sd3Transformer, load_diffusers};
 use nodes::model::{load_model, tensor_from_vec};
-
-fn run(args: &[&str], set: &[String]) -> std::process::Output {
-    let mut c = bin();
-    c.args(args).arg("--quiet");
-    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
-        c.args(["--device", &d]);
-    }
-    for s in set {
-        c.arg("--set").arg(s);
-    }
-    c.output().unwrap()
-}
 
 /// The policy's folder in the run's newest checkpoint.
 fn policy_dir(run: &Path) -> PathBuf {
@@ -145,20 +136,9 @@ fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
     let srv = RewardServer::start(&[]);
     let runs = tmpdir("lora-sd3-runs");
     let pipeline = root().join("pipelines/tafs_grpo_sd3.yaml");
-    let m = model.display();
-    let mut set = vec![
-        format!("resources.policy.params.diffusers={m}"),
-        format!("resources.vae.params.path={m}"),
-        format!("nodes.prompts.params.embeddings={}", emb.display()),
-        "nodes.prompts.params.prompts_per_iter=2".into(),
-        "nodes.prompts.params.group_size=2".into(),
-        "nodes.noise.params.height=8".into(),
-        "nodes.noise.params.width=8".into(),
-        "checkpoint_every=1".into(),
-        format!("nodes.step.nodes.score.params.url={}", srv.url()),
-        "resources.policy.params.lora={rank: 4, alpha: 8}".into(),
-        "resources.policy.params.lr=1.0e-3".into(),
-    ];
+    let mut set = sd3_overrides(model, emb, &srv.url(), "nodes.step.nodes.score");
+    set.push("resources.policy.params.lora={rank: 4, alpha: 8}".into());
+    set.push("resources.policy.params.lr=1.0e-3".into());
     set.push("iterations=1".into());
     let o = run(
         &[

@@ -11,38 +11,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::{RewardServer, bin, metrics, only_run_dir, root, sd3_fixture, text, tmpdir};
-
-/// The `--set` overrides that point a shipped SD3 pipeline at the tiny model: 2 prompts × 2,
-/// 8×8 latents, one checkpoint per iteration.
-fn overrides(model: &Path, emb: &Path, url: &str, score: &str) -> Vec<String> {
-    let m = model.display();
-    vec![
-        format!("resources.policy.params.diffusers={m}"),
-        format!("resources.vae.params.path={m}"),
-        format!("nodes.prompts.params.embeddings={}", emb.display()),
-        "nodes.prompts.params.prompts_per_iter=2".into(),
-        "nodes.prompts.params.group_size=2".into(),
-        "nodes.noise.params.height=8".into(),
-        "nodes.noise.params.width=8".into(),
-        "checkpoint_every=1".into(),
-        format!("{score}.params.url={url}"),
-    ]
-}
-
-/// `flowrun ARGS --quiet --set …`, on `$FLOWRUN_TEST_DEVICE` when set (`.ci/run` runs these
-/// tests again on `libtorch` with `--features tch`).
-fn flowrun(args: &[&str], set: &[String]) -> Output {
-    let mut c = bin();
-    c.args(args).arg("--quiet");
-    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
-        c.args(["--device", &d]);
-    }
-    for s in set {
-        c.arg("--set").arg(s);
-    }
-    c.output().unwrap()
-}
+use common::{
+    RewardServer, flowrun, metrics, only_run_dir, root, sd3_fixture, sd3_overrides as overrides,
+    text, tmpdir,
+};
 
 /// Every number in every metrics row is finite; returns the rows.
 fn finite_metrics(run: &Path) -> Vec<serde_json::Value> {

@@ -231,3 +231,34 @@ pub fn check_rel(
     );
     e
 }
+
+/// The `--set` overrides that point a shipped SD3 pipeline at the tiny model: 2 prompts × 2,
+/// 8×8 latents, one checkpoint per iteration.
+pub fn sd3_overrides(model: &Path, emb: &Path, url: &str, score: &str) -> Vec<String> {
+    let m = model.display();
+    vec![
+        format!("resources.policy.params.diffusers={m}"),
+        format!("resources.vae.params.path={m}"),
+        format!("nodes.prompts.params.embeddings={}", emb.display()),
+        "nodes.prompts.params.prompts_per_iter=2".into(),
+        "nodes.prompts.params.group_size=2".into(),
+        "nodes.noise.params.height=8".into(),
+        "nodes.noise.params.width=8".into(),
+        "checkpoint_every=1".into(),
+        format!("{score}.params.url={url}"),
+    ]
+}
+
+/// `flowrun ARGS --quiet --set …`, on `$FLOWRUN_TEST_DEVICE` when set (`.ci/run` runs these
+/// tests again on `libtorch` with `--features tch`).
+pub fn flowrun(args: &[&str], set: &[String]) -> Output {
+    let mut c = bin();
+    c.args(args).arg("--quiet");
+    if let Ok(d) = std::env::var("FLOWRUN_TEST_DEVICE") {
+        c.args(["--device", &d]);
+    }
+    for s in set {
+        c.arg("--set").arg(s);
+    }
+    c.output().unwrap()
+}

@@ -9,7 +9,6 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::{
     RewardServer, flowrun, metrics, only_run_dir, root, sd3_fixture, sd3_overrides as overrides,

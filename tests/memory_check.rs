@@ -1,6 +1,8 @@
 //! Validation's peak-memory estimate (issue 16, item 6): close to measured peaks of the main
 //! job, and a batch beyond the machine refused at the parameter that sets it.
 
+mod common;
+
 use runner::{Diagnostics, Pipeline};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -130,4 +132,95 @@ fn should_end_with_one_clear_line_when_memory_runs_out() {
         "{err}"
     );
     let _ = std::fs::remove_dir_all(runs);
+}
+
+/// SD3.5-Medium's transformer config (diffusers' `stabilityai/stable-diffusion-3.5-medium`),
+/// with the text widths of the tiny fixture's embeddings; validation reads config.json alone.
+fn sd35_medium_folder(joint: usize, pooled: usize) -> std::path::PathBuf {
+    let dir = common::tmpdir("sd35m-config");
+    let config = serde_json::json!({
+        "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64,
+        "caption_projection_dim": 1536, "dual_attention_layers": (0..13).collect::<Vec<_>>(),
+        "in_channels": 16, "joint_attention_dim": joint, "num_attention_heads": 24,
+        "num_layers": 24, "out_channels": 16, "patch_size": 2, "pooled_projection_dim": pooled,
+        "pos_embed_max_size": 384, "qk_norm": "rms_norm", "sample_size": 128,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn should_estimate_sd3_with_and_without_lora_and_name_what_fits() {
+    let Some((_, emb)) = common::sd3_fixture() else {
+        return;
+    };
+    let dir = sd35_medium_folder(128, 96);
+    let base = [
+        format!("resources.policy.params.diffusers={}", dir.display()),
+        format!("nodes.prompts.params.embeddings={}", emb.display()),
+        "memory_check=warn".to_string(),
+    ];
+    let sd3 = |extra: &[&str]| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut sets: Vec<String> = base.to_vec();
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        runner::load(
+            &root.join("pipelines/tafs_grpo_sd3.yaml"),
+            &sets,
+            &nodes::registry(),
+        )
+        .expect("valid (warnings only)")
+    };
+    let warning = |d: &Diagnostics| {
+        d.warnings()
+            .find(|w| w.message.contains("more than this machine's"))
+            .map(|w| w.message.clone())
+    };
+    // Full fine-tuning: 6 f32 copies of ~2.2B parameters, far above this machine.
+    let (p, d) = sd3(&[]);
+    let full = nodes::checks::memory::estimate(&p).unwrap();
+    assert!(full.bytes > 49.0 * GIB, "{:.1} GiB", full.bytes / GIB);
+    assert!(full.why.contains("6 f32 copies of 2"), "{}", full.why);
+    let w = warning(&d).expect("a warning");
+    assert!(w.contains("train LoRA adapters"), "{w}");
+
+    // LoRA r32: one frozen copy + adapters. At 512 px on flex one sample's graph alone is
+    // beyond this machine, and the warning says so.
+    let lora = "resources.policy.params.lora={rank: 32, alpha: 64}";
+    let (p, d) = sd3(&[lora]);
+    let est = nodes::checks::memory::estimate(&p).unwrap();
+    assert!(
+        est.why.contains("one frozen f32 copy of 2234M"),
+        "{}",
+        est.why
+    );
+    assert!(est.bytes < full.bytes);
+    let w = warning(&d).expect("a warning");
+    assert!(w.contains("one sample alone does not fit"), "{w}");
+    // At 256 px, 64 samples do not fit, and the advice says how many per minibatch do.
+    let (h, wd) = (
+        "nodes.noise.params.height=32",
+        "nodes.noise.params.width=32",
+    );
+    let (p, d) = sd3(&[lora, h, wd]);
+    let est = nodes::checks::memory::estimate(&p).unwrap();
+    let w = warning(&d).expect("a warning");
+    let n: u64 = w
+        .split("`minibatch: ")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no minibatch advice: {w}"));
+    assert!(n >= 1, "{w}");
+    // Following the advice, it fits.
+    let mb = format!("nodes.update.params.minibatch={n}");
+    let (p, d) = sd3(&[lora, h, wd, &mb]);
+    assert!(warning(&d).is_none(), "{d}");
+    let fitted = nodes::checks::memory::estimate(&p).unwrap();
+    assert!(fitted.bytes < est.bytes);
+    // Per-sample figures scale with the batch the update holds.
+    let mb2 = format!("nodes.update.params.minibatch={}", n + 1);
+    let (p2, _) = sd3(&[lora, h, wd, &mb2]);
+    let more = nodes::checks::memory::estimate(&p2).unwrap();
+    assert!(more.bytes > fitted.bytes);
 }

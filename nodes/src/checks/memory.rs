@@ -13,6 +13,12 @@
 //!   sample of a minibatch;
 //! * a fixed [`BASE_BYTES`] (binary, dataset, runtime).
 //!
+//! For `arch: sd3` the activations are per transformer block and row (CFG: 2 rows per sample):
+//! `α·T·D + β·heads·T²` with T image + text tokens, D the inner width, α and β per kind of
+//! block ([`SD3_BLOCK_BYTES`], measured per block with `sd3_bench.py --memory`); the weights
+//! are counted per copy the policy keeps (weights, gradient, two AdamW moments, EMA, reference;
+//! with LoRA one frozen copy and the adapters' own).
+//!
 //! Host memory only: on `libtorch-cuda` devices the activations live on the GPU, which this
 //! does not check.
 
@@ -22,9 +28,26 @@ use std::path::Path;
 
 use runner::{Diagnostic, Diagnostics, MemoryCheck, Pipeline};
 
-use crate::model::FlowModelConfig;
 use crate::model::checkpoint::CONFIG_KEY;
+use crate::model::lora::{self, Linears, LoraConfig};
+use crate::model::sd3::{Sd3Config, Sd3Transformer, read_config};
+use crate::model::text_embeddings::PromptEmbeddings;
+use crate::model::{FlowModel, FlowModelConfig, VelocityModel};
 use crate::world;
+
+/// Bytes one row's autodiff forward keeps per SD3 block on libtorch: (α per token·channel,
+/// β per head·token²) for SD3 blocks, SD3.5 blocks (RMS qk-norm) and SD3.5 blocks with the
+/// second attention, fitted to `sd3_bench.py --memory` (BENCHMARKS.md, "Memory per block and
+/// the SD3.5-Medium estimate"; `results/sd3-bench/memory.txt`). libtorch's fused attention
+/// keeps no score matrix: β ≈ 0.
+pub const SD3_BLOCK_BYTES_LIBTORCH: [(f64, f64); 3] = [(86.6, 0.0), (102.8, 0.0), (133.4, 0.0)];
+/// The same on flex, whose autodiff attention keeps the heads × T² scores
+/// (`results/sd3-bench/memory-flex.txt`).
+pub const SD3_BLOCK_BYTES_FLEX: [(f64, f64); 3] = [(114.3, 11.8), (130.7, 11.8), (161.5, 18.6)];
+/// Peak of forward + backward of one transition over its graph (the probes' ratio: 1.14 on
+/// libtorch, 1.00 on flex).
+pub const SD3_UPDATE_FACTOR_LIBTORCH: f64 = 1.15;
+pub const SD3_UPDATE_FACTOR_FLEX: f64 = 1.0;
 
 /// Bytes one autodiff forward keeps per element of the UNet's feature volume: fitted to the
 /// peak RSS of runs of the main job on flex over 3 iterations (the second and later
@@ -97,6 +120,13 @@ pub struct Estimate {
 
 /// The peak memory estimate of `p`, when it trains or samples a `flow_model`.
 pub fn estimate(p: &Pipeline) -> Option<Estimate> {
+    if let Some(r) = p
+        .resources
+        .iter()
+        .find(|r| r.ty == crate::flow_model::TYPE && r.params.str("arch").ok() == Some("sd3"))
+    {
+        return estimate_sd3(p, r);
+    }
     let mut weights = 0.0;
     let mut graph = 0.0f64;
     let mut keep = false;
@@ -111,7 +141,15 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
             return None;
         }
         let cfg = model_config(&r.params)?;
-        weights += WEIGHT_COPIES * 4.0 * param_count(&cfg) as f64;
+        weights += match lora_of(&r.params) {
+            // One frozen copy; the adapters' weights, gradient, moments and EMA.
+            Some(l) if cfg.validate().is_ok() => {
+                let mut m = cfg.init_zeros(&burn::tensor::Device::flex());
+                4.0 * (param_count(&cfg) as f64
+                    + 5.0 * adapter_params(&mut m, &l, FlowModel::LORA_TARGETS) as f64)
+            }
+            _ => WEIGHT_COPIES * 4.0 * param_count(&cfg) as f64,
+        };
         graph = graph.max(graph_bytes(&cfg));
         keep |= r.params.str("rollout_graph").ok() == Some("keep");
         sizes.push(format!(
@@ -196,6 +234,180 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
     Some(Estimate { bytes, why, at })
 }
 
+/// The resource's `lora:` settings, when valid (invalid ones are reported by their own check).
+fn lora_of(params: &runner::Params) -> Option<LoraConfig> {
+    LoraConfig::from_json(&params.json("lora").ok()?)
+        .ok()
+        .flatten()
+}
+
+/// Parameters of the adapters `l` attaches to `model` (r × (d_in + d_out) per matching layer;
+/// an adapter file's own ranks are not read: its `rank` is taken as given, 0 counts none).
+fn adapter_params<M: Linears>(model: &mut M, l: &LoraConfig, defaults: &[&str]) -> usize {
+    let targets = l.targets_or(defaults);
+    let mut n = 0;
+    model.each_linear("", &mut |path, lin| {
+        if targets.iter().any(|t| lora::matches(path, t)) {
+            let [i, o] = lin.dims();
+            n += l.rank * (i + o);
+        }
+    });
+    n
+}
+
+/// The estimate for an `arch: sd3` policy `r` (see the module docs).
+fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estimate> {
+    let cfg: Sd3Config = match r.params.opt_str("diffusers").ok().flatten() {
+        Some(dir) => read_config(Path::new(dir)).ok()?.1,
+        None => header_json(Path::new(r.params.opt_str("checkpoint").ok().flatten()?))?,
+    };
+    cfg.validate().ok()?;
+    let mut model: Sd3Transformer = cfg.init_zeros(&burn::tensor::Device::flex());
+    // Trained parameters, and the one never trained (the sin-cos position grid), kept once.
+    // (Shapes only: the lazy model is never allocated.)
+    let (mut params, mut frozen) = (0.0, 0.0);
+    for (path, _, shape) in crate::model::checkpoint::param_paths(&model) {
+        let n = shape.iter().product::<usize>() as f64;
+        if path == crate::model::sd3::POS_EMBED_KEY {
+            frozen += n;
+        } else {
+            params += n;
+        }
+    }
+    let lora = lora_of(&r.params);
+    let ema = r.params.f64("ema_decay").ok()? > 0.0;
+    let reference = r.params.bool("reference").ok()?;
+    let keep = r.params.str("rollout_graph").ok() == Some("keep");
+    let (weights, weights_words) = match &lora {
+        Some(l) => {
+            let a = adapter_params(&mut model, l, Sd3Transformer::LORA_TARGETS) as f64;
+            let copies = 4.0 + ema as u8 as f64;
+            (
+                4.0 * (params + frozen + copies * a),
+                format!(
+                    "one frozen f32 copy of {:.0}M parameters and LoRA adapters of {:.1}M",
+                    params / 1e6,
+                    a / 1e6
+                ),
+            )
+        }
+        None => {
+            let copies = 4.0 + ema as u8 as f64 + reference as u8 as f64;
+            (
+                4.0 * (copies * params + frozen),
+                format!(
+                    "{copies} f32 copies of {:.0}M parameters (weights, gradient, AdamW m and v{}{})",
+                    params / 1e6,
+                    if ema { ", EMA" } else { "" },
+                    if reference { ", KL reference" } else { "" }
+                ),
+            )
+        }
+    };
+    // Tokens: the latents' patches and the embeddings' text.
+    let noise = p.nodes.iter().find(|n| n.ty == "gaussian_noise")?;
+    let (h, w) = (
+        noise.params.i64("height").ok()? as usize,
+        noise.params.i64("width").ok()? as usize,
+    );
+    let loader = p.nodes.iter().find(|n| n.ty == "prompt_loader")?;
+    let emb = loader.params.opt_str("embeddings").ok().flatten()?;
+    let text = PromptEmbeddings::open(emb).ok()?.seq_len();
+    let pp = cfg.patch_size.max(1);
+    let t = ((h / pp) * (w / pp) + text) as f64;
+    let d = cfg.inner_dim() as f64;
+    let heads = cfg.num_attention_heads as f64;
+    let flex = !p.device.starts_with("libtorch");
+    let (table, factor) = if flex {
+        (SD3_BLOCK_BYTES_FLEX, SD3_UPDATE_FACTOR_FLEX)
+    } else {
+        (SD3_BLOCK_BYTES_LIBTORCH, SD3_UPDATE_FACTOR_LIBTORCH)
+    };
+    let mut per_row = 0.0;
+    for i in 0..cfg.num_layers {
+        let dual = cfg.is_dual_attention(i);
+        let kind = if dual {
+            2
+        } else if cfg.qk_norm_kind() == crate::model::sd3::QkNorm::RmsNorm {
+            1
+        } else {
+            0
+        };
+        let (alpha, beta) = table[kind];
+        per_row += alpha * t * d + beta * heads * t * t;
+    }
+    let cfg_scale = p
+        .nodes
+        .iter()
+        .filter_map(|n| n.params.f64("cfg").ok())
+        .fold(0.0f64, f64::max);
+    let rows = if cfg_scale > 1.0 { 2.0 } else { 1.0 };
+    let per_sample = rows * per_row;
+    let batch = {
+        let ppi = loader.params.i64("prompts_per_iter").ok()? as u64;
+        let g = loader.params.i64("group_size").ok()? as u64;
+        ppi.saturating_mul(g)
+    };
+    let transitions = p
+        .nodes
+        .iter()
+        .filter(|n| TRANSITION_NODES.contains(&n.ty))
+        .count()
+        .max(1) as f64;
+    let update = p.nodes.iter().find(|n| n.ty == "grpo_update");
+    let minibatch = update
+        .and_then(|n| n.params.i64("minibatch").ok())
+        .map(|m| m as u64)
+        .filter(|&m| m > 0 && m < batch)
+        .unwrap_or(batch);
+    let (activations, mode) = if keep {
+        (
+            batch as f64 * transitions * per_sample,
+            format!("{transitions} kept rollout graphs per sample (`rollout_graph: keep`)"),
+        )
+    } else {
+        (
+            minibatch as f64 * factor * per_sample,
+            format!("one transition's graph per sample of a minibatch of {minibatch}"),
+        )
+    };
+    let bytes = BASE_BYTES + weights + activations;
+    // What would fit: the largest minibatch, with the weights as they are.
+    let room = machine_memory().map(|m| m as f64 - BASE_BYTES - weights);
+    let fits = room
+        .map(|room| (room / (factor * per_sample)).floor())
+        .filter(|n| *n >= 1.0);
+    let advice = match (fits, &lora) {
+        (Some(n), _) if n < minibatch as f64 || keep => format!(
+            "; it would fit with `rollout_graph: recompute` and `minibatch: {n}` on `{}`",
+            update.map_or("grpo_update", |u| u.id.as_str())
+        ),
+        (None, None) => "; the weights alone leave no room for one sample: train LoRA adapters \
+             (`lora: {rank: 32, alpha: 64}` on the model) instead of every weight"
+            .to_string(),
+        (None, Some(_)) if flex => "; one sample alone does not fit: on `device: libtorch` \
+             (its attention keeps no score matrix) a sample's graph is about a third of flex's"
+            .to_string(),
+        (None, Some(_)) => "; one sample alone does not fit this machine".to_string(),
+        _ => String::new(),
+    };
+    let why = format!(
+        "{batch} samples per iteration, {mode}, ~{} per sample and transition on {} ({} tokens \
+         × {} blocks of width {}, {} row(s) per sample), {weights_words}{advice}",
+        human(per_sample),
+        if flex { "flex" } else { "libtorch" },
+        t,
+        cfg.num_layers,
+        cfg.inner_dim(),
+        rows
+    );
+    Some(Estimate {
+        bytes,
+        why,
+        at: update.map(|u| (u.clone(), "minibatch")),
+    })
+}
+
 /// The model a `flow_model` resource will hold: the checkpoint's config (read from the
 /// safetensors header only), or the fresh `size`.
 fn model_config(params: &runner::Params) -> Option<FlowModelConfig> {
@@ -211,6 +423,11 @@ fn model_config(params: &runner::Params) -> Option<FlowModelConfig> {
 /// The `flowrun.config` metadata of a safetensors file, reading its header alone (None when
 /// it cannot: the run itself reports a bad checkpoint).
 fn header_config(path: &Path) -> Option<FlowModelConfig> {
+    header_json(path)
+}
+
+/// [`header_config`] of any architecture's config.
+fn header_json<C: serde::de::DeserializeOwned>(path: &Path) -> Option<C> {
     let mut f = fs::File::open(path).ok()?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).ok()?;

@@ -2,8 +2,12 @@
 # GPU check for a machine with an NVIDIA GPU and PyTorch but no Rust toolchain: run a flowrun
 # binary built elsewhere with `--features tch` against that machine's own torch `lib/`.
 #
-#   scripts/gpu_check.sh [BINARY] [OUT_DIR]      (from the repository root; defaults:
-#                                                  target/release/flowrun, gpu-check/)
+#   scripts/gpu_check.sh [BINARY] [OUT_DIR] [SD3_DIR]   (from the repository root; defaults:
+#                                       target/release/flowrun, gpu-check/, sd3-small/)
+#
+# SD3_DIR is the SD3 small benchmark model and its embeddings, built where diffusers is
+# installed (`python bench/reference/sd3_bench.py build sd3-small`: 38 MB) and copied over with
+# the repository; without it the SD3 part is skipped.
 #
 # Building the binary for such a machine: its torch must match the libtorch the binary was built
 # against in ABI. For a machine with PyPI's torch 2.11 (cu130), build here with
@@ -15,11 +19,14 @@
 # What it does, in a few minutes: device info (read-only queries; it never changes the GPU's
 # settings), the cross-backend check on CUDA (same checkpoint and inputs on flex and CUDA),
 # forward/training-step throughput at two batch sizes, a short TAFS-GRPO run on the GPU with its
-# iteration time, and the peak GPU memory seen by nvidia-smi while it ran. Everything is also
-# written to OUT_DIR/gpu_check.log.
+# iteration time, and the peak GPU memory seen by nvidia-smi while it ran; then, with SD3_DIR,
+# the SD3 small TAFS-GRPO iteration (`flowrun bench --sd3`, 16 samples, K = 4, CFG 4.5) in full
+# fine-tuning and with LoRA r32, samples/s and the peak GPU memory of each, and the per-block
+# memory probes. Everything is also written to OUT_DIR/gpu_check.log.
 set -uo pipefail
 bin=${1:-target/release/flowrun}
 out=${2:-gpu-check}
+sd3=${3:-sd3-small}
 mkdir -p "$out"
 log="$out/gpu_check.log"
 : > "$log"
@@ -65,6 +72,37 @@ print(f"iterations: {len(rows)}; median iteration time after the first: {statist
 for k in sorted(k for k in later[0] if k.startswith("time/")):
     print(f"  {k}: median {statistics.median(r[k] for r in later if k in r):.3f} s")
 PY
+fi
+
+peak_since() {  # the largest nvidia-smi reading after line $1 of the samples
+  tail -n +"$(( $1 + 1 ))" "$mem" 2>/dev/null | sort -n | tail -1
+}
+if [ -f "$sd3/transformer/config.json" ] && [ -f "$sd3/embeds.safetensors" ]; then
+  for mode in full lora; do
+    say "== SD3 small TAFS-GRPO iteration on CUDA ($mode)"
+    extra=()
+    [ "$mode" = lora ] && extra=(--lora 32:64)
+    from=$(wc -l < "$mem" 2>/dev/null || echo 0)
+    run timeout 300 "$bin" bench --sd3 "$sd3/transformer" --embeddings "$sd3/embeds.safetensors" \
+      --device libtorch-cuda:0 --batches 16 --steps 4 --repeats 3 "${extra[@]}" \
+      --json "$out/sd3-$mode.json" || status=1
+    say "peak GPU memory during the SD3 $mode run (nvidia-smi, whole GPU): $(peak_since "$from") MiB"
+    if [ -f "$out/sd3-$mode.json" ]; then
+      python3 - "$out/sd3-$mode.json" <<'PY' | tee -a "$log"
+import json, sys
+r = json.load(open(sys.argv[1]))
+c = r["devices"][0]["configs"][0]
+ms = c["per_sample_ms"]
+print(f"samples/s: {1000.0 / ms['iteration']:.2f} (per sample: iteration {ms['iteration']:.1f} ms, "
+      f"rollout {ms['rollout']:.1f} ms, update {ms['update']:.1f} ms; medians)")
+PY
+    fi
+  done
+  say "== SD3 per-block memory probes on CUDA"
+  run timeout 300 "$bin" bench --sd3 "$sd3/transformer" --device libtorch-cuda:0 --memory-probe \
+    --json "$out/sd3-memory.json" || status=1
+else
+  say "== SD3: skipped (no $sd3/transformer and $sd3/embeds.safetensors; see the header)"
 fi
 
 kill $sampler 2>/dev/null

@@ -152,14 +152,14 @@ pub fn read_scheduler_config(dir: &std::path::Path) -> anyhow::Result<Option<Sch
         match m.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => {}
             Some(other) => bail!(
-                "{shown}: `{key}` is {other}; flowrun's schedule is the plain shifted one                  (SD3, SD3.5): give --shift to sample with that anyway"
+                "{shown}: `{key}` is {other}; flowrun's schedule is the plain shifted one (SD3, SD3.5): give --shift to sample with that anyway"
             ),
         }
     }
     match m.get("shift_terminal") {
         None | Some(Value::Null) => {}
         Some(other) => bail!(
-            "{shown}: `shift_terminal` is {other}; flowrun's schedule has no terminal shift              (SD3, SD3.5): give --shift to sample without it"
+            "{shown}: `shift_terminal` is {other}; flowrun's schedule has no terminal shift (SD3, SD3.5): give --shift to sample without it"
         ),
     }
     Ok(Some(SchedulerConfig {

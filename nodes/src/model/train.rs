@@ -306,9 +306,14 @@ impl<M: VelocityModel> Trainer<M> {
     /// `adam.m.<path>`, `adam.v.<path>`. A model with frozen parameters (LoRA) saves only its
     /// trained ones: resume it with [`load_state_over`](Self::load_state_over) and its base.
     pub fn save_state(&self, path: &Path) -> anyhow::Result<()> {
-        let all = super::checkpoint::param_paths(&self.model);
-        let trained: HashSet<String> = trainable_paths(&self.model).into_iter().collect();
-        let partial = trained.len() < all.len();
+        // With LoRA adapters only the trained parameters are saved (the base is the pipeline's
+        // own); otherwise every parameter, frozen ones too (SD3's position grid).
+        let partial = super::lora::is_adapted(&mut self.model.clone());
+        let trained: HashSet<String> = if partial {
+            trainable_paths(&self.model).into_iter().collect()
+        } else {
+            HashSet::new()
+        };
         let keep = |p: &str| !partial || trained.contains(p);
         let mut entries = module_entries_where(&self.model, "model.", Layout::Burn, &keep);
         if let Some(ema) = &self.ema {
@@ -432,7 +437,7 @@ impl<M: VelocityModel> Trainer<M> {
             None => {
                 if frozen_base {
                     bail!(
-                        "{}: this state holds only the trained parameters (LoRA adapters) of                          a frozen base: it resumes inside its pipeline, whose `flow_model`                          loads the base",
+                        "{}: this state holds only the trained parameters (LoRA adapters) of a frozen base: it resumes inside its pipeline, whose `flow_model` loads the base",
                         path.display()
                     );
                 }

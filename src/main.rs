@@ -3,9 +3,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use runner::{Diagnostics, Registry, RunOptions};
+use runner::{Diagnostics, Registry, RunOptions, StartInfo};
 
 mod bench;
 mod device_check;
@@ -564,6 +565,10 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
         overrides,
         handle_ctrl_c: true,
         time_limit_s: args.time_limit,
+        // One line naming the run directory and how to watch it; `--log-format json` gets the
+        // engine's `run started` record instead, and `--quiet` neither.
+        on_start: (!args.quiet && args.log_format == LogFormat::Text)
+            .then(|| Arc::new(|i: &StartInfo| eprintln!("{}", start_line(i))) as _),
         ..RunOptions::default()
     };
     let name = pipeline.name.clone();
@@ -609,6 +614,27 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What a run prints when it starts: where it is and how to watch it.
+fn start_line(i: &StartInfo) -> String {
+    let dir = i.run_dir.display();
+    let logdir = i
+        .run_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| ".".to_string(), |p| p.display().to_string());
+    let from = if i.first_iteration > 1 {
+        format!(" (resuming at iteration {})", i.first_iteration)
+    } else {
+        String::new()
+    };
+    match &i.event_file {
+        Some(_) => format!(
+            "run directory: {dir}{from} · watch: tensorboard --logdir {logdir} · report: flowrun report {dir}"
+        ),
+        None => format!("run directory: {dir}{from} · report: flowrun report {dir}"),
     }
 }
 

@@ -321,7 +321,13 @@ pub fn summary_value(s: &Summary) -> Result<Option<Value>> {
             pixels,
         } => Value {
             tag: tag.clone(),
-            metadata: (!caption.is_empty()).then(|| SummaryMetadata {
+            // TensorBoard's images plugin (it migrates the legacy `image` value, keeping the
+            // description, which its dashboard shows with the image).
+            metadata: Some(SummaryMetadata {
+                plugin_data: Some(PluginData {
+                    plugin_name: "images".into(),
+                    content: vec![],
+                }),
                 summary_description: caption.clone(),
                 ..Default::default()
             }),

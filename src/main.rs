@@ -572,7 +572,32 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
         ..RunOptions::default()
     };
     let name = pipeline.name.clone();
-    match runner::run(pipeline, registry, opts) {
+    let result = runner::run(pipeline, registry, opts);
+    if args.log_format == LogFormat::Json {
+        // Machine-readable to the end: the outcome as one JSON record, no prose.
+        return match result {
+            Ok(s) => {
+                tracing::info!(
+                    run_dir = %s.run_dir.display(),
+                    last_iteration = s.last_iteration,
+                    iterations = s.iterations,
+                    stopped_early = s.stopped_early,
+                    time_limit_reached = s.time_limit_reached,
+                    "run finished"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(
+                    run_dir = %e.run_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    checkpoint = %e.checkpoint.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    "run failed: {e}"
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match result {
         Ok(s) => {
             let dir = s.run_dir.display();
             if s.stopped_early {

@@ -24,6 +24,7 @@ import sys
 import zlib
 
 from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 
 
 def fail(msg):
@@ -133,8 +134,12 @@ def main():
                 fail(f"image `{tag}` has no reward in its caption: {meta.summary_description!r}")
     print(f"images: {args.steps}x{args.images} x̂0 tags at steps {args.image_steps}, "
           f"{args.image_size}x{args.image_size} PNGs, captioned")
+    # Text is a tensor summary, which the legacy accumulator above does not purge on a
+    # restart; TensorBoard's server reads through the plugin accumulator, which does.
+    pacc = pea.EventAccumulator(tb_dir, size_guidance={pea.TENSORS: 0})
+    pacc.Reload()
     if args.image_steps:
-        captions = acc.Tensors("advantages/x0/captions")
+        captions = pacc.Tensors("advantages/x0/captions")
         if [e.step for e in captions] != args.image_steps:
             fail(f"caption table at steps {[e.step for e in captions]}")
         text = captions[0].tensor_proto.string_val[0].decode()
@@ -161,7 +166,12 @@ def main():
     # The resolved pipeline.
     if "pipeline" not in tags["tensors"]:
         fail(f"no text `pipeline` (tensors: {tags['tensors']})")
-    text = acc.Tensors("pipeline")[-1].tensor_proto.string_val[0].decode()
+    # The plugin accumulator's view of the scalars too: each step once, the resumed value.
+    for k in keys:
+        steps = [e.step for e in pacc.Tensors(k)] if k in pacc.Tags()["tensors"] else None
+        if steps is not None and len(steps) != len(set(steps)):
+            fail(f"scalar `{k}` (plugin accumulator) has a step more than once: {steps}")
+    text = pacc.Tensors("pipeline")[-1].tensor_proto.string_val[0].decode()
     if "name: tafs_tiny" not in text:
         fail(f"text `pipeline` is not the resolved pipeline: {text[:200]!r}")
     print("text: the resolved pipeline")

@@ -1158,6 +1158,17 @@ mod tests {
     }
 
     #[test]
+    fn should_show_small_and_large_values_in_scientific_notation() {
+        assert_eq!(short_num(-2.345e-6), "-2.345e-6");
+        assert_eq!(short_num(0.1234567), "0.1235");
+        assert_eq!(short_num(0.0), "0.0000");
+        assert_eq!(short_num(123456.0), "1.235e5");
+        assert_eq!(short_num(f64::NAN), "NaN");
+        let row = BTreeMap::from([("update/loss".to_string(), -3.2e-5)]);
+        assert_eq!(headline(&row), "update/loss=-3.200e-5");
+    }
+
+    #[test]
     fn should_run_independent_nodes_concurrently_and_cheap_nodes_every_iteration() {
         let reg = registry();
         let yaml = "name: overlap\niterations: 5\nnodes:\n  - id: a\n    type: rendezvous\n  - id: b\n    type: rendezvous\n  - id: c\n    type: tick\n    inputs: {xs: [a.y, b.y]}\n  - id: d\n    type: tick\n    inputs: {xs: [c.y]}\n";

@@ -46,8 +46,11 @@ pub struct RunOptions {
     pub time_limit_s: Option<f64>,
     /// Called once the run directory exists, before the first iteration (the CLI prints where
     /// the run is and how to watch it).
-    pub on_start: Option<Arc<dyn Fn(&StartInfo) + Send + Sync>>,
+    pub on_start: Option<OnStart>,
 }
+
+/// See [`RunOptions::on_start`].
+pub type OnStart = Arc<dyn Fn(&StartInfo) + Send + Sync>;
 
 /// What [`RunOptions::on_start`] is told.
 pub struct StartInfo {

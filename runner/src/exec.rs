@@ -558,12 +558,8 @@ async fn run_loop(
                 scalars,
                 summaries,
             })
-            .with_context(|| {
-                format!(
-                    "iteration {it}: TensorBoard event file {}",
-                    t.path().display()
-                )
-            })?;
+            // The writer's error names the event file.
+            .with_context(|| format!("iteration {it}"))?;
         }
         // One `write_all` of the whole line: a reader tailing the file (a test, `flowrun
         // report` on a live run) sees whole rows, never half of one.

@@ -3,9 +3,10 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use runner::{Diagnostics, Registry, RunOptions};
+use runner::{Diagnostics, Registry, RunOptions, StartInfo};
 
 mod bench;
 mod device_check;
@@ -564,10 +565,39 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
         overrides,
         handle_ctrl_c: true,
         time_limit_s: args.time_limit,
+        // One line naming the run directory and how to watch it; `--log-format json` gets the
+        // engine's `run started` record instead, and `--quiet` neither.
+        on_start: (!args.quiet && args.log_format == LogFormat::Text)
+            .then(|| Arc::new(|i: &StartInfo| eprintln!("{}", start_line(i))) as _),
         ..RunOptions::default()
     };
     let name = pipeline.name.clone();
-    match runner::run(pipeline, registry, opts) {
+    let result = runner::run(pipeline, registry, opts);
+    if args.log_format == LogFormat::Json {
+        // Machine-readable to the end: the outcome as one JSON record, no prose.
+        return match result {
+            Ok(s) => {
+                tracing::info!(
+                    run_dir = %s.run_dir.display(),
+                    last_iteration = s.last_iteration,
+                    iterations = s.iterations,
+                    stopped_early = s.stopped_early,
+                    time_limit_reached = s.time_limit_reached,
+                    "run finished"
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(
+                    run_dir = %e.run_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    checkpoint = %e.checkpoint.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
+                    "run failed: {e}"
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match result {
         Ok(s) => {
             let dir = s.run_dir.display();
             if s.stopped_early {
@@ -609,6 +639,27 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// What a run prints when it starts: where it is and how to watch it.
+fn start_line(i: &StartInfo) -> String {
+    let dir = i.run_dir.display();
+    let logdir = i
+        .run_dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| ".".to_string(), |p| p.display().to_string());
+    let from = if i.first_iteration > 1 {
+        format!(" (resuming at iteration {})", i.first_iteration)
+    } else {
+        String::new()
+    };
+    match &i.event_file {
+        Some(_) => format!(
+            "run directory: {dir}{from} · watch: tensorboard --logdir {logdir} · report: flowrun report {dir}"
+        ),
+        None => format!("run directory: {dir}{from} · report: flowrun report {dir}"),
     }
 }
 

@@ -274,6 +274,8 @@ fn should_name_the_file_and_keep_rows_whole_when_the_disk_fills() {
             "iterations=12",
             "checkpoint_every=0",
             "nodes.sink.every=1000",
+            // The event file (images, the pipeline's text) would hit the cap first.
+            "logging.tensorboard=false",
         ],
     );
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));

@@ -110,6 +110,8 @@ pub struct UpdateStats {
     pub steps: usize,
     /// Ratios of the very first minibatch (before any update): exactly on-policy.
     pub first_ratio_max_dev: f64,
+    /// log ρ of every sample and minibatch, per transition step (for TensorBoard histograms).
+    pub log_ratios: std::collections::BTreeMap<usize, Vec<f64>>,
     pub first_kl: f64,
     /// Transitions whose rollout graph (`rollout_graph: keep`) replaced the forward pass.
     pub graphs_reused: usize,
@@ -444,6 +446,8 @@ impl GrpoUpdate {
                     lv += value as f64;
                 }
                 for (t, &(idx, tr, w)) in terms.iter().zip(&term_of) {
+                    let logs = st.log_ratios.entry(tr.step).or_default();
+                    logs.extend(t.ratio.iter().map(|&r| (r as f64).ln()));
                     for (j, &ri) in t.ratio.iter().enumerate() {
                         let ri = ri as f64;
                         st.ratio_min = st.ratio_min.min(ri);
@@ -521,6 +525,9 @@ impl Node for GrpoUpdate {
             ("graphs_reused", st.graphs_reused as f64),
         ] {
             ctx.metric(k, v);
+        }
+        for (step, logs) in st.log_ratios {
+            ctx.histogram(&format!("log_ratio/step{step}"), logs);
         }
         Ok(Outputs::new())
     }

@@ -31,7 +31,8 @@ pub fn register(r: &mut Registry) {
               noise seeds, so runs are comparable) with the chosen sampler and logs\n\
               `acc_<n>step` (overall) and `acc_<n>step/<category>`, plus held-out accuracy when the\n\
               file has `eval_heldout` prompts. Writes a PNG grid of the first prompts to\n\
-              <run>/samples/. Use `every: N` to run it periodically.",
+              <run>/samples/ and, as images `grid/Nstep`, to TensorBoard. Use `every: N` to run it\n\
+              periodically.",
         inputs: vec![],
         outputs: vec![],
         params: vec![
@@ -286,6 +287,23 @@ impl Node for SampleEval {
             for (steps, imgs) in grids.iter().filter(|g| !g.1.is_empty()) {
                 let p = out.join(format!("iter-{:06}-{steps}step.png", ctx.iteration));
                 world::write_png_grid(&p, imgs, 8, 2)?;
+            }
+        }
+        if ctx.summaries_enabled() {
+            for (steps, imgs) in grids.iter().filter(|g| !g.1.is_empty()) {
+                let (w, h, rgb) = world::grid_rgb8(imgs, 8, 2)?;
+                let caption = format!(
+                    "the first {} held-out prompts sampled in {steps} step(s)",
+                    imgs.len()
+                );
+                ctx.image(
+                    &format!("grid/{steps}step"),
+                    &caption,
+                    w as u32,
+                    h as u32,
+                    3,
+                    rgb,
+                )?;
             }
         }
         Ok(Outputs::new())

@@ -6,7 +6,8 @@ use runner::{
 };
 
 use crate::grpo::{AdvantageMode, StdScope, step_advantages};
-use crate::types::{Advantages, PromptBatch, Rewards, Transition};
+use crate::types::{Advantages, Images, PromptBatch, Rewards, Transition};
+use crate::world::chw_to_rgb8;
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -21,7 +22,12 @@ pub fn register(r: &mut Registry) {
                 mix     λ·Â_{k+1} + (1−λ)·Â_K\n\
               optionally scaled by `step_weights`. With one reward per sample (the final image)\n\
               only `final` applies. Non-finite rewards stop the iteration before any update,\n\
-              naming the prompt.",
+              naming the prompt.\n\
+              TensorBoard: histograms `reward/stepK` and `advantage/stepK` every iteration; with\n\
+              `images` connected (each step's x̂0, e.g. `predict@*.x0`), on the pipeline's\n\
+              `logging.image_every` iterations, `logging.images` of each step's predictions as\n\
+              images `x0/stepK/J` captioned with their prompt and reward, and the table\n\
+              `x0/captions` (step, sample, prompt, reward).",
         inputs: vec![
             PortDef::new(
                 "rewards",
@@ -36,6 +42,13 @@ pub fn register(r: &mut Registry) {
                 "the policy steps (their number)",
             )
             .many(),
+            PortDef::new(
+                "images",
+                "images",
+                "each step's scored images (x̂0), in step order: shown in TensorBoard with their prompt and reward",
+            )
+            .many()
+            .optional(),
         ],
         outputs: vec![PortDef::new(
             "advantages",
@@ -153,6 +166,21 @@ impl Node for StepAdvantage {
             }
         }
         ctx.metric("tied_groups", tied as f64 / g.max(1) as f64);
+        if ctx.summaries_enabled() {
+            for r in &rewards {
+                let vals = r.values.iter().map(|v| *v as f64).collect();
+                ctx.histogram(&format!("reward/step{}", r.step), vals);
+            }
+            for (a, t) in adv.iter().zip(&transitions) {
+                let vals = a.iter().map(|v| *v as f64).collect();
+                ctx.histogram(&format!("advantage/step{}", t.step), vals);
+            }
+            let n = ctx.images_due();
+            if n > 0 && inputs.has("images") {
+                let images = inputs.all::<Images>("images")?;
+                show_predictions(ctx, &images, &rewards, prompts, n)?;
+            }
+        }
         Ok(Outputs::new().with(
             "advantages",
             Advantages {
@@ -161,4 +189,61 @@ impl Node for StepAdvantage {
             },
         ))
     }
+}
+
+/// The samples a handful of `n` images shows out of `batch`: spread evenly, so that several
+/// prompt groups appear.
+pub fn shown_samples(batch: usize, n: usize) -> Vec<usize> {
+    let n = n.min(batch);
+    (0..n).map(|j| j * batch / n.max(1)).collect()
+}
+
+/// `n` of each step's predictions as TensorBoard images, captioned with prompt and reward.
+fn show_predictions(
+    ctx: &NodeCtx,
+    images: &[&Images],
+    rewards: &[&Rewards],
+    prompts: &PromptBatch,
+    n: usize,
+) -> Result<()> {
+    let mut table = String::from("| step | sample | reward | prompt |\n|---:|---:|---:|---|\n");
+    for (im, r) in images.iter().zip(rewards) {
+        let [c, h, w] = im.image_shape();
+        if c != 3 {
+            bail!(
+                "step_advantage `{}`: input `images` holds {c}-channel images: connect the RGB \
+                 images the rewards scored (decoded with `vae_decode`), not latents",
+                ctx.id
+            );
+        }
+        let batch = im.batch();
+        let rows = shown_samples(batch, n);
+        let idx = crate::model::int_tensor_from_vec(
+            rows.iter().map(|&i| i as i64).collect(),
+            [rows.len()],
+            &im.tensor.device(),
+        );
+        let host = crate::types::to_vec(&im.tensor.clone().select(0, idx))?;
+        for (j, (&i, chw)) in rows.iter().zip(host.chunks(3 * h * w)).enumerate() {
+            let rgb = chw_to_rgb8(chw, h, w)?;
+            let prompt = prompts.records.get(i).map_or("", |p| p.prompt.as_str());
+            let reward = r.values.get(i).copied().unwrap_or(f32::NAN);
+            let caption = format!("sample {i}, reward {reward:.4}: {prompt}");
+            ctx.image(
+                &format!("x0/step{}/{j}", r.step),
+                &caption,
+                w as u32,
+                h as u32,
+                3,
+                rgb,
+            )?;
+            table.push_str(&format!(
+                "| {} | {i} | {reward:.4} | {} |\n",
+                r.step,
+                prompt.replace('|', "\\|")
+            ));
+        }
+    }
+    ctx.text("x0/captions", &table);
+    Ok(())
 }

@@ -56,6 +56,8 @@ pub struct Pipeline {
     pub keep_checkpoints: usize,
     /// What validation does when a check estimates more memory than the machine has.
     pub memory_check: MemoryCheck,
+    /// What the run logs besides `metrics.jsonl` (TensorBoard event files).
+    pub logging: Logging,
     pub resources: Vec<ResourceInst>,
     /// Expanded nodes in a topological order.
     pub nodes: Vec<NodeInst>,
@@ -96,6 +98,7 @@ const TOP_KEYS: &[&str] = &[
     "checkpoint_every",
     "keep_checkpoints",
     "memory_check",
+    "logging",
     "resources",
     "nodes",
 ];
@@ -105,6 +108,70 @@ const NODE_KEYS: &[&str] = &[
 const REPEAT_KEYS: &[&str] = &["id", "count", "vars", "nodes"];
 const RESOURCE_KEYS: &[&str] = &["type", "params", "doc"];
 const WHEN: &[&str] = &["all", "first", "last", "not_first", "not_last"];
+
+/// The pipeline's `logging`: `{tensorboard: true, image_every: 10, images: 4}` by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Logging {
+    /// Write TensorBoard event files into `<run_dir>/tb/`.
+    pub tensorboard: bool,
+    /// Show sample images every this many iterations.
+    pub image_every: u64,
+    /// How many sample images per step a node shows on those iterations.
+    pub images: usize,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            tensorboard: true,
+            image_every: 10,
+            images: 4,
+        }
+    }
+}
+
+const LOGGING_KEYS: &[&str] = &["tensorboard", "image_every", "images"];
+
+/// The pipeline's `logging` mapping, every error located at its key.
+fn parse_logging(doc: &YNode, diags: &mut Diagnostics) -> Logging {
+    let mut l = Logging::default();
+    let Some(node) = doc.get("logging") else {
+        return l;
+    };
+    if node.as_map().is_none() {
+        diags.push(
+            node.error(format!(
+                "`logging` of the pipeline must be a mapping, found {}",
+                node.type_name()
+            ))
+            .help("e.g. `logging: {tensorboard: true, image_every: 10, images: 4}`"),
+        );
+        return l;
+    }
+    check_keys(node, LOGGING_KEYS, "`logging`", diags);
+    if let Some(v) = node.get("tensorboard") {
+        match v.kind {
+            YKind::Bool(b) => l.tensorboard = b,
+            _ => diags.push(v.error(format!(
+                "`tensorboard` of `logging` must be true or false, found {}",
+                v.type_name()
+            ))),
+        }
+    }
+    if let Some(n) = get_uint(node, "image_every", "`logging`", 1, diags) {
+        l.image_every = n;
+    }
+    if let Some(n) = get_uint(node, "images", "`logging`", 0, diags) {
+        if n > 64 {
+            diags.push(node.get("images").unwrap().error(format!(
+                "`images` of `logging` must be <= 64 (images per step), found {n}"
+            )));
+        } else {
+            l.images = n as usize;
+        }
+    }
+    l
+}
 
 /// The pipeline's `memory_check`: what a memory estimate above the machine's memory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +309,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
             MemoryCheck::Error
         }
     };
+    let logging = parse_logging(doc, &mut diags);
     if let (Some(check), Some(dn)) = (registry.device_check, doc.get("device"))
         && let Err(m) = check(&device)
     {
@@ -676,6 +744,7 @@ pub fn compile(doc: &YNode, registry: &Registry) -> Result<(Pipeline, Diagnostic
         checkpoint_every,
         keep_checkpoints,
         memory_check,
+        logging,
         resources,
         nodes: sorted,
         document: doc.clone(),

@@ -22,6 +22,7 @@ use crate::compile::Pipeline;
 use crate::fsutil::{clean_temporaries, sync_dir, write_atomic};
 use crate::node::{BuildCtx, Inputs, Node, NodeCtx, Outputs, Registry, SharedResource, Value};
 use crate::rundir::{self, LATEST, STATE_FILE};
+use crate::tb::{self, TbSink};
 
 /// How to run.
 #[derive(Clone)]
@@ -43,6 +44,22 @@ pub struct RunOptions {
     /// after the run (or the resumed part of it) started: equal wall-clock budgets for
     /// comparisons.
     pub time_limit_s: Option<f64>,
+    /// Called once the run directory exists, before the first iteration (the CLI prints where
+    /// the run is and how to watch it).
+    pub on_start: Option<OnStart>,
+}
+
+/// See [`RunOptions::on_start`].
+pub type OnStart = Arc<dyn Fn(&StartInfo) + Send + Sync>;
+
+/// What [`RunOptions::on_start`] is told.
+pub struct StartInfo {
+    pub run_dir: PathBuf,
+    /// The TensorBoard event file this part of the run writes (None: `logging.tensorboard`
+    /// is off).
+    pub event_file: Option<PathBuf>,
+    /// The first iteration this part of the run runs.
+    pub first_iteration: u64,
 }
 
 impl Default for RunOptions {
@@ -56,6 +73,7 @@ impl Default for RunOptions {
             overrides: vec![],
             handle_ctrl_c: false,
             time_limit_s: None,
+            on_start: None,
         }
     }
 }
@@ -254,13 +272,55 @@ fn start_and_run(
         start = it + 1;
     }
 
+    let mut tb_sink = if rt.pipeline.logging.tensorboard {
+        let text = fs::read_to_string(run_dir.join("pipeline.yaml")).unwrap_or_default();
+        Some(TbSink::start(run_dir, start, &text)?)
+    } else {
+        None
+    };
+    let info = StartInfo {
+        run_dir: run_dir.to_path_buf(),
+        event_file: tb_sink.as_ref().map(|t| t.path().to_path_buf()),
+        first_iteration: start,
+    };
+    info!(
+        run_dir = %run_dir.display(),
+        first_iteration = start,
+        event_file = %info.event_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+        "run started"
+    );
+    if let Some(f) = &opts.on_start {
+        f(&info);
+    }
     let tokio_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     *started = true;
-    let result = tokio_rt.block_on(run_loop(&mut rt, start, resumed_from, opts));
+    let result = tokio_rt.block_on(run_loop(
+        &mut rt,
+        start,
+        resumed_from,
+        opts,
+        tb_sink.as_mut(),
+    ));
     tokio_rt.shutdown_background();
+    if let Some(t) = tb_sink.as_mut() {
+        // Whatever was queued is written, also when an iteration failed.
+        let written_s = t.finish();
+        if let Ok(w) = &written_s {
+            info!(
+                event_file = %t.path().display(),
+                iterations = t.batches,
+                critical_path_s = t.queued_s,
+                writer_thread_s = *w,
+                "TensorBoard event file written"
+            );
+        }
+        if result.is_ok() {
+            written_s?;
+        }
+    }
     result
 }
 
@@ -407,6 +467,7 @@ struct Done {
     idx: usize,
     result: Result<Outputs>,
     metrics: Vec<(String, f64)>,
+    summaries: Vec<tb::Summary>,
     secs: f64,
 }
 
@@ -416,6 +477,7 @@ async fn run_loop(
     start: u64,
     resumed_from: Option<PathBuf>,
     opts: &RunOptions,
+    mut tb_sink: Option<&mut TbSink>,
 ) -> Result<RunSummary> {
     let total = rt.pipeline.iterations;
     if opts.handle_ctrl_c {
@@ -468,15 +530,13 @@ async fn run_loop(
         let span = info_span!("iteration", it);
         let _g = span.enter();
         let t0 = Instant::now();
-        let (row, node_times) = run_iteration(rt, it).await?;
+        let (row, node_times, summaries) = run_iteration(rt, it).await?;
         let iter_s = t0.elapsed().as_secs_f64();
+        let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
         let mut out = serde_json::Map::new();
         out.insert("iteration".into(), it.into());
         out.insert("iter_s".into(), serde_json::json!(iter_s));
-        out.insert(
-            "elapsed_s".into(),
-            serde_json::json!(elapsed_before + run_start.elapsed().as_secs_f64()),
-        );
+        out.insert("elapsed_s".into(), serde_json::json!(elapsed_s));
         last_metrics.clear();
         for (k, v) in &row {
             out.insert(k.clone(), json_num(*v));
@@ -484,6 +544,22 @@ async fn run_loop(
         }
         for (k, v) in &node_times {
             out.insert(format!("time/{k}"), json_num(*v));
+        }
+        if let Some(t) = tb_sink.as_deref_mut() {
+            // The same keys as the metrics row, against the iteration.
+            let mut scalars = Vec::with_capacity(row.len() + node_times.len() + 2);
+            scalars.push(("iter_s".to_string(), iter_s));
+            scalars.push(("elapsed_s".to_string(), elapsed_s));
+            scalars.extend(tb::scalars_of(&row));
+            scalars.extend(node_times.iter().map(|(k, v)| (format!("time/{k}"), *v)));
+            t.send(tb::Batch {
+                step: it,
+                wall_time: tb::now_s(),
+                scalars,
+                summaries,
+            })
+            // The writer's error names the event file.
+            .with_context(|| format!("iteration {it}"))?;
         }
         // One `write_all` of the whole line: a reader tailing the file (a test, `flowrun
         // report` on a live run) sees whole rows, never half of one.
@@ -549,16 +625,27 @@ fn headline(row: &BTreeMap<String, f64>) -> String {
         .filter(|(k, _)| keys.iter().any(|s| k.ends_with(s)))
         .filter(|(k, _)| !k.contains('@') || k.contains("@last") || is_last_step(k, row))
         .take(4)
-        .map(|(k, v)| format!("{k}={v:.4}"))
+        .map(|(k, v)| format!("{k}={}", short_num(*v)))
         .collect();
     if picked.is_empty() {
         picked = row
             .iter()
             .take(3)
-            .map(|(k, v)| format!("{k}={v:.4}"))
+            .map(|(k, v)| format!("{k}={}", short_num(*v)))
             .collect();
     }
     picked.join(" ")
+}
+
+/// A number for the progress line: 4 decimals in [1e-3, 1e5), scientific notation outside it
+/// (so a loss of −2.3e-6 does not show as `-0.0000`).
+pub fn short_num(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 || !v.is_finite() || (1e-3..1e5).contains(&a) {
+        format!("{v:.4}")
+    } else {
+        format!("{v:.3e}")
+    }
 }
 
 fn is_last_step(key: &str, row: &BTreeMap<String, f64>) -> bool {
@@ -579,11 +666,15 @@ fn is_last_step(key: &str, row: &BTreeMap<String, f64>) -> bool {
     })
 }
 
-/// Run the DAG once. Returns the metrics (`node/name`) and node wall times.
-async fn run_iteration(
-    rt: &mut Runtime,
-    it: u64,
-) -> Result<(BTreeMap<String, f64>, BTreeMap<String, f64>)> {
+/// One iteration's metrics (`node/name`), node wall times and summaries (tags `node/tag`).
+type IterationOutput = (
+    BTreeMap<String, f64>,
+    BTreeMap<String, f64>,
+    Vec<tb::Summary>,
+);
+
+/// Run the DAG once. Returns the metrics (`node/name`), node wall times and summaries.
+async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
     let n = rt.nodes.len();
     let mut outputs: Vec<Option<HashMap<String, Value>>> = vec![None; n];
     let mut skipped = vec![false; n];
@@ -603,6 +694,13 @@ async fn run_iteration(
     let mut set: tokio::task::JoinSet<Done> = tokio::task::JoinSet::new();
     let mut metrics = BTreeMap::new();
     let mut times = BTreeMap::new();
+    let mut summaries = Vec::new();
+    let logging = rt.pipeline.logging;
+    let images_due = if it.is_multiple_of(logging.image_every) {
+        logging.images
+    } else {
+        0
+    };
     let mut finished = 0;
     let mut ready: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
     let mut inline_done: Vec<Done> = Vec::new();
@@ -655,6 +753,8 @@ async fn run_iteration(
                     .map(|(slot, ri, w)| (*slot, (rt.resources[*ri].clone(), *w)))
                     .collect(),
                 metrics: Mutex::new(Vec::new()),
+                summaries: logging.tensorboard.then(|| Mutex::new(Vec::new())),
+                images_due,
             };
             let handle = rt.nodes[i].clone();
             let span = info_span!("node", id = %node.id, it);
@@ -666,10 +766,15 @@ async fn run_iteration(
                     Err(_) => Err(anyhow!("node state was poisoned by an earlier failure")),
                 };
                 let metrics = ctx.metrics.into_inner().unwrap_or_default();
+                let summaries = ctx
+                    .summaries
+                    .and_then(|m| m.into_inner().ok())
+                    .unwrap_or_default();
                 Done {
                     idx: i,
                     result,
                     metrics,
+                    summaries,
                     secs: t0.elapsed().as_secs_f64(),
                 }
             };
@@ -711,6 +816,15 @@ async fn run_iteration(
         for (k, v) in done.metrics {
             metrics.insert(format!("{}/{k}", node.id), v);
         }
+        for mut s in done.summaries {
+            let tag = match &mut s {
+                tb::Summary::Image { tag, .. }
+                | tb::Summary::Histogram { tag, .. }
+                | tb::Summary::Text { tag, .. } => tag,
+            };
+            *tag = format!("{}/{tag}", node.id);
+            summaries.push(s);
+        }
         times.insert(node.id.clone(), done.secs);
         if !rt.dependents[done.idx].is_empty() {
             outputs[done.idx] = Some(outs.values);
@@ -724,7 +838,7 @@ async fn run_iteration(
             }
         }
     }
-    Ok((metrics, times))
+    Ok((metrics, times, summaries))
 }
 
 /// `elapsed_s` of the last row of a run's metrics.jsonl (0 when there is none).
@@ -1040,6 +1154,17 @@ mod tests {
             |_| Ok(Box::new(Tick)),
         ));
         r
+    }
+
+    #[test]
+    fn should_show_small_and_large_values_in_scientific_notation() {
+        assert_eq!(short_num(-2.345e-6), "-2.345e-6");
+        assert_eq!(short_num(0.1234567), "0.1235");
+        assert_eq!(short_num(0.0), "0.0000");
+        assert_eq!(short_num(123456.0), "1.235e5");
+        assert_eq!(short_num(f64::NAN), "NaN");
+        let row = BTreeMap::from([("update/loss".to_string(), -3.2e-5)]);
+        assert_eq!(headline(&row), "update/loss=-3.200e-5");
     }
 
     #[test]

@@ -17,13 +17,14 @@ pub mod overrides;
 pub mod params;
 pub mod rundir;
 pub mod schema;
+pub mod tb;
 pub mod yaml;
 
 use std::path::Path;
 
-pub use compile::{MemoryCheck, Pipeline, compile};
+pub use compile::{Logging, MemoryCheck, Pipeline, compile};
 pub use diag::{Diagnostic, Diagnostics, Loc, Source};
-pub use exec::{RunError, RunOptions, RunSummary, run};
+pub use exec::{RunError, RunOptions, RunSummary, StartInfo, run};
 pub use node::{
     BuildCtx, Inputs, Node, NodeCtx, NodeType, Outputs, PipelineCheck, PortDef, Registry, Resource,
     ResourceSlot, ResourceType, ScheduleFn, ScheduleType, Value, stream_seed,

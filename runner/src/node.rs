@@ -190,6 +190,11 @@ pub struct NodeCtx {
     pub run_dir: Option<PathBuf>,
     pub(crate) resources: HashMap<&'static str, (SharedResource, bool)>,
     pub(crate) metrics: Mutex<Vec<(String, f64)>>,
+    /// What the node emitted for TensorBoard (None: the pipeline turned it off).
+    pub(crate) summaries: Option<Mutex<Vec<crate::tb::Summary>>>,
+    /// Sample images to show this iteration (`logging.images` on the pipeline's
+    /// `logging.image_every` iterations, else 0).
+    pub(crate) images_due: usize,
 }
 
 /// The seed [`NodeCtx::seed_for`] gives node `id` at `iteration` for `stream`, under the
@@ -213,6 +218,76 @@ impl NodeCtx {
     pub fn metric(&self, name: &str, value: f64) {
         if let Ok(mut m) = self.metrics.lock() {
             m.push((name.to_string(), value));
+        }
+    }
+
+    /// Whether summaries ([`NodeCtx::image`], [`NodeCtx::histogram`], [`NodeCtx::text`]) are
+    /// recorded in this run (`logging: {tensorboard: false}` turns them off): a node can skip
+    /// preparing them.
+    pub fn summaries_enabled(&self) -> bool {
+        self.summaries.is_some()
+    }
+
+    /// How many sample images to show this iteration: the pipeline's `logging.images` every
+    /// `logging.image_every` iterations, 0 otherwise (and when summaries are off).
+    pub fn images_due(&self) -> usize {
+        if self.summaries.is_some() {
+            self.images_due
+        } else {
+            0
+        }
+    }
+
+    /// Record a summary for this iteration's TensorBoard step (its tag is logged as
+    /// `node_id/tag`). An image whose pixels do not match its size is an error naming it.
+    pub fn summary(&self, s: crate::tb::Summary) -> Result<()> {
+        s.check()
+            .map_err(|e| anyhow!("node `{}`: summary {e}", self.id))?;
+        if let Some(m) = &self.summaries
+            && let Ok(mut m) = m.lock()
+        {
+            m.push(s);
+        }
+        Ok(())
+    }
+
+    /// An 8-bit image (`channels` 1, 3 or 4 per pixel, row-major) with a caption.
+    pub fn image(
+        &self,
+        tag: &str,
+        caption: &str,
+        width: u32,
+        height: u32,
+        channels: u8,
+        pixels: Vec<u8>,
+    ) -> Result<()> {
+        self.summary(crate::tb::Summary::Image {
+            tag: tag.to_string(),
+            caption: caption.to_string(),
+            width,
+            height,
+            channels,
+            pixels,
+        })
+    }
+
+    /// The distribution of `values` (non-finite ones are left out).
+    pub fn histogram(&self, tag: &str, values: Vec<f64>) {
+        if self.summaries.is_some() {
+            let _ = self.summary(crate::tb::Summary::Histogram {
+                tag: tag.to_string(),
+                values,
+            });
+        }
+    }
+
+    /// Markdown text.
+    pub fn text(&self, tag: &str, text: &str) {
+        if self.summaries.is_some() {
+            let _ = self.summary(crate::tb::Summary::Text {
+                tag: tag.to_string(),
+                text: text.to_string(),
+            });
         }
     }
 

@@ -92,7 +92,7 @@ fn set_path<'a>(
             }
             let i = match pos {
                 Some(i) => i,
-                None if matches!(head, "params" | "inputs" | "vars" | "resources") => {
+                None if matches!(head, "params" | "inputs" | "vars" | "resources" | "logging") => {
                     items.push((
                         new_key(),
                         YNode {

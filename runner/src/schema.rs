@@ -210,6 +210,11 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             "checkpoint_every": {"type": "integer", "minimum": 0},
             "keep_checkpoints": {"type": "integer", "minimum": 0},
             "memory_check": {"enum": ["error", "warn", "off"], "description": "what validation does when the estimated peak memory exceeds the machine's: refuse (default), warn, or skip the estimate"},
+            "logging": {"type": "object", "additionalProperties": false, "description": "what a run logs besides metrics.jsonl", "properties": {
+                "tensorboard": {"type": "boolean", "description": "write TensorBoard event files into <run_dir>/tb/ (default true)"},
+                "image_every": {"type": "integer", "minimum": 1, "description": "show sample images every this many iterations (default 10)"},
+                "images": {"type": "integer", "minimum": 0, "maximum": 64, "description": "sample images per step on those iterations (default 4)"},
+            }},
             "resources": {"type": "object", "additionalProperties": {"$ref": "#/$defs/resource"}},
             "nodes": {"type": "array", "items": {"anyOf": [{"$ref": "#/$defs/node"}, {"$ref": "#/$defs/repeat"}]}},
         },

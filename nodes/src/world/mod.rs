@@ -86,7 +86,7 @@ pub use dataset::{
     dataset_files, generate_split, load_jsonl, parse_jsonl, sample_target, to_jsonl,
     write_datasets,
 };
-pub use png::{chw_to_rgb8, image_to_rgb8, write_png_grid};
+pub use png::{chw_to_rgb8, grid_rgb8, image_to_rgb8, write_png_grid};
 pub use render::{
     PlacedObject, Scene, TrainingExample, render, render_scene, sample_training_example,
 };

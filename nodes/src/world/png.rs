@@ -52,6 +52,16 @@ pub fn write_png_grid(
     cols: usize,
     scale: usize,
 ) -> Result<(), WorldError> {
+    let (width, height, buf) = grid_rgb8(images, cols, scale)?;
+    write_atomic(path.as_ref(), &encode_rgb8(width, height, &buf)?)
+}
+
+/// The grid [`write_png_grid`] writes, as (width, height, interleaved RGB8 pixels).
+pub fn grid_rgb8(
+    images: &[Vec<f32>],
+    cols: usize,
+    scale: usize,
+) -> Result<(usize, usize, Vec<u8>), WorldError> {
     if images.is_empty() {
         return Err(WorldError::InvalidInput("no images to write".into()));
     }
@@ -85,7 +95,7 @@ pub fn write_png_grid(
             }
         }
     }
-    write_atomic(path.as_ref(), &encode_rgb8(width, height, &buf)?)
+    Ok((width, height, buf))
 }
 
 /// Encodes an interleaved 8-bit RGB image (row-major, `width · height · 3` bytes) as PNG.

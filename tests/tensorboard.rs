@@ -57,6 +57,37 @@ fn should_write_every_metric_image_histogram_and_the_pipeline_for_tensorboard() 
 }
 
 #[test]
+fn should_show_sample_evals_grids_as_the_pictures_it_writes() {
+    let Some(py) = python_with(&["tensorboard"]) else {
+        return;
+    };
+    let dir = tmpdir("tb-eval");
+    // The tiny pipeline with an evaluation every 2 iterations (iterations 2 and 4).
+    let pipeline = dir.join("eval.yaml");
+    let mut yaml = fs::read_to_string(tiny()).unwrap();
+    yaml.push_str(
+        "  - id: eval\n    type: sample_eval\n    every: 2\n    uses: [policy]\n    \
+         params: {steps: [1, 2], sampler: tafs, tau: 1.0, limit: 4, grid: 4}\n",
+    );
+    fs::write(&pipeline, yaml).unwrap();
+    let rd = run_new(&pipeline, &dir.join("runs"), &["iterations=4"]);
+    let o = Command::new(&py)
+        .arg(root().join("tests/python/check_tensorboard.py"))
+        .arg(&rd)
+        .args(["--images", "0", "--eval-grids", "1", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("grids: [1, 2]") && out.contains("OK"),
+        "{}",
+        text(&o)
+    );
+    let _ = fs::remove_dir_all(dir);
+}
+
+#[test]
 fn should_show_each_step_once_with_the_resumed_value_after_a_resume() {
     let Some(py) = python_with(&["tensorboard"]) else {
         return;

@@ -15,6 +15,7 @@ Checks, printing one line per check and exiting non-zero on the first failure:
 """
 
 import argparse
+import glob
 import io
 import json
 import math
@@ -57,6 +58,43 @@ def png_size(data):
     return w, h
 
 
+def png_pixels(data):
+    """(width, height, RGB bytes) of an 8-bit PNG, any filter, RGB or RGBA (alpha dropped)."""
+    pos, idat, hdr = 8, b"", None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
+        if kind == b"IHDR":
+            hdr = struct.unpack(">IIBB", body[:10])
+        if kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    w, h, depth, colour = hdr
+    if depth != 8 or colour not in (2, 6):
+        fail(f"PNG of bit depth {depth}, colour type {colour}")
+    bpp = 3 if colour == 2 else 4
+    raw, stride, out, prev = zlib.decompress(idat), w * bpp, bytearray(), bytearray(w * bpp)
+    for y in range(h):
+        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
+        for i in range(stride):
+            a = line[i - bpp] if i >= bpp else 0
+            b, c = prev[i], prev[i - bpp] if i >= bpp else 0
+            if f == 1:
+                line[i] = (line[i] + a) & 255
+            elif f == 2:
+                line[i] = (line[i] + b) & 255
+            elif f == 3:
+                line[i] = (line[i] + (a + b) // 2) & 255
+            elif f == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[i] = (line[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        prev = line
+        for x in range(w):
+            out += line[x * bpp : x * bpp + 3]
+    return w, h, bytes(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
@@ -64,6 +102,10 @@ def main():
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3, help="rollout steps of the pipeline")
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--eval-grids", type=int, nargs="*", default=[],
+                    help="sample_eval step counts whose grids must be images `<eval>/grid/Nstep`, "
+                         "equal to the run's samples/iter-*-Nstep.png")
+    ap.add_argument("--eval-node", default="eval")
     args = ap.parse_args()
 
     rows = [json.loads(l) for l in open(os.path.join(args.run_dir, "metrics.jsonl")) if l.strip()]
@@ -134,6 +176,23 @@ def main():
                 fail(f"image `{tag}` has no reward in its caption: {meta.summary_description!r}")
     print(f"images: {args.steps}x{args.images} x̂0 tags at steps {args.image_steps}, "
           f"{args.image_size}x{args.image_size} PNGs, captioned")
+    # sample_eval's grids: the same pictures as the PNGs it writes to samples/.
+    for n in args.eval_grids:
+        tag = f"{args.eval_node}/grid/{n}step"
+        if tag not in image_tags:
+            fail(f"no image `{tag}` (images: {sorted(image_tags)[:8]}…)")
+        events = acc.Images(tag)
+        files = sorted(glob.glob(os.path.join(args.run_dir, "samples", f"iter-*-{n}step.png")))
+        if [e.step for e in events] != [int(os.path.basename(f)[5:11]) for f in files]:
+            fail(f"grid `{tag}` at steps {[e.step for e in events]}, samples/ has {files}")
+        for e, f in zip(events, files):
+            with open(f, "rb") as fh:
+                on_disk = png_pixels(fh.read())
+            if png_size(e.encoded_image_string) != (e.width, e.height) or \
+                    png_pixels(e.encoded_image_string) != on_disk:
+                fail(f"grid `{tag}` at step {e.step} is not the picture of {f}")
+    if args.eval_grids:
+        print(f"grids: {args.eval_grids} step counts, the pictures of samples/")
     # Text is a tensor summary, which the legacy accumulator above does not purge on a
     # restart; TensorBoard's server reads through the plugin accumulator, which does.
     pacc = pea.EventAccumulator(tb_dir, size_guidance={pea.TENSORS: 0})

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, metrics, only_run_dir, root, run_new, text, tmpdir};
+use common::{bin, metrics, only_run_dir, root, run_new, run_with_file_size_limit, text, tmpdir};
 
 /// The tiny TAFS pipeline with a Parquet sink, a checkpoint every iteration and all of them
 /// kept, small batches.
@@ -231,32 +231,6 @@ fn should_let_one_process_at_a_time_write_a_run_directory() {
     assert_eq!(iterations(&rd), vec![1, 2, 3, 4, 5]);
     assert_json_lines(&rd.join("metrics.superseded.jsonl"));
     let _ = fs::remove_dir_all(&dir);
-}
-
-/// Run with files capped at `bytes` (RLIMIT_FSIZE): writes past it fail as on a full disk.
-#[cfg(unix)]
-fn run_with_file_size_limit(p: &Path, runs: &Path, bytes: u64, set: &[&str]) -> Output {
-    use std::os::unix::process::CommandExt;
-    let mut c = bin();
-    c.arg(p).arg("--runs-dir").arg(runs).arg("--quiet");
-    for s in set {
-        c.args(["--set", s]);
-    }
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        c.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: bytes,
-                rlim_max: bytes,
-            };
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c.output().unwrap()
 }
 
 #[cfg(unix)]

@@ -87,6 +87,48 @@ fn should_show_sample_evals_grids_as_the_pictures_it_writes() {
     let _ = fs::remove_dir_all(dir);
 }
 
+/// A full disk (files capped with RLIMIT_FSIZE) while the event file grows: the run fails with
+/// one message naming the event file, and what was written before stays readable.
+#[cfg(unix)]
+#[test]
+fn should_name_the_event_file_when_it_cannot_be_written() {
+    let dir = tmpdir("tb-full");
+    let runs = dir.join("runs");
+    // The pipeline's text and the first iteration's images already pass 4000 bytes.
+    let o = common::run_with_file_size_limit(
+        &tiny(),
+        &runs,
+        4000,
+        &[
+            "iterations=6",
+            "checkpoint_every=0",
+            "logging.image_every=1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = text(&o);
+    let rd = common::only_run_dir(&runs);
+    let files = event_files(&rd);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().to_string();
+    assert!(
+        out.contains(&name),
+        "the error names the event file {name}: {out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains(&name)).count(),
+        1,
+        "named once: {out}"
+    );
+    // Every metrics row written before it is whole.
+    for r in metrics(&rd) {
+        assert!(r["iteration"].is_number(), "{r}");
+    }
+    eprintln!("{out}");
+    let _ = fs::remove_dir_all(dir);
+}
+
 #[test]
 fn should_show_each_step_once_with_the_resumed_value_after_a_resume() {
     let Some(py) = python_with(&["tensorboard"]) else {

@@ -262,3 +262,29 @@ pub fn flowrun(args: &[&str], set: &[String]) -> Output {
     }
     c.output().unwrap()
 }
+
+/// Run with files capped at `bytes` (RLIMIT_FSIZE): writes past it fail as on a full disk.
+#[cfg(unix)]
+pub fn run_with_file_size_limit(p: &Path, runs: &Path, bytes: u64, set: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = bin();
+    c.arg(p).arg("--runs-dir").arg(runs).arg("--quiet");
+    for s in set {
+        c.args(["--set", s]);
+    }
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().unwrap()
+}

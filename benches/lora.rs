@@ -89,31 +89,22 @@ fn child(kind: &str, plain: Device) {
                 .collect();
             measure(&dev, &|x| ls.iter().fold(x, |h, l| l.forward(h)))
         }
-        "burn" => {
-            // burn's built-in LoRA: the base frozen, W + s·A·B formed on each forward.
+        // burn's built-in LoRA (the base frozen, W + s·A·B formed on each forward), or full
+        // fine-tuning of the dense layers.
+        kind => {
+            let lora = kind == "burn";
             let ls: Vec<burn::nn::Linear> = layers
                 .into_iter()
                 .map(|(w, b, _, _)| {
-                    burn::nn::Linear {
+                    let dense = burn::nn::Linear {
                         weight: Param::from_tensor(w),
                         bias: Some(Param::from_tensor(b)),
+                    };
+                    if lora {
+                        dense.apply_lora(Lora::new(RANK, 2.0 * RANK as f64)).train()
+                    } else {
+                        dense.train()
                     }
-                    .apply_lora(Lora::new(RANK, 2.0 * RANK as f64))
-                    .train()
-                })
-                .collect();
-            measure(&dev, &|x| ls.iter().fold(x, |h, l| l.forward(h)))
-        }
-        _ => {
-            // Full fine-tuning of the dense layers (no adapter).
-            let ls: Vec<burn::nn::Linear> = layers
-                .into_iter()
-                .map(|(w, b, _, _)| {
-                    burn::nn::Linear {
-                        weight: Param::from_tensor(w),
-                        bias: Some(Param::from_tensor(b)),
-                    }
-                    .train()
                 })
                 .collect();
             measure(&dev, &|x| ls.iter().fold(x, |h, l| l.forward(h)))

@@ -195,12 +195,7 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
     if batch == 0 {
         return None; // set by the data (a replay of stored iterations): not known here
     }
-    let transitions = p
-        .nodes
-        .iter()
-        .filter(|n| TRANSITION_NODES.contains(&n.ty))
-        .count()
-        .max(1) as f64;
+    let transitions = transitions(p);
     let minibatch = p
         .nodes
         .iter()
@@ -232,6 +227,15 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
         sizes.join(", ")
     );
     Some(Estimate { bytes, why, at })
+}
+
+/// Stochastic transitions per sample: the samplers whose forwards the update trains on.
+fn transitions(p: &Pipeline) -> f64 {
+    p.nodes
+        .iter()
+        .filter(|n| TRANSITION_NODES.contains(&n.ty))
+        .count()
+        .max(1) as f64
 }
 
 /// The resource's `lora:` settings, when valid (invalid ones are reported by their own check).
@@ -348,12 +352,7 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         let g = loader.params.i64("group_size").ok()? as u64;
         ppi.saturating_mul(g)
     };
-    let transitions = p
-        .nodes
-        .iter()
-        .filter(|n| TRANSITION_NODES.contains(&n.ty))
-        .count()
-        .max(1) as f64;
+    let transitions = transitions(p);
     let update = p.nodes.iter().find(|n| n.ty == "grpo_update");
     let minibatch = update
         .and_then(|n| n.params.i64("minibatch").ok())

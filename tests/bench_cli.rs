@@ -306,6 +306,15 @@ fn should_time_a_tiny_sd3_iteration_and_probe_its_memory() {
     }
     check_figures(&c["per_sample_ms"], "per_sample_ms", true, &mut problems);
     assert!(problems.is_empty(), "{problems:#?}");
+    // The update's peak memory per sample (Linux: VmHWM after a reset), with its bytes.
+    if cfg!(target_os = "linux") {
+        let per = c["update_peak_mib_per_sample"].as_f64().unwrap();
+        let bytes = c["update_peak_bytes"].as_f64().unwrap();
+        assert!(
+            per > 0.0 && (per * 4.0 * 1048576.0 - bytes).abs() < 1.0,
+            "{c:#}"
+        );
+    }
     let it = c["iteration"]["median_ms"].as_f64().unwrap();
     let parts =
         c["rollout"]["median_ms"].as_f64().unwrap() + c["update"]["median_ms"].as_f64().unwrap();

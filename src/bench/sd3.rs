@@ -304,6 +304,9 @@ struct Runs {
     backward: Vec<f64>,
     optimizer: Vec<f64>,
     grad_norm: Vec<f64>,
+    /// Peak resident bytes of one update above the resident set before it (the rollout's
+    /// transitions included), measured in one more, untimed iteration; `None` off Linux.
+    update_peak: Option<u64>,
 }
 
 fn timing(v: &[f64]) -> Timing {
@@ -376,6 +379,12 @@ fn bench_config(
         runs.optimizer.push(st.optimizer_s);
         runs.grad_norm.push(st.grad_norm);
     }
+    // The update's memory, in an iteration of its own: resetting the peak (malloc_trim) would
+    // slow the timed ones.
+    let (transitions, _) = rollout(res, &batch, shape, &sched, s.cfg, 2 + s.repeats as u64)?;
+    let refs: Vec<&Transition> = transitions.iter().collect();
+    let (peak, _) = peak_of(|| up.update(res, &refs, &adv, &batch, 1 + s.repeats as u64))?;
+    runs.update_peak = peak;
     Ok(runs)
 }
 
@@ -751,7 +760,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         let mut configs = Vec::new();
         writeln!(
             table,
-            "\n== {name} (matmul peak {peak:.1} GFLOP/s; model loaded in {load_s:.2} s) ==\n{:>3} {:>6} {:>13} {:>13} {:>13} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+            "\n== {name} (matmul peak {peak:.1} GFLOP/s; model loaded in {load_s:.2} s) ==\n{:>3} {:>6} {:>13} {:>13} {:>13} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>12}",
             "K",
             "batch",
             "rollout ms/s",
@@ -762,7 +771,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             "bwd ms",
             "optim ms",
             "roll %pk",
-            "upd %pk"
+            "upd %pk",
+            "upd MiB/s"
         )?;
         for &k in &steps {
             for &b in &batches {
@@ -781,7 +791,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
                 let (rg, ug) = (rollout_flop / r / 1e9, update_flop / u / 1e9);
                 writeln!(
                     table,
-                    "{k:>3} {b:>6} {:>13.1} {:>13.1} {:>13.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}%",
+                    "{k:>3} {b:>6} {:>13.1} {:>13.1} {:>13.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>7.1}% {:>7.1}% {:>12}",
                     r * 1e3 / bf,
                     u * 1e3 / bf,
                     it * 1e3 / bf,
@@ -790,7 +800,11 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
                     med(&runs.backward) * 1e3,
                     med(&runs.optimizer) * 1e3,
                     100.0 * rg / peak,
-                    100.0 * ug / peak
+                    100.0 * ug / peak,
+                    runs.update_peak.map_or("-".to_string(), |p| format!(
+                        "{:.1}",
+                        p as f64 / bf / (1 << 20) as f64
+                    ))
                 )?;
                 for (what, v) in [("rollout", r), ("update", u), ("iteration", it)] {
                     figures.push((
@@ -813,6 +827,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
                         "optimizer": timing(&runs.optimizer).json(),
                     },
                     "grad_norm": runs.grad_norm,
+                    "update_peak_bytes": runs.update_peak,
+                    "update_peak_mib_per_sample": runs.update_peak.map(|p| p as f64 / bf / (1 << 20) as f64),
                     "rollout_gflops": rg, "update_gflops": ug,
                     "rollout_peak_fraction": rg / peak, "update_peak_fraction": ug / peak,
                 }));
@@ -832,7 +848,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         drop(res);
     }
     println!(
-        "{table}\n(ms/s: milliseconds per sample; fwd/ref/bwd/optim: the update's policy forward and loss, KL reference forward, backward, optimizer step — per iteration; %pk: counted FLOPs per second over the matmul peak)"
+        "{table}\n(ms/s: milliseconds per sample; fwd/ref/bwd/optim: the update's policy forward and loss, KL reference forward, backward, optimizer step — per iteration; %pk: counted FLOPs per second over the matmul peak; upd MiB/s: the update's peak resident memory above the resident set before it, per sample, in one more untimed iteration)"
     );
     let mut ratios = Vec::new();
     if devices.len() > 1 {

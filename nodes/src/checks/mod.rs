@@ -4,6 +4,7 @@
 use runner::Registry;
 
 pub mod conditioning;
+pub mod lora;
 pub mod memory;
 pub mod schedule;
 
@@ -11,4 +12,5 @@ pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);
     r.checks.push(memory::check);
     r.checks.push(conditioning::check);
+    r.checks.push(lora::check);
 }

@@ -1,0 +1,85 @@
+//! A `flow_model`'s `lora:` settings, checked at validation: the mapping itself (unknown keys,
+//! rank, alpha, dropout, …) and, where the model's structure is known without its weights (the
+//! ShapeWorld UNet; an SD3 diffusers folder's config.json), that every given target pattern
+//! names a linear layer of it.
+
+use std::path::Path;
+
+use runner::{Diagnostics, Pipeline};
+
+use crate::model::FlowModelConfig;
+use crate::model::lora::{self, LoraConfig};
+use crate::model::sd3::read_config;
+use crate::world;
+
+pub fn check(p: &Pipeline) -> Diagnostics {
+    let mut diags = Diagnostics::default();
+    for r in p
+        .resources
+        .iter()
+        .filter(|r| r.ty == crate::flow_model::TYPE)
+    {
+        let Ok(value) = r.params.json("lora") else {
+            continue;
+        };
+        let cfg = match LoraConfig::from_json(&value) {
+            Ok(Some(cfg)) => cfg,
+            Ok(None) => continue,
+            Err(e) => {
+                diags.push(r.params.error("lora", format!("{e:#}")));
+                continue;
+            }
+        };
+        if cfg.targets.is_empty() {
+            continue;
+        }
+        // The layer names, from a lazy (never allocated) model of the resource's architecture.
+        let device = burn::tensor::Device::flex();
+        let names = match r.params.str("arch").unwrap_or("shapes_unet") {
+            "sd3" => {
+                let Some(dir) = r.params.opt_str("diffusers").ok().flatten() else {
+                    continue; // a flowrun checkpoint: checked when the run loads it
+                };
+                let Ok((_, c)) = read_config(Path::new(dir)) else {
+                    continue; // reported when the run builds its resources
+                };
+                if c.validate().is_err() {
+                    continue;
+                }
+                lora::linear_paths(&mut c.init_zeros(&device))
+            }
+            _ => {
+                if r.params.opt_str("checkpoint").ok().flatten().is_some() {
+                    continue;
+                }
+                let c = match r.params.str("size") {
+                    Ok("tiny") => FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS),
+                    _ => FlowModelConfig::small(world::vocab_size(), world::MAX_TOKENS),
+                };
+                let mut m = c.init_zeros(&device);
+                lora::linear_paths(&mut m)
+            }
+        };
+        let unmatched: Vec<String> = cfg
+            .targets
+            .iter()
+            .filter(|t| !names.iter().any(|n| lora::matches(n, t)))
+            .map(|t| format!("`{t}`"))
+            .collect();
+        if !unmatched.is_empty() {
+            let shown: Vec<&str> = names.iter().take(6).map(String::as_str).collect();
+            diags.push(r.params.error(
+                "lora",
+                format!(
+                    "LoRA target(s) {} match no linear layer of the model (its {} linear layers \
+                     are named like {}, …; a pattern matches a path's last segments, `*` \
+                     within a segment)",
+                    unmatched.join(", "),
+                    names.len(),
+                    shown.join(", ")
+                ),
+            ));
+        }
+    }
+    diags
+}

@@ -164,6 +164,13 @@ fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
     check_checkpoint(&dir);
     // The diffusers export is the merged model too (diffusers-loadable, no adapter keys).
     assert!(dir.join("transformer/config.json").is_file());
+    let export =
+        SafetensorsFile::read(&dir.join("transformer/diffusion_pytorch_model.safetensors"))
+            .unwrap();
+    assert!(
+        export.names().all(|n| !n.contains("lora_")),
+        "adapter keys in the diffusers export"
+    );
 
     // The checkpoint's adapter over the base = its merged model.safetensors.
     let dev = Device::flex();

@@ -175,17 +175,6 @@ impl<M: VelocityModel> PolicyModel<M> {
         self.reference_is_base || self.reference.is_some()
     }
 
-    /// The weights written to `model.safetensors` and the diffusers export: the sampling weights
-    /// with any adapter folded in.
-    pub fn export_model(&self, ema: bool) -> M {
-        let m = self.sampling_model(ema);
-        if self.lora.is_some() {
-            lora::merge(m)
-        } else {
-            m
-        }
-    }
-
     /// The weights samplers use, on the plain device: the EMA or the current weights.
     pub fn sampling_model(&self, ema: bool) -> M {
         if ema {
@@ -208,9 +197,17 @@ impl<M: VelocityModel> PolicyModel<M> {
         }
     }
 
-    fn save(&self, dir: &Path, ema: bool) -> Result<()> {
+    /// Writes the policy's files into `dir`; returns the weights of `model.safetensors` (merged
+    /// with any adapter) for the caller's other exports.
+    fn save(&self, dir: &Path, ema: bool) -> Result<M> {
         self.trainer.save_state(&dir.join("trainer.safetensors"))?;
-        save_safetensors(&self.export_model(ema), &dir.join("model.safetensors"))?;
+        let sampling = self.sampling_model(ema);
+        let exported = if self.lora.is_some() {
+            lora::merge(sampling.clone())
+        } else {
+            sampling.clone()
+        };
+        save_safetensors(&exported, &dir.join("model.safetensors"))?;
         if let Some(r) = &self.reference {
             save_safetensors(r, &dir.join("reference.safetensors"))?;
         }
@@ -219,14 +216,9 @@ impl<M: VelocityModel> PolicyModel<M> {
             let prefix = if M::ARCH == "sd3" { "transformer." } else { "" };
             let d = dir.join(LORA_DIR);
             std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            lora::file::save_adapters(
-                &self.sampling_model(ema),
-                &d.join(LORA_WEIGHTS_NAME),
-                prefix,
-                cfg.init,
-            )?;
+            lora::file::save_adapters(&sampling, &d.join(LORA_WEIGHTS_NAME), prefix, cfg.init)?;
         }
-        Ok(())
+        Ok(exported)
     }
 
     fn load(&mut self, dir: &Path, device: &Device, config: &TrainerConfig) -> Result<()> {
@@ -575,14 +567,19 @@ impl PolicySampler {
 
 impl Resource for FlowModelRes {
     fn save(&self, dir: &Path) -> Result<()> {
-        with_policy!(&self.policy, p => p.save(dir, self.sample_with_ema))?;
-        if let (Policy::Sd3(p), Some(dtype)) = (&self.policy, self.export) {
-            // The weights of model.safetensors, as diffusers reads them (streamed: no host copy).
-            save_diffusers(
-                &p.sampling_model(self.sample_with_ema),
-                &dir.join(EXPORT_DIR),
-                dtype,
-            )?;
+        let ema = self.sample_with_ema;
+        match &self.policy {
+            Policy::ShapesUnet(p) => {
+                p.save(dir, ema)?;
+            }
+            Policy::Sd3(p) => {
+                let exported = p.save(dir, ema)?;
+                if let Some(dtype) = self.export {
+                    // The weights of model.safetensors (adapters merged), as diffusers reads
+                    // them (streamed: no host copy).
+                    save_diffusers(&exported, &dir.join(EXPORT_DIR), dtype)?;
+                }
+            }
         }
         Ok(())
     }

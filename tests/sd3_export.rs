@@ -951,20 +951,9 @@ fn should_export_a_tafs_grpo_sd3_run_checkpoint_that_diffusers_loads() {
     let srv = common::RewardServer::start(&[]);
     let runs = common::tmpdir("sd3-export-runs");
     let pipeline = common::root().join("pipelines/tafs_grpo_sd3.yaml");
-    let m = model_dir.display();
-    let set = [
-        format!("resources.policy.params.diffusers={m}"),
-        format!("resources.vae.params.path={m}"),
-        format!("nodes.prompts.params.embeddings={}", emb.display()),
-        "nodes.prompts.params.prompts_per_iter=2".into(),
-        "nodes.prompts.params.group_size=2".into(),
-        "nodes.noise.params.height=8".into(),
-        "nodes.noise.params.width=8".into(),
-        "iterations=1".into(),
-        "checkpoint_every=1".into(),
-        "resources.policy.params.lr=1.0e-3".into(),
-        format!("nodes.step.nodes.score.params.url={}", srv.url()),
-    ];
+    let mut set = common::sd3_overrides(model_dir, emb, &srv.url(), "nodes.step.nodes.score");
+    set.push("iterations=1".into());
+    set.push("resources.policy.params.lr=1.0e-3".into());
     let mut c = common::bin();
     c.arg(&pipeline).arg("--runs-dir").arg(&runs).arg("--quiet");
     for s in &set {

@@ -60,25 +60,13 @@ pub fn check(p: &Pipeline) -> Diagnostics {
                 lora::linear_paths(&mut m)
             }
         };
-        let unmatched: Vec<String> = cfg
-            .targets
-            .iter()
-            .filter(|t| !names.iter().any(|n| lora::matches(n, t)))
-            .map(|t| format!("`{t}`"))
-            .collect();
+        let targets: Vec<&str> = cfg.targets.iter().map(String::as_str).collect();
+        let unmatched = lora::unmatched(&targets, &names);
         if !unmatched.is_empty() {
-            let shown: Vec<&str> = names.iter().take(6).map(String::as_str).collect();
-            diags.push(r.params.error(
-                "lora",
-                format!(
-                    "LoRA target(s) {} match no linear layer of the model (its {} linear layers \
-                     are named like {}, …; a pattern matches a path's last segments, `*` \
-                     within a segment)",
-                    unmatched.join(", "),
-                    names.len(),
-                    shown.join(", ")
-                ),
-            ));
+            diags.push(
+                r.params
+                    .error("lora", lora::unmatched_message(&unmatched, &names)),
+            );
         }
     }
     diags

@@ -350,21 +350,37 @@ pub fn attach<M: Module + Linears>(
         .collect();
     let strict = !cfg.targets.is_empty();
     if !unmatched.is_empty() && (strict || adapted.is_empty()) {
-        let names = linear_paths(&mut model);
-        let shown: Vec<&str> = names.iter().take(6).map(|s| s.as_str()).collect();
         bail!(
-            "LoRA target(s) {} match no linear layer of the model (its {} linear layers are \
-             named like {}, …; a pattern matches a path's last segments, `*` within a segment)",
-            unmatched
-                .iter()
-                .map(|t| format!("`{t}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            names.len(),
-            shown.join(", ")
+            "{}",
+            unmatched_message(&unmatched, &linear_paths(&mut model))
         );
     }
     Ok((model, adapted))
+}
+
+/// The patterns of `targets` that match none of the layer paths `names`.
+pub fn unmatched<'a>(targets: &[&'a str], names: &[String]) -> Vec<&'a str> {
+    targets
+        .iter()
+        .filter(|t| !names.iter().any(|n| matches(n, t)))
+        .copied()
+        .collect()
+}
+
+/// Why the patterns `unmatched` adapt nothing, with examples of the model's layer `names`.
+pub fn unmatched_message(unmatched: &[&str], names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(6).map(String::as_str).collect();
+    format!(
+        "LoRA target(s) {} match no linear layer of the model (its {} linear layers are named \
+         like {}, …; a pattern matches a path's last segments, `*` within a segment)",
+        unmatched
+            .iter()
+            .map(|t| format!("`{t}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        names.len(),
+        shown.join(", ")
+    )
 }
 
 /// The model without its adapters: the frozen base (the same tensors, no copy).

@@ -252,20 +252,9 @@ impl Sd3Transformer {
             &prompt_embeds.dims(),
             &pooled.dims(),
         )?;
-        let [b, _, hh, ww] = x.dims();
-        let p = self.config.patch_size;
-        let (h, w) = (hh / p, ww / p);
-        let c_out = self.config.output_channels();
-
-        // [B, N, D]
-        let mut hidden = self.pos_embed.forward(x);
-        // [B, D]; every adaptive norm takes silu(temb).
-        let temb = self
-            .time_text_embed
-            .forward(sigma.mul_scalar(1000.0), pooled);
-        let temb_act = silu(temb);
-        // [B, L, D]
-        let mut context = Some(self.context_embedder.forward(prompt_embeds));
+        let [_, _, hh, ww] = x.dims();
+        let (mut hidden, context, temb_act) = self.embed(x, sigma, prompt_embeds, pooled);
+        let mut context = Some(context);
         for block in &self.transformer_blocks {
             let ctx = context
                 .take()
@@ -274,15 +263,44 @@ impl Sd3Transformer {
             hidden = x;
             context = ctx;
         }
+        Ok(self.head(hidden, temb_act, [hh, ww]))
+    }
+
+    /// The network before its blocks: (image tokens [B, N, D], context tokens [B, L, D],
+    /// silu(temb) [B, D]); inputs as [`try_forward`](Self::try_forward) takes them (checked).
+    pub fn embed(
+        &self,
+        x: Tensor<4>,
+        sigma: Tensor<1>,
+        prompt_embeds: Tensor<3>,
+        pooled: Tensor<2>,
+    ) -> (Tensor<3>, Tensor<3>, Tensor<2>) {
+        // [B, N, D]
+        let hidden = self.pos_embed.forward(x);
+        // [B, D]; every adaptive norm takes silu(temb).
+        let temb = self
+            .time_text_embed
+            .forward(sigma.mul_scalar(1000.0), pooled);
+        // [B, L, D]
+        let context = self.context_embedder.forward(prompt_embeds);
+        (hidden, context, silu(temb))
+    }
+
+    /// The network after its blocks: image tokens [B, N, D] and silu(temb) [B, D] → the
+    /// velocity [B, out_channels, H, W] for latents of `size` [H, W].
+    pub fn head(&self, hidden: Tensor<3>, temb_act: Tensor<2>, size: [usize; 2]) -> Tensor<4> {
+        let [b, _, _] = hidden.dims();
+        let [hh, ww] = size;
+        let p = self.config.patch_size;
+        let (h, w) = (hh / p, ww / p);
+        let c_out = self.config.output_channels();
         let hidden = self.norm_out.forward_continuous(hidden, temb_act);
         // [B, N, p·p·C_out] → [B, h, w, p, p, C_out] → [B, C_out, h, p, w, p]
-        let out = self
-            .proj_out
+        self.proj_out
             .forward(hidden)
             .reshape([b, h, w, p, p, c_out])
             .permute([0, 5, 1, 3, 2, 4])
-            .reshape([b, c_out, hh, ww]);
-        Ok(out)
+            .reshape([b, c_out, hh, ww])
     }
 
     /// [`try_forward`](Self::try_forward), panicking with its message on mis-shaped inputs

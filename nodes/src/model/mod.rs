@@ -34,7 +34,7 @@ pub use shapes_unet::{FlowModel, FlowModelConfig, Level, layers};
 pub use train::{Trainer, TrainerConfig};
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Int, Tensor, TensorData};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -96,6 +96,21 @@ pub trait VelocityModel: Module + Linears + 'static {
         Ok(v_uncond.clone() + (v_cond - v_uncond).mul_scalar(scale))
     }
 
+    /// [`velocity_cfg`](Self::velocity_cfg) with activation checkpointing, for a model on an
+    /// autodiff device: the forward keeps only what a recomputation block by block needs (each
+    /// block's inputs), and [`Checkpointed::backward`] runs it again one block at a time during
+    /// the backward. `None` when the architecture has no blocks to checkpoint (the caller then
+    /// runs [`velocity_cfg`](Self::velocity_cfg)).
+    fn velocity_cfg_checkpointed(
+        &self,
+        _x: Tensor<4>,
+        _t: Tensor<1>,
+        _cond: &Conditioning,
+        _scale: f32,
+    ) -> anyhow::Result<Option<Checkpointed<'_>>> {
+        Ok(None)
+    }
+
     /// Whether the model takes states of `shape` [C, H, W]; the error says what it takes.
     fn check_state(&self, shape: [usize; 3]) -> anyhow::Result<()>;
 
@@ -103,6 +118,59 @@ pub trait VelocityModel: Module + Linears + 'static {
     /// (so that the model learns the unconditional branch CFG needs). 0 = never.
     fn cfg_dropout(&self) -> f64 {
         0.0
+    }
+}
+
+/// A forward run under activation checkpointing
+/// ([`VelocityModel::velocity_cfg_checkpointed`]): the velocity, computed from the outputs of
+/// one or more forwards that recorded no graph, and what recomputes them.
+///
+/// The loss is built on [`velocity`](Self::velocity) as on a tracked velocity; its backward
+/// ([`backward`](Self::backward)) stops at the forwards' outputs (autodiff leaves), whose
+/// gradients then seed a recomputation block by block: each block runs again with autodiff on
+/// its saved inputs and is back-propagated on its own (seeded by the gradient at its output
+/// through `Σ out ⊙ g`, whose gradient is exactly `g`), so only one block's graph is alive at
+/// a time. The gradients are those of one backward through the whole forward, up to the order
+/// in which the contributions of shared inputs (the timestep embedding every block reads) are
+/// summed.
+pub struct Checkpointed<'a> {
+    /// The velocity [B, C, H, W] (autodiff, tracked from the parts' outputs).
+    pub velocity: Tensor<4>,
+    parts: Vec<Recompute<'a>>,
+}
+
+/// One checkpointed forward: its output as an autodiff leaf and its recomputation.
+pub struct Recompute<'a> {
+    /// The forward's output (autodiff leaf that requires its gradient).
+    pub output: Tensor<4>,
+    /// Given the gradient at `output`, recomputes the forward block by block and hands each
+    /// backward's gradients to the sink.
+    #[allow(clippy::type_complexity)]
+    pub backward: Box<dyn FnOnce(Tensor<4>, &mut dyn FnMut(Gradients)) + 'a>,
+}
+
+impl<'a> Checkpointed<'a> {
+    pub fn new(velocity: Tensor<4>, parts: Vec<Recompute<'a>>) -> Self {
+        Self { velocity, parts }
+    }
+
+    /// Back-propagates `loss` (built on [`velocity`](Self::velocity)) through the recomputed
+    /// forwards, handing every partial backward's gradients to `sink` (e.g. to sum them per
+    /// parameter with burn's `GradientsAccumulator`).
+    pub fn backward(self, loss: Tensor<1>, sink: &mut dyn FnMut(Gradients)) {
+        let mut grads = loss.backward();
+        let seeds: Vec<Option<Tensor<4>>> = self
+            .parts
+            .iter()
+            .map(|p| p.output.grad_remove(&mut grads))
+            .collect();
+        // Whatever else the loss reached directly.
+        sink(grads);
+        for (part, seed) in self.parts.into_iter().zip(seeds) {
+            if let Some(g) = seed {
+                (part.backward)(g, sink);
+            }
+        }
     }
 }
 

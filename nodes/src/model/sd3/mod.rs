@@ -29,6 +29,7 @@ pub mod embeddings;
 pub mod export;
 pub mod load;
 mod policy;
+pub mod recompute;
 
 pub use block::JointTransformerBlock;
 pub use config::{QkNorm, SD3_CLASS_NAME, Sd3Config};

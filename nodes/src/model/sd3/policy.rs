@@ -5,7 +5,7 @@ use anyhow::{Result, ensure};
 use burn::tensor::{Device, Tensor};
 
 use super::{Sd3Config, Sd3Transformer};
-use crate::model::{Conditioning, VelocityModel};
+use crate::model::{Checkpointed, Conditioning, VelocityModel};
 
 impl VelocityModel for Sd3Transformer {
     type Config = Sd3Config;
@@ -62,6 +62,28 @@ impl VelocityModel for Sd3Transformer {
             text.negative_pooled.clone().expand([b, p]),
             scale,
         )
+    }
+
+    fn velocity_cfg_checkpointed(
+        &self,
+        x: Tensor<4>,
+        t: Tensor<1>,
+        cond: &Conditioning,
+        scale: f32,
+    ) -> Result<Option<Checkpointed<'_>>> {
+        let text = cond.text(Self::ARCH)?;
+        let [b, l, d] = text.prompt_embeds.dims();
+        let [_, p] = text.pooled.dims();
+        self.forward_cfg_checkpointed(
+            x,
+            t,
+            text.prompt_embeds.clone(),
+            text.pooled.clone(),
+            text.negative_embeds.clone().expand([b, l, d]),
+            text.negative_pooled.clone().expand([b, p]),
+            scale,
+        )
+        .map(Some)
     }
 
     fn check_state(&self, shape: [usize; 3]) -> Result<()> {

@@ -206,3 +206,66 @@ fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
         "merged model.safetensors vs base + lora/: {e:.2e}"
     );
 }
+
+#[test]
+fn should_take_the_same_update_with_activation_checkpointing() {
+    // One LoRA TAFS-GRPO iteration on the tiny SD3 with the transformer's activations kept and
+    // with each block recomputed in the backward: the same loss, gradient norm and adapters.
+    let Some((model, emb)) = sd3_fixture() else {
+        return;
+    };
+    let srv = RewardServer::start(&[]);
+    let pipeline = root().join("pipelines/tafs_grpo_sd3.yaml");
+    let mut base = sd3_overrides(model, emb, &srv.url(), "nodes.step.nodes.score");
+    base.push("resources.policy.params.lora={rank: 4, alpha: 8}".into());
+    base.push("resources.policy.params.lr=1.0e-3".into());
+    base.push("iterations=1".into());
+    let go = |checkpointing: bool| {
+        let runs = tmpdir(&format!("ckpt-{checkpointing}"));
+        let mut set = base.clone();
+        set.push(format!(
+            "resources.policy.params.activation_checkpointing={checkpointing}"
+        ));
+        let o = run(
+            &[
+                pipeline.to_str().unwrap(),
+                "--runs-dir",
+                runs.to_str().unwrap(),
+            ],
+            &set,
+        );
+        assert!(o.status.success(), "{}", text(&o));
+        only_run_dir(&runs)
+    };
+    let (kept, recomputed) = (go(false), go(true));
+    let (a, b) = (&metric_rows(&kept)[0], &metric_rows(&recomputed)[0]);
+    // The first step's loss is −mean(A)·ρ with ρ = 1: zero up to rounding, hence the absolute
+    // tolerance; the gradient norm is compared relatively.
+    for (key, rel, abs) in [("update/loss", 0.0, 1e-7), ("update/grad_norm", 1e-6, 0.0)] {
+        let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+        assert!(y.abs() > 0.0 || key == "update/loss", "{key} is zero");
+        assert!(
+            (x - y).abs() <= rel * y.abs() + abs,
+            "{key}: {x} kept, {y} recomputed"
+        );
+    }
+    let adapters = |run: &Path| {
+        SafetensorsFile::read(&policy_dir(run).join("lora/pytorch_lora_weights.safetensors"))
+            .unwrap()
+    };
+    let (fa, fb) = (adapters(&kept), adapters(&recomputed));
+    let mut n = 0;
+    for name in fa.names().filter(|n| n.contains("lora_B")) {
+        let (shape, want) = fb.get(name).unwrap();
+        let (_, got) = fa.get(name).unwrap();
+        if want.iter().all(|&v| v == 0.0) {
+            // No gradient reaches it (the last block's unused context projections).
+            assert!(got.iter().all(|&v| v == 0.0), "{name}");
+            continue;
+        }
+        let e = common::rel_err(name, (&shape, &got), (&shape, &want));
+        assert!(e <= 1e-6, "{name}: {e:.2e}");
+        n += 1;
+    }
+    assert!(n > 0, "no adapter trained");
+}

@@ -25,6 +25,9 @@ pub const EXPORT_DIR: &str = "transformer";
 /// The folder of a LoRA policy's adapter (diffusers' file) inside its checkpoint directory.
 pub const LORA_DIR: &str = "lora";
 
+/// The error for `activation_checkpointing` on an architecture without transformer blocks.
+pub const CHECKPOINTING_ARCH: &str = "`activation_checkpointing` recomputes the SD3 transformer's blocks: it needs `arch: sd3` (the ShapeWorld UNet is small enough to keep its activations)";
+
 pub fn register(r: &mut Registry) {
     r.add_resource(ResourceType {
         name: TYPE,
@@ -74,6 +77,11 @@ pub fn register(r: &mut Registry) {
                 "recompute",
                 &["recompute", "keep"],
                 "keep: grpo_update back-propagates through the samplers' forward instead of recomputing it (faster, more memory)",
+            ),
+            ParamDef::boolean(
+                "activation_checkpointing",
+                false,
+                "arch sd3: updates keep only each transformer block's inputs and recompute its activations in the backward, one block at a time (far less memory, about one more forward per backward; the same gradients); graphs kept by `rollout_graph: keep` are used whole",
             ),
             ParamDef::new(
                 "lora",
@@ -254,6 +262,9 @@ pub struct FlowModelRes {
     pub sample_with_ema: bool,
     /// `rollout_graph: keep`: samplers keep their forward's autodiff graph for the update.
     pub keep_rollout_graph: bool,
+    /// `activation_checkpointing: true`: updates recompute each transformer block in the
+    /// backward instead of keeping its activations.
+    pub activation_checkpointing: bool,
     /// Plain (non-autodiff) device for inference.
     pub device: Device,
     pub source: Option<PathBuf>,
@@ -305,6 +316,10 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
         );
     }
     let reference = p.bool("reference")?;
+    let activation_checkpointing = p.bool("activation_checkpointing")?;
+    if activation_checkpointing && p.str("arch")? != "sd3" {
+        bail!("{CHECKPOINTING_ARCH}");
+    }
     let export = match (p.str("export")?, p.str("arch")?) {
         ("off", _) | ("auto", "shapes_unet") => None,
         ("auto", _) => Some(ExportDtype::F32),
@@ -372,6 +387,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
         policy,
         sample_with_ema,
         keep_rollout_graph,
+        activation_checkpointing,
         device: dev,
         source,
         export,
@@ -422,6 +438,7 @@ impl FlowModelRes {
             policy: Policy::ShapesUnet(PolicyModel::new(model, &config, reference)),
             sample_with_ema,
             keep_rollout_graph: false,
+            activation_checkpointing: false,
             device,
             source: None,
             export: None,
@@ -444,6 +461,7 @@ impl FlowModelRes {
             policy: Policy::Sd3(make_policy(model, &config, reference, lora, 0)?),
             sample_with_ema: false,
             keep_rollout_graph,
+            activation_checkpointing: false,
             device,
             source: None,
             export: None,

@@ -26,7 +26,7 @@
 use std::time::Instant;
 
 use anyhow::{Result, bail};
-use burn::optim::GradientsAccumulator;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -228,17 +228,21 @@ impl GrpoUpdate {
         seed: u64,
     ) -> Result<UpdateStats> {
         let plain = m.device.clone();
+        let checkpointing = m.activation_checkpointing;
         crate::with_policy!(&mut m.policy, p => {
-            self.update_policy(p, &plain, transitions, adv, prompts, seed)
+            self.update_policy(p, &plain, checkpointing, transitions, adv, prompts, seed)
         })
     }
 
     /// [`update`](Self::update) for one architecture. `plain` is the inference device (the
-    /// KL reference runs there).
+    /// KL reference runs there); `checkpointing`: recomputed forwards keep only each block's
+    /// inputs ([`VelocityModel::velocity_cfg_checkpointed`]).
+    #[allow(clippy::too_many_arguments)]
     fn update_policy<M: VelocityModel>(
         &self,
         m: &mut PolicyModel<M>,
         plain: &Device,
+        checkpointing: bool,
         transitions: &[&Transition],
         adv: &Advantages,
         prompts: &PromptBatch,
@@ -352,6 +356,9 @@ impl GrpoUpdate {
                             .filter(|g| n == b && g.trainer_step == m.trainer.step_count())
                             .and_then(|g| g.take());
                         let from_rollout = kept.is_some();
+                        let model = m.trainer.model();
+                        // Under activation checkpointing: the forward's recomputation.
+                        let mut recompute = None;
                         let v = match kept {
                             Some(v) => {
                                 reused += 1;
@@ -366,12 +373,27 @@ impl GrpoUpdate {
                                     v.select(0, order)
                                 }
                             }
-                            None => m.trainer.model().velocity_cfg(
-                                x.clone(),
-                                Tensor::<1>::full([n], tr.t, &ad),
-                                &cond_ad,
-                                tr.cfg,
-                            )?,
+                            None => {
+                                let t = Tensor::<1>::full([n], tr.t, &ad);
+                                let ck = if checkpointing {
+                                    model.velocity_cfg_checkpointed(
+                                        x.clone(),
+                                        t.clone(),
+                                        &cond_ad,
+                                        tr.cfg,
+                                    )?
+                                } else {
+                                    None
+                                };
+                                match ck {
+                                    Some(ck) => {
+                                        let v = ck.velocity.clone();
+                                        recompute = Some(ck);
+                                        v
+                                    }
+                                    None => model.velocity_cfg(x.clone(), t, &cond_ad, tr.cfg)?,
+                                }
+                            }
                         };
                         let mean = x.clone().mul_scalar(k.a) + v.mul_scalar(k.b);
                         let logp = log_prob(x_next, mean.clone(), k.std); // [n]
@@ -426,7 +448,15 @@ impl GrpoUpdate {
                         // Back-propagate this transition's share now: its graph is freed
                         // before the next transition's forward.
                         let t_backward = Instant::now();
-                        backward_into(&m.trainer, &mut grads, term, &mut diag);
+                        match recompute {
+                            Some(ck) => {
+                                diag.losses.push(term.clone().detach());
+                                ck.backward(term, &mut |g| {
+                                    grads.accumulate(model, GradientsParams::from_grads(g, model))
+                                });
+                            }
+                            None => backward_into(&m.trainer, &mut grads, term, &mut diag),
+                        }
                         st.backward_s += t_backward.elapsed().as_secs_f64();
                     }
                     if let Some(j) = joint.take() {

@@ -3,6 +3,7 @@
 
 use runner::Registry;
 
+pub mod checkpointing;
 pub mod conditioning;
 pub mod lora;
 pub mod memory;
@@ -13,4 +14,5 @@ pub fn register(r: &mut Registry) {
     r.checks.push(memory::check);
     r.checks.push(conditioning::check);
     r.checks.push(lora::check);
+    r.checks.push(checkpointing::check);
 }

@@ -15,7 +15,7 @@ use crate::model::{Checkpointed, Recompute};
 
 /// `t` on the autodiff device `ad`, as a leaf whose gradient is kept.
 fn leaf<const D: usize>(t: Tensor<D>, ad: &Device) -> Tensor<D> {
-    t.to_device(ad).autodiff().require_grad()
+    t.to_device(ad).autodiff().detach().require_grad()
 }
 
 /// `Σ out ⊙ g`: back-propagated, it seeds `out`'s gradient with exactly `g` (a constant).
@@ -47,19 +47,23 @@ impl Sd3Transformer {
             &prompt_embeds.dims(),
             &pooled.dims(),
         )?;
-        let ad = x.device();
+        // The parameters' device: inputs may come without autodiff (constants of the loss).
+        let ad = self.proj_out.weight.val().device();
         ensure!(
             ad.is_autodiff(),
-            "a checkpointed forward runs on an autodiff device"
+            "a checkpointed forward runs a model on an autodiff device"
         );
         let [_, _, hh, ww] = x.dims();
-        // The same weights without autodiff: nothing below records a graph.
-        let plain = self.valid();
+        // The same weights, not requiring gradients: nothing below records a graph, and the
+        // forward takes the autodiff backend's kernels (on flex some differ from the plain
+        // backend's in rounding), so that the saved inputs are exactly what the recomputed
+        // blocks produce and the velocity is the tracked forward's, bit for bit.
+        let plain = self.clone().no_grad();
         let (mut hidden, context, temb) = plain.embed(
-            x.clone().inner(),
-            sigma.clone().inner(),
-            prompt_embeds.clone().inner(),
-            pooled.clone().inner(),
+            x.clone(),
+            sigma.clone(),
+            prompt_embeds.clone(),
+            pooled.clone(),
         );
         // Each block's inputs: (image tokens [B, N, D], context [B, L, D]).
         let mut saved = Vec::with_capacity(plain.transformer_blocks.len());
@@ -73,8 +77,9 @@ impl Sd3Transformer {
             hidden = h;
             context = c;
         }
-        let output = leaf(plain.head(hidden.clone(), temb.clone(), [hh, ww]), &ad);
+        let out = plain.head(hidden.clone(), temb.clone(), [hh, ww]);
         let last = hidden;
+        let output = leaf(out, &ad);
         let backward = move |g_out: Tensor<4>, sink: &mut dyn FnMut(burn::tensor::Gradients)| {
             // The head: norm_out and proj_out.
             let (h, t) = (leaf(last, &ad), leaf(temb.clone(), &ad));
@@ -96,7 +101,7 @@ impl Sd3Transformer {
                         None => s,
                     });
                 }
-                if let Some(loss) = loss {
+                if let Some(loss) = loss.filter(|l| l.is_tracked()) {
                     let mut grads = loss.backward();
                     g_h = h.grad_remove(&mut grads);
                     g_ctx = c.grad_remove(&mut grads);
@@ -111,7 +116,10 @@ impl Sd3Transformer {
                 g_ctx.map(|g| seeded(c0, g, &ad)),
                 g_temb.map(|g| seeded(t0, g, &ad)),
             ];
-            if let Some(loss) = parts.into_iter().flatten().reduce(|a, b| a + b) {
+            // Untracked when the embeddings are frozen (LoRA on the blocks only).
+            if let Some(loss) = parts.into_iter().flatten().reduce(|a, b| a + b)
+                && loss.is_tracked()
+            {
                 sink(loss.backward());
             }
         };
@@ -208,18 +216,30 @@ mod tests {
 
     /// Gradients of `Σ v_cfg ⊙ w` with and without checkpointing, for a negative prompt of
     /// length `neg_len` (the prompt's: one batched forward; another: two forwards).
-    fn both(c: &Sd3Config, neg_len: usize, scale: f32) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    fn both(
+        c: &Sd3Config,
+        neg_len: usize,
+        scale: f32,
+        lora: bool,
+    ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
         let dev = Device::flex();
-        let m = c.init(&dev, 5).train();
+        let mut m = c.init(&dev, 5);
+        if lora {
+            let cfg = crate::model::lora::LoraConfig::new(4, 8.0);
+            m = crate::model::lora::attach(m, &cfg, &["attn.to_q", "attn.to_v", "ff.net.2"], 1)
+                .unwrap()
+                .0;
+        }
+        let m = m.train();
         let ad = dev.autodiff();
         let (b, l) = (2, 3);
-        let x = wave([b, c.in_channels, 4, 4], 0.31, &ad);
+        let x = wave([b, c.in_channels, 8, 8], 0.31, &ad);
         let sigma = tensor_from_vec(vec![0.3, 0.8], [b], &ad);
         let pe = wave([b, l, c.joint_attention_dim], 0.17, &ad);
         let pooled = wave([b, c.pooled_projection_dim], 0.23, &ad);
         let npe = wave([b, neg_len, c.joint_attention_dim], 0.11, &ad);
         let npooled = wave([b, c.pooled_projection_dim], 0.05, &ad);
-        let w = wave([b, c.output_channels(), 4, 4], 0.7, &ad);
+        let w = wave([b, c.output_channels(), 8, 8], 0.7, &ad);
 
         let v = m
             .try_forward_cfg(
@@ -232,11 +252,14 @@ mod tests {
                 scale,
             )
             .unwrap();
+        let v_copy = v.clone().detach();
         let full = GradientsParams::from_grads((v * w.clone()).sum().backward(), &m);
 
         let ck = m
             .forward_cfg_checkpointed(x, sigma, pe, pooled, npe, npooled, scale)
             .unwrap();
+        // The same velocity as the tracked forward's, bit for bit.
+        assert_eq!(tensor_values(ck.velocity.clone()), tensor_values(v_copy));
         let loss = (ck.velocity.clone() * w).sum();
         let mut acc = GradientsAccumulator::<Sd3Transformer>::new();
         ck.backward(loss, &mut |g| {
@@ -252,10 +275,18 @@ mod tests {
             qk_norm: Some("rms_norm".into()),
             ..Sd3Config::tiny()
         };
-        for (neg_len, scale) in [(3, 4.5), (2, 4.5), (3, 1.0)] {
-            let (ck, full) = both(&c, neg_len, scale);
+        for (neg_len, scale, lora) in [
+            (3, 4.5, false),
+            (2, 4.5, false),
+            (3, 1.0, false),
+            (3, 4.5, true),
+        ] {
+            let (ck, full) = both(&c, neg_len, scale, lora);
             let trained = full.iter().filter(|g| !g.is_empty()).count();
-            assert!(trained > 40, "{trained} parameters with gradients");
+            assert!(
+                trained > if lora { 10 } else { 40 },
+                "{trained} parameters with gradients"
+            );
             let d = rel_diff(&ck, &full);
             assert!(d <= 1e-6, "negative length {neg_len}, cfg {scale}: {d:e}");
         }

@@ -138,6 +138,10 @@ pub struct BenchArgs {
     /// projections instead of every weight (the base frozen; the KL reference is the base).
     #[arg(long, value_name = "R[:ALPHA]", requires = "sd3", value_parser = parse_lora)]
     pub lora: Option<(usize, f64)>,
+    /// With --sd3: the update recomputes each transformer block in its backward instead of
+    /// keeping the forward's activations (`activation_checkpointing: true`).
+    #[arg(long, requires = "sd3")]
+    pub activation_checkpointing: bool,
 }
 
 /// `R` or `R:ALPHA` (α defaults to R).

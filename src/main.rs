@@ -445,8 +445,8 @@ fn cmd_validate(path: &Path, set: &[String], registry: &Registry) -> ExitCode {
                 p.iterations
             );
             if let Some(est) = nodes::checks::memory::estimate(&p) {
-                let machine = nodes::checks::memory::machine_memory()
-                    .map(|m| format!(" of this machine's {:.1} GiB", m as f64 / GIB))
+                let machine = nodes::checks::memory::device_memory(&p.device)
+                    .map(|(_, what)| format!(" of {what}"))
                     .unwrap_or_default();
                 println!(
                     "estimated peak memory: {:.2} GiB{machine} ({})",

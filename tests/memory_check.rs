@@ -196,7 +196,33 @@ fn should_estimate_sd3_with_and_without_lora_and_name_what_fits() {
     );
     assert!(est.bytes < full.bytes);
     let w = warning(&d).expect("a warning");
-    assert!(w.contains("one sample alone does not fit"), "{w}");
+    // It would fit with activation checkpointing (each block's inputs and one block's graph),
+    // and following the advice it does.
+    assert!(
+        w.contains("it would fit with `activation_checkpointing: true` on `policy`"),
+        "{w}"
+    );
+    let n: u64 = w
+        .split("`minibatch: ")
+        .nth(1)
+        .and_then(|r| r.split('`').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no minibatch advice: {w}"));
+    let ckpt = "resources.policy.params.activation_checkpointing=true";
+    let mb = format!("nodes.update.params.minibatch={n}");
+    let (p, d) = sd3(&[lora, ckpt, &mb]);
+    assert!(warning(&d).is_none(), "{d}");
+    let recomputed = nodes::checks::memory::estimate(&p).unwrap();
+    assert!(recomputed.bytes < est.bytes / 4.0);
+    assert!(
+        recomputed.why.contains("`activation_checkpointing`"),
+        "{}",
+        recomputed.why
+    );
+    // Without checkpointing even one sample does not fit.
+    let (_, d) = sd3(&[lora, "nodes.update.params.minibatch=1"]);
+    let w = warning(&d).expect("a warning");
+    assert!(w.contains("activation_checkpointing: true"), "{w}");
     // At 256 px, 64 samples do not fit, and the advice says how many per minibatch do.
     let (h, wd) = (
         "nodes.noise.params.height=32",

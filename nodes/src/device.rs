@@ -105,6 +105,79 @@ pub fn cuda_device_count() -> usize {
     }
 }
 
+/// Free and total bytes of CUDA device `index` (`cudaMemGetInfo`), `None` without a CUDA
+/// runtime or such a device. The runtime is the one libtorch loaded (looked up by soname, so
+/// nothing is linked at build time); asking creates the device's context, as a run would.
+pub fn cuda_memory(index: usize) -> Option<(u64, u64)> {
+    #[cfg(all(feature = "tch", target_os = "linux"))]
+    {
+        if index >= cuda_device_count() {
+            return None;
+        }
+        cudart::mem_get_info(index)
+    }
+    #[cfg(not(all(feature = "tch", target_os = "linux")))]
+    {
+        let _ = index;
+        None
+    }
+}
+
+#[cfg(all(feature = "tch", target_os = "linux"))]
+mod cudart {
+    use std::ffi::{CString, c_int, c_void};
+
+    type GetDevice = unsafe extern "C" fn(*mut c_int) -> c_int;
+    type SetDevice = unsafe extern "C" fn(c_int) -> c_int;
+    type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> c_int;
+
+    /// The CUDA runtime's sonames, newest first (torch 2.9 wheels: 12; 2.11 cu130: 13).
+    const NAMES: &[&str] = &[
+        "libcudart.so.13",
+        "libcudart.so.12",
+        "libcudart.so.11.0",
+        "libcudart.so",
+    ];
+
+    fn sym<T>(lib: *mut c_void, name: &str) -> Option<T> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: `lib` is a live handle from dlopen; the symbol is looked up by name.
+        let p = unsafe { libc::dlsym(lib, c.as_ptr()) };
+        // SAFETY: the caller names a function of the CUDA runtime API with type `T` (a
+        // function pointer of the same size as `p`).
+        (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, T>(&p) })
+    }
+
+    pub fn mem_get_info(index: usize) -> Option<(u64, u64)> {
+        let lib = NAMES.iter().find_map(|n| {
+            let c = CString::new(*n).ok()?;
+            // SAFETY: dlopen with a valid C string; a null result is handled.
+            let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) };
+            let h = if h.is_null() {
+                // SAFETY: as above.
+                unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) }
+            } else {
+                h
+            };
+            (!h.is_null()).then_some(h)
+        })?;
+        let get: GetDevice = sym(lib, "cudaGetDevice")?;
+        let set: SetDevice = sym(lib, "cudaSetDevice")?;
+        let info: MemGetInfo = sym(lib, "cudaMemGetInfo")?;
+        let (mut before, mut free, mut total) = (0, 0usize, 0usize);
+        // SAFETY: CUDA runtime calls with valid out-pointers; every status is checked, and the
+        // calling thread's current device is restored.
+        unsafe {
+            if get(&mut before) != 0 || set(index as c_int) != 0 {
+                return None;
+            }
+            let status = info(&mut free, &mut total);
+            set(before);
+            (status == 0).then_some((free as u64, total as u64))
+        }
+    }
+}
+
 /// Check a pipeline's `device` string (for validation).
 pub fn check(s: &str) -> Result<(), String> {
     parse_device(s).map(|_| ())

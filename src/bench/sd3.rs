@@ -731,8 +731,13 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
                 "LoRA rank {r}, alpha {a} on Flow-GRPO's attention projections (base frozen, reference = base)"
             ),
             None => "every weight trained".into(),
-        }
+        },
     );
+    if args.activation_checkpointing {
+        println!(
+            "activation checkpointing: each transformer block recomputed in the update's backward"
+        );
+    }
     let mut reports = Vec::new();
     let mut table = String::new();
     let mut figures: Vec<(String, String, f64)> = Vec::new();
@@ -756,6 +761,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             false,
             lora.as_ref(),
         )?;
+        res.activation_checkpointing = args.activation_checkpointing;
         let progress = |m: &str| eprintln!("[{name}] {m}");
         let mut configs = Vec::new();
         writeln!(
@@ -887,6 +893,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             "rollout_graph": "recompute", "latent_side": side, "text_tokens": text_tokens,
             "embeddings": args.embeddings.as_ref().map(|p| p.display().to_string()),
             "lora": args.lora.map(|(r, a)| json!({"rank": r, "alpha": a})),
+            "activation_checkpointing": args.activation_checkpointing,
         },
         "model": {
             "dir": dir.display().to_string(), "config": config, "params": params,

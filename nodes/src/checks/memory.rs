@@ -19,8 +19,8 @@
 //! are counted per copy the policy keeps (weights, gradient, two AdamW moments, EMA, reference;
 //! with LoRA one frozen copy and the adapters' own).
 //!
-//! Host memory only: on `libtorch-cuda` devices the activations live on the GPU, which this
-//! does not check.
+//! The budget is the host's memory, or on `libtorch-cuda:N` the GPU's free memory
+//! (`cudaMemGetInfo`), where weights and activations live ([`device_memory`]).
 
 use std::fs;
 use std::io::Read;
@@ -70,22 +70,21 @@ const TRANSITION_NODES: &[&str] = &["annealed_renoiser", "flow_sde_step"];
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut diags = Diagnostics::default();
-    if p.memory_check == MemoryCheck::Off || p.device.starts_with("libtorch-cuda") {
+    if p.memory_check == MemoryCheck::Off {
         return diags;
     }
     let Some(est) = estimate(p) else {
         return diags;
     };
-    let Some(machine) = machine_memory() else {
+    let Some((machine, what)) = device_memory(&p.device) else {
         return diags;
     };
     if est.bytes <= machine as f64 {
         return diags;
     }
     let message = format!(
-        "the pipeline needs about {} of memory at its peak, more than this machine's {}: {}",
+        "the pipeline needs about {} of memory at its peak, more than {what}: {}",
         human(est.bytes),
-        human(machine as f64),
         est.why
     );
     let help = "make the batch smaller, or set `rollout_graph: recompute` on the model; \
@@ -328,6 +327,7 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         (SD3_BLOCK_BYTES_LIBTORCH, SD3_UPDATE_FACTOR_LIBTORCH)
     };
     let mut per_row = 0.0;
+    let mut block_max = 0.0f64;
     for i in 0..cfg.num_layers {
         let dual = cfg.is_dual_attention(i);
         let kind = if dual {
@@ -338,7 +338,9 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
             0
         };
         let (alpha, beta) = table[kind];
-        per_row += alpha * t * d + beta * heads * t * t;
+        let block = alpha * t * d + beta * heads * t * t;
+        per_row += block;
+        block_max = block_max.max(block);
     }
     let cfg_scale = p
         .nodes
@@ -347,6 +349,10 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         .fold(0.0f64, f64::max);
     let rows = if cfg_scale > 1.0 { 2.0 } else { 1.0 };
     let per_sample = rows * per_row;
+    // Activation checkpointing: each block's f32 inputs (image and text tokens) kept, one
+    // block's graph alive at a time.
+    let checkpointing = r.params.bool("activation_checkpointing").unwrap_or(false);
+    let per_sample_ckpt = rows * ((cfg.num_layers + 1) as f64 * 4.0 * t * d + block_max);
     let batch = {
         let ppi = loader.params.i64("prompts_per_iter").ok()? as u64;
         let g = loader.params.i64("group_size").ok()? as u64;
@@ -364,6 +370,13 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
             batch as f64 * transitions * per_sample,
             format!("{transitions} kept rollout graphs per sample (`rollout_graph: keep`)"),
         )
+    } else if checkpointing {
+        (
+            minibatch as f64 * factor * per_sample_ckpt,
+            format!(
+                "each block's inputs and one block's graph per sample of a minibatch of {minibatch} (`activation_checkpointing`)"
+            ),
+        )
     } else {
         (
             minibatch as f64 * factor * per_sample,
@@ -371,15 +384,40 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         )
     };
     let bytes = BASE_BYTES + weights + activations;
-    // What would fit: the largest minibatch, with the weights as they are.
-    let room = machine_memory().map(|m| m as f64 - BASE_BYTES - weights);
-    let fits = room
-        .map(|room| (room / (factor * per_sample)).floor())
-        .filter(|n| *n >= 1.0);
+    // What would fit: the largest minibatch, with the weights as they are, with and without
+    // activation checkpointing.
+    let room = device_memory(&p.device).map(|(m, _)| m as f64 - BASE_BYTES - weights);
+    let most = |per: f64| {
+        room.map(|room| (room / (factor * per)).floor())
+            .filter(|n| *n >= 1.0)
+    };
+    let (fits, fits_ckpt) = (
+        most(if checkpointing {
+            per_sample_ckpt
+        } else {
+            per_sample
+        }),
+        most(per_sample_ckpt),
+    );
+    let at = update.map_or("grpo_update", |u| u.id.as_str());
     let advice = match (fits, &lora) {
-        (Some(n), _) if n < minibatch as f64 || keep => format!(
-            "; it would fit with `rollout_graph: recompute` and `minibatch: {n}` on `{}`",
-            update.map_or("grpo_update", |u| u.id.as_str())
+        (Some(n), _) if n < minibatch as f64 || keep => {
+            let ckpt = match fits_ckpt {
+                Some(c) if !checkpointing && c > n => format!(
+                    ", or `activation_checkpointing: true` on `{}` and `minibatch: {}`",
+                    r.name,
+                    c.min(minibatch as f64)
+                ),
+                _ => String::new(),
+            };
+            format!(
+                "; it would fit with `rollout_graph: recompute` and `minibatch: {n}` on `{at}`{ckpt}"
+            )
+        }
+        (None, _) if !checkpointing && fits_ckpt.is_some() => format!(
+            "; it would fit with `activation_checkpointing: true` on `{}` and `minibatch: {}` on `{at}`",
+            r.name,
+            fits_ckpt.unwrap_or(1.0).min(minibatch as f64)
         ),
         (None, None) => "; the weights alone leave no room for one sample: train LoRA adapters \
              (`lora: {rank: 32, alpha: 64}` on the model) instead of every weight"
@@ -479,6 +517,27 @@ pub fn graph_bytes(cfg: &FlowModelConfig) -> f64 {
 }
 
 /// This machine's memory: the smaller of the physical memory and the cgroup's limit.
+/// The memory a run on `device` has, and what it is in words: on `libtorch-cuda:N` the GPU's
+/// free memory (`cudaMemGetInfo`; `None` when it cannot be asked), else the host's
+/// ([`machine_memory`]).
+pub fn device_memory(device: &str) -> Option<(u64, String)> {
+    match crate::device::parse_device(device) {
+        Ok(crate::device::DeviceKind::LibTorchCuda(i)) => {
+            crate::device::cuda_memory(i).map(|(free, total)| {
+                (
+                    free,
+                    format!(
+                        "GPU {i}'s free {} (of {})",
+                        human(free as f64),
+                        human(total as f64)
+                    ),
+                )
+            })
+        }
+        _ => machine_memory().map(|m| (m, format!("this machine's {}", human(m as f64)))),
+    }
+}
+
 pub fn machine_memory() -> Option<u64> {
     let total = fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
         t.lines()

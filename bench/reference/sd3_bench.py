@@ -699,11 +699,88 @@ def memory_main(args):
         print(f"wrote {args.json}")
 
 
+# On paper: SD3.5-Medium at 512 px with LoRA, from the measured per-block figures
+# ---------------------------------------------------------------------------------------------
+
+# Flow-GRPO's LoRA on SD3.5-Medium: rank 32 on the eight attention projections (18.8M).
+SD35M_LORA_PARAMS = 18.8e6
+
+
+def paper_main(argv):
+    """The update's memory per sample and the largest group that fits, for SD3.5-Medium at 512 px
+    with LoRA r32: f32 or half base, with or without activation checkpointing.
+
+    Per block and row, the update's peak (forward graph + backward) is fitted from the probes
+    of `--memory` (α·T·D + β·H·T², the same fit as there). Without checkpointing a sample holds
+    every block's graph; with it, each block's inputs (image + text tokens, T·D values) and one
+    block's graph at a time. A half-precision base stores those inputs in 2 bytes and scales the
+    block graph by --half-factor, the measured ratio of the update's peak per sample with a half
+    base to an f32 base (`flowrun bench --sd3 --lora 32:64 [--base-dtype bf16]`). Fixed: the
+    frozen base (4 or 2 bytes per parameter), the adapters' weights, gradients, AdamW moments and
+    EMA (5 f32 copies), and --reserve GiB for the runtime (CUDA context, allocator slack).
+    """
+    ap = argparse.ArgumentParser(prog="sd3_bench.py paper", description=paper_main.__doc__)
+    ap.add_argument("--memory-json", default="results/sd3-bench/memory.json")
+    ap.add_argument("--peer", default="target/tch/release/flowrun:libtorch",
+                    help="whose probes (a key of the JSON's probes)")
+    ap.add_argument("--half-factor", type=float, required=True)
+    ap.add_argument("--reserve", type=float, default=1.5, help="GiB kept for the runtime")
+    ap.add_argument("--gpus", default="24,80,141", help="GPU memory sizes (GiB)")
+    a = ap.parse_args(argv)
+    with open(a.memory_json) as f:
+        data = json.load(f)
+    probes = data["probes"][a.peer]
+    d0, h0 = SMALL["num_attention_heads"] * SMALL["attention_head_dim"], SMALL["num_attention_heads"]
+    t = SD35M["image_tokens"] + SD35M["text_tokens"]
+    d, h = SD35M["inner"], SD35M["heads"]
+    gib = 2 ** 30
+
+    def block(kind):
+        pts = sorted((p["image_tokens"] + p["text_tokens"],
+                      (p["update_peak_bytes"][1] - p["update_peak_bytes"][0])
+                      / (p["layers"][1] - p["layers"][0]) / p["rows"])
+                     for p in probes if p["block"] == kind)
+        alpha, beta = fit(pts[:2], d0, h0)
+        return alpha * t * d + beta * h * t * t
+
+    dual, plain = block("SD3.5 dual"), block("SD3.5")
+    n_dual, n_plain = SD35M["dual_layers"], SD35M["layers"] - SD35M["dual_layers"]
+    rows = 2  # CFG
+    adapters = 5 * 4 * SD35M_LORA_PARAMS
+    gpus = [float(g) for g in a.gpus.split(",")]
+    print(f"SD3.5-Medium, 512 px (T = {t} tokens, D = {d}), CFG (2 rows per sample), LoRA r32 "
+          f"({SD35M_LORA_PARAMS / 1e6:.1f}M adapter parameters), one transition's update; "
+          f"per block and row from {a.peer}'s probes: dual {dual / 2**20:.0f} MiB, other "
+          f"{plain / 2**20:.0f} MiB; half factor {a.half_factor:.3f}; {a.reserve} GiB reserved")
+    print(f"{'base':<5} {'checkpointing':<13} {'per sample':>11} {'fixed':>8} "
+          + " ".join(f"{f'{g:.0f} GiB':>8}" for g in gpus))
+    rows_out = []
+    for base, width in [("f32", 4), ("bf16", 2)]:
+        scale = 1.0 if width == 4 else a.half_factor
+        for ckpt in (False, True):
+            if ckpt:
+                per_row = (SD35M["layers"] + 1) * width * t * d + scale * max(dual, plain)
+            else:
+                per_row = scale * (n_dual * dual + n_plain * plain)
+            per_sample = rows * per_row
+            fixed = width * SD35M["params"] + adapters + a.reserve * gib
+            fits = [max(0, int((g * gib - fixed) // per_sample)) for g in gpus]
+            rows_out.append(dict(base=base, checkpointing=ckpt, per_sample_gib=per_sample / gib,
+                                 fixed_gib=fixed / gib, largest_group=dict(zip(a.gpus.split(","), fits))))
+            print(f"{base:<5} {'on' if ckpt else 'off':<13} {per_sample / gib:>7.2f} GiB "
+                  f"{fixed / gib:>4.1f} GiB " + " ".join(f"{n:>8}" for n in fits))
+    print("(largest group: samples whose update fits at once, i.e. the largest `minibatch`)")
+    return rows_out
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "build":
         if len(sys.argv) != 3:
             sys.exit("usage: sd3_bench.py build DIR")
         print(f"{build(sys.argv[2]):,} parameters in {sys.argv[2]}")
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "paper":
+        paper_main(sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] in ("worker", "worker-probe"):
         ap = argparse.ArgumentParser()

@@ -21,7 +21,8 @@
 # forward/training-step throughput at two batch sizes, a short TAFS-GRPO run on the GPU with its
 # iteration time, and the peak GPU memory seen by nvidia-smi while it ran; then, with SD3_DIR,
 # the SD3 small TAFS-GRPO iteration (`flowrun bench --sd3`, 16 samples, K = 4, CFG 4.5) in full
-# fine-tuning and with LoRA r32, samples/s and the peak GPU memory of each, and the per-block
+# fine-tuning, with LoRA r32 and with LoRA + activation checkpointing, samples/s and the peak
+# GPU memory of each, the validation estimate against the GPU's free memory, and the per-block
 # memory probes. Everything is also written to OUT_DIR/gpu_check.log.
 set -uo pipefail
 bin=${1:-target/release/flowrun}
@@ -78,10 +79,11 @@ peak_since() {  # the largest nvidia-smi reading after line $1 of the samples
   tail -n +"$(( $1 + 1 ))" "$mem" 2>/dev/null | sort -n | tail -1
 }
 if [ -f "$sd3/transformer/config.json" ] && [ -f "$sd3/embeds.safetensors" ]; then
-  for mode in full lora; do
+  for mode in full lora lora-ckpt; do
     say "== SD3 small TAFS-GRPO iteration on CUDA ($mode)"
     extra=()
     [ "$mode" = lora ] && extra=(--lora 32:64)
+    [ "$mode" = lora-ckpt ] && extra=(--lora 32:64 --activation-checkpointing)
     from=$(wc -l < "$mem" 2>/dev/null || echo 0)
     run timeout 300 "$bin" bench --sd3 "$sd3/transformer" --embeddings "$sd3/embeds.safetensors" \
       --device libtorch-cuda:0 --batches 16 --steps 4 --repeats 3 "${extra[@]}" \
@@ -98,6 +100,11 @@ print(f"samples/s: {1000.0 / ms['iteration']:.2f} (per sample: iteration {ms['it
 PY
     fi
   done
+  say "== SD3: the validation estimate against the GPU's free memory (cudaMemGetInfo)"
+  run "$bin" validate pipelines/tafs_grpo_sd3.yaml --set device=libtorch-cuda:0 \
+    --set "resources.policy.params.diffusers=$sd3/transformer" \
+    --set "nodes.prompts.params.embeddings=$sd3/embeds.safetensors" \
+    --set 'resources.policy.params.lora={rank: 32, alpha: 64}' --set memory_check=warn || status=1
   say "== SD3 per-block memory probes on CUDA"
   run timeout 300 "$bin" bench --sd3 "$sd3/transformer" --device libtorch-cuda:0 --memory-probe \
     --json "$out/sd3-memory.json" || status=1

@@ -22,6 +22,10 @@
 //! kept graphs are alive together anyway, so their terms are summed and back-propagated once
 //! (the update measured 5–24% faster than with a backward per transition: BENCHMARKS.md,
 //! "Session 7").
+//!
+//! Activation checkpointing (`activation_checkpointing: true` on an SD3 policy): recomputed
+//! forwards keep only each transformer block's inputs, and the backward runs the blocks again
+//! one at a time ([`crate::model::Checkpointed`]); the same gradients, less memory.
 
 use std::time::Instant;
 

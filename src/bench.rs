@@ -138,6 +138,11 @@ pub struct BenchArgs {
     /// projections instead of every weight (the base frozen; the KL reference is the base).
     #[arg(long, value_name = "R[:ALPHA]", requires = "sd3", value_parser = parse_lora)]
     pub lora: Option<(usize, f64)>,
+    /// With --lora: the frozen base's dtype (`flow_model`'s `base_dtype`): bf16 or f16 keep
+    /// the base weights and the transformer's activations in half precision (libtorch devices
+    /// only; adapters, AdamW state, loss and log-probs stay f32).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", requires = "lora", value_parser = ["f32", "bf16", "f16"])]
+    pub base_dtype: String,
 }
 
 /// `R` or `R:ALPHA` (α defaults to R).

@@ -17,7 +17,9 @@
 //! `α·T·D + β·heads·T²` with T image + text tokens, D the inner width, α and β per kind of
 //! block ([`SD3_BLOCK_BYTES`], measured per block with `sd3_bench.py --memory`); the weights
 //! are counted per copy the policy keeps (weights, gradient, two AdamW moments, EMA, reference;
-//! with LoRA one frozen copy and the adapters' own).
+//! with LoRA one frozen copy and the adapters' own). A half-precision LoRA base
+//! (`base_dtype: bf16`/`f16`) counts 2 bytes per frozen parameter and scales the activations,
+//! which then are half precision too, by 2/4.
 //!
 //! Host memory only: on `libtorch-cuda` devices the activations live on the GPU, which this
 //! does not check.
@@ -29,7 +31,7 @@ use std::path::Path;
 use runner::{Diagnostic, Diagnostics, MemoryCheck, Pipeline};
 
 use crate::model::checkpoint::CONFIG_KEY;
-use crate::model::lora::{self, Linears, LoraConfig};
+use crate::model::lora::{self, BaseDtype, Linears, LoraConfig};
 use crate::model::sd3::{Sd3Config, Sd3Transformer, read_config};
 use crate::model::text_embeddings::PromptEmbeddings;
 use crate::model::{FlowModel, FlowModelConfig, VelocityModel};
@@ -282,14 +284,21 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
     let ema = r.params.f64("ema_decay").ok()? > 0.0;
     let reference = r.params.bool("reference").ok()?;
     let keep = r.params.str("rollout_graph").ok() == Some("keep");
+    // The frozen base's dtype (only with LoRA; an invalid setting is reported by its check).
+    let base = match (&lora, r.params.str("base_dtype").ok().map(str::parse)) {
+        (Some(_), Some(Ok(d))) => d,
+        _ => BaseDtype::F32,
+    };
+    let size = base.size() as f64;
     let (weights, weights_words) = match &lora {
         Some(l) => {
             let a = adapter_params(&mut model, l, Sd3Transformer::LORA_TARGETS) as f64;
             let copies = 4.0 + ema as u8 as f64;
             (
-                4.0 * (params + frozen + copies * a),
+                size * (params + frozen) + 4.0 * copies * a,
                 format!(
-                    "one frozen f32 copy of {:.0}M parameters and LoRA adapters of {:.1}M",
+                    "one frozen {} copy of {:.0}M parameters and LoRA adapters of {:.1}M",
+                    base.name(),
                     params / 1e6,
                     a / 1e6
                 ),
@@ -340,6 +349,8 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         let (alpha, beta) = table[kind];
         per_row += alpha * t * d + beta * heads * t * t;
     }
+    // The table is measured in f32; half-precision activations take half of it.
+    per_row *= size / 4.0;
     let cfg_scale = p
         .nodes
         .iter()

@@ -237,8 +237,8 @@ impl std::str::FromStr for BaseDtype {
 }
 
 /// Every float parameter of `model` but the LoRA adapters' (`lora_A`, `lora_B`): a LoRA
-/// policy's frozen base, cast to `dtype`. Adapters keep theirs (f32). `F32` returns the model
-/// as it is. (Parameters are told apart by path, not by `require_grad`, which a model on a
+/// policy's frozen base, cast to `dtype`. Adapters keep theirs (f32); a parameter already of
+/// `dtype` is kept as it is (`F32` widens a half base back). (Parameters are told apart by path, not by `require_grad`, which a model on a
 /// plain device does not report.)
 pub fn cast_base<M: Module>(model: M, dtype: BaseDtype) -> M {
     struct Cast {
@@ -259,9 +259,6 @@ pub fn cast_base<M: Module>(model: M, dtype: BaseDtype) -> M {
             let dtype = self.dtype;
             param.map(|t| t.cast(dtype))
         }
-    }
-    if dtype == BaseDtype::F32 {
-        return model;
     }
     model.map(&mut Cast {
         dtype: dtype.float_dtype(),

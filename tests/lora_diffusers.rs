@@ -404,7 +404,10 @@ fn should_train_adapters_over_a_bf16_base_on_libtorch() {
     // The KL reference is the same bf16 base, adapters off.
     let reference = param_bits(&half.reference_model().unwrap());
     assert!(reference.keys().all(|p| !p.contains(".lora_")));
-    assert!(reference.iter().all(|(p, v)| before[p] == *v), "reference ≠ base");
+    assert!(
+        reference.iter().all(|(p, v)| before[p] == *v),
+        "reference ≠ base"
+    );
 
     let vals = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + 1.0) * s).sin()).collect();
     let (b, ch) = (2, c.in_channels);
@@ -464,8 +467,13 @@ fn should_train_adapters_over_a_bf16_base_on_libtorch() {
     let k = LinearGaussian::tafs(0.7, 0.4, 0.5).unwrap();
     let (xa, ta) = (x.clone().to_device(&ad), t.clone().to_device(&ad));
     let x_next = x.clone().mul_scalar(0.9).to_device(&ad);
-    let v = VelocityModel::velocity(half.trainer.model(), xa.clone(), ta, &cond.clone().to_device(&ad))
-        .unwrap();
+    let v = VelocityModel::velocity(
+        half.trainer.model(),
+        xa.clone(),
+        ta,
+        &cond.clone().to_device(&ad),
+    )
+    .unwrap();
     let mean = xa.mul_scalar(k.a) + v.mul_scalar(k.b);
     let logp = log_prob(x_next, mean, k.std);
     assert_eq!(logp.dtype(), DType::F32);
@@ -473,7 +481,10 @@ fn should_train_adapters_over_a_bf16_base_on_libtorch() {
     let adv = tensor_from_vec(vec![1.0, -0.5], [b], &ad);
     let loss = (ratio * adv).mean().neg();
     let stats = half.trainer.apply_loss(loss);
-    assert!(stats.grad_norm > 0.0 && stats.grad_norm.is_finite(), "{stats:?}");
+    assert!(
+        stats.grad_norm > 0.0 && stats.grad_norm.is_finite(),
+        "{stats:?}"
+    );
 
     let after = param_bits(&half.trainer.model().valid());
     let mut moved = 0;

@@ -298,8 +298,7 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let config = trainer_config(ctx)?;
     let lora = LoraConfig::from_json(&p.json("lora")?).context("`lora`")?;
     let base_dtype: BaseDtype = p.str("base_dtype")?.parse()?;
-    if let Some(why) = base_dtype_problem(base_dtype, p.str("arch")?, lora.is_some(), ctx.device)
-    {
+    if let Some(why) = base_dtype_problem(base_dtype, p.str("arch")?, lora.is_some(), ctx.device) {
         bail!("`base_dtype`: {why}");
     }
     let checkpoint = match p.opt_str("checkpoint")? {

@@ -123,8 +123,7 @@ impl PatchEmbed {
             _ => {
                 let values = sincos_pos_embed(dim, h, w, self.base_size);
                 let dtype = self.proj.weight.val().dtype();
-                Tensor::<3>::from_data(TensorData::new(values, [1, h * w, dim]), device)
-                    .cast(dtype)
+                Tensor::<3>::from_data(TensorData::new(values, [1, h * w, dim]), device).cast(dtype)
             }
         }
     }

@@ -18,8 +18,8 @@
 //! block ([`SD3_BLOCK_BYTES`], measured per block with `sd3_bench.py --memory`); the weights
 //! are counted per copy the policy keeps (weights, gradient, two AdamW moments, EMA, reference;
 //! with LoRA one frozen copy and the adapters' own). A half-precision LoRA base
-//! (`base_dtype: bf16`/`f16`) counts 2 bytes per frozen parameter and scales the activations,
-//! which then are half precision too, by 2/4.
+//! (`base_dtype: bf16`/`f16`) counts 2 bytes per frozen parameter and scales the activations
+//! by [`SD3_HALF_ACTIVATION_FACTOR`].
 //!
 //! Host memory only: on `libtorch-cuda` devices the activations live on the GPU, which this
 //! does not check.
@@ -50,6 +50,11 @@ pub const SD3_BLOCK_BYTES_FLEX: [(f64, f64); 3] = [(114.3, 11.8), (130.7, 11.8),
 /// libtorch, 1.00 on flex).
 pub const SD3_UPDATE_FACTOR_LIBTORCH: f64 = 1.15;
 pub const SD3_UPDATE_FACTOR_FLEX: f64 = 1.0;
+
+/// The update's memory per sample with a half-precision base over an f32 one: 62.7 / 85.8 MiB
+/// measured (SD3 small, LoRA r32, libtorch CPU; BENCHMARKS.md, "The update's peak memory per
+/// sample"). Not 0.5: the velocity, log-probs, loss and the adapters' path stay f32.
+pub const SD3_HALF_ACTIVATION_FACTOR: f64 = 0.73;
 
 /// Bytes one autodiff forward keeps per element of the UNet's feature volume: fitted to the
 /// peak RSS of runs of the main job on flex over 3 iterations (the second and later
@@ -349,8 +354,10 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         let (alpha, beta) = table[kind];
         per_row += alpha * t * d + beta * heads * t * t;
     }
-    // The table is measured in f32; half-precision activations take half of it.
-    per_row *= size / 4.0;
+    // The table is measured with an f32 base.
+    if base.is_half() {
+        per_row *= SD3_HALF_ACTIVATION_FACTOR;
+    }
     let cfg_scale = p
         .nodes
         .iter()

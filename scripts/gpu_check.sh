@@ -21,7 +21,8 @@
 # forward/training-step throughput at two batch sizes, a short TAFS-GRPO run on the GPU with its
 # iteration time, and the peak GPU memory seen by nvidia-smi while it ran; then, with SD3_DIR,
 # the SD3 small TAFS-GRPO iteration (`flowrun bench --sd3`, 16 samples, K = 4, CFG 4.5) in full
-# fine-tuning, with LoRA r32 and with LoRA + activation checkpointing, samples/s and the peak
+# fine-tuning, with LoRA r32, LoRA + activation checkpointing, LoRA over a bf16 base (with and
+# without checkpointing), samples/s and the peak
 # GPU memory of each, the validation estimate against the GPU's free memory, and the per-block
 # memory probes. Everything is also written to OUT_DIR/gpu_check.log.
 set -uo pipefail
@@ -79,11 +80,15 @@ peak_since() {  # the largest nvidia-smi reading after line $1 of the samples
   tail -n +"$(( $1 + 1 ))" "$mem" 2>/dev/null | sort -n | tail -1
 }
 if [ -f "$sd3/transformer/config.json" ] && [ -f "$sd3/embeds.safetensors" ]; then
-  for mode in full lora lora-ckpt; do
+  for mode in full lora lora-ckpt lora-bf16 lora-bf16-ckpt; do
     say "== SD3 small TAFS-GRPO iteration on CUDA ($mode)"
-    extra=()
-    [ "$mode" = lora ] && extra=(--lora 32:64)
-    [ "$mode" = lora-ckpt ] && extra=(--lora 32:64 --activation-checkpointing)
+    case $mode in
+      full) extra=() ;;
+      lora) extra=(--lora 32:64) ;;
+      lora-ckpt) extra=(--lora 32:64 --activation-checkpointing) ;;
+      lora-bf16) extra=(--lora 32:64 --base-dtype bf16) ;;
+      lora-bf16-ckpt) extra=(--lora 32:64 --base-dtype bf16 --activation-checkpointing) ;;
+    esac
     from=$(wc -l < "$mem" 2>/dev/null || echo 0)
     run timeout 300 "$bin" bench --sd3 "$sd3/transformer" --embeddings "$sd3/embeds.safetensors" \
       --device libtorch-cuda:0 --batches 16 --steps 4 --repeats 3 "${extra[@]}" \

@@ -142,6 +142,11 @@ pub struct BenchArgs {
     /// keeping the forward's activations (`activation_checkpointing: true`).
     #[arg(long, requires = "sd3")]
     pub activation_checkpointing: bool,
+    /// With --lora: the frozen base's dtype (`flow_model`'s `base_dtype`): bf16 or f16 keep
+    /// the base weights and the transformer's activations in half precision (libtorch devices
+    /// only; adapters, AdamW state, loss and log-probs stay f32).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", requires = "lora", value_parser = ["f32", "bf16", "f16"])]
+    pub base_dtype: String,
 }
 
 /// `R` or `R:ALPHA` (α defaults to R).

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{DType, Device, Tensor};
 use nodes::model::checkpoint::{NamedTensor, SafetensorsFile, serialize_safetensors};
 use nodes::model::lora::file::{LORA_WEIGHTS_NAME, load_adapters, save_adapters};
 use nodes::model::lora::{self, Linears, LoraConfig, LoraInit};
@@ -316,4 +316,196 @@ fn should_refuse_an_adapter_of_another_model_with_every_problem() {
         format!("{e}").contains("no LoRA adapter in this folder"),
         "{e}"
     );
+}
+
+/// Every float parameter of `m`: path → (dtype, its values' f32 bits).
+fn param_bits<M: Module>(m: &M) -> std::collections::BTreeMap<String, (DType, Vec<u32>)> {
+    struct V {
+        path: Vec<String>,
+        out: std::collections::BTreeMap<String, (DType, Vec<u32>)>,
+    }
+    impl burn::module::ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+            let t = p.val();
+            let bits = values(t.clone()).iter().map(|v| v.to_bits()).collect();
+            self.out.insert(self.path.join("."), (t.dtype(), bits));
+        }
+    }
+    let mut v = V {
+        path: Vec::new(),
+        out: Default::default(),
+    };
+    m.visit(&mut v);
+    v.out
+}
+
+/// A LoRA policy with its base in bf16 (`base_dtype: bf16`) on libtorch: the base is bf16, the
+/// adapters and their AdamW moments f32; the velocity is f32 and within 1e-2 (max|Δ|/max|ref|;
+/// 5e-2 with CFG 4.5) of the f32 policy's; a GRPO step (clipped-ratio surrogate at ratio 1, log-probs in f32)
+/// leaves the base bit-identical and moves the adapters. Runs under
+/// `FLOWRUN_TEST_DEVICE=libtorch` (`.ci/run`); on flex, where `base_dtype` is refused, it
+/// only checks that refusal.
+#[test]
+fn should_train_adapters_over_a_bf16_base_on_libtorch() {
+    use nodes::flow_model::{PolicyModel, base_dtype_problem};
+    use nodes::grpo::kernel::{LinearGaussian, log_prob};
+    use nodes::model::lora::BaseDtype;
+    use nodes::model::sd3::Sd3Config;
+    use nodes::model::{Conditioning, TextConditioning, TrainerConfig};
+
+    let device_name = std::env::var("FLOWRUN_TEST_DEVICE").unwrap_or_else(|_| "flex".into());
+    if !device_name.starts_with("libtorch") {
+        let e = base_dtype_problem(BaseDtype::BF16, "sd3", true, &device_name).unwrap();
+        assert!(e.contains("needs `device: libtorch`"), "{e}");
+        eprintln!("NOTICE: the bf16 base is checked on libtorch (FLOWRUN_TEST_DEVICE=libtorch)");
+        return;
+    }
+    let dev = common::test_device();
+    // SD3.5-style: RMS qk-norm and the second attention in block 0.
+    let c = Sd3Config {
+        qk_norm: Some("rms_norm".into()),
+        dual_attention_layers: vec![0],
+        num_layers: 2,
+        ..Sd3Config::tiny()
+    };
+    let cfg = LoraConfig::new(4, 8.0);
+    let policy = |dtype: BaseDtype| {
+        let (mut m, _) =
+            lora::attach(c.init(&dev, 5), &cfg, Sd3Transformer::LORA_TARGETS, 3).unwrap();
+        fill_adapters(&mut m, &dev);
+        let mut p = PolicyModel::with_lora(
+            m,
+            &TrainerConfig::new().with_lr(1e-3).with_ema_decay(0.9),
+            true,
+            cfg.clone(),
+        );
+        p.cast_base(dtype);
+        p
+    };
+    let (full, mut half) = (policy(BaseDtype::F32), policy(BaseDtype::BF16));
+
+    // The base bf16, the adapters f32.
+    let before = param_bits(&half.trainer.model().valid());
+    for (path, (dtype, _)) in &before {
+        let want = if path.contains(".lora_") {
+            DType::F32
+        } else {
+            DType::BF16
+        };
+        assert_eq!(*dtype, want, "{path}");
+    }
+    assert!(before.keys().any(|p| p.contains(".lora_A.")));
+    // The KL reference is the same bf16 base, adapters off.
+    let reference = param_bits(&half.reference_model().unwrap());
+    assert!(reference.keys().all(|p| !p.contains(".lora_")));
+    assert!(
+        reference.iter().all(|(p, v)| before[p] == *v),
+        "reference ≠ base"
+    );
+
+    let vals = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + 1.0) * s).sin()).collect();
+    let (b, ch) = (2, c.in_channels);
+    let x = tensor_from_vec(vals(b * ch * 64, 0.3), [b, ch, 8, 8], &dev);
+    let t = tensor_from_vec(vec![0.7, 0.4], [b], &dev);
+    let cond = Conditioning::Text(TextConditioning {
+        prompt_embeds: tensor_from_vec(
+            vals(b * 3 * c.joint_attention_dim, 0.7),
+            [b, 3, c.joint_attention_dim],
+            &dev,
+        ),
+        pooled: tensor_from_vec(
+            vals(b * c.pooled_projection_dim, 0.9),
+            [b, c.pooled_projection_dim],
+            &dev,
+        ),
+        negative_embeds: tensor_from_vec(
+            vals(3 * c.joint_attention_dim, 0.2),
+            [1, 3, c.joint_attention_dim],
+            &dev,
+        ),
+        negative_pooled: tensor_from_vec(
+            vals(c.pooled_projection_dim, 0.4),
+            [1, c.pooled_projection_dim],
+            &dev,
+        ),
+    });
+    let velocity = |p: &PolicyModel<Sd3Transformer>, cfg_scale: f32| {
+        p.sampling_model(false)
+            .velocity_cfg(x.clone(), t.clone(), &cond, cfg_scale)
+            .unwrap()
+    };
+    let mut log = String::from("bf16 base vs f32:\n");
+    // CFG 4.5 extrapolates the difference of the two branches: their errors grow with it.
+    for (scale, tol) in [(1.0, 1e-2), (4.5, 5e-2)] {
+        let (vh, vf) = (velocity(&half, scale), velocity(&full, scale));
+        assert_eq!(vh.dtype(), DType::F32);
+        let shape = vh.dims().to_vec();
+        check_rel(
+            &mut log,
+            &format!("velocity (cfg {scale})"),
+            (&shape, &values(vh)),
+            (&shape, &values(vf)),
+            tol,
+        );
+    }
+    let vr = half
+        .reference_model()
+        .unwrap()
+        .velocity(x.clone(), t.clone(), &cond)
+        .unwrap();
+    assert_eq!(vr.dtype(), DType::F32);
+    eprint!("{log}");
+
+    // One GRPO step on the autodiff model: the policy-gradient surrogate −A·ratio at ratio 1.
+    let ad = half.trainer.device().clone();
+    let k = LinearGaussian::tafs(0.7, 0.4, 0.5).unwrap();
+    let (xa, ta) = (x.clone().to_device(&ad), t.clone().to_device(&ad));
+    let x_next = x.clone().mul_scalar(0.9).to_device(&ad);
+    let v = VelocityModel::velocity(
+        half.trainer.model(),
+        xa.clone(),
+        ta,
+        &cond.clone().to_device(&ad),
+    )
+    .unwrap();
+    let mean = xa.mul_scalar(k.a) + v.mul_scalar(k.b);
+    let logp = log_prob(x_next, mean, k.std);
+    assert_eq!(logp.dtype(), DType::F32);
+    let ratio = (logp.clone() - logp.detach()).exp();
+    let adv = tensor_from_vec(vec![1.0, -0.5], [b], &ad);
+    let loss = (ratio * adv).mean().neg();
+    let stats = half.trainer.apply_loss(loss);
+    assert!(
+        stats.grad_norm > 0.0 && stats.grad_norm.is_finite(),
+        "{stats:?}"
+    );
+
+    let after = param_bits(&half.trainer.model().valid());
+    let mut moved = 0;
+    for (path, (dtype, bits)) in &after {
+        assert_eq!(*dtype, before[path].0, "{path}: dtype changed");
+        if path.contains(".lora_") {
+            moved += (*bits != before[path].1) as usize;
+        } else {
+            assert!(*bits == before[path].1, "base parameter {path} changed");
+        }
+    }
+    assert!(moved > 0, "no adapter moved");
+    let mut n = 0;
+    for (path, m, v) in half.trainer.moments() {
+        assert!(path.contains(".lora_"), "AdamW state for {path}");
+        assert_eq!((m.dtype(), v.dtype()), (DType::F32, DType::F32), "{path}");
+        n += 1;
+    }
+    assert!(n > 0, "no AdamW state");
+    // The EMA keeps the base as it is (bf16) and the adapters in f32.
+    for (path, (dtype, _)) in param_bits(&half.trainer.ema()) {
+        assert_eq!(dtype, after[&path].0, "EMA {path}");
+    }
 }

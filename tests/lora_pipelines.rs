@@ -15,6 +15,7 @@ use common::{
 };
 use nodes::model::checkpoint::SafetensorsFile;
 use nodes::model::lora::file::load_adapters;
+use nodes::model::lora::{BaseDtype, cast_base};
 use nodes::model::sd3::{Sd3Transformer, load_diffusers};
 use nodes::model::{load_model, tensor_from_vec};
 
@@ -139,6 +140,11 @@ fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
     let mut set = sd3_overrides(model, emb, &srv.url(), "nodes.step.nodes.score");
     set.push("resources.policy.params.lora={rank: 4, alpha: 8}".into());
     set.push("resources.policy.params.lr=1.0e-3".into());
+    // On libtorch (`.ci/run`), the frozen base in bf16 (`base_dtype`; flex refuses it).
+    let bf16 = std::env::var("FLOWRUN_TEST_DEVICE").is_ok_and(|d| d.starts_with("libtorch"));
+    if bf16 {
+        set.push("resources.policy.params.base_dtype=bf16".into());
+    }
     set.push("iterations=1".into());
     let o = run(
         &[
@@ -175,10 +181,28 @@ fn should_run_tafs_grpo_sd3_with_lora_and_resume() {
     // The checkpoint's adapter over the base = its merged model.safetensors.
     let dev = Device::flex();
     let (_, base) = load_diffusers(model, &dev).unwrap();
+    // A bf16 base trained as its bf16 rounding: the merged weights are that + the adapters'
+    // term, summed in f32.
+    let base = if bf16 {
+        cast_base(cast_base(base, BaseDtype::BF16), BaseDtype::F32)
+    } else {
+        base
+    };
     let (adapted, info) = load_adapters(base, &dir.join("lora")).unwrap();
     assert!(!info.layers.is_empty());
     assert!(info.layers.iter().all(|l| (l.2 - 2.0).abs() < 1e-12));
     let (_, merged) = load_model::<Sd3Transformer>(&dir.join("model.safetensors"), &dev).unwrap();
+    // An unadapted weight holds bf16 values (the low 16 bits of each f32 zero) iff the base
+    // was bf16.
+    let (_, proj_out) = SafetensorsFile::read(&dir.join("model.safetensors"))
+        .unwrap()
+        .get("proj_out.weight")
+        .unwrap();
+    assert_eq!(
+        proj_out.iter().all(|v| v.to_bits() & 0xffff == 0),
+        bf16,
+        "proj_out.weight in model.safetensors (bf16 base: {bf16})"
+    );
     let c = merged.config.clone();
     let vals = |n: usize, s: f32| (0..n).map(|i| ((i as f32 + 1.0) * s).sin()).collect();
     let x = tensor_from_vec(

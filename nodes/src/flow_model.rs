@@ -9,7 +9,7 @@ use burn::tensor::{Device, Tensor};
 use runner::{BuildCtx, ParamDef, ParamKind, ParamValue, Registry, Resource, ResourceType};
 
 use crate::device::open;
-use crate::model::lora::{self, LoraConfig, file::LORA_WEIGHTS_NAME};
+use crate::model::lora::{self, BaseDtype, LoraConfig, file::LORA_WEIGHTS_NAME};
 use crate::model::sd3::{ExportDtype, Sd3Transformer, load_diffusers, save_diffusers};
 use crate::model::{
     Conditioning, FlowModel, FlowModelConfig, Trainer, TrainerConfig, VelocityModel, load_model,
@@ -90,6 +90,12 @@ pub fn register(r: &mut Registry) {
             )
             .default(ParamValue::Json(serde_json::Value::Null)),
             ParamDef::choice(
+                "base_dtype",
+                "f32",
+                &BaseDtype::NAMES,
+                "with `lora:` on `arch: sd3` and a libtorch device: the frozen base weights (and the transformer's activations) in bf16 or f16, about half the weights' and activations' memory; adapters, AdamW state, the loss, log-probs and ratios stay f32",
+            ),
+            ParamDef::choice(
                 "export",
                 "auto",
                 &["auto", "off", "f32", "bf16", "f16"],
@@ -166,6 +172,17 @@ impl<M: VelocityModel> PolicyModel<M> {
             reference: None,
             lora: Some(lora),
             reference_is_base: reference,
+        }
+    }
+
+    /// A LoRA policy's frozen base (the trainer's model and its EMA copy: every parameter
+    /// that is not trained) cast to `dtype`; the adapters and their moments stay f32. Call it
+    /// before any step (the KL reference of a LoRA policy is that same base).
+    pub fn cast_base(&mut self, dtype: BaseDtype) {
+        if dtype.is_half() {
+            let config = self.trainer.config.clone();
+            let model = lora::cast_base(self.trainer.model().valid(), dtype);
+            self.trainer = Trainer::from_model(model, config);
         }
     }
 
@@ -291,6 +308,10 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
     let dev = open(ctx.device).map_err(anyhow::Error::msg)?;
     let config = trainer_config(ctx)?;
     let lora = LoraConfig::from_json(&p.json("lora")?).context("`lora`")?;
+    let base_dtype: BaseDtype = p.str("base_dtype")?.parse()?;
+    if let Some(why) = base_dtype_problem(base_dtype, p.str("arch")?, lora.is_some(), ctx.device) {
+        bail!("`base_dtype`: {why}");
+    }
     let checkpoint = match p.opt_str("checkpoint")? {
         Some(path) => {
             let path = PathBuf::from(path);
@@ -340,7 +361,8 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
                     "`arch: sd3` needs weights: set `diffusers` to a diffusers folder (e.g. SD3.5-Medium's) or `checkpoint` to a flowrun checkpoint of an SD3 model"
                 ),
             };
-            let policy = make_policy(model, &config, reference, lora.as_ref(), ctx.seed)?;
+            let mut policy = make_policy(model, &config, reference, lora.as_ref(), ctx.seed)?;
+            policy.cast_base(base_dtype);
             (Policy::Sd3(policy), Some(source))
         }
         _ => {
@@ -393,6 +415,41 @@ fn build(ctx: &BuildCtx) -> Result<Box<dyn Resource>> {
         export,
         config,
     }))
+}
+
+/// Why `base_dtype` cannot be `dtype` for a `flow_model` of `arch` (with or without `lora:`)
+/// on the pipeline's `device`; `None` when it can. Validation and the resource's build share it.
+pub fn base_dtype_problem(
+    dtype: BaseDtype,
+    arch: &str,
+    lora: bool,
+    device: &str,
+) -> Option<String> {
+    let name = dtype.name();
+    if !dtype.is_half() {
+        return None;
+    }
+    if !lora {
+        return Some(format!(
+            "`{name}` needs `lora:`: only frozen base weights are kept in half precision (a model \
+             whose every weight is trained keeps them in f32 for AdamW); add `lora: {{rank: 32, \
+             alpha: 64}}` or leave `base_dtype` at f32"
+        ));
+    }
+    if arch != "sd3" {
+        return Some(format!(
+            "`{name}` applies to `arch: sd3` (the SD3 transformer); the `{arch}` model runs in \
+             f32: leave `base_dtype` at f32"
+        ));
+    }
+    if !device.starts_with("libtorch") {
+        return Some(format!(
+            "`{name}` needs `device: libtorch` or `libtorch-cuda:N`, whose kernels compute \
+             half-precision norms, GELU and attention with f32 accumulation; on `{device}` \
+             leave `base_dtype` at f32"
+        ));
+    }
+    None
 }
 
 /// The policy around `model` (plain device): with `lora`, its adapters attached (fresh, seeded
@@ -455,10 +512,13 @@ impl FlowModelRes {
         reference: bool,
         keep_rollout_graph: bool,
         lora: Option<&LoraConfig>,
+        base_dtype: BaseDtype,
     ) -> Result<Self> {
         let device = model_device(&model);
+        let mut policy = make_policy(model, &config, reference, lora, 0)?;
+        policy.cast_base(base_dtype);
         Ok(FlowModelRes {
-            policy: Policy::Sd3(make_policy(model, &config, reference, lora, 0)?),
+            policy: Policy::Sd3(policy),
             sample_with_ema: false,
             keep_rollout_graph,
             activation_checkpointing: false,

@@ -728,7 +728,8 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         args.beta,
         match args.lora {
             Some((r, a)) => format!(
-                "LoRA rank {r}, alpha {a} on Flow-GRPO's attention projections (base frozen, reference = base)"
+                "LoRA rank {r}, alpha {a} on Flow-GRPO's attention projections (base frozen in {}, reference = base)",
+                args.base_dtype
             ),
             None => "every weight trained".into(),
         },
@@ -752,6 +753,12 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
         let load_s = t_load.elapsed().as_secs_f64();
         let rss_after_load = status_kib("VmRSS");
         let lora = args.lora.map(|(r, a)| nodes::model::LoraConfig::new(r, a));
+        let base_dtype: nodes::model::lora::BaseDtype = args.base_dtype.parse()?;
+        if let Some(why) =
+            nodes::flow_model::base_dtype_problem(base_dtype, "sd3", lora.is_some(), name)
+        {
+            anyhow::bail!("--base-dtype: {why}");
+        }
         let mut res = FlowModelRes::sd3(
             model,
             TrainerConfig::new()
@@ -760,6 +767,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             setup.beta > 0.0,
             false,
             lora.as_ref(),
+            base_dtype,
         )?;
         res.activation_checkpointing = args.activation_checkpointing;
         let progress = |m: &str| eprintln!("[{name}] {m}");
@@ -894,6 +902,7 @@ pub fn run(args: &BenchArgs, dir: &Path) -> Result<()> {
             "embeddings": args.embeddings.as_ref().map(|p| p.display().to_string()),
             "lora": args.lora.map(|(r, a)| json!({"rank": r, "alpha": a})),
             "activation_checkpointing": args.activation_checkpointing,
+            "base_dtype": args.base_dtype,
         },
         "model": {
             "dir": dir.display().to_string(), "config": config, "params": params,

@@ -17,7 +17,9 @@
 //! `α·T·D + β·heads·T²` with T image + text tokens, D the inner width, α and β per kind of
 //! block ([`SD3_BLOCK_BYTES`], measured per block with `sd3_bench.py --memory`); the weights
 //! are counted per copy the policy keeps (weights, gradient, two AdamW moments, EMA, reference;
-//! with LoRA one frozen copy and the adapters' own).
+//! with LoRA one frozen copy and the adapters' own). A half-precision LoRA base
+//! (`base_dtype: bf16`/`f16`) counts 2 bytes per frozen parameter and scales the activations
+//! by [`SD3_HALF_ACTIVATION_FACTOR`].
 //!
 //! The budget is the host's memory, or on `libtorch-cuda:N` the GPU's free memory
 //! (`cudaMemGetInfo`), where weights and activations live ([`device_memory`]).
@@ -29,7 +31,7 @@ use std::path::Path;
 use runner::{Diagnostic, Diagnostics, MemoryCheck, Pipeline};
 
 use crate::model::checkpoint::CONFIG_KEY;
-use crate::model::lora::{self, Linears, LoraConfig};
+use crate::model::lora::{self, BaseDtype, Linears, LoraConfig};
 use crate::model::sd3::{Sd3Config, Sd3Transformer, read_config};
 use crate::model::text_embeddings::PromptEmbeddings;
 use crate::model::{FlowModel, FlowModelConfig, VelocityModel};
@@ -48,6 +50,11 @@ pub const SD3_BLOCK_BYTES_FLEX: [(f64, f64); 3] = [(114.3, 11.8), (130.7, 11.8),
 /// libtorch, 1.00 on flex).
 pub const SD3_UPDATE_FACTOR_LIBTORCH: f64 = 1.15;
 pub const SD3_UPDATE_FACTOR_FLEX: f64 = 1.0;
+
+/// The update's memory per sample with a half-precision base over an f32 one: 62.7 / 85.8 MiB
+/// measured (SD3 small, LoRA r32, libtorch CPU; BENCHMARKS.md, "The update's peak memory per
+/// sample"). Not 0.5: the velocity, log-probs, loss and the adapters' path stay f32.
+pub const SD3_HALF_ACTIVATION_FACTOR: f64 = 0.73;
 
 /// Bytes one autodiff forward keeps per element of the UNet's feature volume: fitted to the
 /// peak RSS of runs of the main job on flex over 3 iterations (the second and later
@@ -281,14 +288,21 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
     let ema = r.params.f64("ema_decay").ok()? > 0.0;
     let reference = r.params.bool("reference").ok()?;
     let keep = r.params.str("rollout_graph").ok() == Some("keep");
+    // The frozen base's dtype (only with LoRA; an invalid setting is reported by its check).
+    let base = match (&lora, r.params.str("base_dtype").ok().map(str::parse)) {
+        (Some(_), Some(Ok(d))) => d,
+        _ => BaseDtype::F32,
+    };
+    let size = base.size() as f64;
     let (weights, weights_words) = match &lora {
         Some(l) => {
             let a = adapter_params(&mut model, l, Sd3Transformer::LORA_TARGETS) as f64;
             let copies = 4.0 + ema as u8 as f64;
             (
-                4.0 * (params + frozen + copies * a),
+                size * (params + frozen) + 4.0 * copies * a,
                 format!(
-                    "one frozen f32 copy of {:.0}M parameters and LoRA adapters of {:.1}M",
+                    "one frozen {} copy of {:.0}M parameters and LoRA adapters of {:.1}M",
+                    base.name(),
                     params / 1e6,
                     a / 1e6
                 ),
@@ -342,6 +356,11 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         per_row += block;
         block_max = block_max.max(block);
     }
+    // The table is measured with an f32 base.
+    if base.is_half() {
+        per_row *= SD3_HALF_ACTIVATION_FACTOR;
+        block_max *= SD3_HALF_ACTIVATION_FACTOR;
+    }
     let cfg_scale = p
         .nodes
         .iter()
@@ -349,10 +368,11 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         .fold(0.0f64, f64::max);
     let rows = if cfg_scale > 1.0 { 2.0 } else { 1.0 };
     let per_sample = rows * per_row;
-    // Activation checkpointing: each block's f32 inputs (image and text tokens) kept, one
-    // block's graph alive at a time.
+    // Activation checkpointing: each block's inputs (image and text tokens, in the base's
+    // dtype) kept, one block's graph alive at a time.
     let checkpointing = r.params.bool("activation_checkpointing").unwrap_or(false);
-    let per_sample_ckpt = rows * ((cfg.num_layers + 1) as f64 * 4.0 * t * d + block_max);
+    let width = if base.is_half() { 2.0 } else { 4.0 };
+    let per_sample_ckpt = rows * ((cfg.num_layers + 1) as f64 * width * t * d + block_max);
     let batch = {
         let ppi = loader.params.i64("prompts_per_iter").ok()? as u64;
         let g = loader.params.i64("group_size").ok()? as u64;

@@ -171,6 +171,11 @@ impl<M: VelocityModel> Trainer<M> {
         }
     }
 
+    /// The AdamW moments (m, v, flattened) of every parameter that has taken a step, by path.
+    pub fn moments(&self) -> impl Iterator<Item = (&str, &Tensor<1>, &Tensor<1>)> {
+        self.states.iter().map(|(p, s)| (p.as_str(), &s.m, &s.v))
+    }
+
     /// Number of optimisation steps taken.
     pub fn step_count(&self) -> u64 {
         self.step

@@ -8,6 +8,10 @@
 //! only the input's gradient (its weights are frozen). Without an adapter this is exactly burn's
 //! `nn::Linear` (the same kernel, the same parameter names).
 //!
+//! With a half-precision base (`base_dtype`), `x`, `W`, `b` and the output are bf16/f16 while
+//! the adapter stays f32: its term is computed from `x` widened to f32 and cast to `x`'s dtype
+//! before it is added (what peft does with an f32 adapter on a half model).
+//!
 //! Parameter paths are peft's: `<layer>.weight`, `<layer>.bias`, `<layer>.lora_A.weight`,
 //! `<layer>.lora_B.weight`.
 
@@ -60,6 +64,11 @@ impl Linear {
         self.weight.lazy_shape().dims()
     }
 
+    /// The dtype of the (base) weight: the activations' dtype in a half-precision base.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.weight.val().dtype()
+    }
+
     /// Whether a LoRA adapter is attached.
     pub fn is_adapted(&self) -> bool {
         self.lora_A.is_some() && self.lora_B.is_some()
@@ -78,8 +87,16 @@ impl Linear {
         let bias = self.bias.as_ref().map(|b| b.val());
         match (&self.lora_A, &self.lora_B) {
             (Some(a), Some(b)) => {
+                let a = a.weight.val();
+                let dtype = x.dtype();
+                if dtype != a.dtype() {
+                    // A half base with an f32 adapter: the low-rank term in f32.
+                    let h = linear(x.clone().cast(a.dtype()), a, None).mul_scalar(self.lora_scale);
+                    let delta = linear(h, b.weight.val(), None).cast(dtype);
+                    return linear(x, self.weight.val(), bias) + delta;
+                }
                 // [..., r]
-                let h = linear(x.clone(), a.weight.val(), None).mul_scalar(self.lora_scale);
+                let h = linear(x.clone(), a, None).mul_scalar(self.lora_scale);
                 linear(x, self.weight.val(), bias) + linear(h, b.weight.val(), None)
             }
             _ => linear(x, self.weight.val(), bias),

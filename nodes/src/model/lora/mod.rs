@@ -11,6 +11,10 @@
 //!   key names, `lora_adapter_metadata` with rank and alpha), so that `load_lora_weights` of
 //!   diffusers loads flowrun's adapters and flowrun loads peft's.
 //!
+//! * [`BaseDtype`] and [`cast_base`]: the frozen base in bf16/f16 (the `flow_model`'s
+//!   `base_dtype`), the adapters, their AdamW moments and the loss in f32; [`Linear`] computes
+//!   the adapter's term in f32 and adds it in the activations' dtype, as peft does.
+//!
 //! Pattern semantics are peft's `target_modules` list: a layer matches a pattern when its path
 //! equals it or ends with `.` + pattern; a `*` in a pattern matches any characters within one
 //! path segment (`transformer_blocks.*.attn.to_q`).
@@ -22,7 +26,7 @@ pub use linear::{Factor, Linear};
 
 use anyhow::{Result, bail};
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -174,6 +178,92 @@ impl LoraConfig {
         cfg.validate()?;
         Ok(Some(cfg))
     }
+}
+
+/// The dtype a LoRA policy keeps its frozen base weights in (`flow_model`'s `base_dtype`).
+/// Adapters, AdamW moments, the loss, log-probs and ratios are f32 whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseDtype {
+    /// Every weight f32 (the default, bit-for-bit the behaviour without the setting).
+    #[default]
+    F32,
+    BF16,
+    F16,
+}
+
+impl BaseDtype {
+    /// The names `base_dtype` accepts.
+    pub const NAMES: [&'static str; 3] = ["f32", "bf16", "f16"];
+
+    pub fn float_dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::BF16 => FloatDType::BF16,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::BF16 | Self::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::BF16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    pub fn is_half(self) -> bool {
+        self != Self::F32
+    }
+}
+
+impl std::str::FromStr for BaseDtype {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::BF16),
+            "f16" => Ok(Self::F16),
+            _ => bail!("unknown base dtype `{s}` (one of f32, bf16, f16)"),
+        }
+    }
+}
+
+/// Every float parameter of `model` but the LoRA adapters' (`lora_A`, `lora_B`): a LoRA
+/// policy's frozen base, cast to `dtype`. Adapters keep theirs (f32); a parameter already of
+/// `dtype` is kept as it is (`F32` widens a half base back). (Parameters are told apart by path, not by `require_grad`, which a model on a
+/// plain device does not report.)
+pub fn cast_base<M: Module>(model: M, dtype: BaseDtype) -> M {
+    struct Cast {
+        dtype: FloatDType,
+        path: Vec<String>,
+    }
+    impl burn::module::ModuleMapper for Cast {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if self.path.iter().any(|p| p == "lora_A" || p == "lora_B") {
+                return param;
+            }
+            let dtype = self.dtype;
+            param.map(|t| t.cast(dtype))
+        }
+    }
+    model.map(&mut Cast {
+        dtype: dtype.float_dtype(),
+        path: Vec::new(),
+    })
 }
 
 /// The linear layers of a module, each with its path (the prefix of its parameters' paths).
@@ -392,12 +482,14 @@ pub fn detach<M: Linears>(mut model: M) -> M {
     model
 }
 
-/// The adapters folded into the weights, `W + s·A·B`, and removed.
+/// The adapters folded into the weights, `W + s·A·B`, and removed. The sum is formed in f32
+/// (a half-precision base is widened first): merged layers hold f32 weights, for the sampling
+/// files and the diffusers export.
 pub fn merge<M: Linears>(mut model: M) -> M {
     model.each_linear("", &mut |_, lin| {
         if let Some(delta) = lin.delta() {
             let id = lin.weight.id;
-            let w = lin.weight.val().detach() + delta.detach();
+            let w = lin.weight.val().detach().cast(FloatDType::F32) + delta.detach();
             lin.weight = Param::initialized(id, w);
             lin.lora_A = None;
             lin.lora_B = None;

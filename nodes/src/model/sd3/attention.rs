@@ -12,7 +12,7 @@
 use crate::model::lora::Linear;
 use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::config::QkNorm;
 use crate::model::fused;
@@ -21,7 +21,8 @@ use crate::model::layers::linear;
 /// Epsilon of every norm of the SD3 transformer.
 pub const EPS: f64 = 1e-6;
 
-/// `x · rsqrt(mean(x²) + eps) · weight` over the last axis (diffusers' `RMSNorm`).
+/// `x · rsqrt(mean(x²) + eps) · weight` over the last axis (diffusers' `RMSNorm`), computed in
+/// f32 whatever `x`'s dtype (the result cast back to it).
 #[derive(Module, Debug)]
 pub struct RmsNorm {
     /// [dh], ones at init.
@@ -37,11 +38,14 @@ impl RmsNorm {
 
     /// x: [..., dh] → [..., dh]
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let rms = x.clone().square().mean_dim(D - 1).add_scalar(EPS).sqrt();
         let [dim] = self.weight.dims();
         let mut shape = [1; D];
         shape[D - 1] = dim;
-        x / rms * self.weight.val().reshape(shape)
+        let weight = self.weight.val().cast(FloatDType::F32).reshape(shape);
+        (x / rms * weight).cast(dtype)
     }
 }
 
@@ -174,14 +178,15 @@ fn merge_heads(x: Tensor<4>) -> Tensor<3> {
 }
 
 /// `softmax(q kᵀ / √dh) v`, unmasked: libtorch's fused kernel on libtorch, burn's attention
-/// kernel without autodiff, matmul + softmax (differentiable) with autodiff.
+/// kernel without autodiff, matmul + softmax (differentiable; the softmax in f32) with
+/// autodiff.
 ///
 /// q: [B, heads, Tq, dh], k/v: [B, heads, Tk, dh] → [B, heads, Tq, dh]
 pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, _, _, dh] = q.dims();
     let [_, _, tk, _] = k.dims();
     if fused::on_libtorch(&q) {
-        let bias = Tensor::zeros([b, 1, 1, tk], &q.device());
+        let bias = Tensor::<4>::zeros([b, 1, 1, tk], &q.device()).cast(q.dtype());
         if let Some(y) = fused::attention(&q, &k, &v, &bias) {
             return y;
         }
@@ -190,7 +195,10 @@ pub fn sdpa(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
         let scale = 1.0 / (dh as f64).sqrt();
         // [B, heads, Tq, Tk]
         let scores = q.mul_scalar(scale).matmul(k.swap_dims(2, 3));
-        return softmax(scores, 3).matmul(v);
+        let dtype = scores.dtype();
+        return softmax(scores.cast(FloatDType::F32), 3)
+            .cast(dtype)
+            .matmul(v);
     }
     burn::tensor::module::attention(q, k, v, None, None, Default::default())
 }

@@ -17,23 +17,26 @@ use burn::module::Module;
 use burn::module::{
     Content, Devices, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor,
 };
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 
 use super::attention::{Attention, EPS};
 use super::config::QkNorm;
 use crate::model::fused;
 use crate::model::layers::linear;
 
-/// LayerNorm over the last axis without affine parameters (libtorch's kernel on libtorch).
+/// LayerNorm over the last axis without affine parameters (libtorch's kernel on libtorch,
+/// which accumulates a half-precision `x` in f32; elsewhere composed in f32 and cast back).
 /// x: [B, T, D] → [B, T, D]
 pub fn layer_norm(x: Tensor<3>) -> Tensor<3> {
     if let Some(y) = fused::layer_norm(&x, EPS) {
         return y;
     }
+    let dtype = x.dtype();
+    let x = x.cast(FloatDType::F32);
     let mean = x.clone().mean_dim(2);
     let centred = x - mean;
     let var = centred.clone().square().mean_dim(2);
-    centred / var.add_scalar(EPS).sqrt()
+    (centred / var.add_scalar(EPS).sqrt()).cast(dtype)
 }
 
 /// Which adaptive norm an [`AdaLayerNorm`] is.

@@ -11,7 +11,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 
 use crate::model::lora::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
 
 use super::config::TIME_PROJ_DIM;
 use crate::model::layers::linear;
@@ -122,7 +122,8 @@ impl PatchEmbed {
             }
             _ => {
                 let values = sincos_pos_embed(dim, h, w, self.base_size);
-                Tensor::from_data(TensorData::new(values, [1, h * w, dim]), device)
+                let dtype = self.proj.weight.val().dtype();
+                Tensor::<3>::from_data(TensorData::new(values, [1, h * w, dim]), device).cast(dtype)
             }
         }
     }
@@ -207,9 +208,12 @@ impl CombinedTimestepTextProjEmbeddings {
         }
     }
 
-    /// timestep: [B] (σ·1000), pooled: [B, pooled_projection_dim] → temb [B, D]
+    /// timestep: [B] (σ·1000), pooled: [B, pooled_projection_dim] → temb [B, D], in the
+    /// weights' dtype (the sin/cos features are computed from `timestep` in f32, then cast).
     pub fn forward(&self, timestep: Tensor<1>, pooled: Tensor<2>) -> Tensor<2> {
-        self.timestep_embedder.forward(timestep_proj(timestep)) + self.text_embedder.forward(pooled)
+        let dtype = self.timestep_embedder.linear_1.dtype();
+        let features = timestep_proj(timestep.cast(FloatDType::F32)).cast(dtype);
+        self.timestep_embedder.forward(features) + self.text_embedder.forward(pooled)
     }
 }
 

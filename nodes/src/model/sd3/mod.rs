@@ -20,7 +20,14 @@
 //! when the weights do not carry it.
 //!
 //! The network is given the timestep `σ·1000`, as diffusers' SD3 pipelines pass it; its output
-//! is the flow-matching velocity. Everything runs in f32.
+//! is the flow-matching velocity. Everything runs in the weights' dtype: f32, or with a
+//! half-precision LoRA base (`base_dtype: bf16`) bf16/f16 activations from [`embed`]
+//! (inputs cast there; the timestep's sin/cos features computed in f32 first) to [`head`],
+//! whose output is cast back to f32, so that samplers, log-probs and losses stay f32. Norms
+//! composed of burn ops (RMSNorm, LayerNorm off libtorch) compute in f32.
+//!
+//! [`embed`]: Sd3Transformer::embed
+//! [`head`]: Sd3Transformer::head
 
 pub mod attention;
 pub mod block;
@@ -40,7 +47,7 @@ use crate::model::lora::Linear;
 use anyhow::ensure;
 use burn::module::{Module, ModuleMapper, Param, ParamId};
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -199,6 +206,11 @@ impl Sd3Transformer {
         &self.config
     }
 
+    /// The dtype the network computes in: its weights' (f32, or a LoRA policy's half base).
+    pub fn dtype(&self) -> DType {
+        self.pos_embed.proj.weight.val().dtype()
+    }
+
     /// Checks the inputs' shapes against the model (what [`forward`](Self::forward) needs).
     pub fn check_inputs(
         &self,
@@ -268,7 +280,8 @@ impl Sd3Transformer {
     }
 
     /// The network before its blocks: (image tokens [B, N, D], context tokens [B, L, D],
-    /// silu(temb) [B, D]); inputs as [`try_forward`](Self::try_forward) takes them (checked).
+    /// silu(temb) [B, D]); inputs as [`try_forward`](Self::try_forward) takes them (checked),
+    /// the outputs in the network's [`dtype`](Self::dtype).
     pub fn embed(
         &self,
         x: Tensor<4>,
@@ -276,19 +289,22 @@ impl Sd3Transformer {
         prompt_embeds: Tensor<3>,
         pooled: Tensor<2>,
     ) -> (Tensor<3>, Tensor<3>, Tensor<2>) {
+        let dtype = self.dtype();
         // [B, N, D]
-        let hidden = self.pos_embed.forward(x);
-        // [B, D]; every adaptive norm takes silu(temb).
+        let hidden = self.pos_embed.forward(x.cast(dtype));
+        // [B, D]; every adaptive norm takes silu(temb). σ stays f32 (its sin/cos features are
+        // computed in f32, then cast).
         let temb = self
             .time_text_embed
-            .forward(sigma.mul_scalar(1000.0), pooled);
+            .forward(sigma.mul_scalar(1000.0), pooled.cast(dtype));
         // [B, L, D]
-        let context = self.context_embedder.forward(prompt_embeds);
+        let context = self.context_embedder.forward(prompt_embeds.cast(dtype));
         (hidden, context, silu(temb))
     }
 
     /// The network after its blocks: image tokens [B, N, D] and silu(temb) [B, D] → the
-    /// velocity [B, out_channels, H, W] for latents of `size` [H, W].
+    /// velocity [B, out_channels, H, W] for latents of `size` [H, W], in f32 whatever the
+    /// network's dtype.
     pub fn head(&self, hidden: Tensor<3>, temb_act: Tensor<2>, size: [usize; 2]) -> Tensor<4> {
         let [b, _, _] = hidden.dims();
         let [hh, ww] = size;
@@ -302,6 +318,7 @@ impl Sd3Transformer {
             .reshape([b, h, w, p, p, c_out])
             .permute([0, 5, 1, 3, 2, 4])
             .reshape([b, c_out, hh, ww])
+            .cast(FloatDType::F32)
     }
 
     /// [`try_forward`](Self::try_forward), panicking with its message on mis-shaped inputs

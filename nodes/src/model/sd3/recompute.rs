@@ -221,14 +221,19 @@ mod tests {
         neg_len: usize,
         scale: f32,
         lora: bool,
+        half: bool,
     ) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        use crate::model::lora::{self, BaseDtype};
         let dev = Device::flex();
         let mut m = c.init(&dev, 5);
         if lora {
-            let cfg = crate::model::lora::LoraConfig::new(4, 8.0);
-            m = crate::model::lora::attach(m, &cfg, &["attn.to_q", "attn.to_v", "ff.net.2"], 1)
+            let cfg = lora::LoraConfig::new(4, 8.0);
+            m = lora::attach(m, &cfg, &["attn.to_q", "attn.to_v", "ff.net.2"], 1)
                 .unwrap()
                 .0;
+        }
+        if half {
+            m = lora::cast_base(m, BaseDtype::BF16);
         }
         let m = m.train();
         let ad = dev.autodiff();
@@ -275,13 +280,15 @@ mod tests {
             qk_norm: Some("rms_norm".into()),
             ..Sd3Config::tiny()
         };
-        for (neg_len, scale, lora) in [
-            (3, 4.5, false),
-            (2, 4.5, false),
-            (3, 1.0, false),
-            (3, 4.5, true),
+        for (neg_len, scale, lora, half) in [
+            (3, 4.5, false, false),
+            (2, 4.5, false, false),
+            (3, 1.0, false, false),
+            (3, 4.5, true, false),
+            // A bf16 base (burn-flex computes in bf16 too): activations and seeds in bf16.
+            (3, 4.5, true, true),
         ] {
-            let (ck, full) = both(&c, neg_len, scale, lora);
+            let (ck, full) = both(&c, neg_len, scale, lora, half);
             let trained = full.iter().filter(|g| !g.is_empty()).count();
             assert!(
                 trained > if lora { 10 } else { 40 },

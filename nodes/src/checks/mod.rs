@@ -8,6 +8,7 @@ pub mod conditioning;
 pub mod lora;
 pub mod memory;
 pub mod schedule;
+pub mod window;
 
 pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);
@@ -15,4 +16,5 @@ pub fn register(r: &mut Registry) {
     r.checks.push(conditioning::check);
     r.checks.push(lora::check);
     r.checks.push(checkpointing::check);
+    r.checks.push(window::check);
 }

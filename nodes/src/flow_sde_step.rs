@@ -261,4 +261,25 @@ mod tests {
         let mid_explicit = kernel(0.5, 0.4, 0.7, 0.8).unwrap();
         assert_eq!(mid.std, mid_explicit.std);
     }
+
+    #[test]
+    fn should_take_deterministic_euler_steps_without_log_prob_outside_the_window() {
+        use burn::tensor::Device;
+        let dev = Device::flex();
+        let ode = kernel_ode(1.0, 0.75).unwrap();
+        assert!(!ode.is_stochastic());
+        assert_eq!((ode.a, ode.b, ode.std), (1.0, -0.25, 0.0));
+        let x = tensor_from_vec(vec![0.5, -1.0, 2.0, 0.25], [1, 1, 2, 2], &dev);
+        let v = tensor_from_vec(vec![1.0, 2.0, -4.0, 0.0], [1, 1, 2, 2], &dev);
+        let noise = |seed: f32| tensor_from_vec(vec![seed; 4], [1, 1, 2, 2], &dev);
+        let (a, lp_a) = gaussian_step(&x, &v, ode, noise(1.0)).unwrap();
+        let (b, lp_b) = gaussian_step(&x, &v, ode, noise(-3.0)).unwrap();
+        let (a, b) = (crate::types::to_vec(&a).unwrap(), crate::types::to_vec(&b).unwrap());
+        // x' = x + (t_next − t)·v whatever the noise, and no log-prob.
+        assert_eq!(a, vec![0.25, -1.5, 3.0, 0.25]);
+        assert_eq!(a, b);
+        assert_eq!((lp_a, lp_b), (vec![0.0], vec![0.0]));
+        // The SDE step of the same t is stochastic.
+        assert!(kernel(1.0, 0.75, 0.7, 0.0).unwrap().is_stochastic());
+    }
 }

@@ -58,6 +58,7 @@ fn should_train_only_the_window_and_resume_exactly() {
     let a = rows(&straight);
     assert_eq!(a.len(), 4);
     for (r, start) in a.iter().zip([0.0, 1.0, 2.0, 0.0]) {
+        assert!(r["update/grad_norm"].as_f64().unwrap() > 0.0, "no gradient: {r}");
         assert_eq!(r["sde@1/window_start"].as_f64(), Some(start), "{r}");
         // Only the window's 2 transitions of the 4 are trained.
         assert_eq!(r["update/transitions"].as_f64(), Some(2.0), "{r}");

@@ -58,7 +58,10 @@ fn should_train_only_the_window_and_resume_exactly() {
     let a = rows(&straight);
     assert_eq!(a.len(), 4);
     for (r, start) in a.iter().zip([0.0, 1.0, 2.0, 0.0]) {
-        assert!(r["update/grad_norm"].as_f64().unwrap() > 0.0, "no gradient: {r}");
+        assert!(
+            r["update/grad_norm"].as_f64().unwrap() > 0.0,
+            "no gradient: {r}"
+        );
         assert_eq!(r["sde@1/window_start"].as_f64(), Some(start), "{r}");
         // Only the window's 2 transitions of the 4 are trained.
         assert_eq!(r["update/transitions"].as_f64(), Some(2.0), "{r}");
@@ -67,15 +70,18 @@ fn should_train_only_the_window_and_resume_exactly() {
 
     // The stored transitions: SDE steps inside the window, ODE (Euler, no log-prob) outside.
     for (it, start) in [(1u64, 0u32), (2, 1), (3, 2), (4, 0)] {
-        let b = read_file(
-            &straight.join(format!("trajectories/iter-{it:06}.parquet")),
-        )
-        .unwrap();
+        let b = read_file(&straight.join(format!("trajectories/iter-{it:06}.parquet"))).unwrap();
         let step = col::<UInt32Array>(&b, "step");
         let iteration = col::<UInt64Array>(&b, "iteration");
-        let (t, t_next) = (col::<Float32Array>(&b, "t"), col::<Float32Array>(&b, "t_next"));
+        let (t, t_next) = (
+            col::<Float32Array>(&b, "t"),
+            col::<Float32Array>(&b, "t_next"),
+        );
         let std = col::<Float32Array>(&b, "kernel_std");
-        let (ka, kb) = (col::<Float32Array>(&b, "kernel_a"), col::<Float32Array>(&b, "kernel_b"));
+        let (ka, kb) = (
+            col::<Float32Array>(&b, "kernel_a"),
+            col::<Float32Array>(&b, "kernel_b"),
+        );
         let logp = col::<Float32Array>(&b, "old_logprob");
         let tau = col::<Float32Array>(&b, "temperature");
         assert_eq!(b.num_rows(), 8 * 4);
@@ -86,7 +92,12 @@ fn should_train_only_the_window_and_resume_exactly() {
             let inside = (start..start + 2).contains(&i);
             if inside {
                 sde.insert(i);
-                assert!(std.value(j) > 0.0, "it {it} step {}: std {}", i + 1, std.value(j));
+                assert!(
+                    std.value(j) > 0.0,
+                    "it {it} step {}: std {}",
+                    i + 1,
+                    std.value(j)
+                );
                 assert!(logp.value(j) != 0.0);
                 assert!((tau.value(j) - 0.7).abs() < 1e-6);
             } else {
@@ -112,7 +123,11 @@ fn should_train_only_the_window_and_resume_exactly() {
         &["iterations=4".to_string()],
     );
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(a, rows(&resumed), "a resumed MixGRPO run differs from an uninterrupted one");
+    assert_eq!(
+        a,
+        rows(&resumed),
+        "a resumed MixGRPO run differs from an uninterrupted one"
+    );
 }
 
 #[test]

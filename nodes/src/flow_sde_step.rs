@@ -274,7 +274,10 @@ mod tests {
         let noise = |seed: f32| tensor_from_vec(vec![seed; 4], [1, 1, 2, 2], &dev);
         let (a, lp_a) = gaussian_step(&x, &v, ode, noise(1.0)).unwrap();
         let (b, lp_b) = gaussian_step(&x, &v, ode, noise(-3.0)).unwrap();
-        let (a, b) = (crate::types::to_vec(&a).unwrap(), crate::types::to_vec(&b).unwrap());
+        let (a, b) = (
+            crate::types::to_vec(&a).unwrap(),
+            crate::types::to_vec(&b).unwrap(),
+        );
         // x' = x + (t_next − t)·v whatever the noise, and no log-prob.
         assert_eq!(a, vec![0.25, -1.5, 3.0, 0.25]);
         assert_eq!(a, b);

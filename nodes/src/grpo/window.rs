@@ -59,7 +59,10 @@ impl SdeWindow {
             );
         }
         if stride == 0 {
-            return err("window_stride", "the window must move by at least 1 step".into());
+            return err(
+                "window_stride",
+                "the window must move by at least 1 step".into(),
+            );
         }
         let last = count - size;
         let max_start = max_start.unwrap_or(last);
@@ -186,8 +189,14 @@ mod tests {
         let e = |r: Result<SdeWindow, WindowError>| r.unwrap_err().param;
         assert_eq!(e(SdeWindow::new(0, 0, 1, 0, None, true, 4)), "window_size");
         assert_eq!(e(SdeWindow::new(5, 0, 1, 0, None, true, 4)), "window_size");
-        assert_eq!(e(SdeWindow::new(2, 0, 0, 1, None, true, 4)), "window_stride");
-        assert_eq!(e(SdeWindow::new(2, 0, 1, 1, Some(3), true, 4)), "window_max_start");
+        assert_eq!(
+            e(SdeWindow::new(2, 0, 0, 1, None, true, 4)),
+            "window_stride"
+        );
+        assert_eq!(
+            e(SdeWindow::new(2, 0, 1, 1, Some(3), true, 4)),
+            "window_max_start"
+        );
         assert_eq!(e(SdeWindow::new(2, 3, 1, 1, None, true, 4)), "window_start");
         assert!(SdeWindow::new(4, 0, 1, 1, None, true, 4).is_ok());
     }

@@ -116,7 +116,8 @@ impl NftUpdate {
 
     /// The draws of optimizer step `k` under `seed`, for `b` samples of `dim` values.
     pub fn draw(&self, seed: u64, k: usize, b: usize, dim: usize) -> Draw {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(seed ^ (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let t = (0..b)
             .map(|_| self.t_min + (self.t_max - self.t_min) * rng.random::<f32>())
             .collect();
@@ -150,7 +151,11 @@ impl NftUpdate {
     ) -> Result<NftStats> {
         let [b, c, h, w] = x0.tensor.dims();
         let dim = c * h * w;
-        let mb = if self.minibatch == 0 { b } else { self.minibatch.min(b) };
+        let mb = if self.minibatch == 0 {
+            b
+        } else {
+            self.minibatch.min(b)
+        };
         let x0_host = x0.to_vec()?;
         let mut st = NftStats::default();
         for k in 0..self.steps {
@@ -163,7 +168,9 @@ impl NftUpdate {
             for idx in order.chunks(mb) {
                 let n = idx.len();
                 let rows = |v: &[f32], per: usize| -> Vec<f32> {
-                    idx.iter().flat_map(|&i| v[i * per..(i + 1) * per].iter().copied()).collect()
+                    idx.iter()
+                        .flat_map(|&i| v[i * per..(i + 1) * per].iter().copied())
+                        .collect()
                 };
                 let x0_p = tensor_from_vec(rows(&x0_host, dim), [n, c, h, w], plain);
                 let eps_p = tensor_from_vec(rows(&d.eps, dim), [n, c, h, w], plain);
@@ -172,12 +179,19 @@ impl NftUpdate {
                 let x_t = noised(&x0_p, &eps_p, &t_p);
                 // The old policy: a constant of the loss, evaluated on the plain device.
                 let v_old = old
-                    .velocity(x_t.clone(), t_p.clone(), &prompts.conditioning_rows(idx, plain))?
+                    .velocity(
+                        x_t.clone(),
+                        t_p.clone(),
+                        &prompts.conditioning_rows(idx, plain),
+                    )?
                     .to_device(&ad);
                 let cond = prompts.conditioning_rows(idx, &ad);
                 let (x_t, x0_a) = (x_t.to_device(&ad), x0_p.to_device(&ad));
                 let t_a = tensor_from_vec(t_v, [n], &ad);
-                let v = m.trainer.model().velocity(x_t.clone(), t_a.clone(), &cond)?;
+                let v = m
+                    .trainer
+                    .model()
+                    .velocity(x_t.clone(), t_a.clone(), &cond)?;
                 let r_a = tensor_from_vec(idx.iter().map(|&i| r[i]).collect(), [n], &ad);
                 let terms = self.loss_terms(v, v_old, x_t, x0_a, t_a, r_a);
                 let share = n as f32 / b as f32;
@@ -245,7 +259,12 @@ impl NftUpdate {
         let t4 = t.reshape([n, 1, 1, 1]);
         let per_sample = |pred_v: Tensor<4>| -> Tensor<1> {
             let err = x_t.clone() - pred_v * t4.clone() - x0.clone(); // x̂0 − x0
-            let sq = err.clone().square().reshape([n, c * h * w]).mean_dim(1).reshape([n]);
+            let sq = err
+                .clone()
+                .square()
+                .reshape([n, c * h * w])
+                .mean_dim(1)
+                .reshape([n]);
             if self.adaptive {
                 let wgt = err
                     .abs()
@@ -298,13 +317,19 @@ impl Node for NftUpdate {
         let adv = inputs.get::<Advantages>("advantages")?;
         let b = prompts.len();
         if images.batch() != b {
-            bail!("`images` has {} samples but `prompts` has {b}", images.batch());
+            bail!(
+                "`images` has {} samples but `prompts` has {b}",
+                images.batch()
+            );
         }
         let Some(last) = adv.values.last() else {
             bail!("`advantages` is empty: no advantage per sample");
         };
         if last.len() != b {
-            bail!("`advantages` has {} samples per row but `prompts` has {b}", last.len());
+            bail!(
+                "`advantages` has {} samples per row but `prompts` has {b}",
+                last.len()
+            );
         }
         let r = self.reward_prob(last);
         let seed = ctx.seed_for("renoise");
@@ -323,5 +348,204 @@ impl Node for NftUpdate {
             ctx.metric(k, v);
         }
         Ok(Outputs::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{FlowModelConfig, TrainerConfig, int_tensor_from_vec};
+    use crate::prompt_loader::make_batch;
+    use crate::world::{self, IMAGE_LEN};
+    use std::sync::Arc;
+
+    /// A tiny model moved away from its zero-velocity init by a few flow-matching steps (its
+    /// EMA, the old policy, lags behind: v_θ ≠ v_old).
+    fn trained_tiny() -> FlowModelRes {
+        let dev = Device::flex();
+        let cfg = FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS).with_seed(3);
+        let mut res = FlowModelRes::new(
+            cfg.init(&dev),
+            TrainerConfig::new().with_lr(1e-2),
+            false,
+            true,
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..3 {
+            let mk = |rng: &mut ChaCha8Rng| {
+                tensor_from_vec(
+                    sample_standard_normal(rng, 4 * IMAGE_LEN),
+                    [4, 3, 32, 32],
+                    &dev,
+                )
+            };
+            let (x0, n) = (mk(&mut rng), mk(&mut rng));
+            let t = tensor_from_vec(vec![0.3, 0.5, 0.7, 0.9], [4], &dev);
+            let tok =
+                int_tensor_from_vec(vec![1; 4 * world::MAX_TOKENS], [4, world::MAX_TOKENS], &dev);
+            let trainer = &mut res.unet_mut("test").unwrap().trainer;
+            let ad = trainer.device().clone();
+            trainer.step(
+                x0.to_device(&ad),
+                n.to_device(&ad),
+                t.to_device(&ad),
+                tok.to_device(&ad),
+            );
+        }
+        res
+    }
+
+    fn batch() -> PromptBatch {
+        let recs: Vec<_> = world::generate_split(5, world::Split::Train, 5)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        make_batch(&recs, 2).unwrap()
+    }
+
+    fn nft(beta: f32, adaptive: bool, minibatch: usize) -> NftUpdate {
+        NftUpdate {
+            beta,
+            adv_clip: 5.0,
+            t_min: 0.1,
+            t_max: 0.9,
+            adaptive,
+            steps: 1,
+            minibatch,
+        }
+    }
+
+    /// The objective written out on the host in f64 from the two models' velocities.
+    fn direct(
+        u: &NftUpdate,
+        res: &FlowModelRes,
+        x0: &[f32],
+        p: &PromptBatch,
+        r: &[f32],
+        seed: u64,
+    ) -> f64 {
+        let dev = res.device.clone();
+        let b = p.len();
+        let d = u.draw(seed, 0, b, IMAGE_LEN);
+        let x_t: Vec<f32> = (0..b * IMAGE_LEN)
+            .map(|j| (1.0 - d.t[j / IMAGE_LEN]) * x0[j] + d.t[j / IMAGE_LEN] * d.eps[j])
+            .collect();
+        let unet = res.unet("test").unwrap();
+        let xt = tensor_from_vec(x_t.clone(), [b, 3, 32, 32], &dev);
+        let tt = tensor_from_vec(d.t.clone(), [b], &dev);
+        let cond = p.conditioning(&dev);
+        let v = to_vec(
+            &unet
+                .sampling_model(false)
+                .velocity(xt.clone(), tt.clone(), &cond)
+                .unwrap(),
+        )
+        .unwrap();
+        let vo = to_vec(&unet.trainer.ema().velocity(xt, tt, &cond).unwrap()).unwrap();
+        let (beta, c) = (u.beta as f64, u.adv_clip as f64);
+        let mut total = 0.0;
+        for i in 0..b {
+            let t = d.t[i] as f64;
+            let part = |sign: f64| {
+                let (mut sq, mut ab) = (0.0, 0.0);
+                for j in i * IMAGE_LEN..(i + 1) * IMAGE_LEN {
+                    let (vt, vold) = (v[j] as f64, vo[j] as f64);
+                    let pv = if sign > 0.0 {
+                        beta * vt + (1.0 - beta) * vold
+                    } else {
+                        (1.0 + beta) * vold - beta * vt
+                    };
+                    let e = x_t[j] as f64 - t * pv - x0[j] as f64;
+                    sq += e * e;
+                    ab += e.abs();
+                }
+                let (sq, ab) = (sq / IMAGE_LEN as f64, ab / IMAGE_LEN as f64);
+                if u.adaptive { sq / ab.max(1e-5) } else { sq }
+            };
+            let ri = r[i] as f64;
+            total += (ri * part(1.0) + (1.0 - ri) * part(-1.0)) / beta;
+        }
+        c * total / b as f64
+    }
+
+    #[test]
+    fn should_map_advantages_to_reward_probabilities() {
+        let u = nft(1.0, true, 0);
+        let r = u.reward_prob(&[0.0, 2.5, -5.0, 7.0, -1.0]);
+        assert_eq!(r, vec![0.5, 0.75, 0.0, 1.0, 0.4]);
+    }
+
+    #[test]
+    fn should_match_a_direct_computation_of_the_objective() {
+        let p = batch();
+        let b = p.len();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let x0 = sample_standard_normal(&mut rng, b * IMAGE_LEN)
+            .into_iter()
+            .map(|v| v.clamp(-1.0, 1.0))
+            .collect::<Vec<_>>();
+        let adv = [1.5, -0.5, 4.0, -6.0, 0.0, 0.7, -2.0, 2.0, 0.3, -0.3];
+        assert_eq!(adv.len(), b);
+        for (beta, adaptive) in [(1.0, true), (0.3, true), (0.6, false)] {
+            let mut res = trained_tiny();
+            let images = Images::from_vec(x0.clone(), b, 0.0, &res.device);
+            let u = nft(beta, adaptive, 0);
+            let r = u.reward_prob(&adv);
+            let want = direct(&u, &res, &x0, &p, &r, 11);
+            let st = u.update(&mut res, &images, &p, &r, 11).unwrap();
+            let rel = (st.loss - want).abs() / want.abs().max(1e-12);
+            assert!(
+                rel < 1e-4,
+                "β {beta}, adaptive {adaptive}: loss {} vs direct {want}",
+                st.loss
+            );
+            assert!(
+                st.old_deviation > 0.0,
+                "v_θ = v_old: the test would not see β"
+            );
+            // The step was taken: the weights (and with them the objective) moved.
+            assert!(st.grad_norm > 0.0);
+            let after = direct(&u, &res, &x0, &p, &r, 11);
+            assert!(
+                (after - want).abs() > 1e-6 * want.abs(),
+                "β {beta}: {want} → {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn should_give_the_same_step_with_minibatches() {
+        let p = batch();
+        let b = p.len();
+        let x0: Vec<f32> = (0..b * IMAGE_LEN)
+            .map(|j| ((j % 7) as f32 - 3.0) / 3.0)
+            .collect();
+        let adv = [1.0, -1.0, 2.0, -2.0, 0.0, 0.5, -0.5, 3.0, -3.0, 0.1];
+        let weights = |minibatch| {
+            let mut res = trained_tiny();
+            let images = Images::from_vec(x0.clone(), b, 0.0, &res.device);
+            let u = nft(0.5, true, minibatch);
+            let r = u.reward_prob(&adv);
+            let st = u.update(&mut res, &images, &p, &r, 3).unwrap();
+            let unet = res.unet("test").unwrap();
+            let v = unet
+                .sampling_model(false)
+                .velocity(
+                    images.tensor.clone(),
+                    tensor_from_vec(vec![0.5; b], [b], &res.device),
+                    &p.conditioning(&res.device),
+                )
+                .unwrap();
+            (st.loss, to_vec(&v).unwrap())
+        };
+        let (l0, v0) = weights(0);
+        let (l3, v3) = weights(3);
+        assert!((l0 - l3).abs() < 1e-4 * l0.abs(), "{l0} vs {l3}");
+        let max = v0
+            .iter()
+            .zip(&v3)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-4, "minibatches changed the step: {max}");
     }
 }

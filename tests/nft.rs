@@ -1,0 +1,62 @@
+//! DiffusionNFT end to end through the real binary, on the tiny model
+//! (`tests/pipelines/valid-nft-tiny.yaml`): it trains, and a resumed run (the old policy, the
+//! flow_model's EMA, comes back from the checkpoint) equals an uninterrupted one.
+
+mod common;
+use common::{metrics, root, run_new, text, tmpdir};
+
+use std::path::Path;
+
+/// Timings differ between runs; everything else must not.
+fn rows(run: &Path) -> Vec<serde_json::Value> {
+    metrics(run)
+        .into_iter()
+        .map(|mut r| {
+            let o = r.as_object_mut().unwrap();
+            o.retain(|k, _| !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_"));
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn should_train_with_diffusion_nft_and_resume_exactly() {
+    let dir = tmpdir("nft");
+    let pipeline = root().join("tests/pipelines/valid-nft-tiny.yaml");
+    let straight = run_new(
+        &pipeline,
+        &dir.join("straight"),
+        &["iterations=3", "checkpoint_every=1"],
+    );
+    let a = rows(&straight);
+    assert_eq!(a.len(), 3);
+    for r in &a {
+        let loss = r["update/loss"].as_f64().unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{r}");
+        assert!(r["update/grad_norm"].as_f64().unwrap() > 0.0, "{r}");
+        let rm = r["update/r_mean"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&rm), "{r}");
+    }
+    // After the first update the trained weights have left the old policy (the EMA).
+    assert!(
+        a[1]["update/old_deviation"].as_f64().unwrap() > 0.0,
+        "{}",
+        a[1]
+    );
+
+    let resumed = run_new(
+        &pipeline,
+        &dir.join("resumed"),
+        &["iterations=1", "checkpoint_every=1"],
+    );
+    let o = common::flowrun(
+        &["run", "--resume", resumed.to_str().unwrap()],
+        &["iterations=3".to_string()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        a,
+        rows(&resumed),
+        "a resumed DiffusionNFT run differs from an uninterrupted one"
+    );
+}

@@ -7,6 +7,7 @@ pub mod checkpointing;
 pub mod conditioning;
 pub mod lora;
 pub mod memory;
+pub mod nft;
 pub mod schedule;
 pub mod window;
 
@@ -17,4 +18,5 @@ pub fn register(r: &mut Registry) {
     r.checks.push(lora::check);
     r.checks.push(checkpointing::check);
     r.checks.push(window::check);
+    r.checks.push(nft::check);
 }

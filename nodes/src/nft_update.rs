@@ -444,7 +444,7 @@ mod tests {
         let vo = to_vec(&unet.trainer.ema().velocity(xt, tt, &cond).unwrap()).unwrap();
         let (beta, c) = (u.beta as f64, u.adv_clip as f64);
         let mut total = 0.0;
-        for i in 0..b {
+        for (i, &ri) in r.iter().enumerate().take(b) {
             let t = d.t[i] as f64;
             let part = |sign: f64| {
                 let (mut sq, mut ab) = (0.0, 0.0);
@@ -462,7 +462,7 @@ mod tests {
                 let (sq, ab) = (sq / IMAGE_LEN as f64, ab / IMAGE_LEN as f64);
                 if u.adaptive { sq / ab.max(1e-5) } else { sq }
             };
-            let ri = r[i] as f64;
+            let ri = ri as f64;
             total += (ri * part(1.0) + (1.0 - ri) * part(-1.0)) / beta;
         }
         c * total / b as f64

@@ -6,15 +6,22 @@
 //! t₂ is Flow-GRPO's `sigmas[1]`, the schedule's second timestep. Unless given, it is derived:
 //! the step at σ = 1 is the schedule's first, so its own t_next is that second timestep
 //! ([`kernel`]). Validation (`checks::schedule`) checks that the steps chain and an explicit t₂.
+//!
+//! MixGRPO / Flow-GRPO-Fast: with `window_size` > 0 only the steps inside the window
+//! ([`SdeWindow`], a function of the iteration number) are SDE steps; the others are
+//! deterministic Euler (ODE) steps, x' = x + (t_next − t)·v, whose kernel is not stochastic:
+//! they carry no log-prob and `grpo_update` does not train them.
 
 use anyhow::{Result, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Registry, ResourceSlot};
+use runner::{
+    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, Params, PortDef, Registry, ResourceSlot,
+};
 
 use crate::flow_model::{FlowModelRes, TYPE};
-use crate::grpo::LinearGaussian;
 use crate::grpo::gaussian_step;
+use crate::grpo::{LinearGaussian, SdeWindow, WindowError};
 use crate::model::{sample_standard_normal, tensor_from_vec};
 use crate::types::{Images, PromptBatch, Transition};
 
@@ -31,7 +38,17 @@ pub fn register(r: &mut Registry) {
               dimensions) and the one-step prediction x̂0 = x_t − t·v (for optional dense rewards).\n\
               The input state must be at this step's `t`: validation refuses steps that do not\n\
               chain (step k's `t_next` ≠ step k+1's `t`, followed through the `x` inputs) and a\n\
-              `t` of 0; at run time a state at another t fails with both values.",
+              `t` of 0; at run time a state at another t fails with both values.\n\
+              MixGRPO / Flow-GRPO-Fast windows: with `window_size` w > 0, step k of the repeat\n\
+              (0-based index i = k − 1) is an SDE step only while l ≤ i < l + w, where the\n\
+              window start l = window_start + n·window_stride after n = ⌊(iteration − 1) /\n\
+              window_every⌋ shifts; past `window_max_start` (default: steps − w) l goes back to\n\
+              window_start (`window_wrap: true`, MixGRPO's roll-back) or stays there (false).\n\
+              `window_every: 0` keeps the window fixed (Flow-GRPO-Fast). Outside the window the\n\
+              step is a deterministic Euler (ODE) step x' = x + (t_next − t)·v: its transition has\n\
+              no log-prob (kernel std 0) and `grpo_update` skips it. l depends on the iteration\n\
+              number only, so a resumed run samples the windows an uninterrupted one does.\n\
+              The window parameters must be the same at every step (validation checks them).",
         inputs: vec![
             PortDef::new("x", "images", "the state x_t"),
             PortDef::new("prompts", "prompts", "the batch's prompts"),
@@ -53,12 +70,23 @@ pub fn register(r: &mut Registry) {
                 "σ̃ used when σ = 1, the schedule's second timestep; 0 = derive it (this step's t_next)",
             ),
             ParamDef::float("cfg", 1.0, 0.0, 50.0, "classifier-free guidance scale (1 = off)"),
+            ParamDef::int("window_size", 0, 0, 1 << 20, "MixGRPO: SDE steps per window, ODE elsewhere (0 = no window: every step is SDE)"),
+            ParamDef::int("window_start", 0, 0, 1 << 20, "the first window's first step (0-based)"),
+            ParamDef::int("window_stride", 1, 1, 1 << 20, "steps the window moves at each shift"),
+            ParamDef::int("window_every", 0, 0, 1 << 40, "iterations per window position (0 = fixed window: Flow-GRPO-Fast)"),
+            ParamDef::int("window_max_start", -1, -1, 1 << 20, "the last window start (0-based); -1 = steps − window_size"),
+            ParamDef::boolean("window_wrap", true, "past window_max_start: back to window_start (true, MixGRPO's roll-back) or stay (false)"),
         ],
         resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: false, doc: "the model being trained" }],
         factory: |ctx| {
             let p = ctx.params;
             let kernel = kernel(p.f32("t")?, p.f32("t_next")?, p.f32("noise_level")?, p.f32("t2")?)?;
+            let (k, count) = ctx.step.unwrap_or((1, 1));
+            let window = window(p, count)?.map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?;
             Ok(Box::new(FlowSdeStep {
+                window,
+                index: k - 1,
+                ode: kernel_ode(p.f32("t")?, p.f32("t_next")?)?,
                 t: p.f32("t")?,
                 t_next: p.f32("t_next")?,
                 noise_level: p.f32("noise_level")?,
@@ -68,6 +96,43 @@ pub fn register(r: &mut Registry) {
             }))
         },
     });
+}
+
+/// The window parameters, in the order [`window`] reads them (for validation: the same at every
+/// step of a repeat).
+pub const WINDOW_PARAMS: [&str; 6] = [
+    "window_size",
+    "window_start",
+    "window_stride",
+    "window_every",
+    "window_max_start",
+    "window_wrap",
+];
+
+/// The SDE window of a step of a `count`-step trajectory from its parameters: `None` without
+/// one (`window_size: 0`), the parameter at fault when they do not fit the trajectory.
+pub fn window(p: &Params, count: usize) -> Result<Result<Option<SdeWindow>, WindowError>> {
+    let size = p.usize("window_size")?;
+    if size == 0 {
+        return Ok(Ok(None));
+    }
+    let max_start = p.i64("window_max_start")?;
+    Ok(SdeWindow::new(
+        size,
+        p.usize("window_start")?,
+        p.usize("window_stride")?,
+        p.usize("window_every")? as u64,
+        usize::try_from(max_start).ok(),
+        p.bool("window_wrap")?,
+        count,
+    )
+    .map(Some))
+}
+
+/// The deterministic Euler (ODE) step from `t` to `t_next`: x' = x + (t_next − t)·v, the SDE
+/// step with noise level 0.
+pub fn kernel_ode(t: f32, t_next: f32) -> Result<LinearGaussian> {
+    LinearGaussian::flow_sde(t, t_next, 0.0, 0.5)
 }
 
 /// The `t2` a step uses: the explicit value, or (0) the derived one, this step's `t_next`.
@@ -82,6 +147,11 @@ pub fn kernel(t: f32, t_next: f32, noise_level: f32, t2: f32) -> Result<LinearGa
 }
 
 struct FlowSdeStep {
+    window: Option<SdeWindow>,
+    /// This step's 0-based index in the trajectory (the window's coordinates).
+    index: usize,
+    /// The kernel outside the window.
+    ode: LinearGaussian,
     t: f32,
     t_next: f32,
     noise_level: f32,
@@ -108,20 +178,36 @@ impl Node for FlowSdeStep {
         let [b, c, h, w] = x.tensor.dims();
         let x_t = x.tensor.clone();
         let (v, graph) = policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
-        let k = self.kernel;
-        let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
-        let eps = tensor_from_vec(
-            sample_standard_normal(&mut rng, b * c * h * w),
-            [b, c, h, w],
-            &device,
-        );
+        let sde = self
+            .window
+            .is_none_or(|w| w.contains(self.index, ctx.iteration));
+        if let Some(w) = &self.window
+            && self.index == 0
+        {
+            ctx.metric("window_start", w.start_at(ctx.iteration) as f64);
+        }
+        let (k, tau) = if sde {
+            (self.kernel, self.noise_level)
+        } else {
+            (self.ode, 0.0)
+        };
+        let eps = if k.is_stochastic() {
+            let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
+            tensor_from_vec(
+                sample_standard_normal(&mut rng, b * c * h * w),
+                [b, c, h, w],
+                &device,
+            )
+        } else {
+            x_t.zeros_like()
+        };
         let (x_next, old_logprob) = gaussian_step(&x_t, &v, k, eps)?;
         let x0 = x_t.clone() - v.mul_scalar(self.t);
         let tr = Transition {
             step: self.step,
             t: self.t,
             t_next: self.t_next,
-            tau: self.noise_level,
+            tau,
             kernel: k,
             cfg: self.cfg,
             x_t,
@@ -174,5 +260,29 @@ mod tests {
         let mid = kernel(0.5, 0.4, 0.7, 0.0).unwrap();
         let mid_explicit = kernel(0.5, 0.4, 0.7, 0.8).unwrap();
         assert_eq!(mid.std, mid_explicit.std);
+    }
+
+    #[test]
+    fn should_take_deterministic_euler_steps_without_log_prob_outside_the_window() {
+        use burn::tensor::Device;
+        let dev = Device::flex();
+        let ode = kernel_ode(1.0, 0.75).unwrap();
+        assert!(!ode.is_stochastic());
+        assert_eq!((ode.a, ode.b, ode.std), (1.0, -0.25, 0.0));
+        let x = tensor_from_vec(vec![0.5, -1.0, 2.0, 0.25], [1, 1, 2, 2], &dev);
+        let v = tensor_from_vec(vec![1.0, 2.0, -4.0, 0.0], [1, 1, 2, 2], &dev);
+        let noise = |seed: f32| tensor_from_vec(vec![seed; 4], [1, 1, 2, 2], &dev);
+        let (a, lp_a) = gaussian_step(&x, &v, ode, noise(1.0)).unwrap();
+        let (b, lp_b) = gaussian_step(&x, &v, ode, noise(-3.0)).unwrap();
+        let (a, b) = (
+            crate::types::to_vec(&a).unwrap(),
+            crate::types::to_vec(&b).unwrap(),
+        );
+        // x' = x + (t_next − t)·v whatever the noise, and no log-prob.
+        assert_eq!(a, vec![0.25, -1.5, 3.0, 0.25]);
+        assert_eq!(a, b);
+        assert_eq!((lp_a, lp_b), (vec![0.0], vec![0.0]));
+        // The SDE step of the same t is stochastic.
+        assert!(kernel(1.0, 0.75, 0.7, 0.0).unwrap().is_stochastic());
     }
 }

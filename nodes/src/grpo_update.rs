@@ -50,7 +50,9 @@ pub fn register(r: &mut Registry) {
               ratio to the sampling-time log-prob and minimises the clipped surrogate plus β·KL to\n\
               the reference model, for `epochs` passes over shuffled minibatches (AdamW and\n\
               gradient clipping from the `policy` resource). Logs loss, pg_loss, kl, approx_kl,\n\
-              clip_frac, ratio_mean/min/max, grad_norm, lr. A non-finite loss stops the run\n\
+              clip_frac, ratio_mean/min/max, grad_norm, lr and `transitions`, the number trained:\n\
+              transitions whose kernel is not stochastic (τ = 0, a MixGRPO window's ODE steps)\n\
+              carry no log-prob and are skipped. A non-finite loss stops the run\n\
               before the update is applied. With `rollout_graph: keep` on the policy, the first\n\
               step (whole batch, no optimizer step since sampling) back-propagates through the\n\
               samplers' own forward instead of recomputing it (metric graphs_reused).",
@@ -119,6 +121,9 @@ pub struct UpdateStats {
     pub first_kl: f64,
     /// Transitions whose rollout graph (`rollout_graph: keep`) replaced the forward pass.
     pub graphs_reused: usize,
+    /// Transitions trained (the stochastic ones: a MixGRPO window's SDE steps; ODE steps and
+    /// τ = 0 steps carry no log-prob and are skipped).
+    pub transitions: usize,
     /// Wall time of the update's phases, in seconds (summed over minibatches; exact on CPU
     /// devices, where every op runs before it returns): the policy's forward and the loss
     /// terms (`forward_s`), the KL reference's forward (`reference_s`), the backward passes
@@ -519,6 +524,7 @@ impl GrpoUpdate {
             }
         }
         st.graphs_reused = reused;
+        st.transitions = host.len();
         let s = n_ratio.max(1) as f64;
         for v in [
             &mut st.loss,
@@ -557,6 +563,7 @@ impl Node for GrpoUpdate {
             ("lr", st.lr),
             ("optimizer_steps", st.steps as f64),
             ("graphs_reused", st.graphs_reused as f64),
+            ("transitions", st.transitions as f64),
         ] {
             ctx.metric(k, v);
         }

@@ -17,6 +17,7 @@ pub mod grpo_update;
 pub mod http_reward;
 pub mod image_reward;
 pub mod model;
+pub mod nft_update;
 pub mod nonfinite;
 pub mod one_step_sampler;
 pub mod parquet_source;
@@ -56,6 +57,7 @@ pub fn registry() -> Registry {
     flow_sde_step::register(&mut r);
     step_advantage::register(&mut r);
     grpo_update::register(&mut r);
+    nft_update::register(&mut r);
     trajectory_sink::register(&mut r);
     parquet_source::register(&mut r);
     vae::register(&mut r);

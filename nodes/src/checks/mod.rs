@@ -7,7 +7,9 @@ pub mod checkpointing;
 pub mod conditioning;
 pub mod lora;
 pub mod memory;
+pub mod nft;
 pub mod schedule;
+pub mod window;
 
 pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);
@@ -15,4 +17,6 @@ pub fn register(r: &mut Registry) {
     r.checks.push(conditioning::check);
     r.checks.push(lora::check);
     r.checks.push(checkpointing::check);
+    r.checks.push(window::check);
+    r.checks.push(nft::check);
 }

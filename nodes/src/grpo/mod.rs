@@ -3,6 +3,8 @@
 
 pub mod advantage;
 pub mod kernel;
+pub mod window;
 
 pub use advantage::{AdvantageMode, StdScope, normalise, step_advantages};
 pub use kernel::{LinearGaussian, gaussian_step, log_prob};
+pub use window::{SdeWindow, WindowError};

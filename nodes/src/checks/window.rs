@@ -1,0 +1,72 @@
+//! `flow_sde_step`'s MixGRPO window (`window_*` parameters): it must fit the trajectory (the
+//! repeat's step count), its parameters must be the same at every step, and none is given
+//! without `window_size` (where it would do nothing).
+
+use runner::compile::NodeInst;
+use runner::{Diagnostics, Pipeline};
+
+use crate::flow_sde_step::{WINDOW_PARAMS, window};
+
+pub fn check(p: &Pipeline) -> Diagnostics {
+    let mut d = Diagnostics::default();
+    for n in p.nodes.iter().filter(|n| n.ty == "flow_sde_step") {
+        let (k, count) = n.step.as_ref().map_or((1, 1), |(k, c, _)| (*k, *c));
+        if k > 1 {
+            // Reported once, at the first step, unless this step's window differs.
+            if let Some(first) = first_step(p, n) {
+                for name in WINDOW_PARAMS {
+                    if n.params.values.get(name) != first.params.values.get(name) {
+                        d.push(n.params.error(
+                            name,
+                            format!(
+                                "the window differs between steps: {} at step {k}, {} at step 1 \
+                                 (a trajectory has one window; give the `window_*` parameters \
+                                 as constants)",
+                                show(n, name),
+                                show(first, name),
+                            ),
+                        ));
+                    }
+                }
+            }
+            continue;
+        }
+        match window(&n.params, count) {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => {
+                for name in &WINDOW_PARAMS[1..] {
+                    if n.params.at.contains_key(*name) {
+                        d.push(
+                            n.params
+                                .error(name, "has no effect without `window_size` (no window: every step is an SDE step)")
+                                .help("set `window_size` to the number of SDE steps per window, or leave this out"),
+                        );
+                    }
+                }
+            }
+            Ok(Err(e)) => {
+                let steps = match &n.step {
+                    Some((_, c, rid)) => format!(" (the {c} steps of repeat `{rid}`)"),
+                    None => " (a single step outside a repeat)".into(),
+                };
+                d.push(n.params.error(e.param, format!("{}{steps}", e.message)));
+            }
+            Err(e) => d.push(n.params.error("window_size", e)),
+        }
+    }
+    d
+}
+
+/// Step 1 of the repeat that expanded `n`.
+fn first_step<'a>(p: &'a Pipeline, n: &NodeInst) -> Option<&'a NodeInst> {
+    let base = n.id.split('@').next()?;
+    let id = format!("{base}@1");
+    p.nodes.iter().find(|m| m.id == id)
+}
+
+fn show(n: &NodeInst, name: &str) -> String {
+    n.params
+        .values
+        .get(name)
+        .map_or_else(|| "unset".into(), |v| v.to_string())
+}

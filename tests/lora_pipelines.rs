@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use common::{
-    RewardServer, flowrun as run, metrics, only_run_dir, root, sd3_fixture, sd3_overrides, text,
-    tmpdir,
+    RewardServer, flowrun as run, metrics, metrics_without_timings, only_run_dir, root,
+    sd3_fixture, sd3_overrides, text, tmpdir,
 };
 use nodes::model::checkpoint::SafetensorsFile;
 use nodes::model::lora::file::load_adapters;
@@ -45,18 +45,6 @@ fn check_checkpoint(dir: &Path) {
     assert!(model.names().all(|n| !n.contains("lora_")));
 }
 
-fn metric_rows(run: &Path) -> Vec<serde_json::Value> {
-    // Timings differ between runs; everything else must not.
-    metrics(run)
-        .into_iter()
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            o.retain(|k, _| !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_"));
-            r
-        })
-        .collect()
-}
-
 #[test]
 fn should_train_shapeworld_with_lora_and_resume_exactly() {
     let pipeline = root().join("tests/pipelines/valid-tafs-tiny.yaml");
@@ -85,7 +73,10 @@ fn should_train_shapeworld_with_lora_and_resume_exactly() {
     );
     assert!(o.status.success(), "{}", text(&o));
 
-    let (a, b) = (metric_rows(&straight), metric_rows(&resumed));
+    let (a, b) = (
+        metrics_without_timings(&straight),
+        metrics_without_timings(&resumed),
+    );
     assert_eq!(a.len(), 2);
     assert_eq!(a, b, "a resumed LoRA run differs from an uninterrupted one");
     for r in &a {
@@ -262,7 +253,10 @@ fn should_take_the_same_update_with_activation_checkpointing() {
         only_run_dir(&runs)
     };
     let (kept, recomputed) = (go(false), go(true));
-    let (a, b) = (&metric_rows(&kept)[0], &metric_rows(&recomputed)[0]);
+    let (a, b) = (
+        &metrics_without_timings(&kept)[0],
+        &metrics_without_timings(&recomputed)[0],
+    );
     // The first step's loss is −mean(A)·ρ with ρ = 1: zero up to rounding, hence the absolute
     // tolerance; the gradient norm is compared relatively.
     for (key, rel, abs) in [("update/loss", 0.0, 1e-7), ("update/grad_norm", 1e-6, 0.0)] {

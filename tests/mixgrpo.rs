@@ -4,7 +4,7 @@
 //! no log-prob and are not trained, and that a resumed run equals an uninterrupted one.
 
 mod common;
-use common::{metrics, root, run_new, text, tmpdir};
+use common::{metrics_without_timings, root, run_new, text, tmpdir};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,18 +32,6 @@ fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
         .unwrap()
 }
 
-/// Timings differ between runs; everything else must not.
-fn rows(run: &Path) -> Vec<serde_json::Value> {
-    metrics(run)
-        .into_iter()
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            o.retain(|k, _| !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_"));
-            r
-        })
-        .collect()
-}
-
 #[test]
 fn should_train_only_the_window_and_resume_exactly() {
     let dir = tmpdir("mixgrpo");
@@ -55,7 +43,7 @@ fn should_train_only_the_window_and_resume_exactly() {
         &dir.join("straight"),
         &["iterations=4", "checkpoint_every=1"],
     );
-    let a = rows(&straight);
+    let a = metrics_without_timings(&straight);
     assert_eq!(a.len(), 4);
     for (r, start) in a.iter().zip([0.0, 1.0, 2.0, 0.0]) {
         assert!(
@@ -125,7 +113,7 @@ fn should_train_only_the_window_and_resume_exactly() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         a,
-        rows(&resumed),
+        metrics_without_timings(&resumed),
         "a resumed MixGRPO run differs from an uninterrupted one"
     );
 }
@@ -143,7 +131,7 @@ fn should_keep_a_fixed_window_for_flow_grpo_fast() {
     let fast = dir.join("fast.yaml");
     fs::write(&fast, src).unwrap();
     let run = run_new(&fast, &dir.join("runs"), &["iterations=3"]);
-    let r = rows(&run);
+    let r = metrics_without_timings(&run);
     assert_eq!(r.len(), 3);
     for row in &r {
         assert_eq!(row["sde@1/window_start"].as_f64(), Some(1.0), "{row}");
@@ -160,7 +148,7 @@ fn should_raise_an_easy_reward_with_mixgrpo() {
         &tmpdir("mixgrpo-rise").join("runs"),
         &["iterations=12"],
     );
-    let r: Vec<f64> = rows(&run)
+    let r: Vec<f64> = metrics_without_timings(&run)
         .iter()
         .map(|r| r["score/reward_mean"].as_f64().unwrap())
         .collect();

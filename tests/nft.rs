@@ -3,21 +3,7 @@
 //! flow_model's EMA, comes back from the checkpoint) equals an uninterrupted one.
 
 mod common;
-use common::{metrics, root, run_new, text, tmpdir};
-
-use std::path::Path;
-
-/// Timings differ between runs; everything else must not.
-fn rows(run: &Path) -> Vec<serde_json::Value> {
-    metrics(run)
-        .into_iter()
-        .map(|mut r| {
-            let o = r.as_object_mut().unwrap();
-            o.retain(|k, _| !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_"));
-            r
-        })
-        .collect()
-}
+use common::{metrics_without_timings, root, run_new, text, tmpdir};
 
 #[test]
 fn should_train_with_diffusion_nft_and_resume_exactly() {
@@ -28,7 +14,7 @@ fn should_train_with_diffusion_nft_and_resume_exactly() {
         &dir.join("straight"),
         &["iterations=3", "checkpoint_every=1"],
     );
-    let a = rows(&straight);
+    let a = metrics_without_timings(&straight);
     assert_eq!(a.len(), 3);
     for r in &a {
         let loss = r["update/loss"].as_f64().unwrap();
@@ -56,7 +42,7 @@ fn should_train_with_diffusion_nft_and_resume_exactly() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
         a,
-        rows(&resumed),
+        metrics_without_timings(&resumed),
         "a resumed DiffusionNFT run differs from an uninterrupted one"
     );
 }
@@ -70,7 +56,7 @@ fn should_raise_an_easy_reward_with_diffusion_nft() {
         &tmpdir("nft-rise").join("runs"),
         &["iterations=12", "nodes.update.params.steps=4"],
     );
-    let r: Vec<f64> = rows(&run)
+    let r: Vec<f64> = metrics_without_timings(&run)
         .iter()
         .map(|r| r["score/reward_mean"].as_f64().unwrap())
         .collect();

@@ -45,6 +45,23 @@ pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// [`metrics`] without the timings (`time/…`, `…_s`, `…/s_…`), which differ between runs:
+/// what a resumed or repeated run must reproduce exactly.
+#[allow(dead_code)]
+pub fn metrics_without_timings(run_dir: &Path) -> Vec<serde_json::Value> {
+    metrics(run_dir)
+        .into_iter()
+        .map(|mut r| {
+            if let Some(o) = r.as_object_mut() {
+                o.retain(|k, _| {
+                    !k.starts_with("time/") && !k.ends_with("_s") && !k.contains("/s_")
+                });
+            }
+            r
+        })
+        .collect()
+}
+
 /// The one run directory under `runs` (a test that started exactly one run).
 pub fn only_run_dir(runs: &Path) -> PathBuf {
     let dirs: Vec<PathBuf> = fs::read_dir(runs)

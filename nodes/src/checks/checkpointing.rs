@@ -7,11 +7,7 @@ use crate::flow_model::CHECKPOINTING_ARCH;
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut diags = Diagnostics::default();
-    for r in p
-        .resources
-        .iter()
-        .filter(|r| r.ty == crate::flow_model::TYPE)
-    {
+    for r in super::flow_models(p) {
         let on = r.params.bool("activation_checkpointing").unwrap_or(false);
         if on && r.params.str("arch").unwrap_or("shapes_unet") != "sd3" {
             diags.push(

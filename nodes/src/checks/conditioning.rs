@@ -11,11 +11,7 @@ use crate::model::text_embeddings::PromptEmbeddings;
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut diags = Diagnostics::default();
-    let policies: Vec<_> = p
-        .resources
-        .iter()
-        .filter(|r| r.ty == crate::flow_model::TYPE)
-        .collect();
+    let policies: Vec<_> = super::flow_models(p).collect();
     for n in p.nodes.iter().filter(|n| n.ty == "prompt_loader") {
         let embeddings = n.params.opt_str("embeddings").ok().flatten();
         let path = n.params.opt_str("path").ok().flatten();

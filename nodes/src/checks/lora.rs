@@ -16,11 +16,7 @@ use crate::world;
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut diags = Diagnostics::default();
-    for r in p
-        .resources
-        .iter()
-        .filter(|r| r.ty == crate::flow_model::TYPE)
-    {
+    for r in super::flow_models(p) {
         let Ok(value) = r.params.json("lora") else {
             continue;
         };

@@ -137,11 +137,7 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
     let mut graph = 0.0f64;
     let mut keep = false;
     let mut sizes = Vec::new();
-    for r in p
-        .resources
-        .iter()
-        .filter(|r| r.ty == crate::flow_model::TYPE)
-    {
+    for r in super::flow_models(p) {
         // Calibrated on the ShapeWorld UNet only: no estimate for other architectures.
         if r.params.str("arch").is_ok_and(|a| a != "shapes_unet") {
             return None;

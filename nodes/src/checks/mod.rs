@@ -2,6 +2,7 @@
 //! single parameter shows (a schedule across repeat steps, the memory a run will need).
 
 use runner::Registry;
+use runner::compile::{Pipeline, ResourceInst};
 
 pub mod checkpointing;
 pub mod conditioning;
@@ -19,4 +20,11 @@ pub fn register(r: &mut Registry) {
     r.checks.push(checkpointing::check);
     r.checks.push(window::check);
     r.checks.push(nft::check);
+}
+
+/// The pipeline's `flow_model` resources.
+pub fn flow_models(p: &Pipeline) -> impl Iterator<Item = &ResourceInst> {
+    p.resources
+        .iter()
+        .filter(|r| r.ty == crate::flow_model::TYPE)
 }

@@ -349,27 +349,72 @@ impl Sd3Transformer {
         scale: f32,
     ) -> anyhow::Result<Tensor<4>> {
         let [b, _, _, _] = x.dims();
-        let (v_cond, v_uncond) = if prompt_embeds.dims()[1] == negative_prompt_embeds.dims()[1] {
-            self.check_inputs(
-                &x.dims(),
-                &sigma.dims(),
-                &negative_prompt_embeds.dims(),
-                &negative_pooled.dims(),
-            )?;
-            let v = self.try_forward(
-                Tensor::cat(vec![x.clone(), x], 0),
-                Tensor::cat(vec![sigma.clone(), sigma], 0),
-                Tensor::cat(vec![prompt_embeds, negative_prompt_embeds], 0),
-                Tensor::cat(vec![pooled, negative_pooled], 0),
-            )?;
-            (v.clone().slice_dim(0, 0..b), v.slice_dim(0, b..2 * b))
-        } else {
-            let v_cond = self.try_forward(x.clone(), sigma.clone(), prompt_embeds, pooled)?;
-            let v_uncond = self.try_forward(x, sigma, negative_prompt_embeds, negative_pooled)?;
-            (v_cond, v_uncond)
-        };
-        Ok(v_uncond.clone() + (v_cond - v_uncond).mul_scalar(scale))
+        let outputs = self
+            .cfg_forwards(
+                x,
+                sigma,
+                prompt_embeds,
+                pooled,
+                negative_prompt_embeds,
+                negative_pooled,
+            )?
+            .into_iter()
+            .map(|(x, s, p, q)| self.try_forward(x, s, p, q))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(cfg_combine(outputs, b, scale))
     }
+
+    /// The forwards classifier-free guidance runs, as (x, σ, prompt_embeds, pooled): one of
+    /// batch 2B (the conditional rows first) when the prompt and the negative prompt have the
+    /// same length, else the conditional and then the unconditional one. The negative branch's
+    /// shapes are checked first (batching concatenates them).
+    pub fn cfg_forwards(
+        &self,
+        x: Tensor<4>,
+        sigma: Tensor<1>,
+        prompt_embeds: Tensor<3>,
+        pooled: Tensor<2>,
+        negative_prompt_embeds: Tensor<3>,
+        negative_pooled: Tensor<2>,
+    ) -> anyhow::Result<Vec<ForwardInputs>> {
+        self.check_inputs(
+            &x.dims(),
+            &sigma.dims(),
+            &negative_prompt_embeds.dims(),
+            &negative_pooled.dims(),
+        )?;
+        Ok(
+            if prompt_embeds.dims()[1] == negative_prompt_embeds.dims()[1] {
+                vec![(
+                    Tensor::cat(vec![x.clone(), x], 0),
+                    Tensor::cat(vec![sigma.clone(), sigma], 0),
+                    Tensor::cat(vec![prompt_embeds, negative_prompt_embeds], 0),
+                    Tensor::cat(vec![pooled, negative_pooled], 0),
+                )]
+            } else {
+                vec![
+                    (x.clone(), sigma.clone(), prompt_embeds, pooled),
+                    (x, sigma, negative_prompt_embeds, negative_pooled),
+                ]
+            },
+        )
+    }
+}
+
+/// One forward's inputs: (x [B, C, H, W], σ [B], prompt_embeds [B, L, J], pooled [B, P]).
+pub type ForwardInputs = (Tensor<4>, Tensor<1>, Tensor<3>, Tensor<2>);
+
+/// The guided velocity `v_u + s·(v_c − v_u)` [b, C, H, W] from the outputs of
+/// [`Sd3Transformer::cfg_forwards`]' forwards, in their order.
+pub fn cfg_combine(outputs: Vec<Tensor<4>>, b: usize, scale: f32) -> Tensor<4> {
+    let (v_cond, v_uncond) = match <[Tensor<4>; 2]>::try_from(outputs) {
+        Ok([c, u]) => (c, u),
+        Err(mut one) => {
+            let v = one.remove(0);
+            (v.clone().slice_dim(0, 0..b), v.slice_dim(0, b..2 * b))
+        }
+    };
+    v_uncond.clone() + (v_cond - v_uncond).mul_scalar(scale)
 }
 
 #[cfg(test)]

@@ -7,6 +7,20 @@ use burn::tensor::{Device, Tensor};
 use super::{Sd3Config, Sd3Transformer};
 use crate::model::{Checkpointed, Conditioning, VelocityModel};
 
+/// The prompt's embeddings and pooled vector, and the negative prompt's broadcast to the batch:
+/// the text inputs of a guided forward.
+fn cfg_text(cond: &Conditioning) -> Result<(Tensor<3>, Tensor<2>, Tensor<3>, Tensor<2>)> {
+    let text = cond.text(Sd3Transformer::ARCH)?;
+    let [b, l, d] = text.prompt_embeds.dims();
+    let [_, p] = text.pooled.dims();
+    Ok((
+        text.prompt_embeds.clone(),
+        text.pooled.clone(),
+        text.negative_embeds.clone().expand([b, l, d]),
+        text.negative_pooled.clone().expand([b, p]),
+    ))
+}
+
 impl VelocityModel for Sd3Transformer {
     type Config = Sd3Config;
     const ARCH: &'static str = "sd3";
@@ -50,18 +64,8 @@ impl VelocityModel for Sd3Transformer {
         if scale <= 1.0 {
             return self.velocity(x, t, cond);
         }
-        let text = cond.text(Self::ARCH)?;
-        let [b, l, d] = text.prompt_embeds.dims();
-        let [_, p] = text.pooled.dims();
-        self.try_forward_cfg(
-            x,
-            t,
-            text.prompt_embeds.clone(),
-            text.pooled.clone(),
-            text.negative_embeds.clone().expand([b, l, d]),
-            text.negative_pooled.clone().expand([b, p]),
-            scale,
-        )
+        let (pe, pooled, npe, npooled) = cfg_text(cond)?;
+        self.try_forward_cfg(x, t, pe, pooled, npe, npooled, scale)
     }
 
     fn velocity_cfg_checkpointed(
@@ -71,19 +75,9 @@ impl VelocityModel for Sd3Transformer {
         cond: &Conditioning,
         scale: f32,
     ) -> Result<Option<Checkpointed<'_>>> {
-        let text = cond.text(Self::ARCH)?;
-        let [b, l, d] = text.prompt_embeds.dims();
-        let [_, p] = text.pooled.dims();
-        self.forward_cfg_checkpointed(
-            x,
-            t,
-            text.prompt_embeds.clone(),
-            text.pooled.clone(),
-            text.negative_embeds.clone().expand([b, l, d]),
-            text.negative_pooled.clone().expand([b, p]),
-            scale,
-        )
-        .map(Some)
+        let (pe, pooled, npe, npooled) = cfg_text(cond)?;
+        self.forward_cfg_checkpointed(x, t, pe, pooled, npe, npooled, scale)
+            .map(Some)
     }
 
     fn check_state(&self, shape: [usize; 3]) -> Result<()> {

@@ -10,7 +10,7 @@ use anyhow::{Result, ensure};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 
-use super::Sd3Transformer;
+use super::{Sd3Transformer, cfg_combine};
 use crate::model::{Checkpointed, Recompute};
 
 /// `t` on the autodiff device `ad`, as a leaf whose gradient is kept.
@@ -147,25 +147,20 @@ impl Sd3Transformer {
             return Ok(Checkpointed::new(part.output.clone(), vec![part]));
         }
         let [b, _, _, _] = x.dims();
-        let guided = |c: Tensor<4>, u: Tensor<4>| u.clone() + (c - u).mul_scalar(scale);
-        if prompt_embeds.dims()[1] == negative_prompt_embeds.dims()[1] {
-            let part = self.forward_checkpointed(
-                Tensor::cat(vec![x.clone(), x], 0),
-                Tensor::cat(vec![sigma.clone(), sigma], 0),
-                Tensor::cat(vec![prompt_embeds, negative_prompt_embeds], 0),
-                Tensor::cat(vec![pooled, negative_pooled], 0),
-            )?;
-            let v = part.output.clone();
-            let velocity = guided(v.clone().slice_dim(0, 0..b), v.slice_dim(0, b..2 * b));
-            Ok(Checkpointed::new(velocity, vec![part]))
-        } else {
-            let cond =
-                self.forward_checkpointed(x.clone(), sigma.clone(), prompt_embeds, pooled)?;
-            let uncond =
-                self.forward_checkpointed(x, sigma, negative_prompt_embeds, negative_pooled)?;
-            let velocity = guided(cond.output.clone(), uncond.output.clone());
-            Ok(Checkpointed::new(velocity, vec![cond, uncond]))
-        }
+        let parts = self
+            .cfg_forwards(
+                x,
+                sigma,
+                prompt_embeds,
+                pooled,
+                negative_prompt_embeds,
+                negative_pooled,
+            )?
+            .into_iter()
+            .map(|(x, s, p, q)| self.forward_checkpointed(x, s, p, q))
+            .collect::<Result<Vec<_>>>()?;
+        let outputs = parts.iter().map(|p| p.output.clone()).collect();
+        Ok(Checkpointed::new(cfg_combine(outputs, b, scale), parts))
     }
 }
 

@@ -1,8 +1,20 @@
 //! With the `tch` feature: compiles `src/model/vjp.cpp` (libtorch's backward with given output
-//! gradients, which tch does not expose) against the libtorch that torch-sys found.
+//! gradients, which tch does not expose) and `src/dist/c10d.cpp` (libtorch's c10d: the
+//! TCPStore rendezvous and the Gloo / NCCL process groups of data-parallel runs) against the
+//! libtorch that torch-sys found.
+//!
+//! Gloo needs Gloo's own headers, which PyPI's torch wheel does not ship (Debian:
+//! `apt-get install libgloo-dev`; elsewhere `GLOO_INCLUDE_DIR`). NCCL needs `nccl.h` (the
+//! nvidia-nccl wheel torch depends on, or `NCCL_INCLUDE_DIR`) and the CUDA runtime's headers
+//! (`CUDA_INCLUDE_DIR`, with `crt/host_config.h`). Without them the shim is built without that
+//! process group, and a run that needs it says so.
 
 fn main() {
     println!("cargo:rerun-if-changed=src/model/vjp.cpp");
+    println!("cargo:rerun-if-changed=src/dist/c10d.cpp");
+    for v in ["GLOO_INCLUDE_DIR", "NCCL_INCLUDE_DIR", "CUDA_INCLUDE_DIR"] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     #[cfg(feature = "tch")]
     vjp_shim();
@@ -30,4 +42,78 @@ fn vjp_shim() {
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .file("src/model/vjp.cpp")
         .compile("flowrun_vjp");
+    c10d_shim(root, &abi);
+}
+
+/// The first directory that holds `file`: the environment variable's, else the candidates.
+#[cfg(feature = "tch")]
+fn header_dir(
+    var: &str,
+    file: &str,
+    candidates: &[std::path::PathBuf],
+) -> Option<std::path::PathBuf> {
+    std::env::var_os(var)
+        .map(std::path::PathBuf::from)
+        .into_iter()
+        .chain(candidates.iter().cloned())
+        .find(|d| d.join(file).is_file())
+}
+
+#[cfg(feature = "tch")]
+fn c10d_shim(root: &std::path::Path, abi: &str) {
+    use std::path::PathBuf;
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .file("src/dist/c10d.cpp");
+    let gloo = header_dir(
+        "GLOO_INCLUDE_DIR",
+        "gloo/config.h",
+        &[
+            PathBuf::from("/usr/include"),
+            PathBuf::from("/usr/local/include"),
+        ],
+    );
+    match &gloo {
+        Some(d) => {
+            build.include(d).define("USE_C10D_GLOO", None);
+        }
+        None => println!(
+            "cargo:warning=Gloo's headers not found (apt-get install libgloo-dev, or set \
+             GLOO_INCLUDE_DIR): data-parallel runs on CPU will be unavailable"
+        ),
+    }
+    // torch's site-packages directory holds the nvidia-* wheels beside it.
+    let site = root.parent().map(PathBuf::from).unwrap_or_default();
+    let nccl = header_dir(
+        "NCCL_INCLUDE_DIR",
+        "nccl.h",
+        &[site.join("nvidia/nccl/include")],
+    );
+    let cuda = header_dir(
+        "CUDA_INCLUDE_DIR",
+        "crt/host_config.h",
+        &[
+            site.join("nvidia/cuda_nvcc/include"),
+            site.join("nvidia/cuda_runtime/include"),
+            PathBuf::from("/usr/local/cuda/include"),
+        ],
+    );
+    // ProcessGroupNCCL.hpp pulls in the CUDA runtime's headers, and through them CCCL's.
+    let cuda = cuda.filter(|c| c.join("nv/target").is_file());
+    if let (Some(n), Some(c)) = (&nccl, &cuda) {
+        build
+            .include(n)
+            .include(c)
+            .include(site.join("nvidia/cuda_runtime/include"))
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None);
+    }
+    build.compile("flowrun_c10d");
 }

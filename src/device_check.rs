@@ -73,6 +73,9 @@ fn median_time(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64>
 /// Run the check; returns an error (non-zero exit) when the device disagrees with flex.
 pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -> Result<()> {
     let kind = parse_device(device_name).map_err(anyhow::Error::msg)?;
+    if is_peer() {
+        return run_peer(device_name);
+    }
     if !checkpoint.is_file() {
         bail!(
             "checkpoint {} not found (pass --checkpoint FILE)",
@@ -156,6 +159,104 @@ pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -
     if diff.is_nan() || diff > tol {
         bail!("{device_name} disagrees with flex: {diff:.3e} > {tol:.0e}");
     }
+    collective_check(device_name)?;
     println!("ok");
     Ok(())
+}
+
+/// Set in the second process `device-check` starts to measure the collective over loopback.
+const PEER_VAR: &str = "FLOWRUN_DEVICE_CHECK_PEER";
+
+/// The collective backend data-parallel runs of this device use, and its measured all-reduce.
+/// Under a launcher (WORLD_SIZE > 1) between the launched ranks; otherwise between this
+/// process and a second one it starts on loopback.
+fn collective_check(device_name: &str) -> Result<()> {
+    let backend = match nodes::dist::backend_for(device_name) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("collective: none ({e:#})");
+            return Ok(());
+        }
+    };
+    let (env, peer) = match runner::LaunchEnv::from_env()? {
+        Some(env) => (env, None),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let env = runner::LaunchEnv {
+                rank: 0,
+                world: 2,
+                local_rank: 0,
+                master_addr: "127.0.0.1".into(),
+                master_port: port,
+            };
+            let peer = std::process::Command::new(std::env::current_exe()?)
+                .args(["device-check", "--device", device_name])
+                .env(PEER_VAR, "1")
+                .env("RANK", "1")
+                .env("WORLD_SIZE", "2")
+                .env("LOCAL_RANK", "0")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting the loopback peer")?;
+            (env, Some(peer))
+        }
+    };
+    let c = nodes::dist::connect(&env, device_name)?;
+    let lead = env.rank == 0;
+    let world = env.world;
+    for n in [1usize << 16, 1 << 22] {
+        let mut buf = vec![1f32; n];
+        c.all_reduce_sum(&mut buf)?; // warm-up (connections, buffers)
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            c.all_reduce_sum(&mut buf)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let t = times[times.len() / 2];
+        let bytes = (n * 4) as f64;
+        // The bus bandwidth convention of nccl-tests: 2(W−1)/W of the buffer crosses each link.
+        let bus = bytes * 2.0 * (world - 1) as f64 / world as f64 / t;
+        if lead {
+            println!(
+                "collective: {backend} (c10d), {world} processes{}: all-reduce of {:.1} MiB: median {:.2} ms, bus bandwidth {:.2} GB/s",
+                if peer.is_some() { " on loopback" } else { "" },
+                bytes / (1 << 20) as f64,
+                t * 1e3,
+                bus / 1e9
+            );
+        }
+    }
+    c.barrier()?;
+    if let Some(mut p) = peer {
+        let st = p.wait()?;
+        if !st.success() {
+            bail!("the loopback peer of the collective check failed ({st})");
+        }
+    }
+    Ok(())
+}
+
+/// The peer half of [`collective_check`]: only the collective.
+pub fn is_peer() -> bool {
+    std::env::var_os(PEER_VAR).is_some()
+}
+
+/// Run as [`collective_check`]'s loopback peer.
+pub fn run_peer(device_name: &str) -> Result<()> {
+    let env = runner::LaunchEnv::from_env()?
+        .ok_or_else(|| anyhow::anyhow!("the collective check's peer needs WORLD_SIZE and RANK"))?;
+    let c = nodes::dist::connect(&env, device_name)?;
+    for n in [1usize << 16, 1 << 22] {
+        let mut buf = vec![1f32; n];
+        for _ in 0..6 {
+            c.all_reduce_sum(&mut buf)?;
+        }
+    }
+    c.barrier()
 }

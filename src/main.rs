@@ -546,17 +546,57 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             return ExitCode::from(2);
         }
     };
-    let (pipeline, warnings) = match runner::load(&path, &overrides, registry) {
+    // A data-parallel run: the launcher's variables (torchrun, Slurm, PyTorchJob).
+    let launch = match runner::LaunchEnv::from_env() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("flowrun: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let (mut pipeline, mut warnings) = match runner::load(&path, &overrides, registry) {
         Ok(x) => x,
         Err(d) => {
             print_diags(&d);
             return ExitCode::from(2);
         }
     };
-    print_diags(&warnings);
-    let progress =
-        !args.quiet && args.log_format == LogFormat::Text && std::io::stderr().is_terminal();
+    if let Some(l) = &launch
+        && pipeline.device == "libtorch-cuda"
+    {
+        // One GPU per process: `libtorch-cuda` without an index is this node's LOCAL_RANK.
+        overrides.push(format!("device=libtorch-cuda:{}", l.local_rank));
+        (pipeline, warnings) = match runner::load(&path, &overrides, registry) {
+            Ok(x) => x,
+            Err(d) => {
+                print_diags(&d);
+                return ExitCode::from(2);
+            }
+        };
+    }
+    let lead = launch.as_ref().is_none_or(|l| l.rank == 0);
+    if lead {
+        print_diags(&warnings);
+    }
+    let progress = lead
+        && !args.quiet
+        && args.log_format == LogFormat::Text
+        && std::io::stderr().is_terminal();
     logging::init(args.log_format == LogFormat::Json, args.verbose, args.quiet);
+    let collective = match &launch {
+        None => None,
+        Some(l) => match nodes::dist::connect(l, &pipeline.device) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("flowrun: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let rank_prefix = match &launch {
+        Some(l) => format!("rank {}: ", l.rank),
+        None => String::new(),
+    };
     let opts = RunOptions {
         runs_root: args.runs_dir.clone(),
         resume: args.resume.clone(),
@@ -567,8 +607,9 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
         time_limit_s: args.time_limit,
         // One line naming the run directory and how to watch it; `--log-format json` gets the
         // engine's `run started` record instead, and `--quiet` neither.
-        on_start: (!args.quiet && args.log_format == LogFormat::Text)
+        on_start: (lead && !args.quiet && args.log_format == LogFormat::Text)
             .then(|| Arc::new(|i: &StartInfo| eprintln!("{}", start_line(i))) as _),
+        collective,
         ..RunOptions::default()
     };
     let name = pipeline.name.clone();
@@ -600,7 +641,9 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
     match result {
         Ok(s) => {
             let dir = s.run_dir.display();
-            if s.stopped_early {
+            if !lead {
+                // Rank 0 tells how the run ended.
+            } else if s.stopped_early {
                 eprintln!(
                     "stopped after iteration {}/{}{}; checkpoint written.",
                     s.last_iteration,
@@ -612,7 +655,7 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
                     }
                 );
                 eprintln!("resume with:\n  flowrun run --resume {dir}");
-            } else if !args.quiet {
+            } else if !args.quiet && lead {
                 eprintln!(
                     "`{name}` finished {} iterations; run directory: {dir}",
                     s.iterations
@@ -621,7 +664,7 @@ fn cmd_run(pipeline: Option<&Path>, args: &RunArgs, registry: &Registry) -> Exit
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("flowrun: error: {e}");
+            eprintln!("flowrun: {rank_prefix}error: {e}");
             if let Some(dir) = &e.run_dir {
                 match &e.checkpoint {
                     Some(ck) => eprintln!(

@@ -107,7 +107,9 @@ impl Node for Renoiser {
         let device = pred.x_t.device();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
         let eps = tensor_from_vec(
-            sample_standard_normal(&mut rng, b * c * h * w),
+            crate::dist::shard_rows(ctx.rank(), ctx.world(), b, c * h * w, |n| {
+                sample_standard_normal(&mut rng, n)
+            }),
             [b, c, h, w],
             &device,
         );

@@ -38,6 +38,14 @@ pub fn register(r: &mut Registry) {
         }],
         factory: |ctx| {
             let p = ctx.params;
+            let batch = p.usize("batch")?;
+            if !batch.is_multiple_of(ctx.world) {
+                anyhow::bail!(
+                    "`batch: {batch}` does not split evenly over the run's {} processes: make \
+                     it a multiple of WORLD_SIZE",
+                    ctx.world
+                );
+            }
             Ok(Box::new(FlowMatchingTrain {
                 batch: p.usize("batch")?,
                 steps: p.usize("steps")?,
@@ -60,25 +68,40 @@ impl Node for FlowMatchingTrain {
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("batch"));
         let start = Instant::now();
         let (mut loss, mut gnorm, mut lr) = (0.0, 0.0, 0.0);
+        // A data-parallel rank draws the whole global batch (the same stream as one process)
+        // and trains on its rows of it.
+        let (rank, ranks) = (ctx.rank(), ctx.world());
         for _ in 0..self.steps {
-            let b = self.batch;
-            let mut images = Vec::with_capacity(b * IMAGE_LEN);
-            let mut tokens = Vec::with_capacity(b * world::MAX_TOKENS);
-            for _ in 0..b {
+            let b = self.batch / ranks;
+            let rows = |v: Vec<_>, per: usize| crate::dist::shard_rows(rank, ranks, b, per, |_| v);
+            let mut images = Vec::with_capacity(self.batch * IMAGE_LEN);
+            let mut tokens = Vec::with_capacity(self.batch * world::MAX_TOKENS);
+            for _ in 0..self.batch {
                 let ex = world::sample_training_example(&mut rng)?;
                 images.extend_from_slice(&ex.image);
                 tokens.extend(ex.tokens.iter().map(|&t| t as i64));
             }
-            let noise = sample_standard_normal(&mut rng, b * IMAGE_LEN);
-            let t = sample_logit_normal(&mut rng, b, self.t_mean, self.t_std);
+            let noise = sample_standard_normal(&mut rng, self.batch * IMAGE_LEN);
+            let t = sample_logit_normal(&mut rng, self.batch, self.t_mean, self.t_std);
+            let (images, noise) = (rows(images, IMAGE_LEN), rows(noise, IMAGE_LEN));
+            let t: Vec<f32> = crate::dist::shard_rows(rank, ranks, b, 1, |_| t);
+            let tokens: Vec<i64> =
+                crate::dist::shard_rows(rank, ranks, b, world::MAX_TOKENS, |_| tokens);
             let stats = ctx.write("model", |m: &mut FlowModelRes| {
                 let trainer = &mut m.unet_mut("flow_matching_train")?.trainer;
+                trainer.set_shard(rank, ranks);
                 let dev = trainer.device().clone();
                 let x0 = tensor_from_vec(images, [b, 3, 32, 32], &dev);
                 let eps = tensor_from_vec(noise, [b, 3, 32, 32], &dev);
                 let tt = tensor_from_vec(t, [b], &dev);
                 let tok = int_tensor_from_vec(tokens, [b, world::MAX_TOKENS], &dev);
-                Ok(trainer.step_with_stats(x0, eps, tt, tok))
+                trainer.flow_matching_step_sharded(
+                    x0,
+                    eps,
+                    tt,
+                    crate::model::Conditioning::Tokens(tok),
+                    ctx.collective(),
+                )
             })?;
             if !stats.loss.is_finite() {
                 anyhow::bail!(
@@ -91,10 +114,12 @@ impl Node for FlowMatchingTrain {
             lr = stats.lr;
         }
         let n = self.steps as f64;
-        ctx.metric("loss", loss / n);
-        ctx.metric("grad_norm", gnorm / n);
-        ctx.metric("lr", lr);
-        ctx.metric(
+        // The loss and gradient norm are the global batch's (reduced in the step).
+        ctx.metric_global("loss", loss / n);
+        ctx.metric_global("grad_norm", gnorm / n);
+        ctx.metric_global("lr", lr);
+        // Every rank trains its share in the same time: the run's rate.
+        ctx.metric_global(
             "images_per_s",
             (self.batch * self.steps) as f64 / start.elapsed().as_secs_f64(),
         );

@@ -665,6 +665,12 @@ impl Resource for FlowModelRes {
         let (device, config) = (self.device.clone(), self.config.clone());
         with_policy!(&mut self.policy, p => p.load(dir, &device, &config))
     }
+    fn broadcast(&mut self, c: &dyn runner::Collective) -> Result<()> {
+        with_policy!(&mut self.policy, p => p.trainer.broadcast_from(c, 0))
+    }
+    fn digest(&self) -> Result<Option<Vec<u8>>> {
+        with_policy!(&self.policy, p => p.trainer.digest().map(Some))
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -194,7 +194,9 @@ impl Node for FlowSdeStep {
         let eps = if k.is_stochastic() {
             let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
             tensor_from_vec(
-                sample_standard_normal(&mut rng, b * c * h * w),
+                crate::dist::shard_rows(ctx.rank(), ctx.world(), b, c * h * w, |n| {
+                    sample_standard_normal(&mut rng, n)
+                }),
                 [b, c, h, w],
                 &device,
             )

@@ -72,7 +72,10 @@ impl Node for GaussianNoise {
         let b = inputs.get::<PromptBatch>("prompts")?.len();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("noise"));
         let [c, h, w] = self.shape;
-        let v = sample_standard_normal(&mut rng, b * c * h * w);
+        // This rank's rows of the global batch's noise (all of it in a single process).
+        let v = crate::dist::shard_rows(ctx.rank(), ctx.world(), b, c * h * w, |n| {
+            sample_standard_normal(&mut rng, n)
+        });
         let x = Images {
             tensor: tensor_from_vec(v, [b, c, h, w], &self.device),
             t: 1.0,

@@ -133,6 +133,9 @@ pub struct UpdateStats {
     pub reference_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Data-parallel runs: the gradients' all-reduce over the ranks (with its wait for the
+    /// slowest rank).
+    pub allreduce_s: f64,
 }
 
 /// Rows `idx` of a state tensor, on its own device (no copy when `idx` is the whole batch in
@@ -236,10 +239,25 @@ impl GrpoUpdate {
         prompts: &PromptBatch,
         seed: u64,
     ) -> Result<UpdateStats> {
+        self.update_sharded(m, transitions, adv, prompts, seed, None)
+    }
+
+    /// [`update`](Self::update) as one rank of a data-parallel run: `prompts` are this rank's
+    /// rows of the global batch (every rank holds as many), minibatches are drawn over the
+    /// global batch, and each optimizer step's gradients are summed over the ranks.
+    pub fn update_sharded(
+        &self,
+        m: &mut FlowModelRes,
+        transitions: &[&Transition],
+        adv: &Advantages,
+        prompts: &PromptBatch,
+        seed: u64,
+        dist: Option<&dyn runner::Collective>,
+    ) -> Result<UpdateStats> {
         let plain = m.device.clone();
         let checkpointing = m.activation_checkpointing;
         crate::with_policy!(&mut m.policy, p => {
-            self.update_policy(p, &plain, checkpointing, transitions, adv, prompts, seed)
+            self.update_policy(p, &plain, checkpointing, transitions, adv, prompts, seed, dist)
         })
     }
 
@@ -256,8 +274,12 @@ impl GrpoUpdate {
         adv: &Advantages,
         prompts: &PromptBatch,
         seed: u64,
+        dist: Option<&dyn runner::Collective>,
     ) -> Result<UpdateStats> {
         let b = prompts.len();
+        // This rank's rows are [offset, offset + b) of a global batch of `global` samples.
+        let (world, offset) = dist.map_or((1, 0), |c| (c.world(), c.rank() * b));
+        let global = b * world;
         let mut host = Vec::new();
         for (k, tr) in transitions.iter().enumerate() {
             if !tr.kernel.is_stochastic() {
@@ -300,9 +322,9 @@ impl GrpoUpdate {
             None
         };
         let mb = if self.minibatch == 0 {
-            b
+            global
         } else {
-            self.minibatch.min(b)
+            self.minibatch.min(global)
         };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut st = UpdateStats {
@@ -314,21 +336,39 @@ impl GrpoUpdate {
         let mut reused = 0usize;
         let nt = host.len() as f32;
         for epoch in 0..self.epochs {
-            let mut order: Vec<usize> = (0..b).collect();
+            let mut order: Vec<usize> = (0..global).collect();
             if epoch > 0 || self.minibatch > 0 {
                 order.shuffle(&mut rng);
             }
-            let chunks: Vec<&[usize]> = order.chunks(mb).collect();
+            // Each global minibatch's rows that live on this rank, as local indices (all of
+            // them in a single process; possibly none on a rank).
+            // (local rows, the global minibatch's size)
+            let chunks: Vec<(Vec<usize>, usize)> = order
+                .chunks(mb)
+                .map(|c| {
+                    let local = c
+                        .iter()
+                        .filter(|&&i| (offset..offset + b).contains(&i))
+                        .map(|&i| i - offset)
+                        .collect();
+                    (local, c.len())
+                })
+                .collect();
             for group in chunks.chunks(self.grad_accum.max(1)) {
-                let group_n: usize = group.iter().map(|c| c.len()).sum();
+                // Every rank's rows of these minibatches.
+                let group_n: usize = group.iter().map(|(_, n)| n).sum();
                 let mut grads = GradientsAccumulator::<M>::new();
                 let mut diag = Diagnostics::default();
                 // (minibatch indices, transition, weight) of each of diag's terms.
                 let mut term_of: Vec<(&[usize], &Transition, f32)> = Vec::new();
                 let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
                     (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
-                for idx in group {
-                    let n = idx.len();
+                for (idx, chunk_len) in group {
+                    let (idx, n) = (idx.as_slice(), idx.len());
+                    if n == 0 {
+                        // None of this minibatch lives on this rank.
+                        continue;
+                    }
                     // This minibatch's share of the group's loss (a mean over its samples and
                     // transitions).
                     let w = n as f32 / group_n as f32 / nt;
@@ -362,7 +402,9 @@ impl GrpoUpdate {
                         let kept = tr
                             .graph
                             .as_ref()
-                            .filter(|g| n == b && g.trainer_step == m.trainer.step_count())
+                            .filter(|g| {
+                                *chunk_len == global && g.trainer_step == m.trainer.step_count()
+                            })
                             .and_then(|g| g.take());
                         let from_rollout = kept.is_some();
                         let model = m.trainer.model();
@@ -476,11 +518,15 @@ impl GrpoUpdate {
                 }
                 // The step's diagnostics, in one read, in the order they were computed.
                 let (terms, losses) = diag.read()?;
+                let non_finite = |value: f64| {
+                    anyhow::anyhow!(
+                        "the GRPO loss is {value}; the update is not applied (lower the learning rate or check the rewards)"
+                    )
+                };
                 for value in losses {
-                    if !value.is_finite() {
-                        bail!(
-                            "the GRPO loss is {value}; the update is not applied (lower the learning rate or check the rewards)"
-                        );
+                    // A data-parallel rank decides on the global loss, as every rank does.
+                    if !value.is_finite() && dist.is_none() {
+                        return Err(non_finite(value as f64));
                     }
                     lv += value as f64;
                 }
@@ -507,8 +553,23 @@ impl GrpoUpdate {
                         kl_sum += klv * w as f64;
                     }
                 }
+                let mut grads = grads.grads();
+                if let Some(c) = dist {
+                    // One flat buffer: the gradients, then the step's sums (every rank's share).
+                    let mut sums =
+                        [lv, pg_sum, kl_sum, akl, clipped as f64, rsum].map(|v| v as f32);
+                    let t_reduce = Instant::now();
+                    grads = m.trainer.all_reduce_gradients(grads, c, 1.0, &mut sums)?;
+                    st.allreduce_s += t_reduce.elapsed().as_secs_f64();
+                    [lv, pg_sum, kl_sum, akl] = [sums[0], sums[1], sums[2], sums[3]].map(f64::from);
+                    clipped = sums[4].round() as usize;
+                    rsum = sums[5] as f64;
+                    if !lv.is_finite() {
+                        return Err(non_finite(lv));
+                    }
+                }
                 let t_optimizer = Instant::now();
-                let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
+                let stats = m.trainer.apply_gradients(grads, lv as f32);
                 st.optimizer_s += t_optimizer.elapsed().as_secs_f64();
                 let cnt = (group_n * host.len()) as f64;
                 st.loss += lv;
@@ -522,6 +583,22 @@ impl GrpoUpdate {
                 st.lr = stats.lr;
                 st.steps += 1;
             }
+        }
+        if let Some(c) = dist {
+            // The extremes over every rank (the sums were reduced step by step).
+            let all = runner::dist::all_gather_f64(
+                c,
+                &[
+                    st.ratio_min,
+                    st.ratio_max,
+                    st.first_ratio_max_dev,
+                    st.first_kl,
+                ],
+            )?;
+            st.ratio_min = all.iter().map(|v| v[0]).fold(f64::INFINITY, f64::min);
+            st.ratio_max = all.iter().map(|v| v[1]).fold(f64::NEG_INFINITY, f64::max);
+            st.first_ratio_max_dev = all.iter().map(|v| v[2]).fold(0.0, f64::max);
+            st.first_kl = all.iter().map(|v| v[3]).sum();
         }
         st.graphs_reused = reused;
         st.transitions = host.len();
@@ -548,7 +625,7 @@ impl Node for GrpoUpdate {
         let prompts = inputs.get::<PromptBatch>("prompts")?;
         let seed = ctx.seed_for("minibatches");
         let st = ctx.write("policy", |m: &mut FlowModelRes| {
-            self.update(m, &transitions, adv, prompts, seed)
+            self.update_sharded(m, &transitions, adv, prompts, seed, ctx.collective())
         })?;
         for (k, v) in [
             ("loss", st.loss),
@@ -565,7 +642,12 @@ impl Node for GrpoUpdate {
             ("graphs_reused", st.graphs_reused as f64),
             ("transitions", st.transitions as f64),
         ] {
-            ctx.metric(k, v);
+            // Reduced over the ranks above (rank 0's count of reused graphs).
+            ctx.metric_global(k, v);
+        }
+        if ctx.collective().is_some() {
+            // Rank 0's: how long the update spent in the all-reduce (and waiting for others).
+            ctx.metric_global("allreduce_s", st.allreduce_s);
         }
         for (step, logs) in st.log_ratios {
             ctx.histogram(&format!("log_ratio/step{step}"), logs);

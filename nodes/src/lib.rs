@@ -7,6 +7,7 @@ pub mod annealed_renoiser;
 pub mod checks;
 pub mod compressibility_reward;
 pub mod device;
+pub mod dist;
 pub mod flow_match_schedule;
 pub mod flow_matching_train;
 pub mod flow_model;

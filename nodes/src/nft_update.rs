@@ -59,6 +59,7 @@ pub fn register(r: &mut Registry) {
         ],
         resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: true, doc: "the model to update; its EMA is the old policy" }],
         factory: |ctx| {
+            crate::dist::single_process_only("nft_update", ctx.world)?;
             let p = ctx.params;
             let (t_min, t_max) = (p.f32("t_min")?, p.f32("t_max")?);
             if t_min > t_max {

@@ -94,6 +94,7 @@ pub fn register(r: &mut Registry) {
         ],
         resources: vec![],
         factory: |ctx| {
+            crate::dist::single_process_only("parquet_source", ctx.world)?;
             let p = ctx.params;
             let mut src = ParquetSource::open(
                 Path::new(p.str("dir")?),
@@ -119,6 +120,7 @@ pub fn register(r: &mut Registry) {
         params: vec![ParamDef::int("step", 0, 0, 100_000, "transition step (1-based); 0 = the repeat step")],
         resources: vec![],
         factory: |ctx| {
+            crate::dist::single_process_only("parquet_source", ctx.world)?;
             let step = ctx.params.usize("step")?;
             let (step, count) = match (step, ctx.step) {
                 (0, Some((k, count))) => (k, Some(count)),

@@ -96,9 +96,19 @@ pub fn register(r: &mut Registry) {
                 }
                 (None, Some(path)) => Source::embedded(Path::new(path), category, limit)?,
             };
+            let per_iter = p.usize("prompts_per_iter")?;
+            if !per_iter.is_multiple_of(ctx.world) {
+                bail!(
+                    "`prompts_per_iter: {per_iter}` does not split evenly over the run's {} \
+                     processes (each takes whole prompt groups): make it a multiple of WORLD_SIZE",
+                    ctx.world
+                );
+            }
             Ok(Box::new(PromptLoader {
                 source,
-                per_iter: p.usize("prompts_per_iter")?,
+                rank: ctx.rank,
+                world: ctx.world,
+                per_iter,
                 group: p.usize("group_size")?,
                 shuffle: p.bool("shuffle")?,
                 seed: ctx.seed,
@@ -304,6 +314,8 @@ pub fn make_batch(prompts: &[Arc<PromptRecord>], group: usize) -> Result<PromptB
         tokens: Vec::new(),
         max_tokens: l,
         embeddings: None,
+        sample_offset: 0,
+        group_offset: 0,
     };
     for (g, rec) in prompts.iter().enumerate() {
         let toks = world::tokenize(&rec.prompt)
@@ -426,6 +438,8 @@ pub fn make_embedded_batch(
         member: Vec::new(),
         tokens: Vec::new(),
         max_tokens: 0,
+        sample_offset: 0,
+        group_offset: 0,
         embeddings: Some(Arc::new(GroupEmbeddings {
             prompt_embeds,
             pooled,
@@ -449,6 +463,10 @@ pub fn make_embedded_batch(
 
 struct PromptLoader {
     source: Source,
+    /// Data-parallel runs: every rank walks the same global order and takes its whole
+    /// groups, `per_iter / world` of them.
+    rank: usize,
+    world: usize,
     per_iter: usize,
     group: usize,
     shuffle: bool,
@@ -490,7 +508,13 @@ impl PromptLoader {
 impl Node for PromptLoader {
     fn run(&mut self, ctx: &NodeCtx, _: &Inputs) -> Result<Outputs> {
         let prompts = self.next_prompts();
-        let batch = self.source.batch(&prompts, self.group)?;
+        let share = self.per_iter / self.world;
+        let first = self.rank * share;
+        let mut batch = self
+            .source
+            .batch(&prompts[first..first + share], self.group)?;
+        batch.group_offset = first;
+        batch.sample_offset = first * self.group;
         ctx.metric("epoch", self.epoch as f64);
         Ok(Outputs::new().with("prompts", batch))
     }
@@ -533,6 +557,8 @@ mod tests {
     #[test]
     fn should_walk_epochs_deterministically_and_resume_position() {
         let mk = || PromptLoader {
+            rank: 0,
+            world: 1,
             source: Source::Shapes(recs(5)),
             per_iter: 2,
             group: 1,

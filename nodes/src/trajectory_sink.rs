@@ -60,6 +60,8 @@ removed when the node is built. Writing runs on a writer thread owned by the nod
 queue of `queue` iterations); a write error fails the next iteration. Checkpoints wait for\n\
 the queue to drain, and the last file is flushed when the run ends. On resume, files of\n\
 iterations after the checkpoint move to trajectories/_superseded/ and are written again.\n\
+In a data-parallel run (WORLD_SIZE > 1) each rank writes its own shard,\n\
+iter-000123.rank-R.parquet, with global `sample` and `group`: one glob reads them as one dataset.\n\
 \n\
 Columns (the same in every file; see docs/trajectories.md):\n\
   run_id string         run directory name\n\
@@ -137,8 +139,14 @@ pub fn register(r: &mut Registry) {
             let run_dir = ctx
                 .run_dir
                 .ok_or_else(|| anyhow!("trajectory_sink needs a run directory"))?;
-            TrajectorySink::new(run_dir, tensors, p.usize("queue")?, p.i64("zstd_level")? as i32)
-                .map(|s| Box::new(s) as Box<dyn Node>)
+            TrajectorySink::new_sharded(
+                run_dir,
+                tensors,
+                p.usize("queue")?,
+                p.i64("zstd_level")? as i32,
+                (ctx.rank, ctx.world),
+            )
+            .map(|s| Box::new(s) as Box<dyn Node>)
         },
     });
 }
@@ -174,6 +182,25 @@ pub fn file_name(iteration: u64) -> String {
     format!("iter-{iteration:06}.parquet")
 }
 
+/// The file name of rank `rank`'s shard of an iteration's trajectories in a run of `world`
+/// processes (`iter-000123.rank-1.parquet`; [`file_name`] for a single process).
+pub fn shard_file_name(iteration: u64, rank: usize, world: usize) -> String {
+    if world <= 1 {
+        file_name(iteration)
+    } else {
+        format!("iter-{iteration:06}.rank-{rank}.parquet")
+    }
+}
+
+/// The iteration and rank (None: a single-process file) of a trajectory file name.
+pub fn parse_shard_name(name: &str) -> Option<(u64, Option<usize>)> {
+    let stem = name.strip_prefix("iter-")?.strip_suffix(".parquet")?;
+    match stem.split_once(".rank-") {
+        Some((it, r)) => Some((it.parse().ok()?, Some(r.parse().ok()?))),
+        None => Some((stem.parse().ok()?, None)),
+    }
+}
+
 /// Read a whole trajectory file into one record batch (errors name the file).
 pub fn read_file(path: &Path) -> Result<RecordBatch> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -187,12 +214,10 @@ pub fn read_file(path: &Path) -> Result<RecordBatch> {
     r.with_context(|| format!("cannot read trajectory file {}", path.display()))
 }
 
-/// The iteration of a trajectory file name (`iter-000123.parquet`).
+/// The iteration of a trajectory file name (`iter-000123.parquet`, or a rank's shard
+/// `iter-000123.rank-1.parquet`).
 pub fn parse_file_name(name: &str) -> Option<u64> {
-    name.strip_prefix("iter-")?
-        .strip_suffix(".parquet")?
-        .parse()
-        .ok()
+    parse_shard_name(name).map(|(it, _)| it)
 }
 
 /// The field of a tensor column of states of `shape` [C, H, W]: FixedSizeList<value, C·H·W>
@@ -327,11 +352,25 @@ pub struct TrajectorySink {
     shared: Arc<Shared>,
     /// The last iteration handed to the writer.
     last: u64,
+    /// (rank, world) of a data-parallel run: each rank writes its own shard.
+    shard: (usize, usize),
 }
 
 impl TrajectorySink {
     /// Create the node writing into `<run_dir>/trajectories` (leftover temporaries are removed).
     pub fn new(run_dir: &Path, tensors: TensorMode, queue: usize, zstd_level: i32) -> Result<Self> {
+        Self::new_sharded(run_dir, tensors, queue, zstd_level, (0, 1))
+    }
+
+    /// [`new`](Self::new) for rank `shard.0` of a run of `shard.1` processes: it writes
+    /// `iter-NNNNNN.rank-R.parquet` ([`shard_file_name`]) with global `sample` and `group`.
+    pub fn new_sharded(
+        run_dir: &Path,
+        tensors: TensorMode,
+        queue: usize,
+        zstd_level: i32,
+        shard: (usize, usize),
+    ) -> Result<Self> {
         let dir = run_dir.join(DIR);
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let cleaned = clean_temporaries(&dir);
@@ -354,6 +393,7 @@ impl TrajectorySink {
             run_id,
             tensors,
             props,
+            shard,
         };
         let sh = shared.clone();
         let thread = std::thread::Builder::new()
@@ -366,6 +406,7 @@ impl TrajectorySink {
             thread: Some(thread),
             shared,
             last: 0,
+            shard,
         })
     }
 
@@ -522,6 +563,7 @@ struct Writer {
     run_id: String,
     tensors: TensorMode,
     props: WriterProperties,
+    shard: (usize, usize),
 }
 
 /// Decrements `pending` even if writing panics, so `flush` never hangs.
@@ -559,7 +601,9 @@ fn writer_loop(w: Writer, rx: Receiver<Job>, shared: Arc<Shared>) {
 impl Writer {
     fn write(&self, job: &Job) -> Result<()> {
         let batch = self.record_batch(job)?;
-        let path = self.dir.join(file_name(job.iteration));
+        let path = self
+            .dir
+            .join(shard_file_name(job.iteration, self.shard.0, self.shard.1));
         write_atomic_with(&path, |f| {
             let mut aw = ArrowWriter::try_new(f, batch.schema(), Some(self.props.clone()))?;
             aw.write(&batch)?;
@@ -616,8 +660,9 @@ impl Writer {
             "category",
             strcol(&|i, _| p.records[i].category().to_string()),
         );
-        cols.insert("group", u32col(&|i, _| p.group[i]));
-        cols.insert("sample", u32col(&|i, _| i));
+        // Global indices: a data-parallel rank's shard continues where the previous one ends.
+        cols.insert("group", u32col(&|i, _| p.group[i] + p.group_offset));
+        cols.insert("sample", u32col(&|i, _| i + p.sample_offset));
         cols.insert("member", u32col(&|i, _| p.member[i]));
         cols.insert("step", u32col(&|_, j| j + 1));
         cols.insert("t", f32col(&|_, j| tr[j].t));
@@ -745,7 +790,13 @@ impl Node for TrajectorySink {
         let mut moved = 0;
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if parse_file_name(&name).is_some_and(|it| it > iteration) {
+            // This rank's own files only (each rank rewinds its shards).
+            let own = if self.shard.1 > 1 {
+                Some(self.shard.0)
+            } else {
+                None
+            };
+            if parse_shard_name(&name).is_some_and(|(it, r)| it > iteration && r == own) {
                 runner::rundir::move_aside(&e.path(), &sup)?;
                 moved += 1;
             }

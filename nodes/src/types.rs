@@ -87,6 +87,11 @@ pub struct PromptBatch {
     /// Text-encoder embeddings, one row per group, when the prompts come from an embeddings
     /// file (models conditioned on text embeddings); `None` for token-id prompts.
     pub embeddings: Option<Arc<GroupEmbeddings>>,
+    /// In a data-parallel run, this rank's share of the iteration's global batch starts at
+    /// this sample and this group (0 in a single process): Parquet's `sample` and `group`
+    /// columns are global.
+    pub sample_offset: usize,
+    pub group_offset: usize,
 }
 
 /// Text-encoder embeddings of a batch's prompts, one row per group (prompt), on the host.

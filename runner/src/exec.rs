@@ -47,6 +47,8 @@ pub struct RunOptions {
     /// Called once the run directory exists, before the first iteration (the CLI prints where
     /// the run is and how to watch it).
     pub on_start: Option<OnStart>,
+    /// The process group of a data-parallel run (None: one process): see [`crate::dist`].
+    pub collective: Option<crate::dist::SharedCollective>,
 }
 
 /// See [`RunOptions::on_start`].
@@ -60,6 +62,8 @@ pub struct StartInfo {
     pub event_file: Option<PathBuf>,
     /// The first iteration this part of the run runs.
     pub first_iteration: u64,
+    /// This process's rank (0 in a single-process run).
+    pub rank: usize,
 }
 
 impl Default for RunOptions {
@@ -74,6 +78,7 @@ impl Default for RunOptions {
             handle_ctrl_c: false,
             time_limit_s: None,
             on_start: None,
+            collective: None,
         }
     }
 }
@@ -121,6 +126,8 @@ struct Runtime {
     /// less than [`INLINE_BELOW_S`] run inline on the scheduler's thread: a hop to the blocking
     /// pool costs more than they do.
     last_secs: Vec<f64>,
+    /// The process group of a data-parallel run.
+    collective: Option<crate::dist::SharedCollective>,
 }
 
 /// Nodes faster than this (as last measured) skip the blocking pool. Long enough for glue nodes
@@ -139,35 +146,35 @@ pub fn run(
         run_dir: dir.map(Path::to_path_buf),
         checkpoint: dir.and_then(|d| rundir::newest_verified(d).map(|v| v.dir)),
     };
-    // The run directory, locked for this process before anything in it is touched.
-    let (run_dir, _lock) = match &opts.resume {
-        Some(d) => {
-            let lock = rundir::lock(d).map_err(|e| err(e, None))?;
-            (d.clone(), lock)
-        }
-        None => {
-            let d = create_run_dir(&opts.runs_root, &pipeline.name).map_err(|e| err(e, None))?;
-            let lock = rundir::lock(&d).map_err(|e| err(e, None))?;
-            (d, lock)
+    let world = opts.collective.as_ref().map_or(1, |c| c.world());
+    let rank = opts.collective.as_ref().map_or(0, |c| c.rank());
+    // The run directory and where a resume continues from, decided by rank 0 (and told to
+    // the others) before anything is changed: with no checkpoint that verifies, the run
+    // directory is left as it is.
+    let opened = match &opts.collective {
+        Some(c) if rank != 0 => follow_rank0(c.as_ref(), &opts),
+        _ => {
+            let opened = open_run_dir(&pipeline, &opts, world);
+            match &opts.collective {
+                Some(c) => tell_ranks(c.as_ref(), opened),
+                None => opened,
+            }
         }
     };
-    let rd = Some(run_dir.as_path());
-    // Where a resume continues from, decided before anything is changed: with no checkpoint
-    // that verifies, the run directory is left as it is.
-    let resume_point = match &opts.resume {
-        Some(_) => {
-            let r = rundir::resume_point(&run_dir).map_err(|e| RunError {
+    let (run_dir, _lock, resume_point) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(c) = &opts.collective {
+                c.report_failure(&format!("{e:#}"));
+            }
+            return Err(RunError {
                 error: e,
                 run_dir: None,
                 checkpoint: None,
-            })?;
-            for w in &r.warnings {
-                warn!("{w}");
-            }
-            Some(r)
+            });
         }
-        None => None,
     };
+    let rd = Some(run_dir.as_path());
     let mut started = false;
     let result = start_and_run(
         pipeline,
@@ -180,9 +187,13 @@ pub fn run(
     if let Ok(mut g) = RUN_LOG.lock() {
         *g = None;
     }
+    if let (Err(e), Some(c)) = (&result, &opts.collective) {
+        // The others' next operation fails naming this rank and why.
+        c.report_failure(&format!("{e:#}"));
+    }
     match result {
         Ok(s) => Ok(s),
-        Err(e) if opts.resume.is_none() && !started => {
+        Err(e) if opts.resume.is_none() && !started && rank == 0 => {
             // A new run that failed while starting (building its nodes, say) leaves nothing
             // behind; one that failed in an iteration keeps its log.
             let _ = fs::remove_dir_all(&run_dir);
@@ -190,6 +201,104 @@ pub fn run(
         }
         Err(e) => Err(err(e, rd)),
     }
+}
+
+/// What a run opens: its directory, the lock (rank 0), and where a resume continues from.
+type Opened = (
+    PathBuf,
+    Option<rundir::RunLock>,
+    Option<rundir::ResumePoint>,
+);
+
+/// Rank 0 (or a single process): create or lock the run directory, find the resume point,
+/// and check that the checkpoint was written by a run of as many processes.
+fn open_run_dir(pipeline: &Pipeline, opts: &RunOptions, world: usize) -> Result<Opened> {
+    let (run_dir, lock) = match &opts.resume {
+        Some(d) => (d.clone(), rundir::lock(d)?),
+        None => {
+            let d = create_run_dir(&opts.runs_root, &pipeline.name)?;
+            let lock = rundir::lock(&d)?;
+            (d, lock)
+        }
+    };
+    let resume_point = match &opts.resume {
+        Some(_) => {
+            let r = rundir::resume_point(&run_dir)?;
+            for w in &r.warnings {
+                warn!("{w}");
+            }
+            if let Some(ck) = &r.checkpoint {
+                let written_by = checkpoint_world(&ck.dir)?;
+                if written_by != world {
+                    bail!(
+                        "checkpoint {} was written by a run of {written_by} process(es), and this one                          has {world}: resume it with WORLD_SIZE={written_by} (the sampling split,                          the seeds and the trajectory shards depend on it)",
+                        ck.dir.display()
+                    );
+                }
+            }
+            Some(r)
+        }
+        None => None,
+    };
+    Ok((run_dir, Some(lock), resume_point))
+}
+
+/// How many processes wrote a checkpoint (`world_size` in its state; 1 before there was any).
+fn checkpoint_world(ck: &Path) -> Result<usize> {
+    let path = ck.join(STATE_FILE);
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let state: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(state["world_size"].as_u64().unwrap_or(1) as usize)
+}
+
+/// Rank 0 tells the others what it opened (or why it could not).
+fn tell_ranks(c: &dyn crate::dist::Collective, opened: Result<Opened>) -> Result<Opened> {
+    let msg = match &opened {
+        Ok((dir, _, point)) => serde_json::json!({
+            "run_dir": dir.display().to_string(),
+            "checkpoint": point.as_ref().and_then(|p| p.checkpoint.as_ref()).map(|v| v.dir.display().to_string()),
+        }),
+        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+    };
+    crate::dist::broadcast_bytes(c, msg.to_string().as_bytes(), 0)?;
+    opened
+}
+
+/// Ranks other than 0: the run directory and checkpoint rank 0 chose. The checkpoint must be
+/// readable here too (a filesystem every rank shares); the run directory is created when this
+/// rank's filesystem does not have it (its trajectory shards go there).
+fn follow_rank0(c: &dyn crate::dist::Collective, opts: &RunOptions) -> Result<Opened> {
+    let bytes = crate::dist::broadcast_bytes(c, &[], 0)?;
+    let msg: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow!("rank 0 sent a malformed start message: {e}"))?;
+    if let Some(e) = msg["error"].as_str() {
+        bail!("rank 0 could not start the run: {e}");
+    }
+    let run_dir = PathBuf::from(msg["run_dir"].as_str().unwrap_or_default());
+    fs::create_dir_all(&run_dir)
+        .with_context(|| format!("rank {} cannot create {}", c.rank(), run_dir.display()))?;
+    let resume_point = match (&opts.resume, msg["checkpoint"].as_str()) {
+        (None, _) => None,
+        (Some(_), None) => Some(rundir::ResumePoint {
+            checkpoint: None,
+            warnings: vec![],
+        }),
+        (Some(_), Some(ck)) => {
+            let v = rundir::verify(Path::new(ck)).with_context(|| {
+                format!(
+                    "rank {} cannot read checkpoint {ck}, which rank 0 resumes from: every rank                      must see the run directory (put it on a filesystem they share)",
+                    c.rank()
+                )
+            })?;
+            Some(rundir::ResumePoint {
+                checkpoint: Some(v),
+                warnings: vec![],
+            })
+        }
+    };
+    Ok((run_dir, None, resume_point))
 }
 
 fn start_and_run(
@@ -200,25 +309,38 @@ fn start_and_run(
     resume_point: Option<rundir::ResumePoint>,
     started: &mut bool,
 ) -> Result<RunSummary> {
+    let coll = opts.collective.clone();
+    let rank = coll.as_ref().map_or(0, |c| c.rank());
+    let world = coll.as_ref().map_or(1, |c| c.world());
+    let lead = rank == 0;
     let ckdir = run_dir.join("checkpoints");
-    fs::create_dir_all(&ckdir).with_context(|| format!("cannot create {}", ckdir.display()))?;
-    let cleaned = clean_temporaries(&ckdir) + clean_temporaries(run_dir);
-    if cleaned > 0 {
-        warn!(
-            cleaned,
-            "removed leftover temporary files of an interrupted run"
-        );
+    if lead {
+        fs::create_dir_all(&ckdir).with_context(|| format!("cannot create {}", ckdir.display()))?;
+        let cleaned = clean_temporaries(&ckdir) + clean_temporaries(run_dir);
+        if cleaned > 0 {
+            warn!(
+                cleaned,
+                "removed leftover temporary files of an interrupted run"
+            );
+        }
     }
+    let log_name = if lead {
+        "log.jsonl".to_string()
+    } else {
+        format!("log.rank-{rank}.jsonl")
+    };
     if let Ok(f) = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.join("log.jsonl"))
+        .open(run_dir.join(log_name))
         && let Ok(mut g) = RUN_LOG.lock()
     {
         *g = Some(f);
     }
-    if opts.resume.is_none() {
-        record_run(run_dir, &pipeline, opts)?;
+    if !lead {
+        // Rank 0 alone writes the run's records.
+    } else if opts.resume.is_none() {
+        record_run(run_dir, &pipeline, opts, world)?;
     } else {
         // The resolved pipeline of this continuation (it may extend `iterations`, say), still
         // naming the file the run started from.
@@ -228,7 +350,7 @@ fn start_and_run(
         write_atomic(&path, text.as_bytes())?;
     }
 
-    let mut rt = build(pipeline, registry, run_dir)?;
+    let mut rt = build(pipeline, registry, run_dir, coll.clone())?;
     let mut start = 1;
     let mut resumed_from = None;
     if let Some(point) = resume_point {
@@ -254,15 +376,17 @@ fn start_and_run(
             }
         };
         // What came after the checkpoint moves aside; the run writes it again.
-        let moved = rundir::supersede_checkpoints_after(run_dir, it)?;
-        if moved > 0 {
-            warn!(
-                moved,
-                "moved checkpoints after iteration {it} to {}",
-                ckdir.join(rundir::SUPERSEDED).display()
-            );
+        if lead {
+            let moved = rundir::supersede_checkpoints_after(run_dir, it)?;
+            if moved > 0 {
+                warn!(
+                    moved,
+                    "moved checkpoints after iteration {it} to {}",
+                    ckdir.join(rundir::SUPERSEDED).display()
+                );
+            }
+            truncate_metrics(run_dir, it)?;
         }
-        truncate_metrics(run_dir, it)?;
         for (n, node) in rt.pipeline.nodes.iter().zip(&rt.nodes) {
             node.lock()
                 .map_err(|_| anyhow!("node `{}` is poisoned", n.id))?
@@ -272,7 +396,12 @@ fn start_and_run(
         start = it + 1;
     }
 
-    let mut tb_sink = if rt.pipeline.logging.tensorboard {
+    if let Some(c) = &coll {
+        // Every rank starts from rank 0's weights.
+        sync_replicas(&rt, c.as_ref(), true)?;
+        info!(rank, world, backend = %c.backend(), "data-parallel run: replicas in sync");
+    }
+    let mut tb_sink = if rt.pipeline.logging.tensorboard && lead {
         let text = fs::read_to_string(run_dir.join("pipeline.yaml")).unwrap_or_default();
         Some(TbSink::start(run_dir, start, &text)?)
     } else {
@@ -282,6 +411,7 @@ fn start_and_run(
         run_dir: run_dir.to_path_buf(),
         event_file: tb_sink.as_ref().map(|t| t.path().to_path_buf()),
         first_iteration: start,
+        rank,
     };
     info!(
         run_dir = %run_dir.display(),
@@ -305,6 +435,11 @@ fn start_and_run(
         tb_sink.as_mut(),
     ));
     tokio_rt.shutdown_background();
+    let result = match (result, &coll) {
+        // Rank 0 hosts the rendezvous store: nobody leaves before everyone is done with it.
+        (Ok(s), Some(c)) => c.barrier().map(|()| s),
+        (r, _) => r,
+    };
     if let Some(t) = tb_sink.as_mut() {
         // Whatever was queued is written, also when an iteration failed.
         let written_s = t.finish();
@@ -380,7 +515,7 @@ fn resolved_yaml(p: &Pipeline, opts: &RunOptions, previous: Option<&str>) -> Str
     text
 }
 
-fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions) -> Result<()> {
+fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions, world: usize) -> Result<()> {
     write_atomic(
         &dir.join("pipeline.yaml"),
         resolved_yaml(p, opts, None).as_bytes(),
@@ -392,6 +527,7 @@ fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions) -> Result<()> {
         "seed": p.seed,
         "device": p.device,
         "iterations": p.iterations,
+        "world_size": world,
         "started": chrono::Local::now().to_rfc3339(),
         "flowrun_version": env!("CARGO_PKG_VERSION"),
         "nodes": p.nodes.iter().map(|n| serde_json::json!({"id": n.id, "type": n.ty, "params": n.params.to_json()})).collect::<Vec<_>>(),
@@ -402,7 +538,14 @@ fn record_run(dir: &Path, p: &Pipeline, opts: &RunOptions) -> Result<()> {
     )
 }
 
-fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runtime> {
+fn build(
+    pipeline: Pipeline,
+    registry: &Registry,
+    run_dir: &Path,
+    collective: Option<crate::dist::SharedCollective>,
+) -> Result<Runtime> {
+    let rank = collective.as_ref().map_or(0, |c| c.rank());
+    let world = collective.as_ref().map_or(1, |c| c.world());
     let mut resources = Vec::new();
     for r in &pipeline.resources {
         let rt = registry
@@ -416,6 +559,8 @@ fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runt
             seed: pipeline.seed,
             run_dir: Some(run_dir),
             step: None,
+            rank,
+            world,
         };
         let res = (rt.factory)(&ctx).with_context(|| format!("creating resource `{}`", r.name))?;
         resources.push(Arc::new(RwLock::new(res)));
@@ -433,6 +578,8 @@ fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runt
             seed: pipeline.seed,
             run_dir: Some(run_dir),
             step: n.step.as_ref().map(|(k, c, _)| (*k, *c)),
+            rank,
+            world,
         };
         let node = (nt.factory)(&ctx).with_context(|| format!("creating node `{}`", n.id))?;
         nodes.push(Arc::new(Mutex::new(node)));
@@ -460,13 +607,37 @@ fn build(pipeline: Pipeline, registry: &Registry, run_dir: &Path) -> Result<Runt
         last_secs: vec![f64::INFINITY; count],
         dependents,
         run_dir: run_dir.to_path_buf(),
+        collective,
     })
+}
+
+/// Data-parallel runs: with `broadcast`, every resource takes rank 0's state; then the
+/// resources' digests must agree on every rank (an error names the ranks that differ).
+fn sync_replicas(rt: &Runtime, c: &dyn crate::dist::Collective, broadcast: bool) -> Result<()> {
+    for (r, res) in rt.pipeline.resources.iter().zip(&rt.resources) {
+        let mut guard = res
+            .write()
+            .map_err(|_| anyhow!("resource `{}` is poisoned", r.name))?;
+        if broadcast {
+            guard
+                .broadcast(c)
+                .with_context(|| format!("broadcasting resource `{}` from rank 0", r.name))?;
+        }
+        let digest = guard
+            .digest()
+            .with_context(|| format!("digest of resource `{}`", r.name))?
+            .unwrap_or_default();
+        crate::dist::check_same(c, &format!("the state of resource `{}`", r.name), &digest)?;
+    }
+    Ok(())
 }
 
 struct Done {
     idx: usize,
     result: Result<Outputs>,
     metrics: Vec<(String, f64)>,
+    /// The metrics the node reduced over the ranks itself.
+    global: Vec<String>,
     summaries: Vec<tb::Summary>,
     secs: f64,
 }
@@ -509,12 +680,21 @@ async fn run_loop(
     } else {
         None
     };
+    let coll = rt.collective.clone();
+    let lead = coll.as_ref().is_none_or(|c| c.rank() == 0);
     let metrics_path = rt.run_dir.join("metrics.jsonl");
-    let mut metrics_file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+    // Rank 0 alone writes the metrics.
+    let mut metrics_file = if lead {
+        Some(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .with_context(|| format!("cannot open {}", metrics_path.display()))?,
+        )
+    } else {
+        None
+    };
     let run_start = Instant::now();
     // `elapsed_s` continues across resumes: wall-clock curves stay comparable.
     let elapsed_before = if start > 1 {
@@ -530,7 +710,17 @@ async fn run_loop(
         let span = info_span!("iteration", it);
         let _g = span.enter();
         let t0 = Instant::now();
-        let (row, node_times, summaries) = run_iteration(rt, it).await?;
+        let (row, node_times, summaries, global) = run_iteration(rt, it).await?;
+        let time_up = opts
+            .time_limit_s
+            .is_some_and(|l| run_start.elapsed().as_secs_f64() >= l);
+        let asked = opts.stop.load(Ordering::SeqCst) || time_up;
+        // Every rank's metrics, averaged; the ranks stop together.
+        let (row, stop) = match &coll {
+            Some(c) => crate::dist::merge_iteration(c.as_ref(), &row, &global, asked)
+                .with_context(|| format!("iteration {it}: sharing the metrics"))?,
+            None => (row, asked),
+        };
         let iter_s = t0.elapsed().as_secs_f64();
         let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
         let mut out = serde_json::Map::new();
@@ -545,7 +735,7 @@ async fn run_loop(
         for (k, v) in &node_times {
             out.insert(format!("time/{k}"), json_num(*v));
         }
-        if let Some(t) = tb_sink.as_deref_mut() {
+        if let Some(t) = tb_sink.as_deref_mut().filter(|_| lead) {
             // The same keys as the metrics row, against the iteration.
             let mut scalars = Vec::with_capacity(row.len() + node_times.len() + 2);
             scalars.push(("iter_s".to_string(), iter_s));
@@ -564,25 +754,41 @@ async fn run_loop(
         // One `write_all` of the whole line: a reader tailing the file (a test, `flowrun
         // report` on a live run) sees whole rows, never half of one.
         let line = serde_json::Value::Object(out).to_string();
-        rundir::append_line(
-            &mut metrics_file,
-            &metrics_path,
-            &line,
-            &format!("iteration {it}'s metrics row"),
-        )?;
+        if let Some(f) = metrics_file.as_mut() {
+            rundir::append_line(
+                f,
+                &metrics_path,
+                &line,
+                &format!("iteration {it}'s metrics row"),
+            )?;
+        }
         info!(iter_s, metrics = %headline(&row), "iteration done");
         last_done = it;
         if let Some(b) = &bar {
             b.set_position(it);
             b.set_message(headline(&row));
         }
-        let time_up = opts
-            .time_limit_s
-            .is_some_and(|l| run_start.elapsed().as_secs_f64() >= l);
-        let stop = opts.stop.load(Ordering::SeqCst) || time_up;
         if it == total || stop || (every > 0 && it.is_multiple_of(every)) {
-            let ck = write_checkpoint(rt, it)?;
-            last_checkpoint = Some(ck);
+            match &coll {
+                None => last_checkpoint = Some(write_checkpoint(rt, it)?),
+                Some(c) => {
+                    if lead {
+                        last_checkpoint = Some(write_checkpoint(rt, it)?);
+                    } else {
+                        // Rank 0 writes the checkpoint; here the nodes settle what they write
+                        // themselves (a trajectory sink drains its queue) as they do for one.
+                        quiesce(rt)?;
+                        last_checkpoint = Some(
+                            rt.run_dir
+                                .join("checkpoints")
+                                .join(rundir::checkpoint_name(it)),
+                        );
+                    }
+                    // A barrier ends the checkpoint, and the replicas must still agree.
+                    sync_replicas(rt, c.as_ref(), false)
+                        .with_context(|| format!("checkpoint at iteration {it}"))?;
+                }
+            }
         }
         if stop && it < total {
             if let Some(b) = &bar {
@@ -671,6 +877,7 @@ type IterationOutput = (
     BTreeMap<String, f64>,
     BTreeMap<String, f64>,
     Vec<tb::Summary>,
+    std::collections::BTreeSet<String>,
 );
 
 /// Run the DAG once. Returns the metrics (`node/name`), node wall times and summaries.
@@ -695,6 +902,7 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
     let mut metrics = BTreeMap::new();
     let mut times = BTreeMap::new();
     let mut summaries = Vec::new();
+    let mut global = std::collections::BTreeSet::new();
     let logging = rt.pipeline.logging;
     let images_due = if it.is_multiple_of(logging.image_every) {
         logging.images
@@ -755,6 +963,8 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
                 metrics: Mutex::new(Vec::new()),
                 summaries: logging.tensorboard.then(|| Mutex::new(Vec::new())),
                 images_due,
+                collective: rt.collective.clone(),
+                global_metrics: Mutex::new(Vec::new()),
             };
             let handle = rt.nodes[i].clone();
             let span = info_span!("node", id = %node.id, it);
@@ -766,6 +976,7 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
                     Err(_) => Err(anyhow!("node state was poisoned by an earlier failure")),
                 };
                 let metrics = ctx.metrics.into_inner().unwrap_or_default();
+                let global = ctx.global_metrics.into_inner().unwrap_or_default();
                 let summaries = ctx
                     .summaries
                     .and_then(|m| m.into_inner().ok())
@@ -774,6 +985,7 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
                     idx: i,
                     result,
                     metrics,
+                    global,
                     summaries,
                     secs: t0.elapsed().as_secs_f64(),
                 }
@@ -816,6 +1028,9 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
         for (k, v) in done.metrics {
             metrics.insert(format!("{}/{k}", node.id), v);
         }
+        for k in done.global {
+            global.insert(format!("{}/{k}", node.id));
+        }
         for mut s in done.summaries {
             let tag = match &mut s {
                 tb::Summary::Image { tag, .. }
@@ -838,7 +1053,7 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
             }
         }
     }
-    Ok((metrics, times, summaries))
+    Ok((metrics, times, summaries, global))
 }
 
 /// `elapsed_s` of the last row of a run's metrics.jsonl (0 when there is none).
@@ -912,6 +1127,7 @@ fn fill_checkpoint(rt: &Runtime, it: u64, tmp: &Path) -> Result<()> {
         "format": rundir::CHECKSUMMED_FORMAT,
         "iteration": it,
         "pipeline": rt.pipeline.name,
+        "world_size": rt.collective.as_ref().map_or(1, |c| c.world()),
         "nodes": states,
     });
     write_atomic(
@@ -920,6 +1136,18 @@ fn fill_checkpoint(rt: &Runtime, it: u64, tmp: &Path) -> Result<()> {
     )?;
     rundir::write_checksums(tmp)?;
     sync_dir(tmp);
+    Ok(())
+}
+
+/// What a checkpoint asks of the nodes on a rank that does not write it: their state, read
+/// and dropped (a node finishes what it writes itself before it answers).
+fn quiesce(rt: &Runtime) -> Result<()> {
+    for (n, node) in rt.pipeline.nodes.iter().zip(&rt.nodes) {
+        let guard = node
+            .lock()
+            .map_err(|_| anyhow!("node `{}` is poisoned", n.id))?;
+        let _ = guard.state();
+    }
     Ok(())
 }
 

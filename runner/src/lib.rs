@@ -9,6 +9,7 @@
 
 pub mod compile;
 pub mod diag;
+pub mod dist;
 pub mod exec;
 pub mod fsutil;
 pub mod graph;
@@ -24,6 +25,7 @@ use std::path::Path;
 
 pub use compile::{Logging, MemoryCheck, Pipeline, compile};
 pub use diag::{Diagnostic, Diagnostics, Loc, Source};
+pub use dist::{Collective, LaunchEnv, SharedCollective};
 pub use exec::{RunError, RunOptions, RunSummary, StartInfo, run};
 pub use node::{
     BuildCtx, Inputs, Node, NodeCtx, NodeType, Outputs, PipelineCheck, PortDef, Registry, Resource,

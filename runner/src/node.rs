@@ -66,6 +66,10 @@ pub struct BuildCtx<'a> {
     pub run_dir: Option<&'a Path>,
     /// The expanded step of a repeat this node belongs to: (k, count), 1-based.
     pub step: Option<(usize, usize)>,
+    /// This process's rank and the number of processes of a data-parallel run (0 and 1 for a
+    /// single process): see [`crate::dist`].
+    pub rank: usize,
+    pub world: usize,
 }
 
 /// A check of a whole compiled pipeline that no single parameter can make (a schedule across
@@ -159,6 +163,16 @@ pub trait Resource: Send + Sync + Any {
     fn load(&mut self, dir: &Path) -> Result<()>;
     fn as_any(&self) -> &dyn Any;
     fn as_any_mut(&mut self) -> &mut dyn Any;
+    /// Data-parallel runs: make this rank's state rank 0's (weights broadcast once the run is
+    /// built or restored). A resource whose state every rank builds identically may leave it.
+    fn broadcast(&mut self, _c: &dyn crate::dist::Collective) -> Result<()> {
+        Ok(())
+    }
+    /// Data-parallel runs: a digest of the state that must stay the same on every rank (the
+    /// weights), compared across ranks at every checkpoint; None when there is none.
+    fn digest(&self) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
 }
 
 pub type SharedResource = Arc<RwLock<Box<dyn Resource>>>;
@@ -195,6 +209,10 @@ pub struct NodeCtx {
     /// Sample images to show this iteration (`logging.images` on the pipeline's
     /// `logging.image_every` iterations, else 0).
     pub(crate) images_due: usize,
+    /// The run's process group (None: a single process).
+    pub(crate) collective: Option<crate::dist::SharedCollective>,
+    /// Metrics the node already reduced over all ranks ([`NodeCtx::metric_global`]).
+    pub(crate) global_metrics: Mutex<Vec<String>>,
 }
 
 /// The seed [`NodeCtx::seed_for`] gives node `id` at `iteration` for `stream`, under the
@@ -214,11 +232,38 @@ impl NodeCtx {
         stream_seed(self.seed, &self.id, self.iteration, stream)
     }
 
-    /// Record a metric for this iteration (logged as `node_id/name`).
+    /// Record a metric for this iteration (logged as `node_id/name`). In a data-parallel run
+    /// this is this rank's value: the logged one is the mean over ranks.
     pub fn metric(&self, name: &str, value: f64) {
         if let Ok(mut m) = self.metrics.lock() {
             m.push((name.to_string(), value));
         }
+    }
+
+    /// Record a metric that is already the same on every rank (the node reduced it over the
+    /// process group itself): rank 0's value is logged as it is.
+    pub fn metric_global(&self, name: &str, value: f64) {
+        self.metric(name, value);
+        if self.collective.is_some()
+            && let Ok(mut g) = self.global_metrics.lock()
+        {
+            g.push(name.to_string());
+        }
+    }
+
+    /// This process's rank in a data-parallel run (0 for a single process).
+    pub fn rank(&self) -> usize {
+        self.collective.as_ref().map_or(0, |c| c.rank())
+    }
+
+    /// The number of processes of the run (1 for a single process).
+    pub fn world(&self) -> usize {
+        self.collective.as_ref().map_or(1, |c| c.world())
+    }
+
+    /// The run's process group, when it has more than one process.
+    pub fn collective(&self) -> Option<&dyn crate::dist::Collective> {
+        self.collective.as_deref()
     }
 
     /// Whether summaries ([`NodeCtx::image`], [`NodeCtx::histogram`], [`NodeCtx::text`]) are

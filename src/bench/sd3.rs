@@ -203,6 +203,8 @@ fn prompts(
         tokens: Vec::new(),
         max_tokens: 0,
         embeddings: Some(Arc::new(emb)),
+        sample_offset: 0,
+        group_offset: 0,
     };
     for i in 0..p {
         let rec = Arc::new(Prompt {

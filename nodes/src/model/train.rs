@@ -97,6 +97,9 @@ pub struct Trainer<M: VelocityModel = FlowModel> {
     states: HashMap<String, AdamSlot>,
     step: u64,
     device: Device,
+    /// Data-parallel runs: (rank, world). Per-sample draws (CFG dropout) are drawn for the
+    /// whole global batch and this rank's rows taken, so they do not depend on the split.
+    shard: (usize, usize),
 }
 
 impl Trainer<FlowModel> {
@@ -154,7 +157,110 @@ impl<M: VelocityModel> Trainer<M> {
             states: HashMap::new(),
             step: 0,
             device,
+            shard: (0, 1),
         }
+    }
+
+    /// Data-parallel runs: this trainer is rank `rank` of `world` (see the `shard` field).
+    pub fn set_shard(&mut self, rank: usize, world: usize) {
+        self.shard = (rank, world.max(1));
+    }
+
+    /// Data-parallel training: `grads` summed over the ranks of `c`, times `scale`, through
+    /// one flat f32 buffer with the trainable parameters in the model's order (a parameter
+    /// with no gradient on this rank, which had no sample in the minibatch, counts as zeros).
+    /// `extra` travels at the end of the same buffer and comes back summed (the loss, say, so
+    /// that every rank decides alike whether to apply the step).
+    pub fn all_reduce_gradients(
+        &self,
+        grads: GradientsParams,
+        c: &dyn runner::Collective,
+        scale: f32,
+        extra: &mut [f32],
+    ) -> anyhow::Result<GradientsParams> {
+        let mut flat = Flatten {
+            grads: &grads,
+            parts: Vec::new(),
+        };
+        self.model.visit(&mut flat);
+        let parts = flat.parts;
+        let mut buf: Vec<f32> = if parts.is_empty() {
+            Vec::new()
+        } else {
+            crate::types::to_vec(&Tensor::cat(parts, 0))
+                .context("reading the gradients back to the host")?
+        };
+        let n = buf.len();
+        buf.extend_from_slice(extra);
+        c.all_reduce_sum(&mut buf)?;
+        extra.copy_from_slice(&buf[n..]);
+        buf.truncate(n);
+        if scale != 1.0 {
+            for v in &mut buf {
+                *v *= scale;
+            }
+        }
+        let mut unflat = Unflatten {
+            buf: &buf,
+            at: 0,
+            out: GradientsParams::new(),
+        };
+        self.model.visit(&mut unflat);
+        Ok(unflat.out)
+    }
+
+    /// The trainable weights on the host, flattened in the model's order.
+    fn trainable_values(&self) -> anyhow::Result<Vec<f32>> {
+        let mut v = Values { parts: Vec::new() };
+        self.model.visit(&mut v);
+        if v.parts.is_empty() {
+            return Ok(Vec::new());
+        }
+        crate::types::to_vec(&Tensor::cat(v.parts, 0))
+            .context("reading the weights back to the host")
+    }
+
+    /// A digest of the trainable weights and the step count (data-parallel replicas must
+    /// agree on it): 64-bit FNV-1a over their bytes.
+    pub fn digest(&self) -> anyhow::Result<Vec<u8>> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let values = self.trainable_values()?;
+        let bytes = values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .chain(self.step.to_le_bytes());
+        for b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(h.to_le_bytes().to_vec())
+    }
+
+    /// Data-parallel runs: every rank takes `root`'s trainable weights (and its EMA restarts
+    /// from them where the weights were not already equal).
+    pub fn broadcast_from(
+        &mut self,
+        c: &dyn runner::Collective,
+        root: usize,
+    ) -> anyhow::Result<()> {
+        let values = self.trainable_values()?;
+        let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        c.broadcast(&mut bytes, root)?;
+        let theirs: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if theirs == values {
+            return Ok(());
+        }
+        let mut set = SetValues {
+            buf: &theirs,
+            at: 0,
+        };
+        self.model = self.model.clone().map(&mut set);
+        if self.ema.is_some() {
+            self.ema = Some(self.model.valid());
+        }
+        Ok(())
     }
 
     /// The model being trained (autodiff device). Use `.valid()` for inference.
@@ -202,7 +308,13 @@ impl<M: VelocityModel> Trainer<M> {
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.config.seed ^ (self.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        let drop: Vec<bool> = (0..b).map(|_| rng.random::<f64>() < p).collect();
+        // This rank's rows of the global batch's draws (all of them in a single process).
+        let (rank, world) = self.shard;
+        let drop: Vec<bool> = (0..b * world)
+            .map(|_| rng.random::<f64>() < p)
+            .skip(rank * b)
+            .take(b)
+            .collect();
         cond.drop_rows(&drop)
     }
 
@@ -216,9 +328,30 @@ impl<M: VelocityModel> Trainer<M> {
         t: Tensor<1>,
         cond: Conditioning,
     ) -> anyhow::Result<StepStats> {
+        self.flow_matching_step_sharded(x0, noise, t, cond, None)
+    }
+
+    /// [`flow_matching_step`](Self::flow_matching_step) as one rank of a data-parallel run:
+    /// the inputs are this rank's rows of the global batch (every rank holds as many), and the
+    /// gradients and the loss are averaged over the ranks before the step.
+    pub fn flow_matching_step_sharded(
+        &mut self,
+        x0: Tensor<4>,
+        noise: Tensor<4>,
+        t: Tensor<1>,
+        cond: Conditioning,
+        dist: Option<&dyn runner::Collective>,
+    ) -> anyhow::Result<StepStats> {
         let cond = self.cfg_dropout(cond);
         let loss = flow_matching_loss(&self.model, x0, noise, t, &cond)?;
-        Ok(self.apply_loss(loss))
+        let Some(c) = dist else {
+            return Ok(self.apply_loss(loss));
+        };
+        let (grads, loss_value) = self.gradients(loss);
+        let scale = 1.0 / c.world() as f32;
+        let mut sum = [loss_value];
+        let grads = self.all_reduce_gradients(grads, c, scale, &mut sum)?;
+        Ok(self.apply_gradients(grads, sum[0] * scale))
     }
 
     /// One AdamW step on an arbitrary scalar `loss` computed from [`model`](Self::model) on
@@ -500,6 +633,7 @@ impl<M: VelocityModel> Trainer<M> {
             states,
             step,
             device: ad,
+            shard: (0, 1),
         })
     }
 
@@ -516,6 +650,89 @@ fn build_optim(config: &TrainerConfig) -> AdamW {
         .with_epsilon(config.epsilon)
         .with_weight_decay(config.weight_decay)
         .build()
+}
+
+/// Every trainable parameter's gradient (or zeros), flattened, in the model's order. [numel]
+struct Flatten<'a> {
+    grads: &'a GradientsParams,
+    parts: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let numel = value.shape().num_elements();
+        self.parts.push(match self.grads.get::<D>(param.id) {
+            Some(g) => g.reshape([numel]),
+            None => Tensor::zeros([numel], &value.inner().device()),
+        });
+    }
+}
+
+/// The inverse of [`Flatten`]: the flat buffer's slices registered as the gradients.
+struct Unflatten<'a> {
+    buf: &'a [f32],
+    at: usize,
+    out: GradientsParams,
+}
+
+impl ModuleVisitor for Unflatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if !value.is_require_grad() {
+            return;
+        }
+        let dims: [usize; D] = value.dims();
+        let numel: usize = dims.iter().product();
+        let slice = self.buf[self.at..self.at + numel].to_vec();
+        self.at += numel;
+        let device = value.inner().device();
+        let g = Tensor::<1>::from_data(burn::tensor::TensorData::new(slice, [numel]), &device);
+        self.out.register::<D>(param.id, g.reshape(dims));
+    }
+}
+
+/// Every trainable parameter's value, flattened, in the model's order. [numel]
+struct Values {
+    parts: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        if value.is_require_grad() {
+            let numel = value.shape().num_elements();
+            self.parts.push(value.inner().reshape([numel]));
+        }
+    }
+}
+
+/// The inverse of [`Values`]: the trainable parameters take the buffer's values.
+struct SetValues<'a> {
+    buf: &'a [f32],
+    at: usize,
+}
+
+impl ModuleMapper for SetValues<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper): (ParamId, Tensor<D>, _) = param.consume();
+        if !tensor.is_require_grad() {
+            return Param::from_mapped_value(id, tensor, mapper);
+        }
+        let dims: [usize; D] = tensor.dims();
+        let numel: usize = dims.iter().product();
+        let slice = self.buf[self.at..self.at + numel].to_vec();
+        self.at += numel;
+        let device = tensor.inner().device();
+        let new = Tensor::<1>::from_data(burn::tensor::TensorData::new(slice, [numel]), &device)
+            .reshape(dims)
+            .autodiff()
+            .require_grad();
+        Param::from_mapped_value(id, new, mapper)
+    }
 }
 
 struct GradNorm<'a> {

@@ -39,7 +39,7 @@ fn pretrain_pipeline(dir: &Path) -> PathBuf {
     let p = dir.join("pretrain-dist.yaml");
     fs::write(
         &p,
-        "name: pretrain_tiny\nseed: 3\niterations: 3\ncheckpoint_every: 1\nresources:\n  model:\n    type: flow_model\n    params: {size: tiny, lr: 3.0e-3}\nnodes:\n  - id: train\n    type: flow_matching_train\n    uses: [model]\n    params: {batch: 8, steps: 1}\n",
+        "name: pretrain_tiny\nseed: 3\niterations: 3\ncheckpoint_every: 1\nkeep_checkpoints: 10\nresources:\n  model:\n    type: flow_model\n    params: {size: tiny, lr: 1.0e-3}\nnodes:\n  - id: train\n    type: flow_matching_train\n    uses: [model]\n    params: {batch: 8, steps: 1}\n",
     )
     .unwrap();
     p
@@ -114,8 +114,12 @@ fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     out
 }
 
-/// The largest |a − b| / (max |b| + 1e-6) over each tensor of the checkpoint's resources.
-fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+/// ‖a − b‖ / ‖b‖ over every f32 tensor of the checkpoints' resources (weights, EMA and AdamW
+/// moments), in f64. A global norm, not an element-wise maximum: AdamW's first steps move
+/// every weight by about ±lr whatever its gradient's size, so a weight whose gradient is
+/// rounding noise (a zero-initialised layer's, say) differs by up to 2·lr between two
+/// summation orders of the same gradient.
+fn rel_diff(a: &Path, b: &Path) -> f64 {
     let (ta, tb) = (tensors(a), tensors(b));
     assert_eq!(
         ta.keys().collect::<Vec<_>>(),
@@ -123,16 +127,14 @@ fn max_rel_diff(a: &Path, b: &Path) -> f64 {
         "the checkpoints hold different tensors"
     );
     assert!(!ta.is_empty(), "no tensors under {}", a.display());
-    ta.iter()
-        .map(|(k, va)| {
-            let vb = &tb[k];
-            let scale = vb.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 + 1e-6;
-            va.iter()
-                .zip(vb)
-                .map(|(x, y)| (*x as f64 - *y as f64).abs() / scale)
-                .fold(0.0, f64::max)
-        })
-        .fold(0.0, f64::max)
+    let (mut diff, mut norm) = (0f64, 0f64);
+    for (k, va) in &ta {
+        for (x, y) in va.iter().zip(&tb[k]) {
+            diff += (*x as f64 - *y as f64).powi(2);
+            norm += (*y as f64).powi(2);
+        }
+    }
+    (diff / norm.max(1e-30)).sqrt()
 }
 
 fn checkpoint(run: &Path, it: u64) -> PathBuf {
@@ -145,7 +147,14 @@ fn should_train_two_processes_like_one_on_the_whole_batch_and_resume_alike() {
     let p = tafs_pipeline(&dir);
     let ps = p.to_str().unwrap();
     let (one, two, part) = (dir.join("one"), dir.join("two"), dir.join("part"));
-    let set = ["--set", "iterations=3", "--set", "checkpoint_every=1"];
+    let set = [
+        "--set",
+        "iterations=3",
+        "--set",
+        "checkpoint_every=1",
+        "--set",
+        "keep_checkpoints=10",
+    ];
     let mut args = vec![ps, "--runs-dir", one.to_str().unwrap()];
     args.extend(set);
     let o = command(&args, None).output().unwrap();
@@ -158,8 +167,8 @@ fn should_train_two_processes_like_one_on_the_whole_batch_and_resume_alike() {
     // Same weights after each of the 3 updates (the replicas were also compared with each
     // other at every checkpoint: a mismatch fails the run).
     for it in 1..=3 {
-        let d = max_rel_diff(&checkpoint(&two, it), &checkpoint(&one, it));
-        eprintln!("iteration {it}: max relative difference 2 processes vs 1: {d:.3e}");
+        let d = rel_diff(&checkpoint(&two, it), &checkpoint(&one, it));
+        eprintln!("TAFS-GRPO update {it}: relative difference 2 processes vs 1: {d:.3e}");
         assert!(d <= 1e-5, "iteration {it}: {d}");
     }
     // The logged metrics are the whole batch's: the update's loss as one process saw it.
@@ -167,11 +176,7 @@ fn should_train_two_processes_like_one_on_the_whole_batch_and_resume_alike() {
     assert_eq!(m1.len(), 3);
     assert_eq!(m2.len(), 3);
     for (a, b) in m1.iter().zip(&m2) {
-        for key in [
-            "update/loss",
-            "step@3/score/reward_mean",
-            "update/grad_norm",
-        ] {
+        for key in ["update/loss", "score@3/reward_mean", "update/grad_norm"] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
             assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{key}: {x} vs {y}");
         }
@@ -195,6 +200,7 @@ fn should_train_two_processes_like_one_on_the_whole_batch_and_resume_alike() {
     // Resume: 2 iterations, then on to 3, equals the uninterrupted 2-process run bit for bit.
     let mut args = vec![ps, "--runs-dir", part.to_str().unwrap()];
     args.extend(["--set", "iterations=2", "--set", "checkpoint_every=1"]);
+    args.extend(["--set", "keep_checkpoints=10"]);
     assert_ok(&run_two(&args));
     let part = only_run_dir(&part);
     // With another world size, the resume is refused before anything changes.
@@ -216,10 +222,7 @@ fn should_train_two_processes_like_one_on_the_whole_batch_and_resume_alike() {
         "--set",
         "iterations=3",
     ]));
-    assert_eq!(
-        max_rel_diff(&checkpoint(&part, 3), &checkpoint(&two, 3)),
-        0.0
-    );
+    assert_eq!(rel_diff(&checkpoint(&part, 3), &checkpoint(&two, 3)), 0.0);
 }
 
 #[test]
@@ -272,9 +275,21 @@ fn should_pretrain_two_processes_like_one() {
     assert!(o.status.success(), "{}", text(&o));
     assert_ok(&run_two(&[ps, "--runs-dir", two.to_str().unwrap()]));
     let (one, two) = (only_run_dir(&one), only_run_dir(&two));
-    let d = max_rel_diff(&checkpoint(&two, 3), &checkpoint(&one, 3));
-    eprintln!("pretraining: max relative difference 2 processes vs 1 after 3 steps: {d:.3e}");
-    assert!(d <= 1e-5, "{d}");
+    for it in 1..=3 {
+        let d = rel_diff(&checkpoint(&two, it), &checkpoint(&one, it));
+        eprintln!("pretraining step {it}: relative difference 2 processes vs 1: {d:.3e}");
+        assert!(d <= 1e-5, "step {it}: {d}");
+    }
+    // The gradient's scale (AdamW alone would not show it): the same loss and gradient norm.
+    for (a, b) in metrics_without_timings(&one)
+        .iter()
+        .zip(&metrics_without_timings(&two))
+    {
+        for key in ["train/loss", "train/grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{key}: {x} vs {y}");
+        }
+    }
 
     // WORLD_SIZE=1 is the single-process run, bit for bit.
     let solo = dir.join("solo");
@@ -283,7 +298,7 @@ fn should_pretrain_two_processes_like_one() {
     let o = c.output().unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(
-        max_rel_diff(&checkpoint(&only_run_dir(&solo), 3), &checkpoint(&one, 3)),
+        rel_diff(&checkpoint(&only_run_dir(&solo), 3), &checkpoint(&one, 3)),
         0.0
     );
 }
@@ -353,6 +368,72 @@ fn should_stop_the_others_naming_the_rank_that_died() {
         "{}",
         text(&o)
     );
+}
+
+#[test]
+fn should_stop_the_others_within_the_timeout_when_a_rank_hangs() {
+    let dir = tmpdir("dist-hang");
+    let p = tafs_pipeline(&dir);
+    let runs = dir.join("runs");
+    let port = free_port();
+    let args = [
+        p.to_str().unwrap(),
+        "--runs-dir",
+        runs.to_str().unwrap(),
+        "--set",
+        "iterations=200",
+    ];
+    let spawn = |r| {
+        let mut c = command(&args, Some((r, 2, port)));
+        c.env("FLOWRUN_DIST_TIMEOUT_S", "5");
+        c.spawn().unwrap()
+    };
+    let (mut r0, mut r1) = (spawn(0), spawn(1));
+    // Once an iteration is done, stop rank 1 (SIGSTOP: alive, silent).
+    let t0 = Instant::now();
+    loop {
+        let run = fs::read_dir(&runs)
+            .ok()
+            .and_then(|mut e| e.next())
+            .and_then(|e| e.ok());
+        if run.is_some_and(|e| {
+            fs::read_to_string(e.path().join("metrics.jsonl")).is_ok_and(|t| !t.is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no iteration finished"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = r1.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let stopped = Instant::now();
+    let out = loop {
+        if r0.try_wait().unwrap().is_some() {
+            break r0.wait_with_output().unwrap();
+        }
+        if stopped.elapsed() > Duration::from_secs(60) {
+            let _ = r0.kill();
+            let _ = r1.kill();
+            panic!("rank 0 still waits 60 s after rank 1 hung (timeout 5 s)");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let waited = stopped.elapsed().as_secs_f64();
+    let _ = r1.kill();
+    let _ = r1.wait();
+    let msg = text(&out);
+    eprintln!("rank 0 stopped {waited:.1} s after rank 1 hung (timeout 5 s):\n{msg}");
+    assert!(!out.status.success());
+    assert!(msg.contains("rank(s) 1 stopped answering"), "{msg}");
 }
 
 #[test]

@@ -231,7 +231,9 @@ fn open_run_dir(pipeline: &Pipeline, opts: &RunOptions, world: usize) -> Result<
                 let written_by = checkpoint_world(&ck.dir)?;
                 if written_by != world {
                     bail!(
-                        "checkpoint {} was written by a run of {written_by} process(es), and this one                          has {world}: resume it with WORLD_SIZE={written_by} (the sampling split,                          the seeds and the trajectory shards depend on it)",
+                        "checkpoint {} was written by a run of {written_by} process(es), and this one \
+                         has {world}: resume it with WORLD_SIZE={written_by} (the sampling split, \
+                         the seeds and the trajectory shards depend on it)",
                         ck.dir.display()
                     );
                 }
@@ -288,7 +290,8 @@ fn follow_rank0(c: &dyn crate::dist::Collective, opts: &RunOptions) -> Result<Op
         (Some(_), Some(ck)) => {
             let v = rundir::verify(Path::new(ck)).with_context(|| {
                 format!(
-                    "rank {} cannot read checkpoint {ck}, which rank 0 resumes from: every rank                      must see the run directory (put it on a filesystem they share)",
+                    "rank {} cannot read checkpoint {ck}, which rank 0 resumes from: every rank \
+                     must see the run directory (put it on a filesystem they share)",
                     c.rank()
                 )
             })?;

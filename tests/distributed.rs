@@ -137,6 +137,21 @@ fn rel_diff(a: &Path, b: &Path) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
+/// `child`'s output once it exits, or None after `limit` (it is then killed).
+fn exit_within(child: Child, limit: Duration) -> Option<Output> {
+    let mut child = child;
+    let t0 = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
 fn checkpoint(run: &Path, it: u64) -> PathBuf {
     run.join(format!("checkpoints/iter-{it:06}/resources"))
 }
@@ -318,7 +333,7 @@ fn should_stop_the_others_naming_the_rank_that_died() {
         "--set",
         "checkpoint_every=2",
     ];
-    let mut r0 = command(&args, Some((0, 2, port))).spawn().unwrap();
+    let r0 = command(&args, Some((0, 2, port))).spawn().unwrap();
     let mut r1 = command(&args, Some((1, 2, port))).spawn().unwrap();
     // Once a checkpoint is written, kill rank 1 mid-run.
     let t0 = Instant::now();
@@ -341,16 +356,8 @@ fn should_stop_the_others_naming_the_rank_that_died() {
     r1.kill().unwrap();
     let _ = r1.wait();
     let killed = Instant::now();
-    let out = loop {
-        if let Some(_status) = r0.try_wait().unwrap() {
-            break r0.wait_with_output().unwrap();
-        }
-        if killed.elapsed() > Duration::from_secs(90) {
-            let _ = r0.kill();
-            panic!("rank 0 did not stop within 90 s of rank 1's death");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let out = exit_within(r0, Duration::from_secs(90))
+        .expect("rank 0 did not stop within 90 s of rank 1's death");
     let msg = text(&out);
     eprintln!(
         "rank 0 stopped {:.1} s after rank 1 was killed:\n{msg}",
@@ -388,7 +395,7 @@ fn should_stop_the_others_within_the_timeout_when_a_rank_hangs() {
         c.env("FLOWRUN_DIST_TIMEOUT_S", "5");
         c.spawn().unwrap()
     };
-    let (mut r0, mut r1) = (spawn(0), spawn(1));
+    let (r0, mut r1) = (spawn(0), spawn(1));
     // Once an iteration is done, stop rank 1 (SIGSTOP: alive, silent).
     let t0 = Instant::now();
     loop {
@@ -416,20 +423,11 @@ fn should_stop_the_others_within_the_timeout_when_a_rank_hangs() {
             .success()
     );
     let stopped = Instant::now();
-    let out = loop {
-        if r0.try_wait().unwrap().is_some() {
-            break r0.wait_with_output().unwrap();
-        }
-        if stopped.elapsed() > Duration::from_secs(60) {
-            let _ = r0.kill();
-            let _ = r1.kill();
-            panic!("rank 0 still waits 60 s after rank 1 hung (timeout 5 s)");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let out = exit_within(r0, Duration::from_secs(60));
     let waited = stopped.elapsed().as_secs_f64();
     let _ = r1.kill();
     let _ = r1.wait();
+    let out = out.expect("rank 0 still waits 60 s after rank 1 hung (timeout 5 s)");
     let msg = text(&out);
     eprintln!("rank 0 stopped {waited:.1} s after rank 1 hung (timeout 5 s):\n{msg}");
     assert!(!out.status.success());

@@ -32,17 +32,25 @@ fn vjp_shim() {
     // PyTorch's wheels (torch >= 2.7, so 2.9.0 here) use the C++11 ABI, as does libtorch's
     // cxx11-abi download; torch-sys reads the same variable for other builds.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_string());
-    cc::Build::new()
+    torch_cc(root, &abi)
+        .file("src/model/vjp.cpp")
+        .compile("flowrun_vjp");
+    c10d_shim(root, &abi);
+}
+
+/// A C++17 build against libtorch's headers under `root`, with its C++ ABI.
+#[cfg(feature = "tch")]
+fn torch_cc(root: &std::path::Path, abi: &str) -> cc::Build {
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .warnings(false)
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("src/model/vjp.cpp")
-        .compile("flowrun_vjp");
-    c10d_shim(root, &abi);
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"));
+    build
 }
 
 /// The first directory that holds `file`: the environment variable's, else the candidates.
@@ -62,16 +70,8 @@ fn header_dir(
 #[cfg(feature = "tch")]
 fn c10d_shim(root: &std::path::Path, abi: &str) {
     use std::path::PathBuf;
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(root.join("include"))
-        .include(root.join("include/torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .file("src/dist/c10d.cpp");
+    let mut build = torch_cc(root, abi);
+    build.file("src/dist/c10d.cpp");
     let gloo = header_dir(
         "GLOO_INCLUDE_DIR",
         "gloo/config.h",

@@ -167,6 +167,11 @@ pub fn run(device_name: &str, checkpoint: &Path, batch: usize, repeats: usize) -
 /// Set in the second process `device-check` starts to measure the collective over loopback.
 const PEER_VAR: &str = "FLOWRUN_DEVICE_CHECK_PEER";
 
+/// The all-reduce sizes (f32 elements) and timed repetitions of the collective check; its peer
+/// runs the same operations (one warm-up each).
+const ALL_REDUCE_SIZES: [usize; 2] = [1 << 16, 1 << 22];
+const ALL_REDUCE_REPEATS: usize = 5;
+
 /// The collective backend data-parallel runs of this device use, and its measured all-reduce.
 /// Under a launcher (WORLD_SIZE > 1) between the launched ranks; otherwise between this
 /// process and a second one it starts on loopback.
@@ -208,11 +213,11 @@ fn collective_check(device_name: &str) -> Result<()> {
     let c = nodes::dist::connect(&env, device_name)?;
     let lead = env.rank == 0;
     let world = env.world;
-    for n in [1usize << 16, 1 << 22] {
+    for n in ALL_REDUCE_SIZES {
         let mut buf = vec![1f32; n];
         c.all_reduce_sum(&mut buf)?; // warm-up (connections, buffers)
         let mut times = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..ALL_REDUCE_REPEATS {
             let t0 = Instant::now();
             c.all_reduce_sum(&mut buf)?;
             times.push(t0.elapsed().as_secs_f64());
@@ -252,9 +257,9 @@ pub fn run_peer(device_name: &str) -> Result<()> {
     let env = runner::LaunchEnv::from_env()?
         .ok_or_else(|| anyhow::anyhow!("the collective check's peer needs WORLD_SIZE and RANK"))?;
     let c = nodes::dist::connect(&env, device_name)?;
-    for n in [1usize << 16, 1 << 22] {
+    for n in ALL_REDUCE_SIZES {
         let mut buf = vec![1f32; n];
-        for _ in 0..6 {
+        for _ in 0..1 + ALL_REDUCE_REPEATS {
             c.all_reduce_sum(&mut buf)?;
         }
     }

@@ -12,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{bin, metrics_without_timings, only_run_dir, root, text, tmpdir};
+use nodes::model::weights::SafetensorsFile;
 
 /// A free TCP port on loopback for the rendezvous store.
 fn free_port() -> u16 {
@@ -82,7 +83,7 @@ fn assert_ok(outs: &[Output]) {
     }
 }
 
-/// The f32 tensors of every safetensors file under `dir`, by file and tensor name.
+/// Every tensor (as f32) of every safetensors file under `dir`, by file and tensor name.
 fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -92,21 +93,10 @@ fn tensors(dir: &Path) -> BTreeMap<String, Vec<f32>> {
             if p.is_dir() {
                 stack.push(p);
             } else if p.extension().is_some_and(|x| x == "safetensors") {
-                let bytes = fs::read(&p).unwrap();
-                let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-                let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-                let data = &bytes[8 + n..];
-                for (name, t) in header.as_object().unwrap() {
-                    if name == "__metadata__" || t["dtype"] != "F32" {
-                        continue;
-                    }
-                    let [a, b] = [0, 1].map(|i| t["data_offsets"][i].as_u64().unwrap() as usize);
-                    let v = data[a..b]
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                        .collect();
-                    let file = p.strip_prefix(dir).unwrap().display().to_string();
-                    out.insert(format!("{file}:{name}"), v);
+                let f = SafetensorsFile::read(&p).unwrap();
+                let file = p.strip_prefix(dir).unwrap().display().to_string();
+                for name in f.names() {
+                    out.insert(format!("{file}:{name}"), f.get(name).unwrap().1);
                 }
             }
         }

@@ -47,7 +47,7 @@ pub fn register(r: &mut Registry) {
                 );
             }
             Ok(Box::new(FlowMatchingTrain {
-                batch: p.usize("batch")?,
+                batch,
                 steps: p.usize("steps")?,
                 t_mean: p.f64("t_mean")?,
                 t_std: p.f64("t_std")?,
@@ -89,7 +89,6 @@ impl Node for FlowMatchingTrain {
                 crate::dist::shard_rows(rank, ranks, b, world::MAX_TOKENS, |_| tokens);
             let stats = ctx.write("model", |m: &mut FlowModelRes| {
                 let trainer = &mut m.unet_mut("flow_matching_train")?.trainer;
-                trainer.set_shard(rank, ranks);
                 let dev = trainer.device().clone();
                 let x0 = tensor_from_vec(images, [b, 3, 32, 32], &dev);
                 let eps = tensor_from_vec(noise, [b, 3, 32, 32], &dev);

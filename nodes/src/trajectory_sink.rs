@@ -788,14 +788,10 @@ impl Node for TrajectorySink {
         };
         let sup = self.dir.join(SUPERSEDED_DIR);
         let mut moved = 0;
+        // This rank's own files only (each rank rewinds its shards).
+        let own = (self.shard.1 > 1).then_some(self.shard.0);
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            // This rank's own files only (each rank rewinds its shards).
-            let own = if self.shard.1 > 1 {
-                Some(self.shard.0)
-            } else {
-                None
-            };
             if parse_shard_name(&name).is_some_and(|(it, r)| it > iteration && r == own) {
                 runner::rundir::move_aside(&e.path(), &sup)?;
                 moved += 1;

@@ -42,6 +42,11 @@ pub trait Collective: Send + Sync {
 /// A shared handle to the run's collective.
 pub type SharedCollective = Arc<dyn Collective>;
 
+/// (rank, world) of a run with this collective: (0, 1) for a single process.
+pub fn rank_world(c: Option<&SharedCollective>) -> (usize, usize) {
+    c.map_or((0, 1), |c| (c.rank(), c.world()))
+}
+
 /// Every rank's bytes, of any lengths, in rank order.
 pub fn all_gather_varied(c: &dyn Collective, local: &[u8]) -> Result<Vec<Vec<u8>>> {
     let lens = c.all_gather(&(local.len() as u64).to_le_bytes())?;

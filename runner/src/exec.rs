@@ -62,8 +62,6 @@ pub struct StartInfo {
     pub event_file: Option<PathBuf>,
     /// The first iteration this part of the run runs.
     pub first_iteration: u64,
-    /// This process's rank (0 in a single-process run).
-    pub rank: usize,
 }
 
 impl Default for RunOptions {
@@ -146,8 +144,7 @@ pub fn run(
         run_dir: dir.map(Path::to_path_buf),
         checkpoint: dir.and_then(|d| rundir::newest_verified(d).map(|v| v.dir)),
     };
-    let world = opts.collective.as_ref().map_or(1, |c| c.world());
-    let rank = opts.collective.as_ref().map_or(0, |c| c.rank());
+    let (rank, world) = crate::dist::rank_world(opts.collective.as_ref());
     // The run directory and where a resume continues from, decided by rank 0 (and told to
     // the others) before anything is changed: with no checkpoint that verifies, the run
     // directory is left as it is.
@@ -313,8 +310,7 @@ fn start_and_run(
     started: &mut bool,
 ) -> Result<RunSummary> {
     let coll = opts.collective.clone();
-    let rank = coll.as_ref().map_or(0, |c| c.rank());
-    let world = coll.as_ref().map_or(1, |c| c.world());
+    let (rank, world) = crate::dist::rank_world(coll.as_ref());
     let lead = rank == 0;
     let ckdir = run_dir.join("checkpoints");
     if lead {
@@ -414,7 +410,6 @@ fn start_and_run(
         run_dir: run_dir.to_path_buf(),
         event_file: tb_sink.as_ref().map(|t| t.path().to_path_buf()),
         first_iteration: start,
-        rank,
     };
     info!(
         run_dir = %run_dir.display(),
@@ -547,8 +542,7 @@ fn build(
     run_dir: &Path,
     collective: Option<crate::dist::SharedCollective>,
 ) -> Result<Runtime> {
-    let rank = collective.as_ref().map_or(0, |c| c.rank());
-    let world = collective.as_ref().map_or(1, |c| c.world());
+    let (rank, world) = crate::dist::rank_world(collective.as_ref());
     let mut resources = Vec::new();
     for r in &pipeline.resources {
         let rt = registry
@@ -684,7 +678,7 @@ async fn run_loop(
         None
     };
     let coll = rt.collective.clone();
-    let lead = coll.as_ref().is_none_or(|c| c.rank() == 0);
+    let lead = crate::dist::rank_world(coll.as_ref()).0 == 0;
     let metrics_path = rt.run_dir.join("metrics.jsonl");
     // Rank 0 alone writes the metrics.
     let mut metrics_file = if lead {
@@ -1130,7 +1124,7 @@ fn fill_checkpoint(rt: &Runtime, it: u64, tmp: &Path) -> Result<()> {
         "format": rundir::CHECKSUMMED_FORMAT,
         "iteration": it,
         "pipeline": rt.pipeline.name,
-        "world_size": rt.collective.as_ref().map_or(1, |c| c.world()),
+        "world_size": crate::dist::rank_world(rt.collective.as_ref()).1,
         "nodes": states,
     });
     write_atomic(

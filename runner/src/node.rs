@@ -253,12 +253,12 @@ impl NodeCtx {
 
     /// This process's rank in a data-parallel run (0 for a single process).
     pub fn rank(&self) -> usize {
-        self.collective.as_ref().map_or(0, |c| c.rank())
+        crate::dist::rank_world(self.collective.as_ref()).0
     }
 
     /// The number of processes of the run (1 for a single process).
     pub fn world(&self) -> usize {
-        self.collective.as_ref().map_or(1, |c| c.world())
+        crate::dist::rank_world(self.collective.as_ref()).1
     }
 
     /// The run's process group, when it has more than one process.

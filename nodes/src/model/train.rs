@@ -97,9 +97,6 @@ pub struct Trainer<M: VelocityModel = FlowModel> {
     states: HashMap<String, AdamSlot>,
     step: u64,
     device: Device,
-    /// Data-parallel runs: (rank, world). Per-sample draws (CFG dropout) are drawn for the
-    /// whole global batch and this rank's rows taken, so they do not depend on the split.
-    shard: (usize, usize),
 }
 
 impl Trainer<FlowModel> {
@@ -157,13 +154,7 @@ impl<M: VelocityModel> Trainer<M> {
             states: HashMap::new(),
             step: 0,
             device,
-            shard: (0, 1),
         }
-    }
-
-    /// Data-parallel runs: this trainer is rank `rank` of `world` (see the `shard` field).
-    pub fn set_shard(&mut self, rank: usize, world: usize) {
-        self.shard = (rank, world.max(1));
     }
 
     /// Data-parallel training: `grads` summed over the ranks of `c`, times `scale`, through
@@ -178,18 +169,9 @@ impl<M: VelocityModel> Trainer<M> {
         scale: f32,
         extra: &mut [f32],
     ) -> anyhow::Result<GradientsParams> {
-        let mut flat = Flatten {
-            grads: &grads,
-            parts: Vec::new(),
-        };
-        self.model.visit(&mut flat);
-        let parts = flat.parts;
-        let mut buf: Vec<f32> = if parts.is_empty() {
-            Vec::new()
-        } else {
-            crate::types::to_vec(&Tensor::cat(parts, 0))
-                .context("reading the gradients back to the host")?
-        };
+        let mut buf = self
+            .trainable_flat(Some(&grads))
+            .context("reading the gradients back to the host")?;
         let n = buf.len();
         buf.extend_from_slice(extra);
         c.all_reduce_sum(&mut buf)?;
@@ -209,22 +191,27 @@ impl<M: VelocityModel> Trainer<M> {
         Ok(unflat.out)
     }
 
-    /// The trainable weights on the host, flattened in the model's order.
-    fn trainable_values(&self) -> anyhow::Result<Vec<f32>> {
-        let mut v = Values { parts: Vec::new() };
-        self.model.visit(&mut v);
-        if v.parts.is_empty() {
+    /// The trainable parameters' gradients in `grads` (zeros where a parameter has none), or
+    /// with `None` their values, on the host, flattened in the model's order.
+    fn trainable_flat(&self, grads: Option<&GradientsParams>) -> anyhow::Result<Vec<f32>> {
+        let mut flat = Flatten {
+            grads,
+            parts: Vec::new(),
+        };
+        self.model.visit(&mut flat);
+        if flat.parts.is_empty() {
             return Ok(Vec::new());
         }
-        crate::types::to_vec(&Tensor::cat(v.parts, 0))
-            .context("reading the weights back to the host")
+        crate::types::to_vec(&Tensor::cat(flat.parts, 0))
     }
 
     /// A digest of the trainable weights and the step count (data-parallel replicas must
     /// agree on it): 64-bit FNV-1a over their bytes.
     pub fn digest(&self) -> anyhow::Result<Vec<u8>> {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let values = self.trainable_values()?;
+        let values = self
+            .trainable_flat(None)
+            .context("reading the weights back to the host")?;
         let bytes = values
             .iter()
             .flat_map(|v| v.to_le_bytes())
@@ -242,7 +229,9 @@ impl<M: VelocityModel> Trainer<M> {
         c: &dyn runner::Collective,
         root: usize,
     ) -> anyhow::Result<()> {
-        let values = self.trainable_values()?;
+        let values = self
+            .trainable_flat(None)
+            .context("reading the weights back to the host")?;
         let mut bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         c.broadcast(&mut bytes, root)?;
         let theirs: Vec<f32> = bytes
@@ -298,8 +287,10 @@ impl<M: VelocityModel> Trainer<M> {
     }
 
     /// Replaces the prompts of a seeded fraction `cfg_dropout` of rows by the null prompt.
-    /// Deterministic in (`config.seed`, step index).
-    pub fn cfg_dropout(&self, cond: Conditioning) -> Conditioning {
+    /// Deterministic in (`config.seed`, step index). `shard`: (rank, world) of a data-parallel
+    /// run, whose `cond` holds this rank's rows of the global batch: the draws are the global
+    /// batch's, so they do not depend on the split ((0, 1) in a single process).
+    pub fn cfg_dropout(&self, cond: Conditioning, shard: (usize, usize)) -> Conditioning {
         let p = self.model.cfg_dropout();
         if p <= 0.0 {
             return cond;
@@ -308,8 +299,7 @@ impl<M: VelocityModel> Trainer<M> {
         let mut rng = ChaCha8Rng::seed_from_u64(
             self.config.seed ^ (self.step.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15),
         );
-        // This rank's rows of the global batch's draws (all of them in a single process).
-        let (rank, world) = self.shard;
+        let (rank, world) = shard;
         let drop: Vec<bool> = (0..b * world)
             .map(|_| rng.random::<f64>() < p)
             .skip(rank * b)
@@ -342,7 +332,8 @@ impl<M: VelocityModel> Trainer<M> {
         cond: Conditioning,
         dist: Option<&dyn runner::Collective>,
     ) -> anyhow::Result<StepStats> {
-        let cond = self.cfg_dropout(cond);
+        let shard = dist.map_or((0, 1), |c| (c.rank(), c.world()));
+        let cond = self.cfg_dropout(cond, shard);
         let loss = flow_matching_loss(&self.model, x0, noise, t, &cond)?;
         let Some(c) = dist else {
             return Ok(self.apply_loss(loss));
@@ -633,7 +624,6 @@ impl<M: VelocityModel> Trainer<M> {
             states,
             step,
             device: ad,
-            shard: (0, 1),
         })
     }
 
@@ -652,9 +642,10 @@ fn build_optim(config: &TrainerConfig) -> AdamW {
         .build()
 }
 
-/// Every trainable parameter's gradient (or zeros), flattened, in the model's order. [numel]
+/// Every trainable parameter's gradient in `grads` (or zeros), or with `None` its value,
+/// flattened, in the model's order. [numel]
 struct Flatten<'a> {
-    grads: &'a GradientsParams,
+    grads: Option<&'a GradientsParams>,
     parts: Vec<Tensor<1>>,
 }
 
@@ -665,9 +656,12 @@ impl ModuleVisitor for Flatten<'_> {
             return;
         }
         let numel = value.shape().num_elements();
-        self.parts.push(match self.grads.get::<D>(param.id) {
-            Some(g) => g.reshape([numel]),
-            None => Tensor::zeros([numel], &value.inner().device()),
+        self.parts.push(match self.grads {
+            None => value.inner().reshape([numel]),
+            Some(grads) => match grads.get::<D>(param.id) {
+                Some(g) => g.reshape([numel]),
+                None => Tensor::zeros([numel], &value.inner().device()),
+            },
         });
     }
 }
@@ -695,22 +689,7 @@ impl ModuleVisitor for Unflatten<'_> {
     }
 }
 
-/// Every trainable parameter's value, flattened, in the model's order. [numel]
-struct Values {
-    parts: Vec<Tensor<1>>,
-}
-
-impl ModuleVisitor for Values {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let value = param.val();
-        if value.is_require_grad() {
-            let numel = value.shape().num_elements();
-            self.parts.push(value.inner().reshape([numel]));
-        }
-    }
-}
-
-/// The inverse of [`Values`]: the trainable parameters take the buffer's values.
+/// The inverse of [`Flatten`] over values: the trainable parameters take the buffer's values.
 struct SetValues<'a> {
     buf: &'a [f32],
     at: usize,

@@ -1,5 +1,6 @@
 //! Times one 3×3 convolution's forward + backward under autodiff, burn's `Conv2d` against
-//! flowrun's `fused::conv2d` (libtorch's native backward on libtorch; on flex it is `Conv2d`) and an im2col formulation
+//! flowrun's `fused::conv2d` (libtorch's native backward on libtorch; flowrun's im2col + GEMM backward on
+//! flex) and an im2col formulation
 //! (pad, 9 shifted slices, one matmul), on each device given.
 //!
 //! `cargo run --release --example conv_backward -- flex` (add `--features tch` and `libtorch`;

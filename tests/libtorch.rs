@@ -12,6 +12,9 @@ use nodes::types::to_vec;
 use nodes::world;
 use rand::SeedableRng;
 
+mod common;
+use common::fused::{assert_same_gradient, max_rel_diff};
+
 fn velocity(kind: DeviceKind, path: &std::path::Path) -> Vec<f32> {
     let dev: Device = device(kind);
     let (_, model) = load_safetensors(path, &dev).unwrap();
@@ -40,15 +43,6 @@ fn velocity(kind: DeviceKind, path: &std::path::Path) -> Vec<f32> {
     let tokens = nodes::model::int_tensor_from_vec(toks, [b, world::MAX_TOKENS], &dev);
     let v: Tensor<4> = model.forward(x, t, tokens);
     to_vec(&v).unwrap()
-}
-
-fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max).max(1e-6);
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-        / scale
 }
 
 #[test]
@@ -101,74 +95,21 @@ fn should_give_the_same_velocity_on_flex_and_libtorch() {
     }
 }
 
-/// Fused vs burn: the same gradient (both present, or both absent), within 1e-4 relative.
-fn assert_same_gradient<const D: usize>(
-    what: &str,
-    fused: Option<Tensor<D>>,
-    burn: Option<Tensor<D>>,
-) {
-    match (fused, burn) {
-        (Some(a), Some(b)) => {
-            assert_eq!(a.dims(), b.dims(), "{what}: gradient shape");
-            let d = max_rel_diff(&to_vec(&a).unwrap(), &to_vec(&b).unwrap());
-            assert!(d < 1e-4, "{what}: gradients differ by {d:e} (relative)");
-        }
-        (None, None) => {}
-        (a, b) => panic!(
-            "{what}: gradient present for fused: {}, for burn: {}",
-            a.is_some(),
-            b.is_some()
-        ),
-    }
+/// `fused::conv2d` on libtorch back-propagates through libtorch's own convolution backward.
+#[test]
+fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
+    common::fused::conv2d_matches_burn(&Device::libtorch());
 }
 
-/// `fused::conv2d` on libtorch back-propagates through libtorch's own convolution backward;
-/// outputs and gradients (input, weight, bias) must match burn's `Conv2d`, whether or not the
-/// input is tracked.
+/// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward.
 #[test]
-#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
-fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
-    use burn::nn::PaddingConfig2d;
-    use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::Distribution;
-    use nodes::model::fused;
+fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
+    common::fused::group_norm_matches_burn(&Device::libtorch());
+}
 
-    let dev = Device::libtorch().autodiff();
-    let cases = [
-        (3, 1, 8, 16, 12, true),
-        (1, 0, 16, 8, 6, true),
-        (3, 1, 3, 8, 8, true),
-        (3, 1, 4, 6, 7, false),
-    ];
-    for (k, pad, c_in, c_out, hw, track_x) in cases {
-        let mut cfg = Conv2dConfig::new([c_in, c_out], [k, k]);
-        if pad > 0 {
-            cfg = cfg.with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad));
-        }
-        let conv = cfg.init(&dev);
-        let mut x = Tensor::<4>::random([5, c_in, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
-        if track_x {
-            x = x.require_grad();
-        }
-        let r = Tensor::<4>::random([5, c_out, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
-
-        let y_fused = fused::conv2d(&conv, x.clone());
-        let y_burn = conv.forward(x.clone());
-        let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
-        assert!(dy < 1e-5, "k={k}: outputs differ by {dy:e} (relative)");
-
-        let g_fused = (y_fused * r.clone()).sum().backward();
-        let g_burn = (y_burn * r).sum().backward();
-        let bias = conv.bias.as_ref().unwrap();
-        assert_same_gradient(&format!("k={k} x"), x.grad(&g_fused), x.grad(&g_burn));
-        assert_eq!(x.grad(&g_fused).is_some(), track_x, "k={k}: x gradient");
-        let (gw_fused, gw_burn) = (conv.weight.grad(&g_fused), conv.weight.grad(&g_burn));
-        assert!(gw_fused.is_some(), "k={k}: no weight gradient");
-        assert_same_gradient(&format!("k={k} weight"), gw_fused, gw_burn);
-        let (gb_fused, gb_burn) = (bias.grad(&g_fused), bias.grad(&g_burn));
-        assert!(gb_fused.is_some(), "k={k}: no bias gradient");
-        assert_same_gradient(&format!("k={k} bias"), gb_fused, gb_burn);
-    }
+#[test]
+fn should_match_burns_group_norm_film_silu_with_libtorchs_kernels() {
+    common::fused::group_norm_film_silu_matches_burn(&Device::libtorch());
 }
 
 /// The convolution's weight gradient reads its (untracked) input: after the forward, an op that
@@ -201,75 +142,6 @@ fn should_keep_an_untracked_input_intact_for_the_native_backward() {
         conv.weight.grad(&grads).expect("weight gradient")
     };
     assert_same_gradient("weight", Some(gradients(true)), Some(gradients(false)));
-}
-
-/// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward;
-/// outputs and gradients (input, gamma, beta) must match burn's composed GroupNorm + SiLU,
-/// affine or not.
-#[test]
-#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
-fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
-    use burn::module::Param;
-    use burn::nn::GroupNormConfig;
-    use burn::tensor::Distribution;
-    use burn::tensor::activation::silu;
-    use nodes::model::fused;
-
-    let dev = Device::libtorch().autodiff();
-    let cases = [
-        (4, 16, 6, true, true),
-        (8, 32, 4, false, true),
-        (2, 6, 5, true, true),
-        (4, 8, 5, false, false),
-    ];
-    for (groups, c, hw, with_silu, affine) in cases {
-        let mut gn = GroupNormConfig::new(groups, c)
-            .with_affine(affine)
-            .init(&dev);
-        if affine {
-            // Non-trivial affine parameters (init is gamma = 1, beta = 0).
-            let rand = |d| Tensor::<1>::random([c], d, &dev);
-            gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
-            gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
-        }
-        let x = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(1.0, 2.0), &dev)
-            .require_grad();
-        let r = Tensor::<4>::random([3, c, hw, hw], Distribution::Normal(0.0, 1.0), &dev);
-
-        let y_fused = fused::group_norm(&gn, x.clone(), with_silu);
-        let y_burn = if with_silu {
-            silu(gn.forward(x.clone()))
-        } else {
-            gn.forward(x.clone())
-        };
-        let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
-        assert!(dy < 1e-5, "c={c}: outputs differ by {dy:e} (relative)");
-
-        // Without autodiff (sampling) the same libtorch kernel runs.
-        let (x_inner, gn_inner) = (x.clone().inner(), gn.valid());
-        let y_inner = fused::group_norm(&gn_inner, x_inner.clone(), with_silu);
-        let y_ref = if with_silu {
-            silu(gn_inner.forward(x_inner))
-        } else {
-            gn_inner.forward(x_inner)
-        };
-        let d = max_rel_diff(&to_vec(&y_inner).unwrap(), &to_vec(&y_ref).unwrap());
-        assert!(d < 1e-5, "c={c}: outputs without autodiff differ by {d:e}");
-
-        let g_fused = (y_fused * r.clone()).sum().backward();
-        let g_burn = (y_burn * r).sum().backward();
-        let gx_fused = x.grad(&g_fused);
-        assert!(gx_fused.is_some(), "c={c}: no x gradient");
-        assert_same_gradient(&format!("c={c} x"), gx_fused, x.grad(&g_burn));
-        for (what, p) in [("gamma", &gn.gamma), ("beta", &gn.beta)] {
-            assert_eq!(p.is_some(), affine, "c={c}: {what}");
-            if let Some(p) = p {
-                let g = p.grad(&g_fused);
-                assert!(g.is_some(), "c={c}: no {what} gradient");
-                assert_same_gradient(&format!("c={c} {what}"), g, p.grad(&g_burn));
-            }
-        }
-    }
 }
 
 #[test]
@@ -337,63 +209,6 @@ fn should_match_burns_attention_with_libtorchs_kernel() {
                 assert_same_gradient(&format!("{what} {name}"), g, t.grad(&g_burn));
             }
         }
-    }
-}
-
-#[test]
-#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
-fn should_match_burns_group_norm_film_silu_with_libtorchs_kernels() {
-    use burn::module::Param;
-    use burn::nn::GroupNormConfig;
-    use burn::tensor::Distribution;
-    use burn::tensor::activation::silu;
-    use nodes::model::fused;
-
-    let dev = Device::libtorch().autodiff();
-    let (b, groups, c, hw) = (3, 4, 16, 6);
-    let mut gn = GroupNormConfig::new(groups, c).init(&dev);
-    let rand = |d| Tensor::<1>::random([c], d, &dev);
-    gn.gamma = Some(Param::from_tensor(rand(Distribution::Uniform(0.5, 1.5))));
-    gn.beta = Some(Param::from_tensor(rand(Distribution::Normal(0.0, 0.5))));
-    let normal =
-        |shape: [usize; 4], s| Tensor::<4>::random(shape, Distribution::Normal(0.0, s), &dev);
-    let x = (normal([b, c, hw, hw], 2.0) + 1.0).require_grad();
-    let scale = normal([b, c, 1, 1], 0.5).require_grad();
-    let shift = normal([b, c, 1, 1], 0.5).require_grad();
-    let r = normal([b, c, hw, hw], 1.0);
-    let burn_film = |gn: &burn::nn::GroupNorm, x, scale: Tensor<4>, shift| {
-        silu(gn.forward(x) * scale.add_scalar(1.0) + shift)
-    };
-
-    let y_fused = fused::group_norm_film_silu(&gn, x.clone(), scale.clone(), shift.clone());
-    let y_burn = burn_film(&gn, x.clone(), scale.clone(), shift.clone());
-    let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
-    assert!(dy < 1e-5, "outputs differ by {dy:e} (relative)");
-
-    // Without autodiff (sampling) the same libtorch kernels run.
-    let gn_inner = gn.valid();
-    let (xi, si, hi) = (
-        x.clone().inner(),
-        scale.clone().inner(),
-        shift.clone().inner(),
-    );
-    let y_inner = fused::group_norm_film_silu(&gn_inner, xi.clone(), si.clone(), hi.clone());
-    let y_ref = burn_film(&gn_inner, xi, si, hi);
-    let d = max_rel_diff(&to_vec(&y_inner).unwrap(), &to_vec(&y_ref).unwrap());
-    assert!(d < 1e-5, "outputs without autodiff differ by {d:e}");
-
-    let g_fused = (y_fused * r.clone()).sum().backward();
-    let g_burn = (y_burn * r).sum().backward();
-    for (what, t) in [("x", &x), ("scale", &scale), ("shift", &shift)] {
-        let g = t.grad(&g_fused);
-        assert!(g.is_some(), "no {what} gradient");
-        assert_same_gradient(what, g, t.grad(&g_burn));
-    }
-    for (what, p) in [("gamma", &gn.gamma), ("beta", &gn.beta)] {
-        let p = p.as_ref().unwrap();
-        let g = p.grad(&g_fused);
-        assert!(g.is_some(), "no {what} gradient");
-        assert_same_gradient(what, g, p.grad(&g_burn));
     }
 }
 

@@ -1,0 +1,829 @@
+//! Plain-slice CPU kernels behind flex's fused ops ([`super::flex`]): the backward of a
+//! stride-1 convolution (im2col + GEMM on the `gemm` crate burn-flex itself uses, one sample per
+//! rayon task), and GroupNorm with its optional FiLM modulation and SiLU, forward and backward,
+//! in one pass over each (sample, group).
+//!
+//! Every buffer is row-major and contiguous; shapes are given in the comments.
+
+use rayon::prelude::*;
+
+/// A 2-D convolution with stride 1, dilation 1, one group and `pad` zeros on every side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub batch: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub h: usize,
+    pub w: usize,
+    /// Square kernel size.
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl ConvGeom {
+    pub fn out_h(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.k
+    }
+
+    pub fn out_w(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.k
+    }
+
+    /// Rows of the im2col matrix: Cin·k·k.
+    fn rows(&self) -> usize {
+        self.c_in * self.k * self.k
+    }
+
+    /// Output pixels per sample: H'·W'.
+    fn pixels(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+
+    /// A 1×1 convolution without padding reads its input as its own im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.pad == 0
+    }
+
+    /// For kernel column `kx`: the output columns `ox` whose input column `ox + kx − pad` lies
+    /// inside the image, as a half-open range (possibly empty).
+    fn valid_cols(&self, kx: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kx).min(self.out_w());
+        let hi = (self.w + self.pad).saturating_sub(kx).min(self.out_w());
+        (lo, hi.max(lo))
+    }
+}
+
+/// col: [Cin·k·k, H'·W'] ← x: [Cin, H, W] (one sample).
+fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
+    let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
+    let p = oh * ow;
+    for ci in 0..g.c_in {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
+                let (lo, hi) = g.valid_cols(kx);
+                for oy in 0..oh {
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if lo < hi {
+                        let start = iy as usize * g.w + lo + kx - g.pad;
+                        dst[lo..hi].copy_from_slice(&plane[start..start + (hi - lo)]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dx: [Cin, H, W] += the adjoint of [`im2col`] applied to dcol: [Cin·k·k, H'·W'].
+fn col2im_add(g: &ConvGeom, dcol: &[f32], dx: &mut [f32]) {
+    let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
+    let p = oh * ow;
+    for ci in 0..g.c_in {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..k {
+            for kx in 0..k {
+                let row = &dcol[((ci * k + ky) * k + kx) * p..][..p];
+                let (lo, hi) = g.valid_cols(kx);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..oh {
+                    let iy = (oy + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let start = iy as usize * g.w + lo + kx - g.pad;
+                    let dst = &mut plane[start..start + (hi - lo)];
+                    for (d, s) in dst.iter_mut().zip(&row[oy * ow + lo..oy * ow + hi]) {
+                        *d += s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// dst[m, n] (row stride `dst_rs`) = (`acc` ? dst : 0) + lhs · rhs, with lhs [m, k] and rhs
+/// [k, n] given by (row stride, column stride); single-threaded (the caller parallelises over
+/// samples).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the asserts above keep every index `gemm` reads or writes inside the slices;
+    // `dst` is borrowed mutably and does not alias `lhs` or `rhs`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// Gradients of a convolution (see [`ConvGeom`]) from its output gradient; each only when asked.
+#[derive(Debug, Default)]
+pub struct ConvGrads {
+    /// [B, Cin, H, W]
+    pub x: Option<Vec<f32>>,
+    /// [Cout, Cin, k, k]
+    pub weight: Option<Vec<f32>>,
+    /// [Cout]
+    pub bias: Option<Vec<f32>>,
+}
+
+/// Per-task scratch and partial sums of [`conv2d_backward`].
+struct ConvAcc {
+    /// [Cout, Cin·k·k]
+    dw: Vec<f32>,
+    /// [Cout]
+    db: Vec<f32>,
+    /// [Cin·k·k, H'·W'] im2col of the sample (weight gradient)
+    col: Vec<f32>,
+    /// [Cin·k·k, H'·W'] gradient of the im2col matrix (input gradient)
+    dcol: Vec<f32>,
+}
+
+/// Backward of `y = conv(x, weight) + bias` given gy = ∂L/∂y.
+///
+/// x: [B, Cin, H, W], weight: [Cout, Cin, k, k], gy: [B, Cout, H', W'].
+/// Per sample b: dW += gy_b · im2col(x_b)ᵀ, db += Σ gy_b, dx_b = col2im(Wᵀ · gy_b); samples run
+/// in parallel, each with its own partial dW and db, summed at the end.
+pub fn conv2d_backward(
+    g: &ConvGeom,
+    x: &[f32],
+    weight: &[f32],
+    gy: &[f32],
+    (want_x, want_weight, want_bias): (bool, bool, bool),
+) -> ConvGrads {
+    let (rows, pixels) = (g.rows(), g.pixels());
+    let x_len = g.c_in * g.h * g.w;
+    let y_len = g.c_out * pixels;
+    assert_eq!(x.len(), g.batch * x_len, "conv2d_backward: input size");
+    assert_eq!(weight.len(), g.c_out * rows, "conv2d_backward: weight size");
+    assert_eq!(
+        gy.len(),
+        g.batch * y_len,
+        "conv2d_backward: output gradient size"
+    );
+    let pointwise = g.is_pointwise();
+
+    let mut dx = if want_x {
+        vec![0.0f32; g.batch * x_len]
+    } else {
+        Vec::new()
+    };
+    let targets: Vec<Option<&mut [f32]>> = if want_x {
+        dx.chunks_mut(x_len.max(1)).map(Some).collect()
+    } else {
+        (0..g.batch).map(|_| None).collect()
+    };
+    let new_acc = || ConvAcc {
+        dw: if want_weight {
+            vec![0.0; g.c_out * rows]
+        } else {
+            Vec::new()
+        },
+        db: if want_bias {
+            vec![0.0; g.c_out]
+        } else {
+            Vec::new()
+        },
+        col: if want_weight && !pointwise {
+            vec![0.0; rows * pixels]
+        } else {
+            Vec::new()
+        },
+        dcol: if want_x && !pointwise {
+            vec![0.0; rows * pixels]
+        } else {
+            Vec::new()
+        },
+    };
+    let acc = targets
+        .into_par_iter()
+        .enumerate()
+        .fold(new_acc, |mut acc, (b, dx_b)| {
+            let x_b = &x[b * x_len..(b + 1) * x_len];
+            let gy_b = &gy[b * y_len..(b + 1) * y_len];
+            if want_weight {
+                let col: &[f32] = if pointwise {
+                    x_b
+                } else {
+                    im2col(g, x_b, &mut acc.col);
+                    &acc.col
+                };
+                // [Cout, P] · [P, R] (col read transposed)
+                let dims = (g.c_out, rows, pixels);
+                matmul(
+                    dims,
+                    &mut acc.dw,
+                    rows,
+                    true,
+                    gy_b,
+                    (pixels, 1),
+                    col,
+                    (1, pixels),
+                );
+            }
+            if want_bias {
+                for (db, row) in acc.db.iter_mut().zip(gy_b.chunks(pixels.max(1))) {
+                    *db += row.iter().sum::<f32>();
+                }
+            }
+            if let Some(dx_b) = dx_b {
+                // [R, Cout] (weight read transposed) · [Cout, P]
+                let dims = (rows, pixels, g.c_out);
+                if pointwise {
+                    matmul(
+                        dims,
+                        dx_b,
+                        pixels,
+                        false,
+                        weight,
+                        (1, rows),
+                        gy_b,
+                        (pixels, 1),
+                    );
+                } else {
+                    let dcol = &mut acc.dcol;
+                    matmul(
+                        dims,
+                        dcol,
+                        pixels,
+                        false,
+                        weight,
+                        (1, rows),
+                        gy_b,
+                        (pixels, 1),
+                    );
+                    col2im_add(g, dcol, dx_b);
+                }
+            }
+            acc
+        })
+        .reduce_with(|mut a, b| {
+            a.dw.iter_mut().zip(&b.dw).for_each(|(a, b)| *a += b);
+            a.db.iter_mut().zip(&b.db).for_each(|(a, b)| *a += b);
+            a
+        });
+    let (dw, db) = match acc {
+        Some(acc) => (acc.dw, acc.db),
+        None => (vec![0.0; g.c_out * rows], vec![0.0; g.c_out]),
+    };
+    ConvGrads {
+        x: want_x.then_some(dx),
+        weight: want_weight.then_some(dw),
+        bias: want_bias.then_some(db),
+    }
+}
+
+/// A GroupNorm over [B, C, H·W] with `groups` groups of C / groups channels.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NormGeom {
+    pub batch: usize,
+    pub channels: usize,
+    pub groups: usize,
+    /// H·W
+    pub pixels: usize,
+    pub eps: f64,
+}
+
+impl NormGeom {
+    fn per_group(&self) -> usize {
+        self.channels / self.groups
+    }
+
+    /// Elements of one (sample, group).
+    fn group_len(&self) -> usize {
+        self.per_group() * self.pixels
+    }
+}
+
+/// The optional FiLM modulation `y · (1 + scale) + shift`, per (sample, channel).
+#[derive(Clone, Copy, Debug)]
+pub struct Film<'a> {
+    /// [B, C]
+    pub scale: &'a [f32],
+    /// [B, C]
+    pub shift: &'a [f32],
+}
+
+/// The forward's output and the statistics its backward reads.
+#[derive(Debug)]
+pub struct NormOut {
+    /// [B, C, H·W]
+    pub y: Vec<f32>,
+    /// [B, groups]
+    pub mean: Vec<f32>,
+    /// [B, groups]: 1 / √(var + eps), with the biased variance.
+    pub rstd: Vec<f32>,
+}
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// out = act((x − μ) / √(σ² + eps) · γ + β) [· (1 + scale) + shift], act = SiLU or identity.
+///
+/// x: [B, C, H·W], gamma, beta: [C], film: [B, C] each.
+pub fn group_norm_forward(
+    g: &NormGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    film: Option<Film<'_>>,
+    silu: bool,
+) -> NormOut {
+    let (cpg, n, pixels) = (g.per_group(), g.group_len(), g.pixels);
+    assert_eq!(
+        x.len(),
+        g.batch * g.channels * pixels,
+        "group_norm: input size"
+    );
+    assert!(gamma.len() == g.channels && beta.len() == g.channels);
+    let bg = g.batch * g.groups;
+    let mut y = vec![0.0f32; x.len()];
+    let mut mean = vec![0.0f32; bg];
+    let mut rstd = vec![0.0f32; bg];
+    y.par_chunks_mut(n.max(1))
+        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+        .enumerate()
+        .for_each(|(i, (y, (mu, rs)))| {
+            let (b, grp) = (i / g.groups, i % g.groups);
+            let xs = &x[i * n..(i + 1) * n];
+            let m = xs.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = xs.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
+            let r = 1.0 / (var + g.eps).sqrt();
+            *mu = m as f32;
+            *rs = r as f32;
+            for j in 0..cpg {
+                let c = grp * cpg + j;
+                // z = x · a + off, folding normalisation, affine and FiLM.
+                let (f, t) = match film {
+                    Some(film) => (
+                        1.0 + film.scale[b * g.channels + c],
+                        film.shift[b * g.channels + c],
+                    ),
+                    None => (1.0, 0.0),
+                };
+                let a = (r as f32) * gamma[c] * f;
+                let off = (beta[c] - (m * r) as f32 * gamma[c]) * f + t;
+                let src = &xs[j * pixels..(j + 1) * pixels];
+                let dst = &mut y[j * pixels..(j + 1) * pixels];
+                if silu {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        let z = v * a + off;
+                        *d = z * sigmoid(z);
+                    }
+                } else {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = v * a + off;
+                    }
+                }
+            }
+        });
+    NormOut { y, mean, rstd }
+}
+
+/// Gradients of [`group_norm_forward`].
+#[derive(Debug)]
+pub struct NormGrads {
+    /// [B, C, H·W]
+    pub x: Vec<f32>,
+    /// [C]
+    pub gamma: Vec<f32>,
+    /// [C]
+    pub beta: Vec<f32>,
+    /// [B, C] (zeros without FiLM)
+    pub scale: Vec<f32>,
+    /// [B, C] (zeros without FiLM)
+    pub shift: Vec<f32>,
+}
+
+/// Backward of [`group_norm_forward`] given gout = ∂L/∂out and the forward's statistics.
+///
+/// With x̂ = (x − μ)·rstd, y = x̂γ + β, z = y(1 + s) + t, out = act(z):
+/// dz = gout · act'(z); ds = Σ dz·y, dt = Σ dz (per sample and channel); dy = dz(1 + s);
+/// dγ = Σ dy·x̂, dβ = Σ dy (over samples and pixels); dx̂ = dy·γ; and per (sample, group)
+/// dx = rstd · (dx̂ − mean(dx̂) − x̂ · mean(dx̂ · x̂)).
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_backward(
+    g: &NormGeom,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    film: Option<Film<'_>>,
+    silu: bool,
+    stats: (&[f32], &[f32]),
+    gout: &[f32],
+) -> NormGrads {
+    let (cpg, n, pixels, c_all) = (g.per_group(), g.group_len(), g.pixels, g.channels);
+    assert_eq!(
+        x.len(),
+        g.batch * c_all * pixels,
+        "group_norm backward: input size"
+    );
+    assert_eq!(
+        gout.len(),
+        x.len(),
+        "group_norm backward: output gradient size"
+    );
+    let (mean, rstd) = stats;
+    let mut dx = vec![0.0f32; x.len()];
+    // Per (sample, channel): FiLM's gradients, and the sample's share of dγ and dβ.
+    let bc = g.batch * c_all;
+    let (mut ds, mut dt) = (vec![0.0f32; bc], vec![0.0f32; bc]);
+    let (mut dg_part, mut db_part) = (vec![0.0f32; bc], vec![0.0f32; bc]);
+    dx.par_chunks_mut(n.max(1))
+        .zip(
+            ds.par_chunks_mut(cpg.max(1))
+                .zip(dt.par_chunks_mut(cpg.max(1))),
+        )
+        .zip(
+            dg_part
+                .par_chunks_mut(cpg.max(1))
+                .zip(db_part.par_chunks_mut(cpg.max(1))),
+        )
+        .enumerate()
+        .for_each(|(i, ((dx, (ds, dt)), (dg, db)))| {
+            let (b, grp) = (i / g.groups, i % g.groups);
+            let (mu, r) = (mean[i], rstd[i]);
+            let xs = &x[i * n..(i + 1) * n];
+            let gs = &gout[i * n..(i + 1) * n];
+            let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
+            for j in 0..cpg {
+                let c = grp * cpg + j;
+                let (f, t) = match film {
+                    Some(film) => (1.0 + film.scale[b * c_all + c], film.shift[b * c_all + c]),
+                    None => (1.0, 0.0),
+                };
+                let (gm, bt) = (gamma[c], beta[c]);
+                let (mut s_ds, mut s_dt, mut s_dg, mut s_db) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
+                let (mut s1, mut s2) = (0.0f32, 0.0f32);
+                let range = j * pixels..(j + 1) * pixels;
+                for ((d, &v), &go) in dx[range.clone()]
+                    .iter_mut()
+                    .zip(&xs[range.clone()])
+                    .zip(&gs[range])
+                {
+                    let xh = (v - mu) * r;
+                    let y = xh * gm + bt;
+                    let dz = if silu {
+                        let z = y * f + t;
+                        let sg = sigmoid(z);
+                        go * sg * (1.0 + z * (1.0 - sg))
+                    } else {
+                        go
+                    };
+                    s_ds += dz * y;
+                    s_dt += dz;
+                    let dy = dz * f;
+                    s_dg += dy * xh;
+                    s_db += dy;
+                    let dxh = dy * gm;
+                    s1 += dxh;
+                    s2 += dxh * xh;
+                    *d = dxh;
+                }
+                ds[j] = s_ds;
+                dt[j] = s_dt;
+                dg[j] = s_dg;
+                db[j] = s_db;
+                sum1 += s1 as f64;
+                sum2 += s2 as f64;
+            }
+            let m1 = (sum1 / n as f64) as f32;
+            let m2 = (sum2 / n as f64) as f32;
+            for (d, &v) in dx.iter_mut().zip(xs) {
+                let xh = (v - mu) * r;
+                *d = r * (*d - m1 - xh * m2);
+            }
+        });
+    let sum_over_batch = |part: &[f32]| {
+        let mut out = vec![0.0f32; c_all];
+        for row in part.chunks(c_all.max(1)) {
+            out.iter_mut().zip(row).for_each(|(o, v)| *o += v);
+        }
+        out
+    };
+    NormGrads {
+        gamma: sum_over_batch(&dg_part),
+        beta: sum_over_batch(&db_part),
+        x: dx,
+        scale: ds,
+        shift: dt,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, seed: u32) -> Vec<f32> {
+        // A deterministic, irregular sequence in [-1, 1].
+        (0..n)
+            .map(|i| {
+                let v = (i as u32)
+                    .wrapping_mul(2_654_435_761)
+                    .wrapping_add(seed.wrapping_mul(40_503));
+                (v >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Direct convolution, for reference. x: [B, Cin, H, W], w: [Cout, Cin, k, k]
+    fn conv_direct(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
+        for b in 0..g.batch {
+            for co in 0..g.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut s = bias[co] as f64;
+                        for ci in 0..g.c_in {
+                            for ky in 0..g.k {
+                                for kx in 0..g.k {
+                                    let iy = (oy + ky) as isize - g.pad as isize;
+                                    let ix = (ox + kx) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x[((b * g.c_in + ci) * g.h + iy as usize) * g.w
+                                        + ix as usize];
+                                    let wv = w[((co * g.c_in + ci) * g.k + ky) * g.k + kx];
+                                    s += xv as f64 * wv as f64;
+                                }
+                            }
+                        }
+                        y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+            / scale
+    }
+
+    /// ∂/∂θ of L = Σ gy ⊙ conv(θ), by central differences on the direct convolution (f64 sums).
+    fn numeric_conv_grad(
+        g: &ConvGeom,
+        x: &[f32],
+        w: &[f32],
+        bias: &[f32],
+        gy: &[f32],
+        which: usize,
+        idx: usize,
+    ) -> f32 {
+        let loss = |x: &[f32], w: &[f32], bias: &[f32]| {
+            conv_direct(g, x, w, bias)
+                .iter()
+                .zip(gy)
+                .map(|(a, b)| a * *b as f64)
+                .sum::<f64>()
+        };
+        let h = 1e-2f32;
+        let (mut xp, mut wp, mut bp) = (x.to_vec(), w.to_vec(), bias.to_vec());
+        let (mut xm, mut wm, mut bm) = (x.to_vec(), w.to_vec(), bias.to_vec());
+        match which {
+            0 => {
+                xp[idx] += h;
+                xm[idx] -= h;
+            }
+            1 => {
+                wp[idx] += h;
+                wm[idx] -= h;
+            }
+            _ => {
+                bp[idx] += h;
+                bm[idx] -= h;
+            }
+        }
+        ((loss(&xp, &wp, &bp) - loss(&xm, &wm, &bm)) / (2.0 * h as f64)) as f32
+    }
+
+    #[test]
+    fn should_match_finite_differences_for_every_convolution_gradient() {
+        for g in [
+            ConvGeom {
+                batch: 2,
+                c_in: 3,
+                c_out: 4,
+                h: 5,
+                w: 7,
+                k: 3,
+                pad: 1,
+            },
+            ConvGeom {
+                batch: 3,
+                c_in: 2,
+                c_out: 3,
+                h: 4,
+                w: 3,
+                k: 1,
+                pad: 0,
+            },
+            ConvGeom {
+                batch: 1,
+                c_in: 2,
+                c_out: 2,
+                h: 6,
+                w: 5,
+                k: 3,
+                pad: 0,
+            },
+            ConvGeom {
+                batch: 2,
+                c_in: 1,
+                c_out: 2,
+                h: 3,
+                w: 3,
+                k: 5,
+                pad: 2,
+            },
+        ] {
+            let x = seq(g.batch * g.c_in * g.h * g.w, 1);
+            let w = seq(g.c_out * g.c_in * g.k * g.k, 2);
+            let bias = seq(g.c_out, 3);
+            let gy = seq(g.batch * g.c_out * g.out_h() * g.out_w(), 4);
+            let grads = conv2d_backward(&g, &x, &w, &gy, (true, true, true));
+            let (dx, dw, db) = (grads.x.unwrap(), grads.weight.unwrap(), grads.bias.unwrap());
+            let nx: Vec<f32> = (0..x.len())
+                .map(|i| numeric_conv_grad(&g, &x, &w, &bias, &gy, 0, i))
+                .collect();
+            let nw: Vec<f32> = (0..w.len())
+                .map(|i| numeric_conv_grad(&g, &x, &w, &bias, &gy, 1, i))
+                .collect();
+            let nb: Vec<f32> = (0..bias.len())
+                .map(|i| numeric_conv_grad(&g, &x, &w, &bias, &gy, 2, i))
+                .collect();
+            assert!(max_rel(&dx, &nx) < 1e-4, "{g:?} dx {}", max_rel(&dx, &nx));
+            assert!(max_rel(&dw, &nw) < 1e-4, "{g:?} dw {}", max_rel(&dw, &nw));
+            assert!(max_rel(&db, &nb) < 1e-4, "{g:?} db {}", max_rel(&db, &nb));
+            // Only what is asked for is computed.
+            let some = conv2d_backward(&g, &x, &w, &gy, (false, true, false));
+            assert!(some.x.is_none() && some.bias.is_none());
+            assert_eq!(some.weight.unwrap(), dw);
+        }
+    }
+
+    fn norm_loss(
+        g: &NormGeom,
+        x: &[f32],
+        gamma: &[f32],
+        beta: &[f32],
+        s: &[f32],
+        t: &[f32],
+        film: bool,
+        silu: bool,
+        go: &[f32],
+    ) -> f64 {
+        let film = film.then_some(Film { scale: s, shift: t });
+        let y = group_norm_forward(g, x, gamma, beta, film, silu).y;
+        y.iter().zip(go).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    #[test]
+    fn should_match_finite_differences_for_every_group_norm_gradient() {
+        let g = NormGeom {
+            batch: 2,
+            channels: 6,
+            groups: 3,
+            pixels: 5,
+            eps: 1e-5,
+        };
+        let x: Vec<f32> = seq(g.batch * g.channels * g.pixels, 5)
+            .iter()
+            .map(|v| 2.0 * v + 0.3)
+            .collect();
+        let gamma: Vec<f32> = seq(g.channels, 6).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let beta = seq(g.channels, 7);
+        let s = seq(g.batch * g.channels, 8);
+        let t = seq(g.batch * g.channels, 9);
+        let go = seq(x.len(), 10);
+        for (film, silu) in [(false, false), (false, true), (true, true), (true, false)] {
+            let out = group_norm_forward(
+                &g,
+                &x,
+                &gamma,
+                &beta,
+                film.then_some(Film {
+                    scale: &s,
+                    shift: &t,
+                }),
+                silu,
+            );
+            let grads = group_norm_backward(
+                &g,
+                &x,
+                &gamma,
+                &beta,
+                film.then_some(Film {
+                    scale: &s,
+                    shift: &t,
+                }),
+                silu,
+                (&out.mean, &out.rstd),
+                &go,
+            );
+            let h = 1e-3f32;
+            let num = |which: usize, i: usize| {
+                let mut v = [x.clone(), gamma.clone(), beta.clone(), s.clone(), t.clone()];
+                v[which][i] += h;
+                let lp = norm_loss(&g, &v[0], &v[1], &v[2], &v[3], &v[4], film, silu, &go);
+                v[which][i] -= 2.0 * h;
+                let lm = norm_loss(&g, &v[0], &v[1], &v[2], &v[3], &v[4], film, silu, &go);
+                ((lp - lm) / (2.0 * h as f64)) as f32
+            };
+            let check = |name: &str, which: usize, got: &[f32]| {
+                let want: Vec<f32> = (0..got.len()).map(|i| num(which, i)).collect();
+                let err = max_rel(got, &want);
+                assert!(err < 2e-3, "film {film} silu {silu}: d{name} rel err {err}");
+            };
+            check("x", 0, &grads.x);
+            check("gamma", 1, &grads.gamma);
+            check("beta", 2, &grads.beta);
+            if film {
+                check("scale", 3, &grads.scale);
+                check("shift", 4, &grads.shift);
+            }
+        }
+    }
+
+    #[test]
+    fn should_normalise_each_group_to_zero_mean_and_unit_variance() {
+        let g = NormGeom {
+            batch: 3,
+            channels: 4,
+            groups: 2,
+            pixels: 9,
+            eps: 0.0,
+        };
+        let x: Vec<f32> = seq(g.batch * g.channels * g.pixels, 11)
+            .iter()
+            .map(|v| 3.0 * v - 1.0)
+            .collect();
+        let ones = vec![1.0; g.channels];
+        let zeros = vec![0.0; g.channels];
+        let out = group_norm_forward(&g, &x, &ones, &zeros, None, false);
+        for grp in out.y.chunks(2 * g.pixels) {
+            let m = grp.iter().sum::<f32>() / grp.len() as f32;
+            let v = grp.iter().map(|y| (y - m).powi(2)).sum::<f32>() / grp.len() as f32;
+            assert!(m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4, "mean {m} var {v}");
+        }
+    }
+}

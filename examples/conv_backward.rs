@@ -8,6 +8,7 @@
 //! shapes: `python bench/reference/conv_backward.py`. Results: BENCHMARKS.md, "Session 3".
 use std::time::Instant;
 
+use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::silu;
@@ -78,6 +79,14 @@ fn main() {
                     .sum()
                     .backward();
                 drop(conv.weight.grad(&g));
+            });
+            // Sampling: the forward alone, without autodiff.
+            let (conv_plain, x_plain) = (conv.valid(), x.clone().inner());
+            time("  burn Conv2d fwd (no autodiff)", || {
+                drop(conv_plain.forward(x_plain.clone()).into_data());
+            });
+            time("  fused       fwd (no autodiff)", || {
+                drop(nodes::model::fused::conv2d(&conv_plain, x_plain.clone()).into_data());
             });
             time("  im2col      fwd+bwd", || {
                 let g = im2col_conv(&conv, x.clone()).sum().backward();

@@ -2,14 +2,13 @@
 //! GroupNorm(+FiLM)(+SiLU) run the fused Rust kernels of [`super::kernels`] in place of burn's
 //! generic compositions (a transposed convolution and a batch-swapped convolution for the
 //! convolution's gradients; a dozen elementwise ops and reductions, each differentiated on its
-//! own, for GroupNorm). The convolution's forward stays flex's own.
+//! own, for GroupNorm), and the convolution's forward is the same im2col + GEMM.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
-use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::{DType, Tensor, TensorData};
@@ -130,8 +129,10 @@ fn dims(t: &FlexTensor) -> Vec<usize> {
 }
 
 fn conv_forward(x: FlexTensor, weight: FlexTensor, bias: FlexTensor, padding: usize) -> FlexTensor {
-    let options = ConvOptions::new([1, 1], [padding, padding], [1, 1], 1);
-    <Flex as ModuleOps<Flex>>::conv2d(x, weight, Some(bias), options)
+    let (x, weight, bias) = (dense(&x), dense(&weight), dense(&bias));
+    let g = conv_geom(&x, &weight, padding);
+    let y = kernels::conv2d_forward(&g, values(&x), values(&weight), values(&bias));
+    tensor(y, vec![g.batch, g.c_out, g.out_h(), g.out_w()])
 }
 
 fn conv_geom(x: &FlexTensor, weight: &FlexTensor, padding: usize) -> ConvGeom {

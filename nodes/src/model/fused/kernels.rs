@@ -112,10 +112,10 @@ fn col2im_add(g: &ConvGeom, dcol: &[f32], dx: &mut [f32]) {
 }
 
 /// dst[m, n] (row stride `dst_rs`) = (`acc` ? dst : 0) + lhs · rhs, with lhs [m, k] and rhs
-/// [k, n] given by (row stride, column stride); single-threaded (the caller parallelises over
-/// samples).
+/// [k, n] given by (row stride, column stride), on `par`'s threads.
 #[allow(clippy::too_many_arguments)]
 fn matmul(
+    par: gemm::Parallelism,
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     dst_rs: usize,
@@ -161,9 +161,67 @@ fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         );
     }
+}
+
+/// Whether a convolution over `batch` samples runs one sample per thread (single-threaded
+/// GEMMs), or one sample after another with GEMMs on every thread (fewer samples than threads).
+fn over_samples(batch: usize) -> bool {
+    batch >= rayon::current_num_threads()
+}
+
+/// y = conv(x, weight) + bias.
+///
+/// x: [B, Cin, H, W], weight: [Cout, Cin, k, k], bias: [Cout] → y: [B, Cout, H', W'].
+/// Per sample b: y_b = W · im2col(x_b) + bias, with W as [Cout, Cin·k·k].
+pub fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    let (rows, pixels) = (g.rows(), g.pixels());
+    let x_len = g.c_in * g.h * g.w;
+    let y_len = g.c_out * pixels;
+    assert_eq!(x.len(), g.batch * x_len, "conv2d: input size");
+    assert_eq!(weight.len(), g.c_out * rows, "conv2d: weight size");
+    assert_eq!(bias.len(), g.c_out, "conv2d: bias size");
+    let mut y = vec![0.0f32; g.batch * y_len];
+    let step = |par: gemm::Parallelism, col: &mut Vec<f32>, b: usize, y_b: &mut [f32]| {
+        let x_b = &x[b * x_len..(b + 1) * x_len];
+        for (row, &bv) in y_b.chunks_mut(pixels.max(1)).zip(bias) {
+            row.fill(bv);
+        }
+        let col: &[f32] = if g.is_pointwise() {
+            x_b
+        } else {
+            im2col(g, x_b, col);
+            col
+        };
+        // [Cout, R] · [R, P], added to the bias
+        let dims = (g.c_out, pixels, rows);
+        matmul(
+            par,
+            dims,
+            y_b,
+            pixels,
+            true,
+            weight,
+            (rows, 1),
+            col,
+            (pixels, 1),
+        );
+    };
+    let col_len = if g.is_pointwise() { 0 } else { rows * pixels };
+    if over_samples(g.batch) {
+        y.par_chunks_mut(y_len.max(1)).enumerate().for_each_init(
+            || vec![0.0f32; col_len],
+            |col, (b, y_b)| step(gemm::Parallelism::None, col, b, y_b),
+        );
+    } else {
+        let mut col = vec![0.0f32; col_len];
+        for (b, y_b) in y.chunks_mut(y_len.max(1)).enumerate() {
+            step(gemm::Parallelism::Rayon(0), &mut col, b, y_b);
+        }
+    }
+    y
 }
 
 /// Gradients of a convolution (see [`ConvGeom`]) from its output gradient; each only when asked.
@@ -193,7 +251,8 @@ struct ConvAcc {
 ///
 /// x: [B, Cin, H, W], weight: [Cout, Cin, k, k], gy: [B, Cout, H', W'].
 /// Per sample b: dW += gy_b · im2col(x_b)ᵀ, db += Σ gy_b, dx_b = col2im(Wᵀ · gy_b); samples run
-/// in parallel, each with its own partial dW and db, summed at the end.
+/// in parallel (see [`over_samples`]), each thread with its own partial dW and db, summed at the
+/// end.
 pub fn conv2d_backward(
     g: &ConvGeom,
     x: &[f32],
@@ -245,73 +304,69 @@ pub fn conv2d_backward(
             Vec::new()
         },
     };
-    let acc = targets
-        .into_par_iter()
-        .enumerate()
-        .fold(new_acc, |mut acc, (b, dx_b)| {
-            let x_b = &x[b * x_len..(b + 1) * x_len];
-            let gy_b = &gy[b * y_len..(b + 1) * y_len];
-            if want_weight {
-                let col: &[f32] = if pointwise {
-                    x_b
-                } else {
-                    im2col(g, x_b, &mut acc.col);
-                    &acc.col
-                };
-                // [Cout, P] · [P, R] (col read transposed)
-                let dims = (g.c_out, rows, pixels);
+    // One sample's share: im2col, the two GEMMs and col2im.
+    let step = |par: gemm::Parallelism, acc: &mut ConvAcc, b: usize, dx_b: Option<&mut [f32]>| {
+        let x_b = &x[b * x_len..(b + 1) * x_len];
+        let gy_b = &gy[b * y_len..(b + 1) * y_len];
+        if want_weight {
+            let col: &[f32] = if pointwise {
+                x_b
+            } else {
+                im2col(g, x_b, &mut acc.col);
+                &acc.col
+            };
+            // [Cout, P] · [P, R] (col read transposed)
+            let dims = (g.c_out, rows, pixels);
+            let (gy_s, col_s) = ((pixels, 1), (1, pixels));
+            matmul(par, dims, &mut acc.dw, rows, true, gy_b, gy_s, col, col_s);
+        }
+        if want_bias {
+            for (db, row) in acc.db.iter_mut().zip(gy_b.chunks(pixels.max(1))) {
+                *db += row.iter().sum::<f32>();
+            }
+        }
+        if let Some(dx_b) = dx_b {
+            // [R, Cout] (weight read transposed) · [Cout, P]
+            let dims = (rows, pixels, g.c_out);
+            let (w_s, gy_s) = ((1, rows), (pixels, 1));
+            if pointwise {
+                matmul(par, dims, dx_b, pixels, false, weight, w_s, gy_b, gy_s);
+            } else {
                 matmul(
+                    par,
                     dims,
-                    &mut acc.dw,
-                    rows,
-                    true,
+                    &mut acc.dcol,
+                    pixels,
+                    false,
+                    weight,
+                    w_s,
                     gy_b,
-                    (pixels, 1),
-                    col,
-                    (1, pixels),
+                    gy_s,
                 );
+                col2im_add(g, &acc.dcol, dx_b);
             }
-            if want_bias {
-                for (db, row) in acc.db.iter_mut().zip(gy_b.chunks(pixels.max(1))) {
-                    *db += row.iter().sum::<f32>();
-                }
-            }
-            if let Some(dx_b) = dx_b {
-                // [R, Cout] (weight read transposed) · [Cout, P]
-                let dims = (rows, pixels, g.c_out);
-                if pointwise {
-                    matmul(
-                        dims,
-                        dx_b,
-                        pixels,
-                        false,
-                        weight,
-                        (1, rows),
-                        gy_b,
-                        (pixels, 1),
-                    );
-                } else {
-                    let dcol = &mut acc.dcol;
-                    matmul(
-                        dims,
-                        dcol,
-                        pixels,
-                        false,
-                        weight,
-                        (1, rows),
-                        gy_b,
-                        (pixels, 1),
-                    );
-                    col2im_add(g, dcol, dx_b);
-                }
-            }
-            acc
-        })
-        .reduce_with(|mut a, b| {
-            a.dw.iter_mut().zip(&b.dw).for_each(|(a, b)| *a += b);
-            a.db.iter_mut().zip(&b.db).for_each(|(a, b)| *a += b);
-            a
-        });
+        }
+    };
+    let acc = if over_samples(g.batch) {
+        targets
+            .into_par_iter()
+            .enumerate()
+            .fold(new_acc, |mut acc, (b, dx_b)| {
+                step(gemm::Parallelism::None, &mut acc, b, dx_b);
+                acc
+            })
+            .reduce_with(|mut a, b| {
+                a.dw.iter_mut().zip(&b.dw).for_each(|(a, b)| *a += b);
+                a.db.iter_mut().zip(&b.db).for_each(|(a, b)| *a += b);
+                a
+            })
+    } else {
+        let mut acc = new_acc();
+        for (b, dx_b) in targets.into_iter().enumerate() {
+            step(gemm::Parallelism::Rayon(0), &mut acc, b, dx_b);
+        }
+        Some(acc)
+    };
     let (dw, db) = match acc {
         Some(acc) => (acc.dw, acc.db),
         None => (vec![0.0; g.c_out * rows], vec![0.0; g.c_out]),
@@ -657,7 +712,7 @@ mod tests {
     }
 
     #[test]
-    fn should_match_finite_differences_for_every_convolution_gradient() {
+    fn should_match_a_direct_convolution_and_finite_differences_for_its_gradients() {
         for g in [
             ConvGeom {
                 batch: 2,
@@ -700,6 +755,12 @@ mod tests {
             let w = seq(g.c_out * g.c_in * g.k * g.k, 2);
             let bias = seq(g.c_out, 3);
             let gy = seq(g.batch * g.c_out * g.out_h() * g.out_w(), 4);
+            let y = conv2d_forward(&g, &x, &w, &bias);
+            let want: Vec<f32> = conv_direct(&g, &x, &w, &bias)
+                .iter()
+                .map(|&v| v as f32)
+                .collect();
+            assert!(max_rel(&y, &want) < 1e-6, "{g:?} y {}", max_rel(&y, &want));
             let grads = conv2d_backward(&g, &x, &w, &gy, (true, true, true));
             let (dx, dw, db) = (grads.x.unwrap(), grads.weight.unwrap(), grads.bias.unwrap());
             let nx: Vec<f32> = (0..x.len())

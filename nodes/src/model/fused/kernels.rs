@@ -166,6 +166,10 @@ fn matmul(
     }
 }
 
+/// At most this many groups of samples sum their weight and bias gradients separately (see
+/// [`conv2d_backward`]).
+const SUM_GROUPS: usize = 16;
+
 /// Whether a convolution over `batch` samples runs one sample per thread (single-threaded
 /// GEMMs), or one sample after another with GEMMs on every thread (fewer samples than threads).
 fn over_samples(batch: usize) -> bool {
@@ -251,8 +255,8 @@ struct ConvAcc {
 ///
 /// x: [B, Cin, H, W], weight: [Cout, Cin, k, k], gy: [B, Cout, H', W'].
 /// Per sample b: dW += gy_b · im2col(x_b)ᵀ, db += Σ gy_b, dx_b = col2im(Wᵀ · gy_b); samples run
-/// in parallel (see [`over_samples`]), each thread with its own partial dW and db, summed at the
-/// end.
+/// in parallel in at most [`SUM_GROUPS`] fixed groups, each with its own partial dW and db, summed
+/// at the end in group order (deterministic whatever the thread count).
 pub fn conv2d_backward(
     g: &ConvGeom,
     x: &[f32],
@@ -347,30 +351,39 @@ pub fn conv2d_backward(
             }
         }
     };
-    let acc = if over_samples(g.batch) {
-        targets
-            .into_par_iter()
-            .enumerate()
-            .fold(new_acc, |mut acc, (b, dx_b)| {
-                step(gemm::Parallelism::None, &mut acc, b, dx_b);
-                acc
-            })
-            .reduce_with(|mut a, b| {
-                a.dw.iter_mut().zip(&b.dw).for_each(|(a, b)| *a += b);
-                a.db.iter_mut().zip(&b.db).for_each(|(a, b)| *a += b);
-                a
-            })
+    // Fixed groups of samples (a function of the batch size alone), each summed in sample order
+    // by one task, and the groups' partial sums added in group order: the gradients do not
+    // depend on the thread count or on how rayon schedules the groups.
+    let per_group = g.batch.div_ceil(SUM_GROUPS).max(1);
+    let groups = g.batch.div_ceil(per_group);
+    let par = if groups >= rayon::current_num_threads() {
+        gemm::Parallelism::None
     } else {
-        let mut acc = new_acc();
-        for (b, dx_b) in targets.into_iter().enumerate() {
-            step(gemm::Parallelism::Rayon(0), &mut acc, b, dx_b);
-        }
-        Some(acc)
+        gemm::Parallelism::Rayon(0)
     };
-    let (dw, db) = match acc {
+    let mut targets = targets.into_iter();
+    let work: Vec<(usize, Vec<Option<&mut [f32]>>)> = (0..groups)
+        .map(|i| (i * per_group, targets.by_ref().take(per_group).collect()))
+        .collect();
+    let partials: Vec<ConvAcc> = work
+        .into_par_iter()
+        .map(|(first, dx)| {
+            let mut acc = new_acc();
+            for (b, dx_b) in (first..).zip(dx) {
+                step(par, &mut acc, b, dx_b);
+            }
+            acc
+        })
+        .collect();
+    let mut partials = partials.into_iter();
+    let (mut dw, mut db) = match partials.next() {
         Some(acc) => (acc.dw, acc.db),
         None => (vec![0.0; g.c_out * rows], vec![0.0; g.c_out]),
     };
+    for acc in partials {
+        dw.iter_mut().zip(&acc.dw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&acc.db).for_each(|(a, b)| *a += b);
+    }
     ConvGrads {
         x: want_x.then_some(dx),
         weight: want_weight.then_some(dw),
@@ -885,6 +898,68 @@ mod tests {
             let m = grp.iter().sum::<f32>() / grp.len() as f32;
             let v = grp.iter().map(|y| (y - m).powi(2)).sum::<f32>() / grp.len() as f32;
             assert!(m.abs() < 1e-5 && (v - 1.0).abs() < 1e-4, "mean {m} var {v}");
+        }
+    }
+
+    #[test]
+    fn should_give_the_same_bits_whatever_the_thread_count() {
+        let g = ConvGeom {
+            batch: 37,
+            c_in: 3,
+            c_out: 5,
+            h: 6,
+            w: 5,
+            k: 3,
+            pad: 1,
+        };
+        let x = seq(g.batch * g.c_in * g.h * g.w, 12);
+        let w = seq(g.c_out * g.c_in * 9, 13);
+        let bias = seq(g.c_out, 14);
+        let gy = seq(g.batch * g.c_out * g.out_h() * g.out_w(), 15);
+        let ng = NormGeom {
+            batch: 7,
+            channels: 6,
+            groups: 2,
+            pixels: 11,
+            eps: 1e-5,
+        };
+        let nx = seq(ng.batch * ng.channels * ng.pixels, 16);
+        let (gamma, beta) = (seq(6, 17), seq(6, 18));
+        let go = seq(nx.len(), 19);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = conv2d_forward(&g, &x, &w, &bias);
+                let d = conv2d_backward(&g, &x, &w, &gy, (true, true, true));
+                let n = group_norm_forward(&ng, &nx, &gamma, &beta, None, true);
+                let dn = group_norm_backward(
+                    &ng,
+                    &nx,
+                    &gamma,
+                    &beta,
+                    None,
+                    true,
+                    (&n.mean, &n.rstd),
+                    &go,
+                );
+                (
+                    y,
+                    d.x.unwrap(),
+                    d.weight.unwrap(),
+                    d.bias.unwrap(),
+                    n.y,
+                    dn.x,
+                    dn.gamma,
+                    dn.beta,
+                )
+            })
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            assert!(run(threads) == one, "{threads} threads changed the result");
         }
     }
 }

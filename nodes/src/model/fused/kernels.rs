@@ -433,8 +433,45 @@ pub struct NormOut {
     pub rstd: Vec<f32>,
 }
 
+/// e^x without a libm call, so that the loops around it vectorise: e^x = 2^n · e^r with
+/// n = ⌊x / ln 2 + ½⌋ and r = x − n·ln 2 ∈ [−ln 2 / 2, ln 2 / 2] (ln 2 split in two for an exact
+/// subtraction), e^r by its degree-6 Taylor polynomial (truncation < 1.2e-7 on that interval)
+/// and 2^n from the exponent bits. x is clamped to [−87.3, 88.3], where 2^n stays a normal f32.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[inline(always)]
 fn sigmoid(z: f32) -> f32 {
-    1.0 / (1.0 + (-z).exp())
+    1.0 / (1.0 + exp(-z))
+}
+
+/// Lanes of the vectorised sums: each reduction keeps this many partial sums, added in a fixed
+/// order at the end (deterministic, and no worse than a sequential sum).
+const LANES: usize = 16;
+
+/// Σ f(v) over `xs` in f64, lane-wise.
+#[inline(always)]
+fn sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// out = act((x − μ) / √(σ² + eps) · γ + β) [· (1 + scale) + shift], act = SiLU or identity.
@@ -448,7 +485,7 @@ pub fn group_norm_forward(
     film: Option<Film<'_>>,
     silu: bool,
 ) -> NormOut {
-    let (cpg, n, pixels) = (g.per_group(), g.group_len(), g.pixels);
+    let (n, pixels) = (g.group_len(), g.pixels);
     assert_eq!(
         x.len(),
         g.batch * g.channels * pixels,
@@ -463,40 +500,202 @@ pub fn group_norm_forward(
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .enumerate()
         .for_each(|(i, (y, (mu, rs)))| {
-            let (b, grp) = (i / g.groups, i % g.groups);
             let xs = &x[i * n..(i + 1) * n];
-            let m = xs.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
-            let var = xs.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
-            let r = 1.0 / (var + g.eps).sqrt();
-            *mu = m as f32;
-            *rs = r as f32;
-            for j in 0..cpg {
-                let c = grp * cpg + j;
-                // z = x · a + off, folding normalisation, affine and FiLM.
-                let (f, t) = match film {
-                    Some(film) => (
-                        1.0 + film.scale[b * g.channels + c],
-                        film.shift[b * g.channels + c],
-                    ),
-                    None => (1.0, 0.0),
-                };
-                let a = (r as f32) * gamma[c] * f;
-                let off = (beta[c] - (m * r) as f32 * gamma[c]) * f + t;
-                let src = &xs[j * pixels..(j + 1) * pixels];
-                let dst = &mut y[j * pixels..(j + 1) * pixels];
-                if silu {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        let z = v * a + off;
-                        *d = z * sigmoid(z);
-                    }
-                } else {
-                    for (d, &v) in dst.iter_mut().zip(src) {
-                        *d = v * a + off;
-                    }
-                }
-            }
+            let args = (g, (i / g.groups, i % g.groups), xs, gamma, beta, film, silu);
+            // SAFETY: the AVX2 + FMA version runs only where the CPU has both.
+            (*mu, *rs) = if has_avx2() {
+                unsafe { norm_forward_group_avx2(args, y) }
+            } else {
+                norm_forward_group(args, y)
+            };
         });
     NormOut { y, mean, rstd }
+}
+
+/// One (sample, group) of a GroupNorm: geometry, (sample, group), its input x: [C/G, H·W],
+/// gamma, beta, FiLM and whether SiLU follows.
+type NormGroup<'a> = (
+    &'a NormGeom,
+    (usize, usize),
+    &'a [f32],
+    &'a [f32],
+    &'a [f32],
+    Option<Film<'a>>,
+    bool,
+);
+
+/// The per-channel (1 + scale, shift) of FiLM for sample `b`, channel `c` ((1, 0) without).
+#[inline(always)]
+fn film_at(film: Option<Film<'_>>, channels: usize, b: usize, c: usize) -> (f32, f32) {
+    match film {
+        Some(film) => (
+            1.0 + film.scale[b * channels + c],
+            film.shift[b * channels + c],
+        ),
+        None => (1.0, 0.0),
+    }
+}
+
+/// [`group_norm_forward`] of one (sample, group) into y: [C/G, H·W]; returns (mean, 1/std).
+#[inline(always)]
+fn norm_forward_group(
+    (g, (b, grp), xs, gamma, beta, film, silu): NormGroup<'_>,
+    y: &mut [f32],
+) -> (f32, f32) {
+    let (cpg, n, pixels) = (g.per_group(), g.group_len(), g.pixels);
+    let m = sum_f64(xs, |v| v) / n as f64;
+    let var = sum_f64(xs, |v| (v - m) * (v - m)) / n as f64;
+    let r = 1.0 / (var + g.eps).sqrt();
+    for j in 0..cpg {
+        let c = grp * cpg + j;
+        let (f, t) = film_at(film, g.channels, b, c);
+        // z = x · a + off, folding normalisation, affine and FiLM.
+        let a = (r as f32) * gamma[c] * f;
+        let off = (beta[c] - (m * r) as f32 * gamma[c]) * f + t;
+        let src = &xs[j * pixels..(j + 1) * pixels];
+        let dst = &mut y[j * pixels..(j + 1) * pixels];
+        if silu {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                let z = v * a + off;
+                *d = z * sigmoid(z);
+            }
+        } else {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v * a + off;
+            }
+        }
+    }
+    (m as f32, r as f32)
+}
+
+/// [`norm_forward_group`] compiled for AVX2 + FMA (the build's baseline is SSE2: without this,
+/// `floor` in [`exp`] is a libm call and nothing vectorises).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn norm_forward_group_avx2(args: NormGroup<'_>, y: &mut [f32]) -> (f32, f32) {
+    norm_forward_group(args, y)
+}
+
+/// Where one (sample, group)'s backward writes: dx: [C/G, H·W]; FiLM's ds, dt and this sample's
+/// share of dγ, dβ: [C/G] each.
+struct NormGroupGrads<'a> {
+    dx: &'a mut [f32],
+    ds: &'a mut [f32],
+    dt: &'a mut [f32],
+    dg: &'a mut [f32],
+    db: &'a mut [f32],
+}
+
+/// [`group_norm_backward`] of one (sample, group), given its (mean, 1/std) and output gradient.
+#[inline(always)]
+fn norm_backward_group(
+    (g, (b, grp), xs, gamma, beta, film, silu): NormGroup<'_>,
+    (mu, r): (f32, f32),
+    gs: &[f32],
+    out: NormGroupGrads<'_>,
+) {
+    let (cpg, n, pixels) = (g.per_group(), g.group_len(), g.pixels);
+    let NormGroupGrads { dx, ds, dt, dg, db } = out;
+    let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
+    for j in 0..cpg {
+        let c = grp * cpg + j;
+        let (f, t) = film_at(film, g.channels, b, c);
+        let (gm, bt) = (gamma[c], beta[c]);
+        let element = |v: f32, go: f32| {
+            let xh = (v - mu) * r;
+            let y = xh * gm + bt;
+            let dz = if silu {
+                let z = y * f + t;
+                let sg = sigmoid(z);
+                go * sg * (1.0 + z * (1.0 - sg))
+            } else {
+                go
+            };
+            let dy = dz * f;
+            let dxh = dy * gm;
+            (dxh, [dz * y, dz, dy * xh, dy, dxh, dxh * xh])
+        };
+        // Lane-wise partial sums of dz·y, dz, dy·x̂, dy, dx̂ and dx̂·x̂.
+        let mut acc = [[0.0f32; LANES]; 6];
+        let range = j * pixels..(j + 1) * pixels;
+        let (dxs, xj, gj) = (&mut dx[range.clone()], &xs[range.clone()], &gs[range]);
+        let full = pixels - pixels % LANES;
+        for ((d, xv), gv) in dxs[..full]
+            .chunks_exact_mut(LANES)
+            .zip(xj[..full].chunks_exact(LANES))
+            .zip(gj[..full].chunks_exact(LANES))
+        {
+            for l in 0..LANES {
+                let (dxh, terms) = element(xv[l], gv[l]);
+                d[l] = dxh;
+                for (a, term) in acc.iter_mut().zip(terms) {
+                    a[l] += term;
+                }
+            }
+        }
+        let mut sums = acc.map(|a| a.iter().sum::<f32>());
+        for ((d, &v), &go) in dxs[full..].iter_mut().zip(&xj[full..]).zip(&gj[full..]) {
+            let (dxh, terms) = element(v, go);
+            *d = dxh;
+            for (s, term) in sums.iter_mut().zip(terms) {
+                *s += term;
+            }
+        }
+        let [s_ds, s_dt, s_dg, s_db, s1, s2] = sums;
+        ds[j] = s_ds;
+        dt[j] = s_dt;
+        dg[j] = s_dg;
+        db[j] = s_db;
+        sum1 += s1 as f64;
+        sum2 += s2 as f64;
+    }
+    let m1 = (sum1 / n as f64) as f32;
+    let m2 = (sum2 / n as f64) as f32;
+    for (d, &v) in dx.iter_mut().zip(xs) {
+        let xh = (v - mu) * r;
+        *d = r * (*d - m1 - xh * m2);
+    }
+}
+
+/// [`norm_backward_group`] compiled for AVX2 + FMA (see [`norm_forward_group_avx2`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn norm_backward_group_avx2(
+    args: NormGroup<'_>,
+    stats: (f32, f32),
+    gs: &[f32],
+    out: NormGroupGrads<'_>,
+) {
+    norm_backward_group(args, stats, gs, out)
+}
+
+/// Whether this CPU runs the AVX2 + FMA versions of the GroupNorm kernels.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Elsewhere there is no AVX2 version; [`has_avx2`] is false and these are never called.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn norm_forward_group_avx2(args: NormGroup<'_>, y: &mut [f32]) -> (f32, f32) {
+    norm_forward_group(args, y)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn norm_backward_group_avx2(
+    args: NormGroup<'_>,
+    stats: (f32, f32),
+    gs: &[f32],
+    out: NormGroupGrads<'_>,
+) {
+    norm_backward_group(args, stats, gs, out)
 }
 
 /// Gradients of [`group_norm_forward`].
@@ -560,57 +759,15 @@ pub fn group_norm_backward(
         )
         .enumerate()
         .for_each(|(i, ((dx, (ds, dt)), (dg, db)))| {
-            let (b, grp) = (i / g.groups, i % g.groups);
-            let (mu, r) = (mean[i], rstd[i]);
-            let xs = &x[i * n..(i + 1) * n];
-            let gs = &gout[i * n..(i + 1) * n];
-            let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
-            for j in 0..cpg {
-                let c = grp * cpg + j;
-                let (f, t) = match film {
-                    Some(film) => (1.0 + film.scale[b * c_all + c], film.shift[b * c_all + c]),
-                    None => (1.0, 0.0),
-                };
-                let (gm, bt) = (gamma[c], beta[c]);
-                let (mut s_ds, mut s_dt, mut s_dg, mut s_db) = (0.0f32, 0.0f32, 0.0f32, 0.0f32);
-                let (mut s1, mut s2) = (0.0f32, 0.0f32);
-                let range = j * pixels..(j + 1) * pixels;
-                for ((d, &v), &go) in dx[range.clone()]
-                    .iter_mut()
-                    .zip(&xs[range.clone()])
-                    .zip(&gs[range])
-                {
-                    let xh = (v - mu) * r;
-                    let y = xh * gm + bt;
-                    let dz = if silu {
-                        let z = y * f + t;
-                        let sg = sigmoid(z);
-                        go * sg * (1.0 + z * (1.0 - sg))
-                    } else {
-                        go
-                    };
-                    s_ds += dz * y;
-                    s_dt += dz;
-                    let dy = dz * f;
-                    s_dg += dy * xh;
-                    s_db += dy;
-                    let dxh = dy * gm;
-                    s1 += dxh;
-                    s2 += dxh * xh;
-                    *d = dxh;
-                }
-                ds[j] = s_ds;
-                dt[j] = s_dt;
-                dg[j] = s_dg;
-                db[j] = s_db;
-                sum1 += s1 as f64;
-                sum2 += s2 as f64;
-            }
-            let m1 = (sum1 / n as f64) as f32;
-            let m2 = (sum2 / n as f64) as f32;
-            for (d, &v) in dx.iter_mut().zip(xs) {
-                let xh = (v - mu) * r;
-                *d = r * (*d - m1 - xh * m2);
+            let (xs, gs) = (&x[i * n..(i + 1) * n], &gout[i * n..(i + 1) * n]);
+            let args = (g, (i / g.groups, i % g.groups), xs, gamma, beta, film, silu);
+            let out = NormGroupGrads { dx, ds, dt, dg, db };
+            let stats = (mean[i], rstd[i]);
+            // SAFETY: the AVX2 + FMA version runs only where the CPU has both.
+            if has_avx2() {
+                unsafe { norm_backward_group_avx2(args, stats, gs, out) }
+            } else {
+                norm_backward_group(args, stats, gs, out)
             }
         });
     let sum_over_batch = |part: &[f32]| {
@@ -961,5 +1118,77 @@ mod tests {
         for threads in [2, 3, 8] {
             assert!(run(threads) == one, "{threads} threads changed the result");
         }
+    }
+
+    #[test]
+    fn should_compute_exp_to_within_a_few_ulps() {
+        let mut worst = 0.0f64;
+        for i in -87_000..=88_000 {
+            let x = i as f32 * 1e-3;
+            let want = (x as f64).exp();
+            worst = worst.max(((exp(x) as f64 - want) / want).abs());
+        }
+        assert!(worst < 5e-7, "exp: relative error {worst:e}");
+        assert_eq!(sigmoid(-200.0), 1.0 / (1.0 + exp(88.3)));
+        assert_eq!(sigmoid(200.0), 1.0);
+    }
+
+    #[test]
+    fn should_give_the_same_bits_with_and_without_avx2() {
+        if !has_avx2() {
+            return;
+        }
+        let g = NormGeom {
+            batch: 1,
+            channels: 4,
+            groups: 2,
+            pixels: 37,
+            eps: 1e-5,
+        };
+        let x = seq(2 * g.pixels, 20);
+        let (gamma, beta, go) = (seq(4, 21), seq(4, 22), seq(2 * g.pixels, 23));
+        let (s, t) = (seq(4, 24), seq(4, 25));
+        let film = Some(Film {
+            scale: &s,
+            shift: &t,
+        });
+        let args = (
+            &g,
+            (0, 1),
+            x.as_slice(),
+            gamma.as_slice(),
+            beta.as_slice(),
+            film,
+            true,
+        );
+        let (mut y1, mut y2) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+        let stats = norm_forward_group(args, &mut y1);
+        // SAFETY: this CPU has AVX2 and FMA (checked above).
+        assert_eq!(unsafe { norm_forward_group_avx2(args, &mut y2) }, stats);
+        assert_eq!(y1, y2);
+        let run = |avx2: bool| {
+            let (mut dx, mut ds, mut dt, mut dg, mut db) = (
+                vec![0.0; x.len()],
+                vec![0.0; 2],
+                vec![0.0; 2],
+                vec![0.0; 2],
+                vec![0.0; 2],
+            );
+            let out = NormGroupGrads {
+                dx: &mut dx,
+                ds: &mut ds,
+                dt: &mut dt,
+                dg: &mut dg,
+                db: &mut db,
+            };
+            if avx2 {
+                // SAFETY: as above.
+                unsafe { norm_backward_group_avx2(args, stats, &go, out) }
+            } else {
+                norm_backward_group(args, stats, &go, out)
+            }
+            (dx, ds, dt, dg, db)
+        };
+        assert!(run(true) == run(false));
     }
 }

@@ -1,7 +1,7 @@
-//! Plain-slice CPU kernels behind flex's fused ops ([`super::flex`]): the backward of a
-//! stride-1 convolution (im2col + GEMM on the `gemm` crate burn-flex itself uses, one sample per
+//! Plain-slice CPU kernels behind flex's fused ops ([`super::flex`]): a stride-1 convolution
+//! forward and backward (im2col + GEMM on the `gemm` crate burn-flex itself uses, one sample per
 //! rayon task), and GroupNorm with its optional FiLM modulation and SiLU, forward and backward,
-//! in one pass over each (sample, group).
+//! in one pass over each (sample, group), compiled a second time for AVX2 + FMA.
 //!
 //! Every buffer is row-major and contiguous; shapes are given in the comments.
 
@@ -952,6 +952,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn norm_loss(
         g: &NormGeom,
         x: &[f32],

@@ -19,10 +19,10 @@
 //! `native_group_norm_backward`, `silu_backward`, the attention kernel's own backward).
 //!
 //! On flex, [`conv2d`], [`group_norm`] and [`group_norm_film_silu`] go through a second extension
-//! ([`flex`]) whose kernels are ours, in Rust ([`kernels`]): the convolution keeps flex's
-//! forward and gets an im2col + GEMM backward (burn's generic one is a transposed convolution
-//! plus a convolution with the whole output gradient as its kernel), and GroupNorm with its
-//! FiLM and SiLU is one pass forward and one backward instead of a dozen differentiated ops.
+//! ([`flex`]) whose kernels are ours, in Rust ([`kernels`]): the convolution is im2col + GEMM
+//! forward and backward (burn's generic backward is a transposed convolution plus a convolution
+//! with the whole output gradient as its kernel), and GroupNorm with its FiLM and SiLU is one
+//! pass forward and one backward instead of a dozen differentiated ops.
 //! Everywhere else (and for attention on flex) they are exactly `Conv2d::forward`,
 //! `GroupNorm::forward` (+ burn's `silu`) and burn's `attention` / matmul + softmax.
 //!

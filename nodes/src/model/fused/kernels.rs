@@ -5,7 +5,12 @@
 //!
 //! Every buffer is row-major and contiguous; shapes are given in the comments.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
+
+/// Largest im2col matrix (elements) a convolution builds at once per thread: 16 MiB of f32.
+const COL_BUDGET: usize = 1 << 22;
 
 /// A 2-D convolution with stride 1, dilation 1, one group and `pad` zeros on every side.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +44,30 @@ impl ConvGeom {
         self.out_h() * self.out_w()
     }
 
+    /// Output rows per im2col tile: the whole image unless its im2col matrix would exceed
+    /// [`COL_BUDGET`] elements (large images: a VAE's 512×512 levels), at least one row.
+    fn tile_rows(&self) -> usize {
+        if self.is_pointwise() {
+            return self.out_h().max(1);
+        }
+        (COL_BUDGET / (self.rows() * self.out_w()).max(1)).clamp(1, self.out_h().max(1))
+    }
+
+    /// The output-row tiles of one sample.
+    fn tiles(&self) -> impl Iterator<Item = Range<usize>> + '_ {
+        let (oh, step) = (self.out_h(), self.tile_rows());
+        (0..oh).step_by(step).map(move |r| r..(r + step).min(oh))
+    }
+
+    /// Elements of one tile's im2col matrix (0 for a pointwise convolution).
+    fn col_len(&self) -> usize {
+        if self.is_pointwise() {
+            0
+        } else {
+            self.rows() * self.tile_rows() * self.out_w()
+        }
+    }
+
     /// A 1×1 convolution without padding reads its input as its own im2col matrix.
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.pad == 0
@@ -53,18 +82,18 @@ impl ConvGeom {
     }
 }
 
-/// col: [Cin·k·k, H'·W'] ← x: [Cin, H, W] (one sample).
-fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
-    let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
-    let p = oh * ow;
+/// col: [Cin·k·k, |rows|·W'] ← x: [Cin, H, W] (one sample), for the output rows `rows`.
+fn im2col(g: &ConvGeom, x: &[f32], rows: Range<usize>, col: &mut [f32]) {
+    let (ow, k) = (g.out_w(), g.k);
+    let p = rows.len() * ow;
     for ci in 0..g.c_in {
         let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * p..][..p];
                 let (lo, hi) = g.valid_cols(kx);
-                for oy in 0..oh {
-                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                for (at, oy) in rows.clone().enumerate() {
+                    let dst = &mut row[at * ow..(at + 1) * ow];
                     let iy = (oy + ky) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
                         dst.fill(0.0);
@@ -82,10 +111,10 @@ fn im2col(g: &ConvGeom, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// dx: [Cin, H, W] += the adjoint of [`im2col`] applied to dcol: [Cin·k·k, H'·W'].
-fn col2im_add(g: &ConvGeom, dcol: &[f32], dx: &mut [f32]) {
-    let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
-    let p = oh * ow;
+/// dx: [Cin, H, W] += the adjoint of [`im2col`] applied to dcol: [Cin·k·k, |rows|·W'].
+fn col2im_add(g: &ConvGeom, dcol: &[f32], rows: Range<usize>, dx: &mut [f32]) {
+    let (ow, k) = (g.out_w(), g.k);
+    let p = rows.len() * ow;
     for ci in 0..g.c_in {
         let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ky in 0..k {
@@ -95,14 +124,14 @@ fn col2im_add(g: &ConvGeom, dcol: &[f32], dx: &mut [f32]) {
                 if lo >= hi {
                     continue;
                 }
-                for oy in 0..oh {
+                for (at, oy) in rows.clone().enumerate() {
                     let iy = (oy + ky) as isize - g.pad as isize;
                     if iy < 0 || iy >= g.h as isize {
                         continue;
                     }
                     let start = iy as usize * g.w + lo + kx - g.pad;
                     let dst = &mut plane[start..start + (hi - lo)];
-                    for (d, s) in dst.iter_mut().zip(&row[oy * ow + lo..oy * ow + hi]) {
+                    for (d, s) in dst.iter_mut().zip(&row[at * ow + lo..at * ow + hi]) {
                         *d += s;
                     }
                 }
@@ -193,27 +222,32 @@ pub fn conv2d_forward(g: &ConvGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> 
         for (row, &bv) in y_b.chunks_mut(pixels.max(1)).zip(bias) {
             row.fill(bv);
         }
-        let col: &[f32] = if g.is_pointwise() {
-            x_b
-        } else {
-            im2col(g, x_b, col);
-            col
-        };
-        // [Cout, R] · [R, P], added to the bias
-        let dims = (g.c_out, pixels, rows);
-        matmul(
-            par,
-            dims,
-            y_b,
-            pixels,
-            true,
-            weight,
-            (rows, 1),
-            col,
-            (pixels, 1),
-        );
+        let ow = g.out_w();
+        for tile in g.tiles() {
+            let (at, tp) = (tile.start * ow, tile.len() * ow);
+            let col: &[f32] = if g.is_pointwise() {
+                x_b
+            } else {
+                im2col(g, x_b, tile, col);
+                col
+            };
+            // [Cout, R] · [R, tile], added to the bias; y_b's rows keep their stride P.
+            let (w_s, col_s) = ((rows, 1), (tp, 1));
+            let dst = &mut y_b[at..];
+            matmul(
+                par,
+                (g.c_out, tp, rows),
+                dst,
+                pixels,
+                true,
+                weight,
+                w_s,
+                col,
+                col_s,
+            );
+        }
     };
-    let col_len = if g.is_pointwise() { 0 } else { rows * pixels };
+    let col_len = g.col_len();
     if over_samples(g.batch) {
         y.par_chunks_mut(y_len.max(1)).enumerate().for_each_init(
             || vec![0.0f32; col_len],
@@ -297,13 +331,13 @@ pub fn conv2d_backward(
         } else {
             Vec::new()
         },
-        col: if want_weight && !pointwise {
-            vec![0.0; rows * pixels]
+        col: if want_weight {
+            vec![0.0; g.col_len()]
         } else {
             Vec::new()
         },
-        dcol: if want_x && !pointwise {
-            vec![0.0; rows * pixels]
+        dcol: if want_x {
+            vec![0.0; g.col_len()]
         } else {
             Vec::new()
         },
@@ -312,42 +346,38 @@ pub fn conv2d_backward(
     let step = |par: gemm::Parallelism, acc: &mut ConvAcc, b: usize, dx_b: Option<&mut [f32]>| {
         let x_b = &x[b * x_len..(b + 1) * x_len];
         let gy_b = &gy[b * y_len..(b + 1) * y_len];
-        if want_weight {
-            let col: &[f32] = if pointwise {
-                x_b
-            } else {
-                im2col(g, x_b, &mut acc.col);
-                &acc.col
-            };
-            // [Cout, P] · [P, R] (col read transposed)
-            let dims = (g.c_out, rows, pixels);
-            let (gy_s, col_s) = ((pixels, 1), (1, pixels));
-            matmul(par, dims, &mut acc.dw, rows, true, gy_b, gy_s, col, col_s);
-        }
         if want_bias {
             for (db, row) in acc.db.iter_mut().zip(gy_b.chunks(pixels.max(1))) {
                 *db += row.iter().sum::<f32>();
             }
         }
-        if let Some(dx_b) = dx_b {
-            // [R, Cout] (weight read transposed) · [Cout, P]
-            let dims = (rows, pixels, g.c_out);
-            let (w_s, gy_s) = ((1, rows), (pixels, 1));
-            if pointwise {
-                matmul(par, dims, dx_b, pixels, false, weight, w_s, gy_b, gy_s);
-            } else {
-                matmul(
-                    par,
-                    dims,
-                    &mut acc.dcol,
-                    pixels,
-                    false,
-                    weight,
-                    w_s,
-                    gy_b,
-                    gy_s,
-                );
-                col2im_add(g, &acc.dcol, dx_b);
+        let ow = g.out_w();
+        let mut dx_b = dx_b;
+        for tile in g.tiles() {
+            let (at, tp) = (tile.start * ow, tile.len() * ow);
+            // This tile's columns of gy_b: [Cout, tile], row stride P.
+            let (gy_t, gy_s) = (&gy_b[at..], (pixels, 1));
+            if want_weight {
+                let col: &[f32] = if pointwise {
+                    x_b
+                } else {
+                    im2col(g, x_b, tile.clone(), &mut acc.col);
+                    &acc.col
+                };
+                // [Cout, tile] · [tile, R] (col read transposed)
+                let dims = (g.c_out, rows, tp);
+                matmul(par, dims, &mut acc.dw, rows, true, gy_t, gy_s, col, (1, tp));
+            }
+            if let Some(dx_b) = dx_b.as_deref_mut() {
+                // [R, Cout] (weight read transposed) · [Cout, tile]
+                let (dims, w_s) = ((rows, tp, g.c_out), (1, rows));
+                if pointwise {
+                    matmul(par, dims, dx_b, pixels, false, weight, w_s, gy_t, gy_s);
+                } else {
+                    let dcol = &mut acc.dcol;
+                    matmul(par, dims, dcol, tp, false, weight, w_s, gy_t, gy_s);
+                    col2im_add(g, dcol, tile, dx_b);
+                }
             }
         }
     };
@@ -1191,5 +1221,74 @@ mod tests {
             (dx, ds, dt, dg, db)
         };
         assert!(run(true) == run(false));
+    }
+
+    /// dx, dW of L = Σ gy ⊙ conv(x, W) by the direct sums (f64).
+    fn conv_direct_backward(
+        g: &ConvGeom,
+        x: &[f32],
+        w: &[f32],
+        gy: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
+        let mut dx = vec![0.0f64; x.len()];
+        let mut dw = vec![0.0f64; w.len()];
+        for b in 0..g.batch {
+            for co in 0..g.c_out {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let gv = gy[((b * g.c_out + co) * oh + oy) * ow + ox] as f64;
+                        for ci in 0..g.c_in {
+                            for ky in 0..k {
+                                for kx in 0..k {
+                                    let iy = (oy + ky) as isize - g.pad as isize;
+                                    let ix = (ox + kx) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xi =
+                                        ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                    let wi = ((co * g.c_in + ci) * k + ky) * k + kx;
+                                    dx[xi] += gv * w[wi] as f64;
+                                    dw[wi] += gv * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
+        (f(dx), f(dw))
+    }
+
+    #[test]
+    fn should_tile_large_images_and_give_the_same_convolution() {
+        // Cin·k·k · W' = 9216 · 500 elements exceed the im2col budget: one output row per tile.
+        let g = ConvGeom {
+            batch: 2,
+            c_in: 1024,
+            c_out: 2,
+            h: 3,
+            w: 500,
+            k: 3,
+            pad: 1,
+        };
+        assert!(g.rows() * g.out_w() > COL_BUDGET && g.tile_rows() == 1 && g.tiles().count() == 3);
+        let x = seq(g.batch * g.c_in * g.h * g.w, 26);
+        let w = seq(g.c_out * g.c_in * 9, 27);
+        let bias = seq(g.c_out, 28);
+        let gy = seq(g.batch * g.c_out * g.out_h() * g.out_w(), 29);
+        let y = conv2d_forward(&g, &x, &w, &bias);
+        let want: Vec<f32> = conv_direct(&g, &x, &w, &bias)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        assert!(max_rel(&y, &want) < 1e-5, "y {}", max_rel(&y, &want));
+        let grads = conv2d_backward(&g, &x, &w, &gy, (true, true, false));
+        let (dx, dw) = conv_direct_backward(&g, &x, &w, &gy);
+        assert!(max_rel(grads.x.as_ref().unwrap(), &dx) < 1e-5, "dx");
+        assert!(max_rel(grads.weight.as_ref().unwrap(), &dw) < 1e-5, "dw");
     }
 }

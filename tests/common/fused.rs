@@ -219,3 +219,79 @@ pub fn group_norm_film_silu_matches_burn(dev: &Device) {
         assert_same_gradient(what, g, p.grad(&g_burn));
     }
 }
+
+/// `fused::attention` on `dev` against softmax(q kᵀ/√dh + bias) v from burn's ops: outputs (with
+/// and without autodiff, where `dev` has a kernel for them) and the q, k, v gradients, each
+/// tracked or not.
+pub fn attention_matches_burn(dev: &Device) {
+    use burn::tensor::Distribution;
+    use burn::tensor::activation::softmax;
+    use nodes::model::fused;
+
+    // Composed like burn's autodiff path: softmax(q kᵀ/√dh + bias) v.
+    fn composed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+        let [_, _, _, dh] = q.dims();
+        let scores = q
+            .mul_scalar(1.0 / (dh as f32).sqrt())
+            .matmul(k.swap_dims(2, 3))
+            + bias;
+        softmax(scores, 3).matmul(v)
+    }
+
+    for autodiff in [true, false] {
+        let dev = if autodiff {
+            dev.clone().autodiff()
+        } else {
+            dev.clone()
+        };
+        // (batch, heads, queries, keys, head width, which of q/k/v are tracked)
+        for (b, h, lq, lk, dh, tracked) in [
+            (3, 2, 16, 20, 8, [true, true, true]),
+            (2, 4, 9, 5, 16, [false, true, false]),
+        ] {
+            let rand = |l| Tensor::<4>::random([b, h, l, dh], Distribution::Normal(0.0, 1.0), &dev);
+            let track = |t: Tensor<4>, on: bool| if on && autodiff { t.require_grad() } else { t };
+            let q = track(rand(lq), tracked[0]);
+            let k = track(rand(lk), tracked[1]);
+            let v = track(rand(lk), tracked[2]);
+            // Key bias: the last two keys of batch 0 and every key of batch 1 masked. A fully
+            // masked row (the null prompt's cross-attention) is a uniform average of
+            // -1e4-shifted logits, which f32 rounds differently per kernel, so, as the model
+            // does, its output is zeroed ("any key kept").
+            let mut bias = vec![0.0f32; b * lk];
+            bias[lk - 2..lk].fill(-1.0e4);
+            bias[lk..2 * lk].fill(-1.0e4);
+            let bias = Tensor::<1>::from_floats(bias.as_slice(), &dev).reshape([b, 1, 1, lk]);
+            let any = bias.clone().equal_elem(0.0).float().max_dim(3);
+            let r = Tensor::<4>::random([b, h, lq, dh], Distribution::Normal(0.0, 1.0), &dev);
+
+            let what = format!("autodiff={autodiff} b={b} lq={lq} lk={lk}");
+            let Some(y_fused) = fused::attention(&q, &k, &v, &bias) else {
+                // flex without autodiff keeps burn's own fused attention.
+                assert!(
+                    !autodiff,
+                    "{what}: no attention kernel under autodiff on {dev:?}"
+                );
+                continue;
+            };
+            let y_fused = y_fused * any.clone();
+            let y_burn = composed(q.clone(), k.clone(), v.clone(), bias) * any;
+            let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
+            assert!(dy < 1e-4, "{what}: outputs differ by {dy:e} (relative)");
+            if !autodiff {
+                continue;
+            }
+            let g_fused = (y_fused * r.clone()).sum().backward();
+            let g_burn = (y_burn * r).sum().backward();
+            for (name, t, on) in [
+                ("q", &q, tracked[0]),
+                ("k", &k, tracked[1]),
+                ("v", &v, tracked[2]),
+            ] {
+                let g = t.grad(&g_fused);
+                assert_eq!(g.is_some(), on, "{what}: {name} gradient present");
+                assert_same_gradient(&format!("{what} {name}"), g, t.grad(&g_burn));
+            }
+        }
+    }
+}

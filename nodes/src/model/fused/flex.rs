@@ -2,7 +2,9 @@
 //! GroupNorm(+FiLM)(+SiLU) run the fused Rust kernels of [`super::kernels`] in place of burn's
 //! generic compositions (a transposed convolution and a batch-swapped convolution for the
 //! convolution's gradients; a dozen elementwise ops and reductions, each differentiated on its
-//! own, for GroupNorm), and the convolution's forward is the same im2col + GEMM.
+//! own, for GroupNorm), and the convolution's forward is the same im2col + GEMM; under autodiff,
+//! attention is one kernel forward and one backward (instead of matmul, softmax and matmul,
+//! each differentiated on its own).
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -13,7 +15,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::kernels::{self, ConvGeom, Film, NormGeom};
+use super::kernels::{self, AttnGeom, ConvGeom, Film, NormGeom};
 
 /// Whether the flex path applies to `x`: enabled, f32, and on flex (with or without autodiff).
 pub(super) fn applies<const D: usize>(x: &Tensor<D>) -> bool {
@@ -74,6 +76,15 @@ pub(super) fn group_norm_film(
     ))
 }
 
+pub(super) fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as FlexOps>::flex_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
 /// Ops with fused Rust kernels (and their own backward) on flex.
 #[backend_extension(Flex, Autodiff)]
 pub trait FlexOps: Backend {
@@ -107,6 +118,41 @@ pub trait FlexOps: Backend {
         groups: usize,
         eps: f64,
     ) -> FloatTensor<Self>;
+
+    /// softmax(q kᵀ / √dh + bias) v. q: [B, H, Lq, dh], k/v: [B, H, Lk, dh],
+    /// bias: [B, 1, 1, Lk] (a constant: never differentiated) → [B, H, Lq, dh]
+    fn flex_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+fn attn_geom(q: &FlexTensor, k: &FlexTensor) -> AttnGeom {
+    let (qd, kd) = (dims(q), dims(k));
+    AttnGeom {
+        batch: qd[0],
+        heads: qd[1],
+        lq: qd[2],
+        lk: kd[2],
+        dh: qd[3],
+    }
+}
+
+/// The attention's output and probabilities. [B, H, Lq, dh] and [B, H, Lq, Lk]
+fn attention_forward(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+    bias: &FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let g = attn_geom(q, k);
+    let out = kernels::attention_forward(&g, values(q), values(k), values(v), values(bias));
+    (
+        tensor(out.o, dims(q)),
+        tensor(out.p, vec![g.batch, g.heads, g.lq, g.lk]),
+    )
 }
 
 /// A contiguous f32 copy of `t` (shared, not copied, when `t` already is).
@@ -249,6 +295,45 @@ impl FlexOps for Flex {
         norm_inputs(&x, &gamma, &beta, Some((&scale, &shift)), groups, eps, true)
             .forward()
             .0
+    }
+
+    fn flex_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        let [q, k, v, bias] = [q, k, v, bias].map(|t| dense(&t));
+        attention_forward(&q, &k, &v, &bias).0
+    }
+}
+
+/// Backward of [`FlexOps::flex_attention`]: [`kernels::attention_backward`]; the bias (the
+/// fourth input) gets no gradient.
+#[derive(Debug)]
+struct AttnBackward;
+
+impl Backward<Flex, 4> for AttnBackward {
+    /// q, k, v (contiguous) and the probabilities.
+    type State = [FlexTensor; 4];
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let go = dense(&grads.consume::<Flex>(&ops.node));
+        let [q, k, v, p] = ops.state;
+        let g = attn_geom(&q, &k);
+        let out = kernels::attention_backward(
+            &g,
+            values(&q),
+            values(&k),
+            values(&v),
+            values(&p),
+            values(&go),
+        );
+        let [pq, pk, pv, _] = ops.parents;
+        for (node, grad, shape) in [
+            (pq, out.q, dims(&q)),
+            (pk, out.k, dims(&k)),
+            (pv, out.v, dims(&v)),
+        ] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, tensor(grad, shape));
+            }
+        }
     }
 }
 
@@ -396,5 +481,22 @@ impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {
         eps: f64,
     ) -> FloatTensor<Self> {
         record_norm::<C, 5>([x, gamma, beta, scale, shift], groups, eps, true)
+    }
+
+    fn flex_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let nodes = [q.node(), k.node(), v.node(), bias.node()];
+        let [q, k, v, bias] = [&q, &k, &v, &bias].map(|t| dense(t.primitive()));
+        match AttnBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (o, p) = attention_forward(&q, &k, &v, &bias);
+                prep.finish([q, k, v, p], o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(attention_forward(&q, &k, &v, &bias).0),
+        }
     }
 }

@@ -816,6 +816,163 @@ pub fn group_norm_backward(
     }
 }
 
+/// Multi-head attention `softmax(q kᵀ / √dh + bias) v` with a per-key additive bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnGeom {
+    pub batch: usize,
+    pub heads: usize,
+    /// Queries
+    pub lq: usize,
+    /// Keys (and values)
+    pub lk: usize,
+    /// Head width
+    pub dh: usize,
+}
+
+/// The attention's output and the probabilities its backward reads.
+#[derive(Debug)]
+pub struct AttnOut {
+    /// [B, H, Lq, dh]
+    pub o: Vec<f32>,
+    /// [B, H, Lq, Lk]: softmax(q kᵀ / √dh + bias)
+    pub p: Vec<f32>,
+}
+
+/// q: [B, H, Lq, dh], k, v: [B, H, Lk, dh], bias: [B, Lk] (broadcast over heads and queries).
+/// Per (sample, head): S = q kᵀ / √dh + bias, P = softmax over keys, O = P v.
+pub fn attention_forward(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], bias: &[f32]) -> AttnOut {
+    let AttnGeom {
+        batch,
+        heads,
+        lq,
+        lk,
+        dh,
+    } = *g;
+    assert_eq!(q.len(), batch * heads * lq * dh, "attention: query size");
+    assert!(
+        k.len() == batch * heads * lk * dh && v.len() == k.len(),
+        "attention: key size"
+    );
+    assert_eq!(bias.len(), batch * lk, "attention: bias size");
+    let scale = 1.0 / (dh as f32).sqrt();
+    let mut o = vec![0.0f32; q.len()];
+    let mut p = vec![0.0f32; batch * heads * lq * lk];
+    o.par_chunks_mut((lq * dh).max(1))
+        .zip(p.par_chunks_mut((lq * lk).max(1)))
+        .enumerate()
+        .for_each(|(i, (o, p))| {
+            let b = i / heads;
+            let (q, k, v) = (
+                &q[i * lq * dh..][..lq * dh],
+                &k[i * lk * dh..][..lk * dh],
+                &v[i * lk * dh..][..lk * dh],
+            );
+            let none = gemm::Parallelism::None;
+            // [Lq, dh] · [dh, Lk] (k read transposed)
+            matmul(none, (lq, lk, dh), p, lk, false, q, (dh, 1), k, (1, dh));
+            let bias = &bias[b * lk..(b + 1) * lk];
+            for row in p.chunks_mut(lk.max(1)) {
+                let mut max = f32::NEG_INFINITY;
+                for (s, &bv) in row.iter_mut().zip(bias) {
+                    *s = *s * scale + bv;
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0f32;
+                for s in row.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|s| *s *= inv);
+            }
+            // [Lq, Lk] · [Lk, dh]
+            matmul(none, (lq, dh, lk), o, dh, false, p, (lk, 1), v, (dh, 1));
+        });
+    AttnOut { o, p }
+}
+
+/// Gradients of [`attention_forward`] (the bias is a constant: never differentiated).
+#[derive(Debug)]
+pub struct AttnGrads {
+    /// [B, H, Lq, dh]
+    pub q: Vec<f32>,
+    /// [B, H, Lk, dh]
+    pub k: Vec<f32>,
+    /// [B, H, Lk, dh]
+    pub v: Vec<f32>,
+}
+
+/// Backward of [`attention_forward`] given go = ∂L/∂O and its probabilities P, per (sample, head):
+/// dV = Pᵀ dO, dP = dO vᵀ, dS = P ⊙ (dP − Σ_keys dP ⊙ P), dq = dS k / √dh, dk = dSᵀ q / √dh.
+pub fn attention_backward(
+    g: &AttnGeom,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    p: &[f32],
+    go: &[f32],
+) -> AttnGrads {
+    let AttnGeom {
+        batch,
+        heads,
+        lq,
+        lk,
+        dh,
+    } = *g;
+    assert_eq!(
+        go.len(),
+        batch * heads * lq * dh,
+        "attention backward: output gradient size"
+    );
+    assert_eq!(
+        p.len(),
+        batch * heads * lq * lk,
+        "attention backward: probabilities size"
+    );
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; q.len()],
+        vec![0.0f32; k.len()],
+        vec![0.0f32; v.len()],
+    );
+    dq.par_chunks_mut((lq * dh).max(1))
+        .zip(
+            dk.par_chunks_mut((lk * dh).max(1))
+                .zip(dv.par_chunks_mut((lk * dh).max(1))),
+        )
+        .enumerate()
+        .for_each_init(
+            || vec![0.0f32; lq * lk],
+            |ds, (i, (dq, (dk, dv)))| {
+                let (q, k, v) = (
+                    &q[i * lq * dh..][..lq * dh],
+                    &k[i * lk * dh..][..lk * dh],
+                    &v[i * lk * dh..][..lk * dh],
+                );
+                let (p, go) = (&p[i * lq * lk..][..lq * lk], &go[i * lq * dh..][..lq * dh]);
+                let none = gemm::Parallelism::None;
+                // dV = Pᵀ [Lk, Lq] · dO [Lq, dh]
+                matmul(none, (lk, dh, lq), dv, dh, false, p, (1, lk), go, (dh, 1));
+                // dP = dO [Lq, dh] · vᵀ [dh, Lk], then dS in place
+                matmul(none, (lq, lk, dh), ds, lk, false, go, (dh, 1), v, (1, dh));
+                for (d, pr) in ds.chunks_mut(lk.max(1)).zip(p.chunks(lk.max(1))) {
+                    let dot: f32 = d.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (d, &pv) in d.iter_mut().zip(pr) {
+                        *d = pv * (*d - dot) * scale;
+                    }
+                }
+                // dq = dS [Lq, Lk] · k [Lk, dh]; dk = dSᵀ [Lk, Lq] · q [Lq, dh] (dS holds the 1/√dh)
+                matmul(none, (lq, dh, lk), dq, dh, false, ds, (lk, 1), k, (dh, 1));
+                matmul(none, (lk, dh, lq), dk, dh, false, ds, (1, lk), q, (dh, 1));
+            },
+        );
+    AttnGrads {
+        q: dq,
+        k: dk,
+        v: dv,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1290,5 +1447,93 @@ mod tests {
         let (dx, dw) = conv_direct_backward(&g, &x, &w, &gy);
         assert!(max_rel(grads.x.as_ref().unwrap(), &dx) < 1e-5, "dx");
         assert!(max_rel(grads.weight.as_ref().unwrap(), &dw) < 1e-5, "dw");
+    }
+
+    fn attention_direct(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], bias: &[f32]) -> Vec<f64> {
+        let AttnGeom {
+            batch,
+            heads,
+            lq,
+            lk,
+            dh,
+        } = *g;
+        let mut o = vec![0.0f64; batch * heads * lq * dh];
+        for b in 0..batch {
+            for h in 0..heads {
+                let i = b * heads + h;
+                for a in 0..lq {
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            let dot: f64 = (0..dh)
+                                .map(|d| {
+                                    q[(i * lq + a) * dh + d] as f64
+                                        * k[(i * lk + j) * dh + d] as f64
+                                })
+                                .sum();
+                            dot / (dh as f64).sqrt() + bias[b * lk + j] as f64
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for d in 0..dh {
+                        o[(i * lq + a) * dh + d] = (0..lk)
+                            .map(|j| e[j] / z * v[(i * lk + j) * dh + d] as f64)
+                            .sum();
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn should_match_direct_attention_and_finite_differences_for_its_gradients() {
+        let g = AttnGeom {
+            batch: 2,
+            heads: 3,
+            lq: 5,
+            lk: 7,
+            dh: 4,
+        };
+        let q = seq(g.batch * g.heads * g.lq * g.dh, 30);
+        let k = seq(g.batch * g.heads * g.lk * g.dh, 31);
+        let v = seq(k.len(), 32);
+        let mut bias = vec![0.0f32; g.batch * g.lk];
+        bias[5..7].fill(-1.0e4); // masked keys, as the model's pad mask
+        let go = seq(q.len(), 33);
+        let out = attention_forward(&g, &q, &k, &v, &bias);
+        let want: Vec<f32> = attention_direct(&g, &q, &k, &v, &bias)
+            .iter()
+            .map(|&x| x as f32)
+            .collect();
+        assert!(
+            max_rel(&out.o, &want) < 1e-5,
+            "o {}",
+            max_rel(&out.o, &want)
+        );
+        let grads = attention_backward(&g, &q, &k, &v, &out.p, &go);
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            attention_direct(&g, q, k, v, &bias)
+                .iter()
+                .zip(&go)
+                .map(|(a, b)| a * *b as f64)
+                .sum()
+        };
+        let h = 1e-2f32;
+        for (which, got) in [(0, &grads.q), (1, &grads.k), (2, &grads.v)] {
+            let num: Vec<f32> = (0..got.len())
+                .map(|i| {
+                    let mut t = [q.clone(), k.clone(), v.clone()];
+                    t[which][i] += h;
+                    let lp = loss(&t[0], &t[1], &t[2]);
+                    t[which][i] -= 2.0 * h;
+                    let lm = loss(&t[0], &t[1], &t[2]);
+                    ((lp - lm) / (2.0 * h as f64)) as f32
+                })
+                .collect();
+            let err = max_rel(got, &num);
+            assert!(err < 1e-3, "input {which}: rel err {err}");
+        }
     }
 }

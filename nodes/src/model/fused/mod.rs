@@ -23,7 +23,8 @@
 //! forward and backward (burn's generic backward is a transposed convolution plus a convolution
 //! with the whole output gradient as its kernel), and GroupNorm with its FiLM and SiLU is one
 //! pass forward and one backward instead of a dozen differentiated ops.
-//! Everywhere else (and for attention on flex) they are exactly `Conv2d::forward`,
+//! [`attention`] under autodiff on flex is one kernel forward (the probabilities kept) and one
+//! backward. Everywhere else they are exactly `Conv2d::forward`,
 //! `GroupNorm::forward` (+ burn's `silu`) and burn's `attention` / matmul + softmax.
 //!
 //! `FLOWRUN_FUSED_OPS=0` in the environment turns both paths off (for A/B timing).
@@ -160,11 +161,12 @@ fn affine(gn: &GroupNorm, x: &Tensor<4>) -> (Tensor<1>, Tensor<1>) {
 }
 
 /// `softmax(q kᵀ / √dh + bias) v` with libtorch's `scaled_dot_product_attention` (and its
-/// backward) on libtorch; `None` elsewhere, where the caller uses burn's ops.
+/// backward) on libtorch, and with flowrun's kernel and its backward on flex under autodiff;
+/// `None` elsewhere (flex without autodiff has burn's own fused attention), where the caller
+/// uses burn's ops.
 ///
 /// q: [B, H, Lq, dh], k/v: [B, H, Lk, dh], bias: [B, 1, 1, Lk] (broadcast over heads and
 /// queries; never differentiated) → [B, H, Lq, dh]
-#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
 pub fn attention(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -174,6 +176,16 @@ pub fn attention(
     #[cfg(feature = "tch")]
     if native::applies(q) {
         return Some(native::attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            bias.clone(),
+        ));
+    }
+    let [b, _, _, _] = q.dims();
+    let [_, _, lk, _] = k.dims();
+    if flex::applies(q) && q.is_autodiff() && bias.dims() == [b, 1, 1, lk] {
+        return Some(flex::attention(
             q.clone(),
             k.clone(),
             v.clone(),

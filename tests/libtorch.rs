@@ -97,17 +97,20 @@ fn should_give_the_same_velocity_on_flex_and_libtorch() {
 
 /// `fused::conv2d` on libtorch back-propagates through libtorch's own convolution backward.
 #[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_conv_gradients_with_the_native_libtorch_backward() {
     common::fused::conv2d_matches_burn(&Device::libtorch());
 }
 
 /// `fused::group_norm` on libtorch runs libtorch's `group_norm` (+ `silu`) and their backward.
 #[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_group_norm_with_the_native_libtorch_kernels() {
     common::fused::group_norm_matches_burn(&Device::libtorch());
 }
 
 #[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_group_norm_film_silu_with_libtorchs_kernels() {
     common::fused::group_norm_film_silu_matches_burn(&Device::libtorch());
 }
@@ -145,6 +148,7 @@ fn should_keep_an_untracked_input_intact_for_the_native_backward() {
 }
 
 #[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_attention_with_libtorchs_kernel() {
     common::fused::attention_matches_burn(&Device::libtorch());
 }

@@ -67,6 +67,7 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     }
     if let (Some(bias), Some(padding)) = (&conv.bias, plain_padding(conv))
         && flex::applies(&x)
+        && all_f32(&[conv.weight.val().dtype(), bias.val().dtype()])
     {
         return flex::conv2d(x, conv.weight.val(), bias.val(), padding);
     }
@@ -85,7 +86,9 @@ pub fn group_norm(gn: &GroupNorm, x: Tensor<4>, silu: bool) -> Tensor<4> {
     }
     if flex::applies(&x) {
         let (gamma, beta) = affine(gn, &x);
-        return flex::group_norm(x, gamma, beta, gn.num_groups, gn.epsilon, silu);
+        if all_f32(&[gamma.dtype(), beta.dtype()]) {
+            return flex::group_norm(x, gamma, beta, gn.num_groups, gn.epsilon, silu);
+        }
     }
     let y = gn.forward(x);
     if silu {
@@ -107,6 +110,12 @@ pub fn on_libtorch<const D: usize>(x: &Tensor<D>) -> bool {
         let _ = x;
         false
     }
+}
+
+/// Whether every other input of a flex kernel is f32 too (its kernels are f32 only; `x`'s dtype
+/// is checked by `flex::applies`).
+fn all_f32(dtypes: &[burn::tensor::DType]) -> bool {
+    dtypes.iter().all(|&d| d == burn::tensor::DType::F32)
 }
 
 /// Which fused kernels [`conv2d`] and the GroupNorms take for `x`: `Some("libtorch")`,
@@ -140,7 +149,9 @@ pub fn group_norm_film_silu(
     let [b, c, _, _] = x.dims();
     if flex::applies(&x) && scale.dims() == [b, c, 1, 1] && shift.dims() == [b, c, 1, 1] {
         let (gamma, beta) = affine(gn, &x);
-        return flex::group_norm_film(x, gamma, beta, scale, shift, gn.num_groups, gn.epsilon);
+        if all_f32(&[gamma.dtype(), beta.dtype(), scale.dtype(), shift.dtype()]) {
+            return flex::group_norm_film(x, gamma, beta, scale, shift, gn.num_groups, gn.epsilon);
+        }
     }
     burn::tensor::activation::silu(gn.forward(x) * scale.add_scalar(1.0) + shift)
 }
@@ -184,7 +195,11 @@ pub fn attention(
     }
     let [b, _, _, _] = q.dims();
     let [_, _, lk, _] = k.dims();
-    if flex::applies(q) && q.is_autodiff() && bias.dims() == [b, 1, 1, lk] {
+    if flex::applies(q)
+        && q.is_autodiff()
+        && bias.dims() == [b, 1, 1, lk]
+        && all_f32(&[k.dtype(), v.dtype(), bias.dtype()])
+    {
         return Some(flex::attention(
             q.clone(),
             k.clone(),

@@ -25,3 +25,8 @@ fn should_match_burns_group_norm_film_silu_with_flexs_fused_kernel() {
 fn should_match_burns_attention_with_flexs_fused_kernel() {
     common::fused::attention_matches_burn(&Device::flex());
 }
+
+#[test]
+fn should_match_burns_layer_norm_with_flexs_group_norm_kernel() {
+    common::fused::layer_norm_matches_burn(&Device::flex());
+}

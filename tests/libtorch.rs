@@ -149,6 +149,12 @@ fn should_keep_an_untracked_input_intact_for_the_native_backward() {
 
 #[test]
 #[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
+fn should_match_burns_layer_norm_with_libtorchs_kernel() {
+    common::fused::layer_norm_matches_burn(&Device::libtorch());
+}
+
+#[test]
+#[allow(deprecated)] // burn marks burn-tch deprecated; it is our libtorch path
 fn should_match_burns_attention_with_libtorchs_kernel() {
     common::fused::attention_matches_burn(&Device::libtorch());
 }

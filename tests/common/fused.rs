@@ -295,3 +295,36 @@ pub fn attention_matches_burn(dev: &Device) {
         }
     }
 }
+
+/// `fused::layer_norm` on `dev` against LayerNorm over the last axis from burn's ops (no affine
+/// parameters, biased variance): outputs and the input gradient, with and without autodiff.
+pub fn layer_norm_matches_burn(dev: &Device) {
+    use burn::tensor::Distribution;
+    use nodes::model::fused;
+
+    let composed = |x: Tensor<3>, eps: f64| {
+        let centred = x.clone() - x.mean_dim(2);
+        let var = centred.clone().square().mean_dim(2);
+        centred / var.add_scalar(eps).sqrt()
+    };
+    for (b, t, d) in [(2, 5, 24), (3, 7, 37), (1, 1, 16)] {
+        let what = format!("[{b}, {t}, {d}]");
+        let ad = dev.clone().autodiff();
+        let x =
+            (Tensor::<3>::random([b, t, d], Distribution::Normal(0.5, 2.0), &ad)).require_grad();
+        let y_fused = fused::layer_norm(&x, 1e-6).expect("a layer_norm kernel on this device");
+        let y_burn = composed(x.clone(), 1e-6);
+        let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());
+        assert!(dy < 1e-5, "{what}: outputs differ by {dy:e} (relative)");
+        let xi = x.clone().inner();
+        let yi = fused::layer_norm(&xi, 1e-6).expect("a layer_norm kernel without autodiff");
+        let di = max_rel_diff(&to_vec(&yi).unwrap(), &to_vec(&composed(xi, 1e-6)).unwrap());
+        assert!(di < 1e-5, "{what}: outputs without autodiff differ by {di:e}");
+        let r = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &ad);
+        let g_fused = (y_fused * r.clone()).sum().backward();
+        let g_burn = (y_burn * r).sum().backward();
+        let g = x.grad(&g_fused);
+        assert!(g.is_some(), "{what}: no x gradient");
+        assert_same_gradient(&format!("{what} x"), g, x.grad(&g_burn));
+    }
+}

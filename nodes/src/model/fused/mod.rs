@@ -23,7 +23,8 @@
 //! forward and backward (burn's generic backward is a transposed convolution plus a convolution
 //! with the whole output gradient as its kernel), and GroupNorm with its FiLM and SiLU is one
 //! pass forward and one backward instead of a dozen differentiated ops.
-//! [`attention`] under autodiff on flex is one kernel forward (the probabilities kept) and one
+//! [`layer_norm`] on flex is that GroupNorm kernel with one group per row. [`attention`] under
+//! autodiff on flex is one kernel forward (the probabilities kept) and one
 //! backward. Everywhere else they are exactly `Conv2d::forward`,
 //! `GroupNorm::forward` (+ burn's `silu`) and burn's `attention` / matmul + softmax.
 //!
@@ -211,15 +212,24 @@ pub fn attention(
 }
 
 /// LayerNorm over the last axis without affine parameters (the SD3 blocks' norms) with
-/// libtorch's `layer_norm` kernel and its backward on libtorch; `None` elsewhere, where the
-/// caller composes it from burn's ops.
+/// libtorch's `layer_norm` kernel and its backward on libtorch, and on flex as flowrun's
+/// GroupNorm kernel with one group over each row ([N, 1, D, 1], γ = 1, β = 0); `None`
+/// elsewhere, where the caller composes it from burn's ops.
 ///
 /// x: [..., D] → [..., D]
-#[cfg_attr(not(feature = "tch"), allow(unused_variables))]
 pub fn layer_norm<const D: usize>(x: &Tensor<D>, eps: f64) -> Option<Tensor<D>> {
     #[cfg(feature = "tch")]
     if native::applies(x) {
         return Some(native::layer_norm(x.clone(), eps));
+    }
+    if flex::applies(x) {
+        let dims = x.dims();
+        let d = dims[D - 1];
+        let rows = x.shape().num_elements() / d.max(1);
+        let dev = x.device();
+        let (gamma, beta) = (Tensor::ones([1], &dev), Tensor::zeros([1], &dev));
+        let x4 = x.clone().reshape([rows, 1, d, 1]);
+        return Some(flex::group_norm(x4, gamma, beta, 1, eps, false).reshape(dims));
     }
     None
 }

@@ -319,7 +319,10 @@ pub fn layer_norm_matches_burn(dev: &Device) {
         let xi = x.clone().inner();
         let yi = fused::layer_norm(&xi, 1e-6).expect("a layer_norm kernel without autodiff");
         let di = max_rel_diff(&to_vec(&yi).unwrap(), &to_vec(&composed(xi, 1e-6)).unwrap());
-        assert!(di < 1e-5, "{what}: outputs without autodiff differ by {di:e}");
+        assert!(
+            di < 1e-5,
+            "{what}: outputs without autodiff differ by {di:e}"
+        );
         let r = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &ad);
         let g_fused = (y_fused * r.clone()).sum().backward();
         let g_burn = (y_burn * r).sum().backward();

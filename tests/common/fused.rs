@@ -188,6 +188,10 @@ pub fn group_norm_film_silu_matches_burn(dev: &Device) {
         silu(gn.forward(x) * scale.add_scalar(1.0) + shift)
     };
 
+    assert!(
+        fused::kernels_for(&x).is_some(),
+        "no fused kernels on {dev:?}"
+    );
     let y_fused = fused::group_norm_film_silu(&gn, x.clone(), scale.clone(), shift.clone());
     let y_burn = burn_film(&gn, x.clone(), scale.clone(), shift.clone());
     let dy = max_rel_diff(&to_vec(&y_fused).unwrap(), &to_vec(&y_burn).unwrap());

@@ -989,36 +989,43 @@ mod tests {
             .collect()
     }
 
-    /// Direct convolution, for reference. x: [B, Cin, H, W], w: [Cout, Cin, k, k]
-    fn conv_direct(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let mut y = vec![0.0f64; g.batch * g.c_out * oh * ow];
+    /// Calls `f(xi, wi, yi)` for every tap of the direct convolution: output element yi
+    /// reads input element xi through weight wi (padding taps skipped).
+    fn for_each_tap(g: &ConvGeom, mut f: impl FnMut(usize, usize, usize)) {
+        let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
         for b in 0..g.batch {
             for co in 0..g.c_out {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        let mut s = bias[co] as f64;
+                        let yi = ((b * g.c_out + co) * oh + oy) * ow + ox;
                         for ci in 0..g.c_in {
-                            for ky in 0..g.k {
-                                for kx in 0..g.k {
+                            for ky in 0..k {
+                                for kx in 0..k {
                                     let iy = (oy + ky) as isize - g.pad as isize;
                                     let ix = (ox + kx) as isize - g.pad as isize;
                                     if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
                                     {
                                         continue;
                                     }
-                                    let xv = x[((b * g.c_in + ci) * g.h + iy as usize) * g.w
-                                        + ix as usize];
-                                    let wv = w[((co * g.c_in + ci) * g.k + ky) * g.k + kx];
-                                    s += xv as f64 * wv as f64;
+                                    let xi =
+                                        ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
+                                    f(xi, ((co * g.c_in + ci) * k + ky) * k + kx, yi);
                                 }
                             }
                         }
-                        y[((b * g.c_out + co) * oh + oy) * ow + ox] = s;
                     }
                 }
             }
         }
+    }
+
+    /// Direct convolution, for reference. x: [B, Cin, H, W], w: [Cout, Cin, k, k]
+    fn conv_direct(g: &ConvGeom, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
+        let pixels = g.out_h() * g.out_w();
+        let mut y: Vec<f64> = (0..g.batch * g.c_out * pixels)
+            .map(|i| bias[(i / pixels) % g.c_out] as f64)
+            .collect();
+        for_each_tap(g, |xi, wi, yi| y[yi] += x[xi] as f64 * w[wi] as f64);
         y
     }
 
@@ -1387,35 +1394,12 @@ mod tests {
         w: &[f32],
         gy: &[f32],
     ) -> (Vec<f32>, Vec<f32>) {
-        let (oh, ow, k) = (g.out_h(), g.out_w(), g.k);
         let mut dx = vec![0.0f64; x.len()];
         let mut dw = vec![0.0f64; w.len()];
-        for b in 0..g.batch {
-            for co in 0..g.c_out {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let gv = gy[((b * g.c_out + co) * oh + oy) * ow + ox] as f64;
-                        for ci in 0..g.c_in {
-                            for ky in 0..k {
-                                for kx in 0..k {
-                                    let iy = (oy + ky) as isize - g.pad as isize;
-                                    let ix = (ox + kx) as isize - g.pad as isize;
-                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
-                                    {
-                                        continue;
-                                    }
-                                    let xi =
-                                        ((b * g.c_in + ci) * g.h + iy as usize) * g.w + ix as usize;
-                                    let wi = ((co * g.c_in + ci) * k + ky) * k + kx;
-                                    dx[xi] += gv * w[wi] as f64;
-                                    dw[wi] += gv * x[xi] as f64;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        for_each_tap(g, |xi, wi, yi| {
+            dx[xi] += gy[yi] as f64 * w[wi] as f64;
+            dw[wi] += gy[yi] as f64 * x[xi] as f64;
+        });
         let f = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect();
         (f(dx), f(dw))
     }

@@ -424,17 +424,15 @@ fn record_norm<C: CheckpointStrategy, const N: usize>(
     {
         OpsKind::Tracked(prep) => {
             let (y, mean, rstd) = norm.forward();
-            let stats = |v: Vec<f32>| tensor(v, vec![mean_len(&norm)]);
-            let state = (norm.clone(), stats(mean), stats(rstd));
-            prep.finish(state, y)
+            // [B · groups] each
+            let stats = |v: Vec<f32>| {
+                let n = v.len();
+                tensor(v, vec![n])
+            };
+            prep.finish((norm, stats(mean), stats(rstd)), y)
         }
         OpsKind::UnTracked(prep) => prep.finish(norm.forward().0),
     }
-}
-
-fn mean_len(norm: &NormInputs) -> usize {
-    let g = norm.geom();
-    g.batch * g.groups
 }
 
 impl<C: CheckpointStrategy> FlexOps for Autodiff<Flex, C> {

@@ -81,6 +81,7 @@ fn batch() -> Batch {
             old_logprob: (0..b).map(|_| -1.2 + 0.1 * rng.random::<f32>()).collect(),
             sampler: "tafs",
             graph: None,
+            branch: None,
         });
         x_t = x_next;
     }
@@ -113,6 +114,7 @@ fn batch() -> Batch {
             .map(|_| (0..b).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect())
             .collect(),
         mode: "mix".into(),
+        mask: None,
     };
     Batch {
         transitions,

@@ -463,6 +463,7 @@ fn rollout(
                 old_logprob,
                 sampler: "tafs",
                 graph: None,
+                branch: None,
             });
             x = x_next;
         }
@@ -487,6 +488,7 @@ fn advantages(transitions: usize, b: usize) -> Advantages {
             .map(|_| sample_standard_normal(&mut rng, b))
             .collect(),
         mode: "bench".into(),
+        mask: None,
     }
 }
 

@@ -194,6 +194,7 @@ fn kept_transition(
         old_logprob,
         sampler: "tafs",
         graph,
+        branch: None,
     }
 }
 
@@ -241,6 +242,7 @@ fn should_take_the_same_grpo_step_through_the_kept_rollout_graph_on_libtorch() {
                 vec![-0.2, 0.9, -1.1, 0.4, 1.0, -1.0],
             ],
             mode: "step".into(),
+            mask: None,
         };
         let before = probe(&res);
         let up = GrpoUpdate {

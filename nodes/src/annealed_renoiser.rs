@@ -132,6 +132,7 @@ impl Node for Renoiser {
             } else {
                 None
             },
+            branch: None,
         };
         Ok(Outputs::new()
             .with(

@@ -15,15 +15,19 @@
 use anyhow::{Result, bail};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
+
+use burn::tensor::Tensor;
 use runner::{
-    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, Params, PortDef, Registry, ResourceSlot,
+    Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, Params, PortDef,
+    Registry, ResourceSlot,
 };
 
 use crate::flow_model::{FlowModelRes, TYPE};
 use crate::grpo::gaussian_step;
-use crate::grpo::{LinearGaussian, SdeWindow, WindowError};
-use crate::model::{sample_standard_normal, tensor_from_vec};
-use crate::types::{Images, PromptBatch, Transition};
+use crate::grpo::{BranchTree, LinearGaussian, SdeWindow, TreeError, WindowError};
+use crate::model::{int_tensor_from_vec, sample_standard_normal, tensor_from_vec};
+use crate::types::{Images, PromptBatch, RolloutGraph, Transition};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -48,7 +52,16 @@ pub fn register(r: &mut Registry) {
               step is a deterministic Euler (ODE) step x' = x + (t_next − t)·v: its transition has\n\
               no log-prob (kernel std 0) and `grpo_update` skips it. l depends on the iteration\n\
               number only, so a resumed run samples the windows an uninterrupted one does.\n\
-              The window parameters must be the same at every step (validation checks them).",
+              The window parameters must be the same at every step (validation checks them).\n\
+              BranchGRPO tree rollouts: with `branch_at` (0-based step indices) each prompt's\n\
+              group is a forest of `branch_roots` trees whose nodes split into `branch_factor`\n\
+              children at each listed step, so the group size must be roots·factor^|branch_at|\n\
+              (validation checks it). Samples of one tree node share their state bit for bit:\n\
+              the step evaluates v_θ once per node (metric `branch_model_rows`) and draws one\n\
+              noise per node, or per child at a branching step, so siblings share their prefix\n\
+              and differ from the split on. The transitions carry the tree for\n\
+              `tree_advantage`. The branch parameters must be the same at every step, and a\n\
+              tree cannot be combined with a window.",
         inputs: vec![
             PortDef::new("x", "images", "the state x_t"),
             PortDef::new("prompts", "prompts", "the batch's prompts"),
@@ -76,6 +89,10 @@ pub fn register(r: &mut Registry) {
             ParamDef::int("window_every", 0, 0, 1 << 40, "iterations per window position (0 = fixed window: Flow-GRPO-Fast)"),
             ParamDef::int("window_max_start", -1, -1, 1 << 20, "the last window start (0-based); -1 = steps − window_size"),
             ParamDef::boolean("window_wrap", true, "past window_max_start: back to window_start (true, MixGRPO's roll-back) or stay (false)"),
+            ParamDef::new("branch_at", ParamKind::IntList { min: 0, max: 1 << 20 }, "BranchGRPO: the steps (0-based) at which every tree node splits; [] = no tree")
+                .default(ParamValue::IntList(vec![])),
+            ParamDef::int("branch_factor", 2, 1, 1 << 16, "children per node at each branching step"),
+            ParamDef::int("branch_roots", 1, 1, 1 << 16, "trees per prompt (independent initial noises)"),
         ],
         resources: vec![ResourceSlot { name: "policy", ty: TYPE, write: false, doc: "the model being trained" }],
         factory: |ctx| {
@@ -83,8 +100,15 @@ pub fn register(r: &mut Registry) {
             let kernel = kernel(p.f32("t")?, p.f32("t_next")?, p.f32("noise_level")?, p.f32("t2")?)?;
             let (k, count) = ctx.step.unwrap_or((1, 1));
             let window = window(p, count)?.map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?;
+            let branch = branch_tree(p, count)?
+                .map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?
+                .map(Arc::new);
+            if branch.is_some() && window.is_some() {
+                bail!("a tree rollout (`branch_at`) cannot be combined with an SDE window (`window_size`)");
+            }
             Ok(Box::new(FlowSdeStep {
                 window,
+                branch,
                 index: k - 1,
                 ode: kernel_ode(p.f32("t")?, p.f32("t_next")?)?,
                 t: p.f32("t")?,
@@ -129,6 +153,25 @@ pub fn window(p: &Params, count: usize) -> Result<Result<Option<SdeWindow>, Wind
     .map(Some))
 }
 
+/// The branch parameters (for validation: the same at every step of a repeat).
+pub const BRANCH_PARAMS: [&str; 3] = ["branch_at", "branch_factor", "branch_roots"];
+
+/// The tree of a step of a `count`-step trajectory from its parameters: `None` without one
+/// (`branch_at: []`), the parameter at fault when they do not fit the trajectory.
+pub fn branch_tree(p: &Params, count: usize) -> Result<Result<Option<BranchTree>, TreeError>> {
+    let at = p.usize_list("branch_at")?;
+    if at.is_empty() {
+        return Ok(Ok(None));
+    }
+    Ok(BranchTree::new(
+        p.usize("branch_roots")?,
+        p.usize("branch_factor")?,
+        at,
+        count,
+    )
+    .map(Some))
+}
+
 /// The deterministic Euler (ODE) step from `t` to `t_next`: x' = x + (t_next − t)·v, the SDE
 /// step with noise level 0.
 pub fn kernel_ode(t: f32, t_next: f32) -> Result<LinearGaussian> {
@@ -148,6 +191,8 @@ pub fn kernel(t: f32, t_next: f32, noise_level: f32, t2: f32) -> Result<LinearGa
 
 struct FlowSdeStep {
     window: Option<SdeWindow>,
+    /// BranchGRPO's tree, shared by the trajectory's steps.
+    branch: Option<Arc<BranchTree>>,
     /// This step's 0-based index in the trajectory (the window's coordinates).
     index: usize,
     /// The kernel outside the window.
@@ -176,8 +221,37 @@ impl Node for FlowSdeStep {
         policy.check_state("x", x.image_shape())?;
         let device = policy.device.clone();
         let [b, c, h, w] = x.tensor.dims();
-        let x_t = x.tensor.clone();
-        let (v, graph) = policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
+        // Tree rollouts: each row reads its node's state (its representative's row), and v_θ
+        // runs once per node.
+        let tree = match &self.branch {
+            Some(tree) => Some(TreeRows::new(tree, self.index, prompts)?),
+            None => None,
+        };
+        let (x_t, v, graph) = match &tree {
+            None => {
+                let x_t = x.tensor.clone();
+                let (v, graph) =
+                    policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
+                (x_t, v, graph)
+            }
+            Some(rows) => {
+                let x_u = select_rows(&x.tensor, &rows.nodes);
+                let cond = prompts.conditioning_rows(&rows.nodes, &device);
+                let (v_u, graph) = policy.velocity(&x_u, self.t, &cond, self.cfg)?;
+                ctx.metric("branch_model_rows", rows.nodes.len() as f64);
+                // Back to one row per sample (through the graph too: the update trains rows).
+                let graph = graph.and_then(|g| {
+                    let step = g.trainer_step;
+                    g.take()
+                        .map(|v| RolloutGraph::new(select_rows(&v, &rows.node_of), step))
+                });
+                (
+                    select_rows(&x_u, &rows.node_of),
+                    select_rows(&v_u, &rows.node_of),
+                    graph,
+                )
+            }
+        };
         let sde = self
             .window
             .is_none_or(|w| w.contains(self.index, ctx.iteration));
@@ -203,6 +277,11 @@ impl Node for FlowSdeStep {
         } else {
             x_t.zeros_like()
         };
+        // One noise per node of the depth this step writes: siblings split here or later.
+        let eps = match &tree {
+            Some(rows) if k.is_stochastic() => select_rows(&eps, &rows.writes),
+            _ => eps,
+        };
         let (x_next, old_logprob) = gaussian_step(&x_t, &v, k, eps)?;
         let x0 = x_t.clone() - v.mul_scalar(self.t);
         let tr = Transition {
@@ -217,6 +296,7 @@ impl Node for FlowSdeStep {
             old_logprob,
             sampler: "flow_sde",
             graph: if k.is_stochastic() { graph } else { None },
+            branch: self.branch.clone(),
         };
         Ok(Outputs::new()
             .with(
@@ -229,6 +309,50 @@ impl Node for FlowSdeStep {
             .with("transition", tr)
             .with("x0", Images { tensor: x0, t: 0.0 }))
     }
+}
+
+/// The rows of a tree rollout's step: which rows the step evaluates, and where each row reads
+/// its state and its noise.
+struct TreeRows {
+    /// The rows that represent the nodes of the depth the step reads (ascending).
+    nodes: Vec<usize>,
+    /// For every row: its node's position in `nodes`.
+    node_of: Vec<usize>,
+    /// For every row: the row whose noise it takes (its representative at the depth written).
+    writes: Vec<usize>,
+}
+
+impl TreeRows {
+    fn new(tree: &BranchTree, index: usize, prompts: &PromptBatch) -> Result<Self> {
+        let reps = |d| {
+            tree.representatives(&prompts.group, &prompts.member, d)
+                .map_err(|e| anyhow::anyhow!("tree rollout: {e}"))
+        };
+        let before = reps(tree.depth_before(index))?;
+        let writes = reps(tree.depth_after(index))?;
+        let mut nodes = before.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        let node_of = before
+            .iter()
+            .map(|r| nodes.binary_search(r).expect("a representative is a node"))
+            .collect();
+        Ok(TreeRows {
+            nodes,
+            node_of,
+            writes,
+        })
+    }
+}
+
+/// Rows `idx` of `x` (in that order), on its device.
+fn select_rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
+    let order = int_tensor_from_vec(
+        idx.iter().map(|&i| i as i64).collect(),
+        [idx.len()],
+        &x.device(),
+    );
+    x.clone().select(0, order)
 }
 
 #[cfg(test)]

@@ -98,6 +98,26 @@ pub struct GrpoUpdate {
 struct Step<'a> {
     tr: &'a Transition,
     adv: &'a [f32],
+    /// Which of this rank's samples train it (`None`: all of them, see [`Advantages::mask`]).
+    mask: Option<&'a [bool]>,
+    /// The same for every rank's samples, by global index (`None`: all).
+    global_mask: Option<Vec<bool>>,
+}
+
+impl Step<'_> {
+    /// The rows of minibatch `idx` (local indices) that train this transition.
+    fn rows(&self, idx: &[usize]) -> Vec<usize> {
+        match self.mask {
+            Some(m) => idx.iter().copied().filter(|&i| m[i]).collect(),
+            None => idx.to_vec(),
+        }
+    }
+    /// How many of the global rows `chunk` train this transition.
+    fn trained_in(&self, chunk: &[usize]) -> usize {
+        self.global_mask
+            .as_ref()
+            .map_or(chunk.len(), |m| chunk.iter().filter(|&&i| m[i]).count())
+    }
 }
 
 /// Statistics of one update, summed over minibatches.
@@ -304,7 +324,40 @@ impl GrpoUpdate {
                     tr.x_t.dims()[0]
                 );
             }
-            host.push(Step { tr, adv: a });
+            let mask = match &adv.mask {
+                Some(m) => {
+                    let m = m
+                        .get(k)
+                        .ok_or_else(|| anyhow::anyhow!("no mask for transition {}", k + 1))?;
+                    if m.len() != b {
+                        bail!(
+                            "the advantages' mask of transition {} has {} samples, prompts {b}",
+                            k + 1,
+                            m.len()
+                        );
+                    }
+                    Some(m.as_slice())
+                }
+                None => None,
+            };
+            host.push(Step {
+                tr,
+                adv: a,
+                mask,
+                global_mask: None,
+            });
+        }
+        if adv.mask.is_some() {
+            // Every rank's mask: the loss is a mean over the trained (sample, transition)
+            // pairs of the whole minibatch.
+            for h in &mut host {
+                let local: Vec<u8> = h.mask.unwrap_or(&[]).iter().map(|&t| t as u8).collect();
+                let all = match dist {
+                    Some(c) => c.all_gather(&local)?,
+                    None => local,
+                };
+                h.global_mask = Some(all.into_iter().map(|t| t != 0).collect());
+            }
         }
         if host.is_empty() {
             bail!("no stochastic transitions to train on (is every τ 0?)");
@@ -354,13 +407,22 @@ impl GrpoUpdate {
                     (local, c.len())
                 })
                 .collect();
-            for group in chunks.chunks(self.grad_accum.max(1)) {
+            let global_chunks: Vec<&[usize]> = order.chunks(mb).collect();
+            for (gi, group) in chunks.chunks(self.grad_accum.max(1)).enumerate() {
                 // Every rank's rows of these minibatches.
                 let group_n: usize = group.iter().map(|(_, n)| n).sum();
+                // The (sample, transition) pairs they train, on every rank: all of them, or
+                // those the advantages' mask keeps.
+                let a = self.grad_accum.max(1);
+                let pairs: usize = global_chunks[gi * a..(gi * a + group.len())]
+                    .iter()
+                    .map(|c| host.iter().map(|h| h.trained_in(c)).sum::<usize>())
+                    .sum();
+                let masked = adv.mask.is_some();
                 let mut grads = GradientsAccumulator::<M>::new();
                 let mut diag = Diagnostics::default();
-                // (minibatch indices, transition, weight) of each of diag's terms.
-                let mut term_of: Vec<(&[usize], &Transition, f32)> = Vec::new();
+                // (trained rows, transition, weight) of each of diag's terms.
+                let mut term_of: Vec<(Vec<usize>, &Transition, f32)> = Vec::new();
                 let (mut lv, mut pg_sum, mut kl_sum, mut akl, mut clipped, mut rsum) =
                     (0f64, 0f64, 0f64, 0f64, 0usize, 0f64);
                 for (idx, chunk_len) in group {
@@ -369,9 +431,6 @@ impl GrpoUpdate {
                         // None of this minibatch lives on this rank.
                         continue;
                     }
-                    // This minibatch's share of the group's loss (a mean over its samples and
-                    // transitions).
-                    let w = n as f32 / group_n as f32 / nt;
                     let cond_ad = prompts.conditioning_rows(idx, &ad);
                     // The KL reference runs on the plain device.
                     let cond_plain =
@@ -381,6 +440,30 @@ impl GrpoUpdate {
                         let t_forward = Instant::now();
                         let tr = h.tr;
                         let k = tr.kernel;
+                        // The rows that train this transition (all of the minibatch's unless
+                        // the advantages' mask leaves some out).
+                        let kept_rows = h.rows(idx);
+                        let (idx, n) = (kept_rows.as_slice(), kept_rows.len());
+                        if n == 0 {
+                            continue;
+                        }
+                        // This term's share of the group's loss: a mean over the samples and
+                        // transitions, or over the trained pairs.
+                        let w = if masked {
+                            n as f32 / pairs as f32
+                        } else {
+                            n as f32 / group_n as f32 / nt
+                        };
+                        let cond_own;
+                        let cond_plain_own;
+                        let (cond_ad, cond_plain) = if h.mask.is_some() {
+                            cond_own = prompts.conditioning_rows(idx, &ad);
+                            cond_plain_own =
+                                (self.beta > 0.0).then(|| prompts.conditioning_rows(idx, plain));
+                            (&cond_own, &cond_plain_own)
+                        } else {
+                            (&cond_ad, &cond_plain)
+                        };
                         // [n, C, H, W], sliced where the states live: no host round trip.
                         let x_plain = rows(&tr.x_t, idx);
                         let x = x_plain.clone().to_device(&ad);
@@ -430,7 +513,7 @@ impl GrpoUpdate {
                                     model.velocity_cfg_checkpointed(
                                         x.clone(),
                                         t.clone(),
-                                        &cond_ad,
+                                        cond_ad,
                                         tr.cfg,
                                     )?
                                 } else {
@@ -442,7 +525,7 @@ impl GrpoUpdate {
                                         recompute = Some(ck);
                                         v
                                     }
-                                    None => model.velocity_cfg(x.clone(), t, &cond_ad, tr.cfg)?,
+                                    None => model.velocity_cfg(x.clone(), t, cond_ad, tr.cfg)?,
                                 }
                             }
                         };
@@ -460,7 +543,7 @@ impl GrpoUpdate {
                         let mut kl_value = None;
                         st.forward_s += t_forward.elapsed().as_secs_f64();
                         if let (Some(cond_plain), Some(reference)) =
-                            (&cond_plain, reference.as_ref())
+                            (cond_plain, reference.as_ref())
                         {
                             let t_reference = Instant::now();
                             let vr = reference.velocity_cfg(
@@ -486,7 +569,7 @@ impl GrpoUpdate {
                             pg: pg.detach(),
                             kl: kl_value,
                         });
-                        term_of.push((idx, tr, w));
+                        term_of.push((kept_rows.clone(), tr, w));
                         let term = term.mul_scalar(w);
                         if from_rollout {
                             // Its graph is alive anyway: one backward for all such terms.
@@ -530,7 +613,8 @@ impl GrpoUpdate {
                     }
                     lv += value as f64;
                 }
-                for (t, &(idx, tr, w)) in terms.iter().zip(&term_of) {
+                for (t, (idx, tr, w)) in terms.iter().zip(&term_of) {
+                    let w = *w;
                     let logs = st.log_ratios.entry(tr.step).or_default();
                     logs.extend(t.ratio.iter().map(|&r| (r as f64).ln()));
                     for (j, &ri) in t.ratio.iter().enumerate() {
@@ -571,7 +655,7 @@ impl GrpoUpdate {
                 let t_optimizer = Instant::now();
                 let stats = m.trainer.apply_gradients(grads, lv as f32);
                 st.optimizer_s += t_optimizer.elapsed().as_secs_f64();
-                let cnt = (group_n * host.len()) as f64;
+                let cnt = pairs.max(1) as f64;
                 st.loss += lv;
                 st.pg_loss += pg_sum;
                 st.kl += kl_sum;
@@ -745,6 +829,7 @@ mod tests {
             old_logprob: old,
             sampler: "tafs",
             graph,
+            branch: None,
         }
     }
 
@@ -779,6 +864,7 @@ mod tests {
                 vec![-0.3, 0.8, -1.2, 0.4, 1.0, -0.7],
             ],
             mode: "step".into(),
+            mask: None,
         }
     }
 
@@ -798,6 +884,7 @@ mod tests {
         let adv = Advantages {
             values: vec![vec![1.0, -1.0, 0.5, -0.5, 0.0, 0.2]],
             mode: "step".into(),
+            mask: None,
         };
         let up = GrpoUpdate {
             clip: 0.2,
@@ -831,6 +918,7 @@ mod tests {
         let adv = Advantages {
             values: vec![a.clone()],
             mode: "step".into(),
+            mask: None,
         };
         let up = GrpoUpdate {
             clip: 10.0,
@@ -866,6 +954,7 @@ mod tests {
         let adv = Advantages {
             values: vec![vec![0.0; 6]],
             mode: "step".into(),
+            mask: None,
         };
         let up = GrpoUpdate {
             clip: 0.2,
@@ -921,6 +1010,76 @@ mod tests {
             diff < moved * 1e-2,
             "accumulated step differs by {diff} (update moved {moved})"
         );
+    }
+
+    #[test]
+    fn should_train_only_the_masked_pairs_as_a_mean_over_them() {
+        // A branching rollout's duplicated rows are masked out: the loss is the mean over the
+        // 7 trained (sample, transition) pairs. Unclipped and without KL, that is the update
+        // whose other pairs have advantage 0 and whose kept advantages are scaled by 12/7 (a
+        // mean over all 12 pairs): the same gradient, so the same weights.
+        let prompts = batch();
+        let base = two_step_advantages();
+        let mask = vec![
+            vec![true, false, true, false, true, true],
+            vec![false, true, true, true, false, false],
+        ];
+        let masked = Advantages {
+            mask: Some(mask.clone()),
+            ..base.clone()
+        };
+        let scaled = Advantages {
+            values: base
+                .values
+                .iter()
+                .zip(&mask)
+                .map(|(a, m)| {
+                    a.iter()
+                        .zip(m)
+                        .map(|(a, &m)| if m { a * 12.0 / 7.0 } else { 0.0 })
+                        .collect()
+                })
+                .collect(),
+            ..base.clone()
+        };
+        let step = |adv: &Advantages, minibatch, grad_accum| {
+            let mut res = trained_tiny();
+            res.unet_mut("test").unwrap().trainer.config.lr = 1e-3;
+            let a = sample(&res, &prompts, 0.8);
+            let b = sample(&res, &prompts, 0.5);
+            let before = probe_velocity(&res, &prompts);
+            let up = GrpoUpdate {
+                clip: 10.0,
+                adv_clip: 5.0,
+                beta: 0.0,
+                epochs: 1,
+                minibatch,
+                grad_accum,
+            };
+            let st = up.update(&mut res, &[&a, &b], adv, &prompts, 0).unwrap();
+            assert_eq!(st.steps, 1);
+            (st, before, probe_velocity(&res, &prompts))
+        };
+        let (st_masked, before, w_masked) = step(&masked, 0, 1);
+        let (st_scaled, _, w_scaled) = step(&scaled, 0, 1);
+        let (_, _, w_split) = step(&masked, 3, 2);
+        let (_, _, w_all) = step(&base, 0, 1);
+        let moved = max_abs(&before, &w_masked);
+        assert!(moved > 1e-3, "the update did not move the model ({moved})");
+        let diff = max_abs(&w_masked, &w_scaled);
+        assert!(diff < moved * 1e-3, "masked update differs by {diff} (moved {moved})");
+        assert!(
+            (st_masked.grad_norm - st_scaled.grad_norm).abs() < 1e-5 * st_scaled.grad_norm,
+            "{} vs {}",
+            st_masked.grad_norm,
+            st_scaled.grad_norm
+        );
+        assert!((st_masked.loss - st_scaled.loss).abs() < 1e-6, "{} vs {}", st_masked.loss, st_scaled.loss);
+        // Split into accumulated minibatches, the mean is still over the 7 pairs.
+        let diff = max_abs(&w_masked, &w_split);
+        assert!(diff < moved * 1e-2, "accumulated masked step differs by {diff}");
+        // Without the mask every pair trains: another update.
+        assert!(max_abs(&w_masked, &w_all) > moved * 0.05);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub mod sample_eval;
 pub mod shape_eval;
 pub mod step_advantage;
 pub mod trajectory_sink;
+pub mod tree_advantage;
 pub mod types;
 pub mod util;
 pub mod vae;
@@ -57,6 +58,7 @@ pub fn registry() -> Registry {
     annealed_renoiser::register(&mut r);
     flow_sde_step::register(&mut r);
     step_advantage::register(&mut r);
+    tree_advantage::register(&mut r);
     grpo_update::register(&mut r);
     nft_update::register(&mut r);
     trajectory_sink::register(&mut r);

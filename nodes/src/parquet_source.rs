@@ -737,6 +737,7 @@ impl ParquetSource {
                 old_logprob: olp,
                 sampler: sampler_name(&m0.sampler),
                 graph: None,
+                branch: None,
             });
             adv.push(a);
         }
@@ -755,6 +756,7 @@ impl ParquetSource {
             Advantages {
                 values: adv,
                 mode: "replay".into(),
+                mask: None,
             },
             TrajectoryBatch { transitions },
             reward_mean,
@@ -842,6 +844,7 @@ mod tests {
             old_logprob: vec![-1.0; b],
             sampler: "tafs",
             graph: None,
+            branch: None,
         };
         let rewards = Rewards {
             values: vec![0.5; b],
@@ -850,6 +853,7 @@ mod tests {
         let adv = Advantages {
             values: vec![vec![0.25; b]],
             mode: "test".into(),
+            mask: None,
         };
         let mut sink = TrajectorySink::new(&run, TensorMode::F32, 2, 1).unwrap();
         sink.write(1, vec![tr], vec![rewards], adv, prompts)

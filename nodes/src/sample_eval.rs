@@ -40,8 +40,8 @@ pub fn register(r: &mut Registry) {
                 "datasets/shapes/eval.jsonl".into(),
             )),
             ParamDef::int("limit", 0, 0, i64::MAX, "use the first N prompts per split (0 = all)"),
-            ParamDef::new("steps", ParamKind::FloatList { min: 1.0, max: 1000.0 }, "numbers of sampling steps")
-                .default(ParamValue::FloatList(vec![1.0, 2.0, 4.0, 40.0])),
+            ParamDef::new("steps", ParamKind::IntList { min: 1, max: 1000 }, "numbers of sampling steps")
+                .default(ParamValue::IntList(vec![1, 2, 4, 40])),
             ParamDef::choice("sampler", "euler", &["euler", "tafs"], "deterministic Euler ODE, or TAFS re-noising"),
             ParamDef::float("tau", 1.0, 0.0, 1.0, "TAFS temperature of the first re-noising (sampler: tafs)"),
             ParamDef::float(
@@ -76,7 +76,7 @@ pub fn register(r: &mut Registry) {
             }
             Ok(Box::new(SampleEval {
                 records: records.into_iter().map(Arc::new).collect(),
-                steps: p.f64_list("steps")?.into_iter().map(|s| s as usize).collect(),
+                steps: p.usize_list("steps")?,
                 tafs: p.str("sampler")? == "tafs",
                 tau: p.f32("tau")?,
                 tau_end: end_or(p.f32("tau_end")?, p.f32("tau")?),

@@ -186,6 +186,7 @@ impl Node for StepAdvantage {
             Advantages {
                 values: adv,
                 mode: self.mode_name.clone(),
+                mask: None,
             },
         ))
     }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use burn::tensor::{Device, Int, Tensor};
 
-use crate::grpo::LinearGaussian;
+use crate::grpo::{BranchTree, LinearGaussian};
 use crate::model::{Conditioning, TextConditioning, int_tensor_from_vec, tensor_from_vec};
 use crate::world::PromptRecord;
 
@@ -312,6 +312,9 @@ pub struct Transition {
     /// The sampling forward's autodiff graph (`rollout_graph: keep`): `grpo_update`'s first,
     /// exactly on-policy step back-propagates through it instead of recomputing v_θ.
     pub graph: Option<RolloutGraph>,
+    /// BranchGRPO: the tree of a branching rollout this transition is step `step − 1` of
+    /// (`None` for an ordinary rollout). `tree_advantage` reads it.
+    pub branch: Option<Arc<BranchTree>>,
 }
 
 /// The autodiff graph of one sampling-time velocity v_θ(x_t, t, c), kept so that the update
@@ -365,6 +368,10 @@ pub struct Rewards {
 pub struct Advantages {
     pub values: Vec<Vec<f32>>,
     pub mode: String,
+    /// `mask[k][i]`: whether sample i trains transition k (`None`: every one does). Samples of
+    /// a branching rollout that share a tree node share its transition, which is trained once
+    /// (BranchGRPO): the update's loss is then a mean over the trained pairs.
+    pub mask: Option<Vec<Vec<bool>>>,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub enum ParamValue {
     Float(f64),
     Str(String),
     FloatList(Vec<f64>),
+    IntList(Vec<i64>),
     /// Free-form value (e.g. a nested config), kept as JSON.
     Json(serde_json::Value),
 }
@@ -26,6 +27,7 @@ impl fmt::Display for ParamValue {
             ParamValue::Float(x) => write!(f, "{x}"),
             ParamValue::Str(s) => write!(f, "{s:?}"),
             ParamValue::FloatList(v) => write!(f, "{v:?}"),
+            ParamValue::IntList(v) => write!(f, "{v:?}"),
             ParamValue::Json(j) => write!(f, "{j}"),
         }
     }
@@ -39,6 +41,7 @@ impl ParamValue {
             ParamValue::Float(x) => serde_json::json!(x),
             ParamValue::Str(s) => s.clone().into(),
             ParamValue::FloatList(v) => serde_json::json!(v),
+            ParamValue::IntList(v) => serde_json::json!(v),
             ParamValue::Json(j) => j.clone(),
         }
     }
@@ -63,6 +66,10 @@ pub enum ParamKind {
     FloatList {
         min: f64,
         max: f64,
+    },
+    IntList {
+        min: i64,
+        max: i64,
     },
     /// Any YAML value (nested configuration), passed on as JSON.
     Any,
@@ -91,6 +98,13 @@ impl ParamKind {
                 *max,
                 f64::NEG_INFINITY,
                 f64::INFINITY,
+            ),
+            ParamKind::IntList { min, max } => range_desc(
+                "list of int",
+                *min as f64,
+                *max as f64,
+                i64::MIN as f64,
+                i64::MAX as f64,
             ),
             ParamKind::Any => "any".into(),
         }
@@ -238,6 +252,27 @@ impl Params {
             ParamValue::Float(x) => Ok(vec![*x]),
             other => anyhow::bail!("{}: parameter `{name}` is {other}, not a list", self.owner),
         }
+    }
+    pub fn i64_list(&self, name: &str) -> anyhow::Result<Vec<i64>> {
+        match self.get(name)? {
+            ParamValue::IntList(v) => Ok(v.clone()),
+            ParamValue::Int(x) => Ok(vec![*x]),
+            other => anyhow::bail!(
+                "{}: parameter `{name}` is {other}, not a list of integers",
+                self.owner
+            ),
+        }
+    }
+    /// A list of non-negative integers (declared with `min` ≥ 0).
+    pub fn usize_list(&self, name: &str) -> anyhow::Result<Vec<usize>> {
+        self.i64_list(name)?
+            .into_iter()
+            .map(|v| {
+                usize::try_from(v).map_err(|_| {
+                    anyhow::anyhow!("{}: parameter `{name}` holds {v}, below 0", self.owner)
+                })
+            })
+            .collect()
     }
     pub fn json(&self, name: &str) -> anyhow::Result<serde_json::Value> {
         Ok(self.get(name)?.to_json())
@@ -397,6 +432,37 @@ fn convert(v: &YNode, kind: &ParamKind) -> Result<ParamValue, String> {
             }
             Ok(ParamValue::FloatList(out))
         }
+        ParamKind::IntList { min, max } => {
+            let items: Vec<&YNode> = match &v.kind {
+                YKind::Seq(items) => items.iter().collect(),
+                YKind::Int(_) | YKind::Float(_) => vec![v],
+                _ => return Err(wrong("a list of integers")),
+            };
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let value = match item.kind {
+                    YKind::Int(x) => Some(x),
+                    YKind::Float(f) if f.fract() == 0.0 && f.abs() < 9e15 => Some(f as i64),
+                    _ => None,
+                };
+                match value {
+                    Some(x) if x < *min || x > *max => {
+                        return Err(format!(
+                            "item {i} ({x}) is out of range ({})",
+                            kind.describe()
+                        ));
+                    }
+                    Some(x) => out.push(x),
+                    None => {
+                        return Err(format!(
+                            "item {i} is {}, expected an integer",
+                            item.type_name()
+                        ));
+                    }
+                }
+            }
+            Ok(ParamValue::IntList(out))
+        }
         ParamKind::Any => Ok(ParamValue::Json(v.to_json())),
     }
 }
@@ -407,5 +473,34 @@ fn short(v: &YNode) -> String {
         format!("{}…", s.chars().take(40).collect::<String>())
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diag::Source;
+
+    fn convert_str(text: &str, kind: &ParamKind) -> Result<ParamValue, String> {
+        let v = crate::yaml::parse(&Source::new("t.yaml", format!("v: {text}\n"))).unwrap();
+        convert(v.get("v").unwrap(), kind)
+    }
+
+    #[test]
+    fn should_read_a_list_of_integers_and_name_the_item_at_fault() {
+        let kind = ParamKind::IntList { min: 0, max: 9 };
+        assert_eq!(
+            convert_str("[0, 3, 6.0]", &kind),
+            Ok(ParamValue::IntList(vec![0, 3, 6]))
+        );
+        // A single integer is a one-item list.
+        assert_eq!(convert_str("4", &kind), Ok(ParamValue::IntList(vec![4])));
+        assert_eq!(convert_str("[]", &kind), Ok(ParamValue::IntList(vec![])));
+        let e = convert_str("[1, 12]", &kind).unwrap_err();
+        assert!(e.contains("item 1 (12) is out of range"), "{e}");
+        let e = convert_str("[1, 2.5]", &kind).unwrap_err();
+        assert!(e.contains("item 1 is") && e.contains("expected an integer"), "{e}");
+        let e = convert_str("abc", &kind).unwrap_err();
+        assert!(e.contains("a list of integers"), "{e}");
     }
 }

@@ -44,6 +44,7 @@ fn param_schema(p: &ParamDef) -> Value {
         ParamKind::Str | ParamKind::Path => json!({"type": "string"}),
         ParamKind::Enum(values) => json!({"enum": values}),
         ParamKind::FloatList { .. } => json!({"type": "array", "items": {"type": "number"}}),
+        ParamKind::IntList { .. } => json!({"type": "array", "items": {"type": "integer"}}),
         ParamKind::Any => json!({}),
     };
     if !matches!(p.kind, ParamKind::Any | ParamKind::Str | ParamKind::Path) {

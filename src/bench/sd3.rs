@@ -231,6 +231,7 @@ fn advantages(transitions: usize, b: usize) -> nodes::types::Advantages {
             .map(|_| sample_standard_normal(&mut rng, b))
             .collect(),
         mode: "bench".into(),
+        mask: None,
     }
 }
 
@@ -287,6 +288,7 @@ fn rollout(
                 old_logprob,
                 sampler: "tafs",
                 graph,
+                branch: None,
             });
             x = x_next;
         }

@@ -11,6 +11,7 @@ pub mod memory;
 pub mod nft;
 pub mod schedule;
 pub mod window;
+pub mod branch;
 
 pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);
@@ -20,6 +21,7 @@ pub fn register(r: &mut Registry) {
     r.checks.push(checkpointing::check);
     r.checks.push(window::check);
     r.checks.push(nft::check);
+    r.checks.push(branch::check);
 }
 
 /// The pipeline's `flow_model` resources.

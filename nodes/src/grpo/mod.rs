@@ -3,8 +3,10 @@
 
 pub mod advantage;
 pub mod kernel;
+pub mod tree;
 pub mod window;
 
 pub use advantage::{AdvantageMode, StdScope, normalise, step_advantages};
 pub use kernel::{LinearGaussian, gaussian_step, log_prob};
+pub use tree::{BranchTree, Fusion, TreeAdvantages, TreeError, WidthPruning, tree_advantages};
 pub use window::{SdeWindow, WindowError};

@@ -11,9 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nodes::trajectory_sink::arrow::array::{
-    Array, FixedSizeListArray, Float32Array, UInt32Array,
-};
+use nodes::trajectory_sink::arrow::array::{Array, FixedSizeListArray, Float32Array, UInt32Array};
 use nodes::trajectory_sink::arrow::record_batch::RecordBatch;
 use nodes::trajectory_sink::read_file;
 
@@ -67,7 +65,10 @@ fn should_share_the_prefix_bit_for_bit_and_run_the_model_once_per_node() {
         }
         // Each edge once: 2 of 4 samples train steps 1 and 2 (depth 1), all 4 steps 3 and 4.
         assert_eq!(r["advantages/trained_fraction"].as_f64(), Some(0.75), "{r}");
-        assert!(r["update/grad_norm"].as_f64().unwrap() > 0.0, "no gradient: {r}");
+        assert!(
+            r["update/grad_norm"].as_f64().unwrap() > 0.0,
+            "no gradient: {r}"
+        );
         assert!(r["update/loss"].as_f64().unwrap().is_finite(), "{r}");
     }
 
@@ -137,7 +138,8 @@ fn should_share_the_prefix_bit_for_bit_and_run_the_model_once_per_node() {
 
 #[test]
 fn should_raise_an_easy_reward_with_branch_grpo() {
-    // The brightness reward of the final image over 12 iterations of tree rollouts.
+    // The brightness reward of the final image over 12 iterations of tree rollouts: measured
+    // 0.505 (first 3) → 0.579 (last 3) with this seed. Margin: +0.04.
     let run = run_new(
         &root().join("tests/pipelines/valid-branch-tiny.yaml"),
         &tmpdir("branch-rise").join("runs"),
@@ -151,6 +153,5 @@ fn should_raise_an_easy_reward_with_branch_grpo() {
         r[..3].iter().sum::<f64>() / 3.0,
         r[9..].iter().sum::<f64>() / 3.0,
     );
-    eprintln!("reward {first:.4} → {last:.4}: {r:?}");
     assert!(last > first + 0.04, "reward {first:.3} → {last:.3}: {r:?}");
 }

@@ -1067,17 +1067,28 @@ mod tests {
         let moved = max_abs(&before, &w_masked);
         assert!(moved > 1e-3, "the update did not move the model ({moved})");
         let diff = max_abs(&w_masked, &w_scaled);
-        assert!(diff < moved * 1e-3, "masked update differs by {diff} (moved {moved})");
+        assert!(
+            diff < moved * 1e-3,
+            "masked update differs by {diff} (moved {moved})"
+        );
         assert!(
             (st_masked.grad_norm - st_scaled.grad_norm).abs() < 1e-5 * st_scaled.grad_norm,
             "{} vs {}",
             st_masked.grad_norm,
             st_scaled.grad_norm
         );
-        assert!((st_masked.loss - st_scaled.loss).abs() < 1e-6, "{} vs {}", st_masked.loss, st_scaled.loss);
+        assert!(
+            (st_masked.loss - st_scaled.loss).abs() < 1e-6,
+            "{} vs {}",
+            st_masked.loss,
+            st_scaled.loss
+        );
         // Split into accumulated minibatches, the mean is still over the 7 pairs.
         let diff = max_abs(&w_masked, &w_split);
-        assert!(diff < moved * 1e-2, "accumulated masked step differs by {diff}");
+        assert!(
+            diff < moved * 1e-2,
+            "accumulated masked step differs by {diff}"
+        );
         // Without the mask every pair trains: another update.
         assert!(max_abs(&w_masked, &w_all) > moved * 0.05);
     }

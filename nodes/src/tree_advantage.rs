@@ -29,8 +29,16 @@ pub fn register(r: &mut Registry) {
               naming the prompt. Metrics: abs_mean (of the trained advantages),\n\
               trained_fraction (of the sample-transition pairs), tied_groups.",
         inputs: vec![
-            PortDef::new("rewards", "rewards", "the final image's rewards (the leaves')"),
-            PortDef::new("prompts", "prompts", "the batch (its GRPO groups: one tree each)"),
+            PortDef::new(
+                "rewards",
+                "rewards",
+                "the final image's rewards (the leaves')",
+            ),
+            PortDef::new(
+                "prompts",
+                "prompts",
+                "the batch (its GRPO groups: one tree each)",
+            ),
             PortDef::new(
                 "transitions",
                 "transition",
@@ -44,12 +52,32 @@ pub fn register(r: &mut Registry) {
             "[transitions][samples], with the mask of the trained pairs",
         )],
         params: vec![
-            ParamDef::choice("fusion", "mean", &["mean", "prob"], "how leaf rewards reach inner nodes"),
-            ParamDef::float("alpha", 1.0, 0.0, 1e3, "α of `fusion: prob` (0 = uniform, the mean)"),
-            ParamDef::float("eps", 1e-8, 0.0, 1.0, "added to each depth's std (BranchGRPO's 1e-8)"),
+            ParamDef::choice(
+                "fusion",
+                "mean",
+                &["mean", "prob"],
+                "how leaf rewards reach inner nodes",
+            ),
+            ParamDef::float(
+                "alpha",
+                1.0,
+                0.0,
+                1e3,
+                "α of `fusion: prob` (0 = uniform, the mean)",
+            ),
+            ParamDef::float(
+                "eps",
+                1e-8,
+                0.0,
+                1.0,
+                "added to each depth's std (BranchGRPO's 1e-8)",
+            ),
             ParamDef::new(
                 "prune_depths",
-                ParamKind::IntList { min: 1, max: 1 << 16 },
+                ParamKind::IntList {
+                    min: 1,
+                    max: 1 << 16,
+                },
                 "depths (1 = after the first split) whose edges are not trained",
             )
             .default(ParamValue::IntList(vec![])),
@@ -59,13 +87,21 @@ pub fn register(r: &mut Registry) {
                 &["none", "top", "extremes"],
                 "which leaves train the edges after the last split",
             ),
-            ParamDef::float("width_keep", 0.5, 0.0, 1.0, "fraction of a group's leaves width pruning keeps"),
+            ParamDef::float(
+                "width_keep",
+                0.5,
+                0.0,
+                1.0,
+                "fraction of a group's leaves width pruning keeps",
+            ),
         ],
         resources: vec![],
         factory: |ctx| {
             let p = ctx.params;
             let fusion = match p.str("fusion")? {
-                "prob" => Fusion::Prob { alpha: p.f32("alpha")? },
+                "prob" => Fusion::Prob {
+                    alpha: p.f32("alpha")?,
+                },
                 _ => Fusion::Mean,
             };
             let keep = p.f32("width_keep")?;
@@ -75,7 +111,9 @@ pub fn register(r: &mut Registry) {
                 _ => WidthPruning::None,
             };
             if width != WidthPruning::None && keep <= 0.0 {
-                bail!("parameter `width_keep`: width pruning keeps a fraction above 0 of the leaves");
+                bail!(
+                    "parameter `width_keep`: width pruning keeps a fraction above 0 of the leaves"
+                );
             }
             Ok(Box::new(TreeAdvantage {
                 fusion,

@@ -499,7 +499,10 @@ mod tests {
         let e = convert_str("[1, 12]", &kind).unwrap_err();
         assert!(e.contains("item 1 (12) is out of range"), "{e}");
         let e = convert_str("[1, 2.5]", &kind).unwrap_err();
-        assert!(e.contains("item 1 is") && e.contains("expected an integer"), "{e}");
+        assert!(
+            e.contains("item 1 is") && e.contains("expected an integer"),
+            "{e}"
+        );
         let e = convert_str("abc", &kind).unwrap_err();
         assert!(e.contains("a list of integers"), "{e}");
     }

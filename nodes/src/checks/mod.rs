@@ -4,6 +4,7 @@
 use runner::Registry;
 use runner::compile::{Pipeline, ResourceInst};
 
+pub mod branch;
 pub mod checkpointing;
 pub mod conditioning;
 pub mod lora;
@@ -11,7 +12,6 @@ pub mod memory;
 pub mod nft;
 pub mod schedule;
 pub mod window;
-pub mod branch;
 
 pub fn register(r: &mut Registry) {
     r.checks.push(schedule::check);

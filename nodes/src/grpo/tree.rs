@@ -58,7 +58,9 @@ impl BranchTree {
         if factor < 2 {
             return err(
                 "branch_factor",
-                format!("branch_factor = {factor}: a branching step splits each node into at least 2"),
+                format!(
+                    "branch_factor = {factor}: a branching step splits each node into at least 2"
+                ),
             );
         }
         for (j, w) in at.windows(2).enumerate() {
@@ -332,9 +334,8 @@ pub fn tree_advantages(
             let (g, mm) = (group[i], member[i]);
             let n = tree.node(mm, d);
             values[s][i] = node_adv[g][d][n];
-            mask[s][i] = reps[d][i] == i
-                && !prune_depths.contains(&d)
-                && (d < m || kept_leaf[g][mm]);
+            mask[s][i] =
+                reps[d][i] == i && !prune_depths.contains(&d) && (d < m || kept_leaf[g][mm]);
         }
     }
     Ok(TreeAdvantages {
@@ -433,9 +434,19 @@ mod tests {
         assert_eq!(e.param, "branch_at");
         assert!(e.message.contains("strictly increasing"), "{}", e.message);
         let e = BranchTree::new(1, 2, vec![1, 5], 5).unwrap_err();
-        assert!(e.message.contains("item 1 (5) is not a step"), "{}", e.message);
-        assert_eq!(BranchTree::new(1, 1, vec![1], 5).unwrap_err().param, "branch_factor");
-        assert_eq!(BranchTree::new(0, 2, vec![1], 5).unwrap_err().param, "branch_roots");
+        assert!(
+            e.message.contains("item 1 (5) is not a step"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            BranchTree::new(1, 1, vec![1], 5).unwrap_err().param,
+            "branch_factor"
+        );
+        assert_eq!(
+            BranchTree::new(0, 2, vec![1], 5).unwrap_err().param,
+            "branch_roots"
+        );
         let e = BranchTree::new(1, 2, (0..40).collect(), 50).unwrap_err();
         assert!(e.message.contains("exceed"), "{}", e.message);
     }
@@ -474,7 +485,11 @@ mod tests {
             (4, leaf.to_vec()),
         ] {
             for (x, y) in a.values[s].iter().zip(&want) {
-                assert!((x - y).abs() < 1e-6, "step {s}: {:?} vs {want:?}", a.values[s]);
+                assert!(
+                    (x - y).abs() < 1e-6,
+                    "step {s}: {:?} vs {want:?}",
+                    a.values[s]
+                );
             }
         }
         // Each edge trains once: at its node's first member.
@@ -536,7 +551,11 @@ mod tests {
         // softmax(2·[1, 0]) = [e²/(e²+1), 1/(e²+1)]: the root's reward.
         let e2 = 2f32.exp();
         let want = e2 / (e2 + 1.0);
-        assert!((a.node_reward[0][0][0] - want).abs() < 1e-6, "{:?}", a.node_reward);
+        assert!(
+            (a.node_reward[0][0][0] - want).abs() < 1e-6,
+            "{:?}",
+            a.node_reward
+        );
         let mean = tree_advantages(
             &t,
             &rewards,
@@ -558,6 +577,9 @@ mod tests {
         assert_eq!(depth_normalise(&[2.0, 2.0, 2.0], 0.0), vec![0.0; 3]);
         let a = depth_normalise(&[0.0, 1.0], 0.0);
         let s = 0.5f32.sqrt();
-        assert!((a[0] + 0.5 / s).abs() < 1e-6 && (a[1] - 0.5 / s).abs() < 1e-6, "{a:?}");
+        assert!(
+            (a[0] + 0.5 / s).abs() < 1e-6 && (a[1] - 0.5 / s).abs() < 1e-6,
+            "{a:?}"
+        );
     }
 }

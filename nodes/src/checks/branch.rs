@@ -6,6 +6,7 @@
 use runner::compile::NodeInst;
 use runner::{Diagnostic, Diagnostics, Pipeline};
 
+use super::{first_step, show};
 use crate::flow_sde_step::{BRANCH_PARAMS, branch_tree};
 
 pub fn check(p: &Pipeline) -> Diagnostics {
@@ -130,18 +131,4 @@ fn node_error(n: &NodeInst, text: String) -> Diagnostic {
         Some(at) => at.error(text),
         None => Diagnostic::error(text),
     }
-}
-
-/// Step 1 of the repeat that expanded `n`.
-fn first_step<'a>(p: &'a Pipeline, n: &NodeInst) -> Option<&'a NodeInst> {
-    let base = n.id.split('@').next()?;
-    let id = format!("{base}@1");
-    p.nodes.iter().find(|m| m.id == id)
-}
-
-fn show(n: &NodeInst, name: &str) -> String {
-    n.params
-        .values
-        .get(name)
-        .map_or_else(|| "unset".into(), |v| v.to_string())
 }

@@ -2,7 +2,7 @@
 //! single parameter shows (a schedule across repeat steps, the memory a run will need).
 
 use runner::Registry;
-use runner::compile::{Pipeline, ResourceInst};
+use runner::compile::{NodeInst, Pipeline, ResourceInst};
 
 pub mod branch;
 pub mod checkpointing;
@@ -29,4 +29,19 @@ pub fn flow_models(p: &Pipeline) -> impl Iterator<Item = &ResourceInst> {
     p.resources
         .iter()
         .filter(|r| r.ty == crate::flow_model::TYPE)
+}
+
+/// Step 1 of the repeat that expanded `n`.
+pub(crate) fn first_step<'a>(p: &'a Pipeline, n: &NodeInst) -> Option<&'a NodeInst> {
+    let base = n.id.split('@').next()?;
+    let id = format!("{base}@1");
+    p.nodes.iter().find(|m| m.id == id)
+}
+
+/// A parameter's value as the messages show it.
+pub(crate) fn show(n: &NodeInst, name: &str) -> String {
+    n.params
+        .values
+        .get(name)
+        .map_or_else(|| "unset".into(), |v| v.to_string())
 }

@@ -2,9 +2,9 @@
 //! repeat's step count), its parameters must be the same at every step, and none is given
 //! without `window_size` (where it would do nothing).
 
-use runner::compile::NodeInst;
 use runner::{Diagnostics, Pipeline};
 
+use super::{first_step, show};
 use crate::flow_sde_step::{WINDOW_PARAMS, window};
 
 pub fn check(p: &Pipeline) -> Diagnostics {
@@ -55,18 +55,4 @@ pub fn check(p: &Pipeline) -> Diagnostics {
         }
     }
     d
-}
-
-/// Step 1 of the repeat that expanded `n`.
-fn first_step<'a>(p: &'a Pipeline, n: &NodeInst) -> Option<&'a NodeInst> {
-    let base = n.id.split('@').next()?;
-    let id = format!("{base}@1");
-    p.nodes.iter().find(|m| m.id == id)
-}
-
-fn show(n: &NodeInst, name: &str) -> String {
-    n.params
-        .values
-        .get(name)
-        .map_or_else(|| "unset".into(), |v| v.to_string())
 }

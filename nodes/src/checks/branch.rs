@@ -113,6 +113,23 @@ pub fn check(p: &Pipeline) -> Diagnostics {
                 break;
             }
         }
+        // Depth pruning names depths of the tree (1 to its depth m).
+        let tree = sources.first().and_then(|&(i, _)| {
+            let src = &p.nodes[i];
+            let count = src.step.as_ref().map_or(1, |(_, c, _)| *c);
+            branch_tree(&src.params, count).ok()?.ok()?
+        });
+        if let (Some(tree), Ok(prune)) = (tree, n.params.usize_list("prune_depths"))
+            && let Some(&bad) = prune.iter().find(|&&x| x > tree.depth())
+        {
+            d.push(n.params.error(
+                "prune_depths",
+                format!(
+                    "depth {bad} does not exist: the tree has depths 1 to {} (one per branching step)",
+                    tree.depth()
+                ),
+            ));
+        }
     }
     d
 }

@@ -17,7 +17,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 
-use burn::tensor::Tensor;
 use runner::{
     Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, Params, PortDef,
     Registry, ResourceSlot,
@@ -26,8 +25,8 @@ use runner::{
 use crate::flow_model::{FlowModelRes, TYPE};
 use crate::grpo::gaussian_step;
 use crate::grpo::{BranchTree, LinearGaussian, SdeWindow, TreeError, WindowError};
-use crate::model::{int_tensor_from_vec, sample_standard_normal, tensor_from_vec};
-use crate::types::{Images, PromptBatch, RolloutGraph, Transition};
+use crate::model::{sample_standard_normal, tensor_from_vec};
+use crate::types::{Images, PromptBatch, RolloutGraph, Transition, select_rows};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -343,16 +342,6 @@ impl TreeRows {
             writes,
         })
     }
-}
-
-/// Rows `idx` of `x` (in that order), on its device.
-fn select_rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
-    let order = int_tensor_from_vec(
-        idx.iter().map(|&i| i as i64).collect(),
-        [idx.len()],
-        &x.device(),
-    );
-    x.clone().select(0, order)
 }
 
 #[cfg(test)]

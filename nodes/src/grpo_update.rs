@@ -40,7 +40,7 @@ use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, PortDef, Regist
 use crate::flow_model::{FlowModelRes, PolicyModel, TYPE};
 use crate::grpo::log_prob;
 use crate::model::{Trainer, VelocityModel, int_tensor_from_vec, tensor_from_vec};
-use crate::types::{Advantages, PromptBatch, Transition, to_vec};
+use crate::types::{Advantages, PromptBatch, Transition, select_rows, to_vec};
 
 pub fn register(r: &mut Registry) {
     r.add_node(NodeType {
@@ -156,20 +156,6 @@ pub struct UpdateStats {
     /// Data-parallel runs: the gradients' all-reduce over the ranks (with its wait for the
     /// slowest rank).
     pub allreduce_s: f64,
-}
-
-/// Rows `idx` of a state tensor, on its own device (no copy when `idx` is the whole batch in
-/// order): minibatches are sliced where the states live.
-fn rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
-    if idx.len() == x.dims()[0] && idx.iter().enumerate().all(|(j, &i)| i == j) {
-        return x.clone();
-    }
-    let order = int_tensor_from_vec(
-        idx.iter().map(|&i| i as i64).collect(),
-        [idx.len()],
-        &x.device(),
-    );
-    x.clone().select(0, order)
 }
 
 /// Back-propagates `loss` (a share of the step's loss) into `grads`; returns its value.
@@ -465,9 +451,9 @@ impl GrpoUpdate {
                             (&cond_ad, &cond_plain)
                         };
                         // [n, C, H, W], sliced where the states live: no host round trip.
-                        let x_plain = rows(&tr.x_t, idx);
+                        let x_plain = select_rows(&tr.x_t, idx);
                         let x = x_plain.clone().to_device(&ad);
-                        let x_next = rows(&tr.x_next, idx).to_device(&ad);
+                        let x_next = select_rows(&tr.x_next, idx).to_device(&ad);
                         let old = tensor_from_vec(
                             idx.iter().map(|&i| tr.old_logprob[i]).collect(),
                             [n],

@@ -351,6 +351,20 @@ impl RolloutGraph {
     }
 }
 
+/// Rows `idx` of a state tensor, on its own device (no copy when `idx` is the whole batch in
+/// order): minibatches are sliced where the states live.
+pub fn select_rows(x: &Tensor<4>, idx: &[usize]) -> Tensor<4> {
+    if idx.len() == x.dims()[0] && idx.iter().enumerate().all(|(j, &i)| i == j) {
+        return x.clone();
+    }
+    let order = int_tensor_from_vec(
+        idx.iter().map(|&i| i as i64).collect(),
+        [idx.len()],
+        &x.device(),
+    );
+    x.clone().select(0, order)
+}
+
 /// One reward per sample.
 #[derive(Debug, Clone, Default)]
 pub struct Rewards {

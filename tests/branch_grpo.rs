@@ -5,7 +5,7 @@
 //! uninterrupted one, and an easy reward rises.
 
 mod common;
-use common::{metrics_without_timings, root, run_new, text, tmpdir};
+use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::collections::HashMap;
 use std::fs;
@@ -119,21 +119,7 @@ fn should_share_the_prefix_bit_for_bit_and_run_the_model_once_per_node() {
     }
 
     // 2 iterations, then resumed to 3: the same trees and the same numbers.
-    let resumed = run_new(
-        &pipeline,
-        &dir.join("resumed"),
-        &["iterations=2", "checkpoint_every=1"],
-    );
-    let o = common::flowrun(
-        &["run", "--resume", resumed.to_str().unwrap()],
-        &["iterations=3".to_string()],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(
-        a,
-        metrics_without_timings(&resumed),
-        "a resumed BranchGRPO run differs from an uninterrupted one"
-    );
+    common::assert_resume_matches(&pipeline, &dir.join("resumed"), 2, 3, &a, "BranchGRPO");
 }
 
 #[test]
@@ -145,13 +131,6 @@ fn should_raise_an_easy_reward_with_branch_grpo() {
         &tmpdir("branch-rise").join("runs"),
         &["iterations=12"],
     );
-    let r: Vec<f64> = metrics_without_timings(&run)
-        .iter()
-        .map(|r| r["score/reward_mean"].as_f64().unwrap())
-        .collect();
-    let (first, last) = (
-        r[..3].iter().sum::<f64>() / 3.0,
-        r[9..].iter().sum::<f64>() / 3.0,
-    );
+    let (first, last, r) = common::first_and_last_mean(&run, "score/reward_mean", 3);
     assert!(last > first + 0.04, "reward {first:.3} → {last:.3}: {r:?}");
 }

@@ -4,7 +4,7 @@
 //! no log-prob and are not trained, and that a resumed run equals an uninterrupted one.
 
 mod common;
-use common::{metrics_without_timings, root, run_new, text, tmpdir};
+use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -101,21 +101,7 @@ fn should_train_only_the_window_and_resume_exactly() {
     }
 
     // 2 iterations, then resumed to 4: the same windows and the same numbers.
-    let resumed = run_new(
-        &pipeline,
-        &dir.join("resumed"),
-        &["iterations=2", "checkpoint_every=1"],
-    );
-    let o = common::flowrun(
-        &["run", "--resume", resumed.to_str().unwrap()],
-        &["iterations=4".to_string()],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(
-        a,
-        metrics_without_timings(&resumed),
-        "a resumed MixGRPO run differs from an uninterrupted one"
-    );
+    common::assert_resume_matches(&pipeline, &dir.join("resumed"), 2, 4, &a, "MixGRPO");
 }
 
 #[test]
@@ -148,13 +134,6 @@ fn should_raise_an_easy_reward_with_mixgrpo() {
         &tmpdir("mixgrpo-rise").join("runs"),
         &["iterations=12"],
     );
-    let r: Vec<f64> = metrics_without_timings(&run)
-        .iter()
-        .map(|r| r["score/reward_mean"].as_f64().unwrap())
-        .collect();
-    let (first, last) = (
-        r[..3].iter().sum::<f64>() / 3.0,
-        r[9..].iter().sum::<f64>() / 3.0,
-    );
+    let (first, last, r) = common::first_and_last_mean(&run, "score/reward_mean", 3);
     assert!(last > first + 0.04, "reward {first:.3} → {last:.3}: {r:?}");
 }

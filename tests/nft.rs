@@ -3,7 +3,7 @@
 //! flow_model's EMA, comes back from the checkpoint) equals an uninterrupted one.
 
 mod common;
-use common::{metrics_without_timings, root, run_new, text, tmpdir};
+use common::{metrics_without_timings, root, run_new, tmpdir};
 
 #[test]
 fn should_train_with_diffusion_nft_and_resume_exactly() {
@@ -30,21 +30,7 @@ fn should_train_with_diffusion_nft_and_resume_exactly() {
         a[1]
     );
 
-    let resumed = run_new(
-        &pipeline,
-        &dir.join("resumed"),
-        &["iterations=1", "checkpoint_every=1"],
-    );
-    let o = common::flowrun(
-        &["run", "--resume", resumed.to_str().unwrap()],
-        &["iterations=3".to_string()],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(
-        a,
-        metrics_without_timings(&resumed),
-        "a resumed DiffusionNFT run differs from an uninterrupted one"
-    );
+    common::assert_resume_matches(&pipeline, &dir.join("resumed"), 1, 3, &a, "DiffusionNFT");
 }
 
 #[test]
@@ -56,13 +42,6 @@ fn should_raise_an_easy_reward_with_diffusion_nft() {
         &tmpdir("nft-rise").join("runs"),
         &["iterations=12", "nodes.update.params.steps=4"],
     );
-    let r: Vec<f64> = metrics_without_timings(&run)
-        .iter()
-        .map(|r| r["score/reward_mean"].as_f64().unwrap())
-        .collect();
-    let (first, last) = (
-        r[..3].iter().sum::<f64>() / 3.0,
-        r[9..].iter().sum::<f64>() / 3.0,
-    );
+    let (first, last, r) = common::first_and_last_mean(&run, "score/reward_mean", 3);
     assert!(last > first + 0.01, "reward {first:.3} → {last:.3}: {r:?}");
 }

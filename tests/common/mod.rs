@@ -307,3 +307,40 @@ pub fn run_with_file_size_limit(p: &Path, runs: &Path, bytes: u64, set: &[&str])
     }
     c.output().unwrap()
 }
+
+/// Runs `pipeline` for `first` iterations (a checkpoint each), resumes it to `total`, and
+/// asserts that its metrics equal `straight`'s (an uninterrupted run's, without timings).
+pub fn assert_resume_matches(
+    pipeline: &Path,
+    runs: &Path,
+    first: u64,
+    total: u64,
+    straight: &[serde_json::Value],
+    what: &str,
+) {
+    let resumed = run_new(
+        pipeline,
+        runs,
+        &[&format!("iterations={first}"), "checkpoint_every=1"],
+    );
+    let o = flowrun(
+        &["run", "--resume", resumed.to_str().unwrap()],
+        &[format!("iterations={total}")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        straight,
+        metrics_without_timings(&resumed).as_slice(),
+        "a resumed {what} run differs from an uninterrupted one"
+    );
+}
+
+/// The mean of `key` over a run's first and last `n` iterations.
+pub fn first_and_last_mean(run: &Path, key: &str, n: usize) -> (f64, f64, Vec<f64>) {
+    let r: Vec<f64> = metrics_without_timings(run)
+        .iter()
+        .map(|r| r[key].as_f64().unwrap())
+        .collect();
+    let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+    (mean(&r[..n]), mean(&r[r.len() - n..]), r)
+}

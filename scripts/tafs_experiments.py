@@ -8,6 +8,7 @@ final policies with `flowrun eval`, and collects the figures into CSV and Markdo
   scripts/tafs_experiments.py ablation --iterations 15 [--seeds 0 1] [--out results/ablation]
   scripts/tafs_experiments.py sweep --config lr1e-4 "policy.lr=1e-4" --config ... --iterations 40
   scripts/tafs_experiments.py curve --policies DIR [--out results/curve]
+  scripts/tafs_experiments.py methods  --budget 5m --seeds 0 1 [--methods tafs_grpo mixgrpo ...]
   scripts/tafs_experiments.py table --smoke     # seconds: checks the harness end to end
 
 `table`: verifier accuracy at K = 1, 2, 4 (TAFS sampler) of the base checkpoint and of the
@@ -19,6 +20,13 @@ of iterations; 4-step accuracy after training, mean and spread over seeds.
 `sweep`: TAFS-GRPO hyper-parameter search: each named `--config NAME SET...` (pipeline `--set`
 overrides, `;`-separated) x seed for a fixed number of iterations, then all of eval.jsonl at
 K = 1, 2, 4 with the same initial noise as the base checkpoint (paired comparison).
+`methods`: every algorithm's pipeline (`METHODS`: TAFS-GRPO, Flow-GRPO, MixGRPO, DiffusionNFT,
+BranchGRPO) x seed trained for the same wall-clock budget from the shipped checkpoint, each
+final policy evaluated under one common sampler (TAFS at K = 1, 2, 4) and at the 10 Euler steps
+of the SDE/ODE methods' own schedule, on all held-in and held-out evaluation prompts with the
+base checkpoint's initial noise; mean and spread over seeds, the binomial noise of one
+evaluation, and every run's final-image reward against wall-clock in one PNG. Resumable: cells
+already in `methods.csv` are skipped.
 `curve`: accuracy against RL updates of one long run: every `NAME.safetensors` policy snapshot
 in `--policies` (e.g. copies of a run's `checkpoints/iter-*/resources/policy/model.safetensors`,
 which the run itself prunes to the last `keep_checkpoints`) plus the base checkpoint, evaluated
@@ -41,6 +49,16 @@ TAUS = {
     "linear1-0.6": "{schedule: linear, start: 1.0, end: 0.6}",
     "const1": "{schedule: constant, start: 1.0}",
     "cosine1-0.3": "{schedule: cosine, start: 1.0, end: 0.3}",
+}
+
+
+# The algorithms `methods` compares: name -> pipeline file (each trains from the shipped checkpoint).
+METHODS = {
+    "tafs_grpo": "pipelines/tafs_grpo.yaml",
+    "flow_grpo": "pipelines/flow_grpo.yaml",
+    "mixgrpo": "pipelines/mixgrpo.yaml",
+    "diffusion_nft": "pipelines/diffusion_nft.yaml",
+    "branch_grpo": "pipelines/branch_grpo.yaml",
 }
 
 
@@ -80,11 +98,11 @@ def metrics(run):
     return rows
 
 
-def evaluate(a, checkpoint, prompts, out_csv, log, limit):
+def evaluate(a, checkpoint, prompts, out_csv, log, limit, sampler="tafs", steps="1,2,4"):
+    tau = ["--tau", "1.0", "--tau-end", a.tau_end] if sampler == "tafs" else []
     sh(
-        [a.flowrun, "eval", "--checkpoint", checkpoint, "--prompts", prompts, "--steps", "1,2,4",
-         "--sampler", "tafs", "--tau", "1.0", "--tau-end", a.tau_end, "--limit", limit, "--device", a.device,
-         "--csv", out_csv],
+        [a.flowrun, "eval", "--checkpoint", checkpoint, "--prompts", prompts, "--steps", steps,
+         "--sampler", sampler, *tau, "--limit", limit, "--device", a.device, "--csv", out_csv],
         log,
     )
     acc = {}
@@ -211,6 +229,127 @@ def cmd_table(a):
         "--title", "final-image reward vs wall-clock: TAFS-GRPO and Flow-GRPO"], log)
     lines += ["", "Reward against wall-clock: `reward_vs_wallclock.png` (`flowrun compare`, mean of 5 iterations)."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def binomial_sd(p, n):
+    """Standard deviation (percentage points) of an accuracy p measured on n independent prompts."""
+    return 100 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def cmd_methods(a):
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "commands.log"
+    budget = "3s" if a.smoke else a.budget
+    limit = "2" if a.smoke else str(a.limit)
+    smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=8"] if a.smoke else []
+    # (split label, category in eval.jsonl's table, sampler, K)
+    cols = [(s, cat, "tafs", k) for s, cat in (("held-in", "all"), ("held-out", "heldout")) for k in (1, 2, 4)]
+    cols += [(s, cat, "euler", 10) for s, cat in (("held-in", "all"), ("held-out", "heldout"))]
+    res_csv = out / "methods.csv"
+    results, done = [], set()
+    if res_csv.exists():  # resume: skip finished cells
+        with open(res_csv) as f:
+            for r in csv.DictReader(f):
+                results.append(r)
+                done.add((r["method"], r["seed"]))
+
+    def cell(method, seed, ck, rows):
+        tag = method if method == "base" else f"{method}-s{seed}"
+        tafs = evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{tag}.tafs.csv", log, limit)
+        euler = evaluate(a, ck, "datasets/shapes/eval.jsonl", out / f"{tag}.euler.csv", log, limit,
+                         sampler="euler", steps="10")
+        r = {"method": method, "seed": str(seed), "iterations": len(rows),
+             "wall_s": f"{rows[-1]['elapsed_s']:.1f}" if rows else "0.0"}
+        if rows:
+            key = reward_key(rows)
+            n = max(1, len(rows) // 5)
+            r["reward_first20pct"] = f"{statistics.mean(x[key] for x in rows[:n]):.4f}"
+            r["reward_last20pct"] = f"{statistics.mean(x[key] for x in rows[-n:]):.4f}"
+        else:
+            r["reward_first20pct"] = r["reward_last20pct"] = "nan"
+        for split, cat, sampler, k in cols:
+            c, total = (tafs if sampler == "tafs" else euler)[(cat, k)]
+            r[f"{sampler}{k}_{split}"] = f"{c / max(total, 1):.4f}"
+            r[f"n_{split}"] = str(total)
+        results.append(r)
+        append_csv(res_csv, r)
+
+    if ("base", "-") not in done:
+        cell("base", "-", ROOT / "checkpoints" / "shapes-small.safetensors", [])
+    curves = out / "runs"
+    curves.mkdir(exist_ok=True)
+    for method in a.methods:
+        for seed in a.seeds:
+            if (method, str(seed)) in done:
+                continue
+            runs = Path(a.runs_dir) / f"{method}-s{seed}"
+            run = train(a, METHODS[method], runs, log, smoke + [f"seed={seed}"], time_limit=budget)
+            link = curves / f"{method}-s{seed}"  # `flowrun compare` labels each curve by this name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(run.resolve())
+            cell(method, seed, final_policy(run), metrics(run))
+
+    order = ["base"] + [m for m in METHODS if any(r["method"] == m for r in results)]
+    lines = [
+        f"Budget per RL run: {budget} wall-clock on `{a.device}` (a run stops after the iteration that "
+        f"reaches it), from `checkpoints/shapes-small.safetensors`, each method's shipped pipeline; seeds "
+        f"{' '.join(map(str, a.seeds))}. Accuracy of the final policy (`flowrun eval` of the "
+        f"weights the run samples with, its checkpoint's `model.safetensors`: DiffusionNFT's old policy, the EMA; "
+        f"the current weights for the others) "
+        f"with one common sampler, TAFS (τ linear 1.0 → {a.tau_end}) at K = 1, 2, 4, and with 10 Euler "
+        f"steps (the SDE/ODE methods' own step count, deterministic); {'all' if limit == '0' else limit} "
+        f"evaluation prompts per split, the base checkpoint's initial noise for every policy. Mean ± sd over seeds.",
+        "",
+        "| method | seeds | iterations | wall s | final-image reward first → last 20% | held-in K=1 | K=2 | K=4 "
+        "| Euler 10 | held-out K=1 | K=2 | K=4 | Euler 10 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in order:
+        rs = [r for r in results if r["method"] == m]
+
+        def ms(key, scale=100.0, digits=1, pct="%"):
+            v = [float(r[key]) * scale for r in rs]
+            sd = statistics.stdev(v) if len(v) > 1 else 0.0
+            return f"{statistics.mean(v):.{digits}f} ± {sd:.{digits}f}{pct}" if len(v) > 1 else f"{v[0]:.{digits}f}{pct}"
+
+        accs = [ms(f"{s}{k}_{split}") for split in ("held-in", "held-out")
+                for s, k in (("tafs", 1), ("tafs", 2), ("tafs", 4), ("euler", 10))]
+        if m == "base":
+            lines.append(f"| base (no RL) | – | 0 | – | – | " + " | ".join(accs) + " |")
+            continue
+        its = "/".join(r["iterations"] for r in rs)
+        wall = "/".join(f"{float(r['wall_s']):.0f}" for r in rs)
+        rew = (f"{statistics.mean(float(r['reward_first20pct']) for r in rs):.3f} → "
+               f"{statistics.mean(float(r['reward_last20pct']) for r in rs):.3f}")
+        lines.append(f"| {m} | {len(rs)} | {its} | {wall} | {rew} | " + " | ".join(accs) + " |")
+    n_in = int(results[0]["n_held-in"])
+    n_out = int(results[0]["n_held-out"])
+    base = results[0]
+    lines += [
+        "",
+        f"Binomial noise of one evaluation (sd of an accuracy p over n prompts, √(p(1−p)/n)), at the base "
+        f"checkpoint's accuracy: held-in (n = {n_in}) K=4 ±{binomial_sd(float(base['tafs4_held-in']), n_in):.1f} pp, "
+        f"K=1 ±{binomial_sd(float(base['tafs1_held-in']), n_in):.1f} pp; held-out (n = {n_out}) "
+        f"K=4 ±{binomial_sd(float(base['tafs4_held-out']), n_out):.1f} pp; at most ±{binomial_sd(0.5, n_in):.1f} / "
+        f"±{binomial_sd(0.5, n_out):.1f} pp. Every policy sees the same initial noise, so differences between "
+        f"rows are paired and less noisy than that.",
+        "The final-image reward is each method's own (TAFS-GRPO: its 4th step's x̂0; the others: their "
+        "10-step final image, SDE for Flow-GRPO and BranchGRPO, SDE in the window for MixGRPO, the old "
+        "policy's ODE image for DiffusionNFT), so its levels are comparable only within a method.",
+    ]
+    linked = sorted(p for p in curves.iterdir() if p.is_symlink())
+    if linked:
+        keys = sorted({reward_key(metrics(p)) for p in linked})
+        y = []
+        for k in keys:
+            y += ["--y", k]
+        sh([a.flowrun, "compare", *linked, *y, "--smooth", "3", "--out", out / "reward_vs_wallclock.png",
+            "--title", "final-image reward vs wall-clock, every method and seed"], log)
+        lines += ["", "Reward against wall-clock: `reward_vs_wallclock.png` (`flowrun compare`, mean of 3 iterations)."]
+    (out / "methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -383,15 +522,18 @@ def cmd_curve(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["table", "ablation", "sweep", "curve"])
+    p.add_argument("what", choices=["table", "methods", "ablation", "sweep", "curve"])
     p.add_argument("--flowrun", default=str(ROOT / "target" / "release" / "flowrun"))
     p.add_argument("--device", default="flex")
-    p.add_argument("--budget", default="20m", help="table: wall-clock per RL run")
+    p.add_argument("--budget", default="20m", help="table, methods: wall-clock per RL run")
     p.add_argument("--iterations", type=int, default=15, help="ablation: iterations per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="methods: the algorithms to train (default: all)")
     p.add_argument("--taus", nargs="+", default=list(TAUS)[:2], choices=list(TAUS))
-    p.add_argument("--limit", type=int, default=20, help="eval prompts per split and category (0 = all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="eval prompts per split and category (0 = all; default 20, methods: all)")
     p.add_argument("--train-limit", type=int, default=100, help="table: training prompts per category")
     p.add_argument("--config", nargs=2, action="append", metavar=("NAME", "SETS"),
                    help="sweep: a named configuration, `;`-separated --set overrides")
@@ -405,11 +547,13 @@ def main():
     p.add_argument("--runs-dir", default=None,
                    help="where the RL runs go (default runs/experiments-<what>; keep them out of results/)")
     a = p.parse_args()
+    if a.limit is None:
+        a.limit = 0 if a.what == "methods" else 20
     a.out = a.out or str(ROOT / "results" / (a.what + ("-smoke" if a.smoke else "")))
     a.runs_dir = a.runs_dir or str(ROOT / "runs" / f"experiments-{a.what}")
     if not os.access(a.flowrun, os.X_OK):
         sys.exit(f"no flowrun binary at {a.flowrun}: cargo build --release (or pass --flowrun)")
-    {"table": cmd_table, "ablation": cmd_ablation, "sweep": cmd_sweep, "curve": cmd_curve}[a.what](a)
+    {"table": cmd_table, "methods": cmd_methods, "ablation": cmd_ablation, "sweep": cmd_sweep, "curve": cmd_curve}[a.what](a)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -278,7 +279,7 @@ def cmd_methods(a):
 
     if ("base", "-") not in done:
         cell("base", "-", ROOT / "checkpoints" / "shapes-small.safetensors", [])
-    curves = out / "runs"
+    curves = out / "runs"  # one folder per run with a copy of its metrics.jsonl (kept with the table)
     curves.mkdir(exist_ok=True)
     for method in a.methods:
         for seed in a.seeds:
@@ -286,10 +287,9 @@ def cmd_methods(a):
                 continue
             runs = Path(a.runs_dir) / f"{method}-s{seed}"
             run = train(a, METHODS[method], runs, log, smoke + [f"seed={seed}"], time_limit=budget)
-            link = curves / f"{method}-s{seed}"  # `flowrun compare` labels each curve by this name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(run.resolve())
+            copy = curves / f"{method}-s{seed}"  # `flowrun compare` labels each curve by this name
+            copy.mkdir(exist_ok=True)
+            shutil.copyfile(run / "metrics.jsonl", copy / "metrics.jsonl")
             cell(method, seed, final_policy(run), metrics(run))
 
     order = ["base"] + [m for m in METHODS if any(r["method"] == m for r in results)]
@@ -320,7 +320,7 @@ def cmd_methods(a):
         if m == "base":
             lines.append(f"| base (no RL) | – | 0 | – | – | " + " | ".join(accs) + " |")
             continue
-        its = "/".join(r["iterations"] for r in rs)
+        its = "/".join(str(r["iterations"]) for r in rs)
         wall = "/".join(f"{float(r['wall_s']):.0f}" for r in rs)
         rew = (f"{statistics.mean(float(r['reward_first20pct']) for r in rs):.3f} → "
                f"{statistics.mean(float(r['reward_last20pct']) for r in rs):.3f}")
@@ -340,14 +340,14 @@ def cmd_methods(a):
         "10-step final image, SDE for Flow-GRPO and BranchGRPO, SDE in the window for MixGRPO, the old "
         "policy's ODE image for DiffusionNFT), so its levels are comparable only within a method.",
     ]
-    linked = sorted(p for p in curves.iterdir() if p.is_symlink())
+    linked = sorted(p for p in curves.iterdir() if (p / "metrics.jsonl").is_file())
     if linked:
         keys = sorted({reward_key(metrics(p)) for p in linked})
         y = []
         for k in keys:
             y += ["--y", k]
         sh([a.flowrun, "compare", *linked, *y, "--smooth", "3", "--out", out / "reward_vs_wallclock.png",
-            "--title", "final-image reward vs wall-clock, every method and seed"], log)
+            "--title", "final-image reward vs wall-clock"], log)
         lines += ["", "Reward against wall-clock: `reward_vs_wallclock.png` (`flowrun compare`, mean of 3 iterations)."]
     (out / "methods.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

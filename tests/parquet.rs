@@ -90,7 +90,7 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol
 }
 
-const COLUMNS: [&str; 28] = [
+const COLUMNS: [&str; 29] = [
     "run_id",
     "iteration",
     "prompt_id",
@@ -106,6 +106,7 @@ const COLUMNS: [&str; 28] = [
     "reward",
     "reward_before",
     "advantage",
+    "trained",
     "old_logprob",
     "kl",
     "sampler",

@@ -90,7 +90,11 @@ fn should_run_branch_grpo_on_sd3_with_one_transformer_row_per_tree_node() {
         // Step 1 (index 0) evaluates the roots; the split happens after it, then 2 nodes per
         // prompt until the second split at index 5, then all 4 leaves.
         let at = |k: usize| r[format!("sde@{k}/branch_model_rows")].as_f64().unwrap();
-        assert_eq!([at(1), at(2), at(6), at(7), at(10)], [2.0, 4.0, 4.0, 8.0, 8.0], "{r}");
+        assert_eq!(
+            [at(1), at(2), at(6), at(7), at(10)],
+            [2.0, 4.0, 4.0, 8.0, 8.0],
+            "{r}"
+        );
         assert!(r["update/loss"].is_number(), "{r}");
         assert!(r["score/reward_mean"].is_number(), "{r}");
     }

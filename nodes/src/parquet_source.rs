@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use arrow::array::{
-    Array, ArrayRef, FixedSizeListArray, Float32Array, StringArray, UInt32Array, UInt64Array,
+    Array, ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, StringArray, UInt32Array,
+    UInt64Array,
 };
 use arrow::compute::{cast, concat_batches};
 use arrow::datatypes::DataType;
@@ -173,6 +174,8 @@ struct StepMeta {
     sampler: String,
     old_logprob: f32,
     advantage: f32,
+    /// The `trained` column (true in files written before it).
+    trained: bool,
     reward: f32,
 }
 
@@ -304,6 +307,8 @@ fn check_schema(schema: &arrow::datatypes::Schema) -> Result<[usize; 3]> {
     for (name, ty, _) in scalar_columns() {
         match schema.field_with_name(name) {
             Ok(f) if f.data_type() == &ty => {}
+            // Files written before the column existed: every row was trained.
+            Err(_) if name == "trained" => {}
             Ok(f) => bail!(
                 "schema mismatch: column `{name}` is {}, expected {ty} (not a trajectory_sink file?)",
                 f.data_type()
@@ -382,6 +387,10 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
     let (ka, kb, ks) = (f32c("kernel_a")?, f32c("kernel_b")?, f32c("kernel_std")?);
     let (olp, adv, rew) = (f32c("old_logprob")?, f32c("advantage")?, f32c("reward")?);
     let sampler = column::<StringArray>(&b, "sampler")?;
+    let trained = match b.column_by_name("trained") {
+        Some(_) => Some(column::<BooleanArray>(&b, "trained")?),
+        None => None,
+    };
     let mut by_sample: BTreeMap<u32, (StoredSample, Vec<(u32, StepMeta)>)> = BTreeMap::new();
     for r in 0..b.num_rows() {
         let meta = StepMeta {
@@ -398,6 +407,7 @@ fn index_file(path: &Path) -> Result<(StoredFile, usize)> {
             sampler: sampler.value(r).to_string(),
             old_logprob: olp.value(r),
             advantage: adv.value(r),
+            trained: trained.is_none_or(|c| c.value(r)),
             reward: rew.value(r),
         };
         let e = by_sample.entry(sample.value(r)).or_insert_with(|| {
@@ -700,6 +710,7 @@ impl ParquetSource {
         let state_len = c * h * w;
         let mut transitions = Vec::with_capacity(k);
         let mut adv = Vec::with_capacity(k);
+        let mut mask = Vec::with_capacity(k);
         for j in 0..k {
             let (f0, s0) = sel[0];
             let m0 = &self.files[f0].samples[s0].steps[j];
@@ -707,6 +718,7 @@ impl ParquetSource {
             let mut x_next = Vec::with_capacity(n * state_len);
             let mut olp = Vec::with_capacity(n);
             let mut a = Vec::with_capacity(n);
+            let mut trained = Vec::with_capacity(n);
             for &(f, s) in sel {
                 let m = &self.files[f].samples[s].steps[j];
                 if (m.t, m.t_next, m.tau, m.cfg, m.kernel, &m.sampler)
@@ -724,6 +736,7 @@ impl ParquetSource {
                 x_next.extend_from_slice(xn);
                 olp.push(m.old_logprob);
                 a.push(m.advantage);
+                trained.push(m.trained);
             }
             transitions.push(Transition {
                 step: j + 1,
@@ -740,7 +753,10 @@ impl ParquetSource {
                 branch: None,
             });
             adv.push(a);
+            mask.push(trained);
         }
+        // A tree rollout's duplicated rows stay untrained on replay, as in the run that wrote them.
+        let mask = mask.iter().flatten().any(|t| !t).then_some(mask);
         let reward_mean = sel
             .iter()
             .map(|&(f, s)| self.files[f].samples[s].steps[k - 1].reward as f64)
@@ -756,7 +772,7 @@ impl ParquetSource {
             Advantages {
                 values: adv,
                 mode: "replay".into(),
-                mask: None,
+                mask,
             },
             TrajectoryBatch { transitions },
             reward_mean,

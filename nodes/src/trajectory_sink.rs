@@ -78,6 +78,8 @@ Columns (the same in every file; see docs/trajectories.md):\n\
   reward_before float32 reward of the prediction before it (rewards[k-1]); null with a\n\
                         final reward only\n\
   advantage float32     advantage of the transition as given to the update\n\
+  trained bool          whether the update trains this (sample, transition): false for the\n\
+                        duplicate rows of a tree rollout's shared nodes (BranchGRPO), else true\n\
   old_logprob float32   log pi_old(x_next | x_t), mean over dimensions\n\
   kl float32            always null: not known at sampling time (logged by grpo_update)\n\
   sampler string        `tafs` or `flow_sde`\n\
@@ -257,6 +259,7 @@ pub fn scalar_columns() -> Vec<(&'static str, DataType, bool)> {
         ("reward", Float32, false),
         ("reward_before", Float32, true),
         ("advantage", Float32, false),
+        ("trained", Boolean, false),
         ("old_logprob", Float32, false),
         ("kl", Float32, true),
         ("sampler", Utf8, false),
@@ -676,6 +679,13 @@ impl Writer {
             )),
         );
         cols.insert("advantage", f32col(&|i, j| job.advantages.values[j][i]));
+        let mask = job.advantages.mask.as_ref();
+        cols.insert(
+            "trained",
+            Arc::new(BooleanArray::from_iter(rows().map(|(i, j)| {
+                Some(mask.is_none_or(|m| m.get(j).and_then(|r| r.get(i)).copied().unwrap_or(true)))
+            }))),
+        );
         cols.insert("old_logprob", f32col(&|i, j| tr[j].old_logprob[i]));
         cols.insert(
             "kl",

@@ -40,6 +40,7 @@ SCALARS = {
     "reward": pa.float32(),
     "reward_before": pa.float32(),
     "advantage": pa.float32(),
+    "trained": pa.bool_(),
     "old_logprob": pa.float32(),
     "kl": pa.float32(),
     "sampler": pa.string(),

@@ -176,13 +176,20 @@ def fmt(acc, cat, k):
     return f"{100 * c / max(n, 1):.1f}%"
 
 
-def cmd_table(a):
+def budgeted(a, group_size):
+    """(out dir, command log, wall-clock budget, eval limit, smoke overrides) of a budgeted
+    comparison; `--smoke` shrinks the budget, the evaluation and the batch (groups of
+    `group_size`)."""
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "commands.log"
-    budget = "3s" if a.smoke else a.budget
-    limit = "2" if a.smoke else str(a.limit)
-    smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=2"] if a.smoke else []
+    smoke = ["nodes.prompts.params.prompts_per_iter=2",
+             f"nodes.prompts.params.group_size={group_size}"] if a.smoke else []
+    return (out, out / "commands.log", "3s" if a.smoke else a.budget, "2" if a.smoke else str(a.limit),
+            smoke)
+
+
+def cmd_table(a):
+    out, log, budget, limit, smoke = budgeted(a, 2)
     base = ROOT / "checkpoints" / "shapes-small.safetensors"
     policies = {"base": base}
     runs = {}
@@ -239,12 +246,7 @@ def binomial_sd(p, n):
 
 
 def cmd_methods(a):
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "commands.log"
-    budget = "3s" if a.smoke else a.budget
-    limit = "2" if a.smoke else str(a.limit)
-    smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=8"] if a.smoke else []
+    out, log, budget, limit, smoke = budgeted(a, 8)  # BranchGRPO's trees need 8 leaves
     # (split label, category in eval.jsonl's table, sampler, K)
     cols = [(s, cat, "tafs", k) for s, cat in (("held-in", "all"), ("held-out", "heldout")) for k in (1, 2, 4)]
     cols += [(s, cat, "euler", 10) for s, cat in (("held-in", "all"), ("held-out", "heldout"))]

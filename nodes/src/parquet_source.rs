@@ -823,7 +823,8 @@ mod tests {
     use crate::types::{Rewards, to_vec};
 
     /// A latent-space model's states ([16, 8, 6], not ShapeWorld's [3, 32, 32]) go through the
-    /// sink and come back from replay with their shape and values.
+    /// sink and come back from replay with their shape, values and `trained` mask; a file
+    /// without the `trained` column (written before it) replays every row.
     #[test]
     fn should_replay_states_of_any_shape() {
         let dev = burn::tensor::Device::flex();
@@ -866,23 +867,48 @@ mod tests {
             values: vec![0.5; b],
             ..Rewards::default()
         };
+        // Every other row untrained, as a tree rollout's duplicates are.
+        let trained: Vec<bool> = (0..b).map(|i| i % 2 == 0).collect();
         let adv = Advantages {
             values: vec![vec![0.25; b]],
             mode: "test".into(),
-            mask: None,
+            mask: Some(vec![trained.clone()]),
         };
         let mut sink = TrajectorySink::new(&run, TensorMode::F32, 2, 1).unwrap();
         sink.write(1, vec![tr], vec![rewards], adv, prompts)
             .unwrap();
         sink.finish().unwrap();
 
-        let mut src = ParquetSource::open(&run.join("trajectories"), 0, false, 0, dev).unwrap();
+        let mut src =
+            ParquetSource::open(&run.join("trajectories"), 0, false, 0, dev.clone()).unwrap();
         let sel = src.next_selection();
-        let (_, _, batch, _, _) = src.load(&sel).unwrap();
+        let (_, adv, batch, _, _) = src.load(&sel).unwrap();
         let got = &batch.transitions[0];
         assert_eq!(got.x_t.dims(), shape);
         assert_eq!(to_vec(&got.x_t).unwrap(), to_vec(&x_t).unwrap());
         assert_eq!(to_vec(&got.x_next).unwrap(), to_vec(&x_next).unwrap());
+        assert_eq!(adv.mask, Some(vec![trained]));
+
+        // A file written before the `trained` column: replayed with every row trained.
+        let file = run.join("trajectories/iter-000001.parquet");
+        let full = crate::trajectory_sink::read_file(&file).unwrap();
+        let keep: Vec<usize> = (0..full.num_columns())
+            .filter(|&i| full.schema().field(i).name() != "trained")
+            .collect();
+        let old = full.project(&keep).unwrap();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(File::create(&file).unwrap(), old.schema(), None)
+                .unwrap();
+        w.write(&old).unwrap();
+        w.close().unwrap();
+        let mut src = ParquetSource::open(&run.join("trajectories"), 0, false, 0, dev).unwrap();
+        let sel = src.next_selection();
+        let (_, adv, batch, _, _) = src.load(&sel).unwrap();
+        assert_eq!(adv.mask, None);
+        assert_eq!(
+            to_vec(&batch.transitions[0].x_t).unwrap(),
+            to_vec(&x_t).unwrap()
+        );
         let _ = std::fs::remove_dir_all(&run);
     }
 }

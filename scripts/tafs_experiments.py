@@ -140,6 +140,16 @@ def frac(acc, cat, k):
     return f"{c / max(n, 1):.4f}"
 
 
+def finished_cells(path, *keys):
+    """The rows already in the results CSV at `path` and the set of their `keys` tuples: the
+    cells a resumed command skips."""
+    if not path.exists():
+        return [], set()
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return rows, {tuple(r[k] for k in keys) for r in rows}
+
+
 def append_csv(path, row):
     """Append `row` (a dict) to the CSV at `path`, writing the header when the file is new."""
     new = not path.exists()
@@ -251,12 +261,7 @@ def cmd_methods(a):
     cols = [(s, cat, "tafs", k) for s, cat in (("held-in", "all"), ("held-out", "heldout")) for k in (1, 2, 4)]
     cols += [(s, cat, "euler", 10) for s, cat in (("held-in", "all"), ("held-out", "heldout"))]
     res_csv = out / "methods.csv"
-    results, done = [], set()
-    if res_csv.exists():  # resume: skip finished cells
-        with open(res_csv) as f:
-            for r in csv.DictReader(f):
-                results.append(r)
-                done.add((r["method"], r["seed"]))
+    results, done = finished_cells(res_csv, "method", "seed")  # resume: skip finished cells
 
     def cell(method, seed, ck, rows):
         tag = method if method == "base" else f"{method}-s{seed}"
@@ -364,14 +369,8 @@ def cmd_ablation(a):
     smoke = ["nodes.prompts.params.prompts_per_iter=2", "nodes.prompts.params.group_size=2"] if a.smoke else []
     modes = MODES[:2] if a.smoke else a.modes
     taus = list(TAUS)[:1] if a.smoke else a.taus
-    results = []
     res_csv = out / "ablation.csv"
-    done = set()
-    if res_csv.exists():  # resume: skip finished cells
-        with open(res_csv) as f:
-            for r in csv.DictReader(f):
-                results.append(r)
-                done.add((r["mode"], r["tau"], r["seed"]))
+    results, done = finished_cells(res_csv, "mode", "tau", "seed")  # resume: skip finished cells
     if ("base", "-", "-") not in done:  # the starting checkpoint, same evaluation
         acc = evaluate(a, ROOT / "checkpoints" / "shapes-small.safetensors", "datasets/shapes/eval.jsonl",
                        out / "base.eval.csv", log, limit)
@@ -440,12 +439,7 @@ def cmd_sweep(a):
     out.mkdir(parents=True, exist_ok=True)
     log = out / "commands.log"
     res_csv = out / "sweep.csv"
-    results, done = [], set()
-    if res_csv.exists():  # resume: skip finished cells
-        with open(res_csv) as f:
-            for r in csv.DictReader(f):
-                results.append(r)
-                done.add((r["config"], r["seed"]))
+    results, done = finished_cells(res_csv, "config", "seed")  # resume: skip finished cells
     configs = [("base", "")] + [(n, s) for n, s in (a.config or [])]
     for name, sets in configs:
         for seed in ([0] if name == "base" else a.seeds):

@@ -75,6 +75,9 @@ fn batch() -> Batch {
             t_next: ts[k + 1],
             tau: taus[k],
             kernel: LinearGaussian::tafs(ts[k], ts[k + 1], taus[k]).expect("kernel"),
+            sde_std: LinearGaussian::tafs(ts[k], ts[k + 1], taus[k])
+                .expect("kernel")
+                .std,
             cfg: 1.0,
             x_t: tensor_from_vec(x_t.clone(), [b, 3, 32, 32], &dev),
             x_next: tensor_from_vec(x_next.clone(), [b, 3, 32, 32], &dev),

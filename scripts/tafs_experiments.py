@@ -21,7 +21,7 @@ of iterations; 4-step accuracy after training, mean and spread over seeds.
 overrides, `;`-separated) x seed for a fixed number of iterations, then all of eval.jsonl at
 K = 1, 2, 4 with the same initial noise as the base checkpoint (paired comparison).
 `methods`: every algorithm's pipeline (`METHODS`: TAFS-GRPO, Flow-GRPO, MixGRPO, DiffusionNFT,
-BranchGRPO) x seed trained for the same wall-clock budget from the shipped checkpoint, each
+BranchGRPO, TempFlow-GRPO) x seed trained for the same wall-clock budget from the shipped checkpoint, each
 final policy evaluated under one common sampler (TAFS at K = 1, 2, 4) and at the 10 Euler steps
 of the SDE/ODE methods' own schedule, on all held-in and held-out evaluation prompts with the
 base checkpoint's initial noise; mean and spread over seeds, the binomial noise of one
@@ -60,6 +60,7 @@ METHODS = {
     "mixgrpo": "pipelines/mixgrpo.yaml",
     "diffusion_nft": "pipelines/diffusion_nft.yaml",
     "branch_grpo": "pipelines/branch_grpo.yaml",
+    "tempflow_grpo": "pipelines/tempflow_grpo.yaml",
 }
 
 

@@ -457,6 +457,7 @@ fn rollout(
                 t_next,
                 tau,
                 kernel,
+                sde_std: kernel.std,
                 cfg: 1.0,
                 x_t: x,
                 x_next: x_next.clone(),

@@ -5,14 +5,14 @@
 //! uninterrupted one, and an easy reward rises.
 
 mod common;
+use common::columns::{col, state};
 use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nodes::trajectory_sink::arrow::array::{Array, FixedSizeListArray, Float32Array, UInt32Array};
-use nodes::trajectory_sink::arrow::record_batch::RecordBatch;
+use nodes::trajectory_sink::arrow::array::{Float32Array, UInt32Array};
 use nodes::trajectory_sink::read_file;
 
 /// The tiny BranchGRPO pipeline with a trajectory_sink storing the states, written into `dir`.
@@ -24,22 +24,6 @@ fn with_sink(dir: &Path) -> PathBuf {
     let p = dir.join("branch-sink.yaml");
     fs::write(&p, yaml).unwrap();
     p
-}
-
-fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
-    b.column_by_name(name)
-        .unwrap_or_else(|| panic!("no column {name}"))
-        .as_any()
-        .downcast_ref::<T>()
-        .unwrap()
-}
-
-/// Row j of a tensor column, as bits.
-fn state(b: &RecordBatch, name: &str, j: usize) -> Vec<u32> {
-    let l = col::<FixedSizeListArray>(b, name);
-    let v = l.value(j);
-    let f = v.as_any().downcast_ref::<Float32Array>().unwrap();
-    f.values().iter().map(|x| x.to_bits()).collect()
 }
 
 #[test]

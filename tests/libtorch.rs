@@ -188,6 +188,7 @@ fn kept_transition(
         t_next,
         tau,
         kernel: k,
+        sde_std: k.std,
         cfg: 1.0,
         x_t: x.clone(),
         x_next,

@@ -4,13 +4,13 @@
 //! no log-prob and are not trained, and that a resumed run equals an uninterrupted one.
 
 mod common;
+use common::columns::col;
 use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nodes::trajectory_sink::arrow::array::{Array, Float32Array, UInt32Array, UInt64Array};
-use nodes::trajectory_sink::arrow::record_batch::RecordBatch;
+use nodes::trajectory_sink::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use nodes::trajectory_sink::read_file;
 
 /// The tiny MixGRPO pipeline with a trajectory_sink, written into `dir`.
@@ -22,14 +22,6 @@ fn with_sink(dir: &Path) -> PathBuf {
     let p = dir.join("mixgrpo-sink.yaml");
     fs::write(&p, yaml).unwrap();
     p
-}
-
-fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
-    b.column_by_name(name)
-        .unwrap_or_else(|| panic!("no column {name}"))
-        .as_any()
-        .downcast_ref::<T>()
-        .unwrap()
 }
 
 #[test]

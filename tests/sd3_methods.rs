@@ -1,9 +1,10 @@
-//! MixGRPO, BranchGRPO and DiffusionNFT on an SD3 model (`pipelines/mixgrpo_sd3.yaml`,
-//! `pipelines/branch_grpo_sd3.yaml`, `pipelines/diffusion_nft_sd3.yaml`) end to end on the tiny
+//! MixGRPO, BranchGRPO, DiffusionNFT and TempFlow-GRPO on an SD3 model
+//! (`pipelines/mixgrpo_sd3.yaml`, `pipelines/branch_grpo_sd3.yaml`,
+//! `pipelines/diffusion_nft_sd3.yaml`, `pipelines/tempflow_grpo_sd3.yaml`) end to end on the tiny
 //! random diffusers SD3 pipeline of `tests/sd3_pipelines.rs` (latents, VAE decode, the reference
 //! reward server): each runs two iterations with finite metrics and its method's own behaviour —
 //! the sliding window moves and only its transitions train, the transformer runs once per tree
-//! node, the EMA old policy resumes exactly. Needs Python with torch, diffusers and transformers
+//! node (and once per seed group before a branching step), the EMA old policy resumes exactly. Needs Python with torch, diffusers and transformers
 //! (`common::python_with`: required under CI). The device is flex, or `$FLOWRUN_TEST_DEVICE`.
 
 mod common;
@@ -64,6 +65,39 @@ fn should_slide_mixgrpo_window_and_train_only_its_steps_on_sd3() {
         assert!(r["score/reward_mean"].is_number(), "{r}");
         let dev = (r["update/ratio_max"].as_f64().unwrap() - 1.0).abs();
         assert!(dev < 1e-3, "on-policy first minibatch: {r}");
+    }
+}
+
+#[test]
+fn should_branch_tempflow_seed_groups_at_one_step_on_sd3() {
+    if sd3_fixture().is_none() {
+        return;
+    }
+    let runs = tmpdir("sd3-tempflow-runs");
+    let run = run_sd3(
+        "pipelines/tempflow_grpo_sd3.yaml",
+        &RewardServer::start(&[]),
+        &runs,
+        &["iterations=2"],
+    );
+    let rows = metrics(&run);
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        let l = r["sde@1/window_start"].as_f64().unwrap() as usize;
+        // One trained (branching) transition; before it one transformer row per prompt (2).
+        assert_eq!(r["update/transitions"].as_f64(), Some(1.0), "{r}");
+        for k in 1..=l {
+            let rows = r[format!("sde@{k}/seed_group_model_rows")].as_f64();
+            assert_eq!(rows, Some(2.0), "step {k}: {r}");
+        }
+        assert!(
+            r.get(format!("sde@{}/seed_group_model_rows", l + 1))
+                .is_none(),
+            "{r}"
+        );
+        let w = r["advantages/noise_weight_step1"].as_f64().unwrap();
+        assert!(w > 1.0, "the first step weighs more than the mean: {r}");
+        assert!(r["score/reward_mean"].is_number(), "{r}");
     }
 }
 

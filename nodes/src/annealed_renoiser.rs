@@ -121,6 +121,7 @@ impl Node for Renoiser {
             t_next: self.t_next,
             tau,
             kernel,
+            sde_std: kernel.std,
             cfg: pred.cfg,
             x_t: pred.x_t.clone(),
             x_next: x_next.clone(),

@@ -24,7 +24,7 @@ use runner::{
 
 use crate::flow_model::{FlowModelRes, TYPE};
 use crate::grpo::gaussian_step;
-use crate::grpo::{BranchTree, LinearGaussian, SdeWindow, TreeError, WindowError};
+use crate::grpo::{BranchTree, LinearGaussian, SdeWindow, TreeError, WindowError, WindowStrategy};
 use crate::model::{sample_standard_normal, tensor_from_vec};
 use crate::types::{Images, PromptBatch, RolloutGraph, Transition, select_rows};
 
@@ -47,10 +47,17 @@ pub fn register(r: &mut Registry) {
               window start l = window_start + n·window_stride after n = ⌊(iteration − 1) /\n\
               window_every⌋ shifts; past `window_max_start` (default: steps − w) l goes back to\n\
               window_start (`window_wrap: true`, MixGRPO's roll-back) or stays there (false).\n\
-              `window_every: 0` keeps the window fixed (Flow-GRPO-Fast). Outside the window the\n\
-              step is a deterministic Euler (ODE) step x' = x + (t_next − t)·v: its transition has\n\
-              no log-prob (kernel std 0) and `grpo_update` skips it. l depends on the iteration\n\
-              number only, so a resumed run samples the windows an uninterrupted one does.\n\
+              `window_every: 0` keeps the window fixed (Flow-GRPO-Fast). MixGRPO's other\n\
+              `window_strategy`s: `decay` holds position l for max(m, ⌊e·(1 − l/max_start) +\n\
+              m·l/max_start⌋) iterations (e = window_every, m = window_min_every), `exp_decay`\n\
+              for ⌈e·exp(−k·max(0, l − window_decay_threshold))⌉, and `random` draws l every e\n\
+              iterations from window_start, + window_stride, … ≤ window_max_start, seeded by the\n\
+              pipeline seed (TempFlow-GRPO's branching step: a random window of one step).\n\
+              Outside the window the step is a deterministic Euler (ODE) step\n\
+              x' = x + (t_next − t)·v: its transition has no log-prob (kernel std 0; its\n\
+              `sde_std` keeps the SDE's std for noise-aware weights) and `grpo_update` skips\n\
+              it. l depends on the iteration number only, so a resumed run samples the windows\n\
+              an uninterrupted one does.\n\
               The window parameters must be the same at every step (validation checks them).\n\
               BranchGRPO tree rollouts: with `branch_at` (0-based step indices) each prompt's\n\
               group is a forest of `branch_roots` trees whose nodes split into `branch_factor`\n\
@@ -88,6 +95,11 @@ pub fn register(r: &mut Registry) {
             ParamDef::int("window_every", 0, 0, 1 << 40, "iterations per window position (0 = fixed window: Flow-GRPO-Fast)"),
             ParamDef::int("window_max_start", -1, -1, 1 << 20, "the last window start (0-based); -1 = steps − window_size"),
             ParamDef::boolean("window_wrap", true, "past window_max_start: back to window_start (true, MixGRPO's roll-back) or stay (false)"),
+            ParamDef::choice("window_strategy", "progressive", WindowStrategy::NAMES, "how the window moves: progressive (window_every iterations per position), decay (linearly fewer, down to window_min_every), exp_decay (⌈every·exp(−k·max(0, l − threshold))⌉), random (a drawn start every window_every iterations)"),
+            ParamDef::int("window_min_every", 0, 0, 1 << 40, "decay: iterations at the last position; 0 = max(1, window_every / 4)"),
+            ParamDef::boolean("seed_group", false, "TempFlow-GRPO: the group's members share their initial noise (gaussian_noise `per: group`), so before the window their states are equal and v_θ runs once per group"),
+            ParamDef::int("window_decay_threshold", 13, 0, 1 << 20, "exp_decay: the start (0-based) after which the hold decays"),
+            ParamDef::float("window_decay_k", 0.1, 0.0, 100.0, "exp_decay: the decay rate k per step past the threshold"),
             ParamDef::new("branch_at", ParamKind::IntList { min: 0, max: 1 << 20 }, "BranchGRPO: the steps (0-based) at which every tree node splits; [] = no tree")
                 .default(ParamValue::IntList(vec![])),
             ParamDef::int("branch_factor", 2, 1, 1 << 16, "children per node at each branching step"),
@@ -98,14 +110,19 @@ pub fn register(r: &mut Registry) {
             let p = ctx.params;
             let kernel = kernel(p.f32("t")?, p.f32("t_next")?, p.f32("noise_level")?, p.f32("t2")?)?;
             let (k, count) = ctx.step.unwrap_or((1, 1));
-            let window = window(p, count)?.map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?;
+            let window = window(p, count, ctx.seed)?.map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?;
             let branch = branch_tree(p, count)?
                 .map_err(|e| anyhow::anyhow!("parameter `{}`: {}", e.param, e.message))?
                 .map(Arc::new);
             if branch.is_some() && window.is_some() {
                 bail!("a tree rollout (`branch_at`) cannot be combined with an SDE window (`window_size`)");
             }
+            let seed_group = p.bool("seed_group")?;
+            if seed_group && window.is_none() {
+                bail!("parameter `seed_group`: needs an SDE window (`window_size` > 0): without one every step is stochastic and the group's states differ from the first step on");
+            }
             Ok(Box::new(FlowSdeStep {
+                seed_group,
                 window,
                 branch,
                 index: k - 1,
@@ -123,32 +140,66 @@ pub fn register(r: &mut Registry) {
 
 /// The window parameters, in the order [`window`] reads them (for validation: the same at every
 /// step of a repeat).
-pub const WINDOW_PARAMS: [&str; 6] = [
+pub const WINDOW_PARAMS: [&str; 11] = [
     "window_size",
     "window_start",
     "window_stride",
     "window_every",
     "window_max_start",
     "window_wrap",
+    "window_strategy",
+    "window_min_every",
+    "window_decay_threshold",
+    "window_decay_k",
+    "seed_group",
+];
+
+/// The parameters only one `window_strategy` reads (validation: given with another one, they
+/// would do nothing).
+pub const STRATEGY_PARAMS: [(&str, &str); 3] = [
+    ("window_min_every", "decay"),
+    ("window_decay_threshold", "exp_decay"),
+    ("window_decay_k", "exp_decay"),
 ];
 
 /// The SDE window of a step of a `count`-step trajectory from its parameters: `None` without
-/// one (`window_size: 0`), the parameter at fault when they do not fit the trajectory.
-pub fn window(p: &Params, count: usize) -> Result<Result<Option<SdeWindow>, WindowError>> {
+/// one (`window_size: 0`), the parameter at fault when they do not fit the trajectory. `seed`
+/// (the pipeline's) seeds the `random` strategy's draws.
+pub fn window(
+    p: &Params,
+    count: usize,
+    seed: u64,
+) -> Result<Result<Option<SdeWindow>, WindowError>> {
     let size = p.usize("window_size")?;
     if size == 0 {
         return Ok(Ok(None));
     }
     let max_start = p.i64("window_max_start")?;
+    let every = p.usize("window_every")? as u64;
+    let strategy = match p.str("window_strategy")? {
+        "decay" => WindowStrategy::Decay {
+            min_every: match p.usize("window_min_every")? as u64 {
+                0 => SdeWindow::default_min_every(every),
+                m => m,
+            },
+        },
+        "exp_decay" => WindowStrategy::ExpDecay {
+            threshold: p.usize("window_decay_threshold")?,
+            k: p.f64("window_decay_k")?,
+        },
+        "random" => WindowStrategy::Random { seed },
+        _ => WindowStrategy::Progressive,
+    };
     Ok(SdeWindow::new(
         size,
         p.usize("window_start")?,
         p.usize("window_stride")?,
-        p.usize("window_every")? as u64,
+        every,
         usize::try_from(max_start).ok(),
         p.bool("window_wrap")?,
         count,
     )
+    .and_then(|w| w.with_strategy(strategy))
     .map(Some))
 }
 
@@ -189,6 +240,8 @@ pub fn kernel(t: f32, t_next: f32, noise_level: f32, t2: f32) -> Result<LinearGa
 }
 
 struct FlowSdeStep {
+    /// The group's members start from one noise: before the window, one v_θ row per group.
+    seed_group: bool,
     window: Option<SdeWindow>,
     /// BranchGRPO's tree, shared by the trajectory's steps.
     branch: Option<Arc<BranchTree>>,
@@ -222,8 +275,12 @@ impl Node for FlowSdeStep {
         let [b, c, h, w] = x.tensor.dims();
         // Tree rollouts: each row reads its node's state (its representative's row), and v_θ
         // runs once per node.
+        let before_window = self
+            .window
+            .is_some_and(|w| self.index < w.start_at(ctx.iteration));
         let tree = match &self.branch {
             Some(tree) => Some(TreeRows::new(tree, self.index, prompts)?),
+            None if self.seed_group && before_window => Some(TreeRows::groups(prompts)),
             None => None,
         };
         let (x_t, v, graph) = match &tree {
@@ -237,7 +294,7 @@ impl Node for FlowSdeStep {
                 let x_u = select_rows(&x.tensor, &rows.nodes);
                 let cond = prompts.conditioning_rows(&rows.nodes, &device);
                 let (v_u, graph) = policy.velocity(&x_u, self.t, &cond, self.cfg)?;
-                ctx.metric("branch_model_rows", rows.nodes.len() as f64);
+                ctx.metric(rows.metric, rows.nodes.len() as f64);
                 // Back to one row per sample (through the graph too: the update trains rows).
                 let graph = graph.and_then(|g| {
                     let step = g.trainer_step;
@@ -289,6 +346,7 @@ impl Node for FlowSdeStep {
             t_next: self.t_next,
             tau,
             kernel: k,
+            sde_std: self.kernel.std,
             cfg: self.cfg,
             x_t,
             x_next: x_next.clone(),
@@ -319,6 +377,8 @@ struct TreeRows {
     node_of: Vec<usize>,
     /// For every row: the row whose noise it takes (its representative at the depth written).
     writes: Vec<usize>,
+    /// The metric that logs `nodes.len()`.
+    metric: &'static str,
 }
 
 impl TreeRows {
@@ -340,7 +400,36 @@ impl TreeRows {
             nodes,
             node_of,
             writes,
+            metric: "branch_model_rows",
         })
+    }
+
+    /// A seed group's deterministic steps: one row (the first member) per prompt group. Only
+    /// used for ODE steps, whose noise is not drawn.
+    fn groups(prompts: &PromptBatch) -> Self {
+        let mut first = vec![usize::MAX; prompts.groups()];
+        for (i, &g) in prompts.group.iter().enumerate() {
+            if first[g] == usize::MAX {
+                first[g] = i;
+            }
+        }
+        let nodes: Vec<usize> = first.into_iter().filter(|&r| r != usize::MAX).collect();
+        let node_of = prompts
+            .group
+            .iter()
+            .map(|g| {
+                nodes
+                    .iter()
+                    .position(|&r| prompts.group[r] == *g)
+                    .unwrap_or(0)
+            })
+            .collect();
+        TreeRows {
+            nodes,
+            node_of,
+            writes: (0..prompts.len()).collect(),
+            metric: "seed_group_model_rows",
+        }
     }
 }
 

@@ -16,7 +16,11 @@ pub fn register(r: &mut Registry) {
         summary: "draw x_1 ~ N(0, I), one image-shaped noise per sample",
         doc: "Seeded by (pipeline seed, node id, iteration): identical across backends and runs.\n\
               The default shape is ShapeWorld's images, [B, 3, 32, 32]; a latent model's states\n\
-              are latents (SD3's VAE: `channels: 16`, `height`/`width` = image size / 8).",
+              are latents (SD3's VAE: `channels: 16`, `height`/`width` = image size / 8).\n\
+              `per: group` draws one noise per prompt group, shared by its G members\n\
+              (TempFlow-GRPO's seed group: with deterministic steps before a single stochastic\n\
+              one, the group's images differ only by that step's noise). Draws are made for the\n\
+              global batch, so each sample's noise does not depend on how ranks split it.",
         inputs: vec![PortDef::new(
             "prompts",
             "prompts",
@@ -49,6 +53,12 @@ pub fn register(r: &mut Registry) {
                 16_384,
                 "width of each sample",
             ),
+            ParamDef::choice(
+                "per",
+                "sample",
+                &["sample", "group"],
+                "one noise per sample, or one per prompt group shared by its members (seed group)",
+            ),
         ],
         resources: vec![],
         factory: |ctx| {
@@ -56,6 +66,7 @@ pub fn register(r: &mut Registry) {
             Ok(Box::new(GaussianNoise {
                 device: open(ctx.device).map_err(anyhow::Error::msg)?,
                 shape: [p.usize("channels")?, p.usize("height")?, p.usize("width")?],
+                per_group: p.str("per")? == "group",
             }))
         },
     });
@@ -65,17 +76,34 @@ struct GaussianNoise {
     device: burn::tensor::Device,
     /// [C, H, W]
     shape: [usize; 3],
+    /// One noise per prompt group (TempFlow-GRPO's seed group).
+    per_group: bool,
 }
 
 impl Node for GaussianNoise {
     fn run(&mut self, ctx: &NodeCtx, inputs: &Inputs) -> Result<Outputs> {
-        let b = inputs.get::<PromptBatch>("prompts")?.len();
+        let prompts = inputs.get::<PromptBatch>("prompts")?;
+        let b = prompts.len();
         let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("noise"));
         let [c, h, w] = self.shape;
-        // This rank's rows of the global batch's noise (all of it in a single process).
-        let v = crate::dist::shard_rows(ctx.rank(), ctx.world(), b, c * h * w, |n| {
-            sample_standard_normal(&mut rng, n)
-        });
+        let per = c * h * w;
+        let v = if self.per_group {
+            // This rank's groups of the global batch's group noises, one row per member.
+            let groups = prompts.groups();
+            let g = crate::dist::shard_rows(ctx.rank(), ctx.world(), groups, per, |n| {
+                sample_standard_normal(&mut rng, n)
+            });
+            let mut v = Vec::with_capacity(b * per);
+            for &gi in &prompts.group {
+                v.extend_from_slice(&g[gi * per..(gi + 1) * per]);
+            }
+            v
+        } else {
+            // This rank's rows of the global batch's noise (all of it in a single process).
+            crate::dist::shard_rows(ctx.rank(), ctx.world(), b, per, |n| {
+                sample_standard_normal(&mut rng, n)
+            })
+        };
         let x = Images {
             tensor: tensor_from_vec(v, [b, c, h, w], &self.device),
             t: 1.0,

@@ -809,6 +809,7 @@ mod tests {
             t_next: 0.5,
             tau,
             kernel: k,
+            sde_std: k.std,
             cfg: 1.0,
             x_t: x,
             x_next,

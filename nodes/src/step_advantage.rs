@@ -5,7 +5,7 @@ use runner::{
     Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, ParamValue, PortDef, Registry,
 };
 
-use crate::grpo::{AdvantageMode, StdScope, step_advantages};
+use crate::grpo::{AdvantageMode, StdScope, noise_aware_weights, step_advantages};
 use crate::types::{Advantages, Images, PromptBatch, Rewards, Transition};
 use crate::world::chw_to_rgb8;
 
@@ -20,7 +20,11 @@ pub fn register(r: &mut Registry) {
                 gain    normalised r_{k+1} − r_k (Stepwise-Flow-GRPO)\n\
                 return  Σ_{j>k} γ^{j−k−1}·Â_j\n\
                 mix     λ·Â_{k+1} + (1−λ)·Â_K\n\
-              optionally scaled by `step_weights`. With one reward per sample (the final image)\n\
+              optionally scaled by `step_weights` and, with `weighting: noise` (TempFlow-GRPO's\n\
+              noise-aware weighting), by w_k = σ_k / mean_j σ_j, σ_k the std of step k's\n\
+              stochastic kernel (an SDE window's ODE steps count with their SDE std), so the\n\
+              weights average 1 and the early, noisier steps weigh more (metrics\n\
+              `noise_weight_stepK`). With one reward per sample (the final image)\n\
               only `final` applies. Non-finite rewards stop the iteration before any update,\n\
               naming the prompt.\n\
               TensorBoard: histograms `reward/stepK` and `advantage/stepK` every iteration; with\n\
@@ -83,6 +87,12 @@ pub fn register(r: &mut Registry) {
                 "per-transition weights (empty = all 1)",
             )
             .default(ParamValue::FloatList(vec![])),
+            ParamDef::choice(
+                "weighting",
+                "none",
+                &["none", "noise"],
+                "noise: scale transition k by σ_k / mean σ (TempFlow-GRPO's noise-aware weights)",
+            ),
         ],
         resources: vec![],
         factory: |ctx| {
@@ -101,6 +111,7 @@ pub fn register(r: &mut Registry) {
                     .into_iter()
                     .map(|w| w as f32)
                     .collect(),
+                noise_weights: p.str("weighting")? == "noise",
             }))
         },
     });
@@ -112,6 +123,8 @@ struct StepAdvantage {
     scope: StdScope,
     eps: f32,
     weights: Vec<f32>,
+    /// TempFlow-GRPO's noise-aware weights on top of `weights`.
+    noise_weights: bool,
 }
 
 impl Node for StepAdvantage {
@@ -131,7 +144,26 @@ impl Node for StepAdvantage {
             }
         }
         let values: Vec<Vec<f32>> = rewards.iter().map(|r| r.values.clone()).collect();
-        let weights = (!self.weights.is_empty()).then_some(self.weights.as_slice());
+        let mut weights = self.weights.clone();
+        if self.noise_weights {
+            let stds: Vec<f32> = transitions.iter().map(|t| t.sde_std).collect();
+            let noise = noise_aware_weights(&stds)?;
+            for (t, w) in transitions.iter().zip(&noise) {
+                ctx.metric(&format!("noise_weight_step{}", t.step), *w as f64);
+            }
+            weights = if weights.is_empty() {
+                noise
+            } else if weights.len() != noise.len() {
+                bail!(
+                    "`step_weights` has {} values for {} transitions",
+                    weights.len(),
+                    noise.len()
+                );
+            } else {
+                weights.iter().zip(&noise).map(|(a, b)| a * b).collect()
+            };
+        }
+        let weights = (!weights.is_empty()).then_some(weights.as_slice());
         let adv = step_advantages(
             &values,
             &prompts.group,

@@ -299,6 +299,10 @@ pub struct Transition {
     /// Temperature τ (TAFS) or noise level (Flow-GRPO SDE).
     pub tau: f32,
     pub kernel: LinearGaussian,
+    /// The std of this step's stochastic kernel: `kernel.std`, except for the deterministic
+    /// (ODE) steps of a MixGRPO window, where it is the std the step's SDE kernel has inside
+    /// the window (TempFlow-GRPO's noise-aware weights compare the steps by it).
+    pub sde_std: f32,
     /// Classifier-free guidance scale used when sampling (the updater recomputes v the same way).
     pub cfg: f32,
     /// [B, 3, H, W]

@@ -282,6 +282,7 @@ fn rollout(
                 t_next,
                 tau,
                 kernel,
+                sde_std: kernel.std,
                 cfg,
                 x_t: x,
                 x_next: x_next.clone(),

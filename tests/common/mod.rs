@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests (each test binary uses a subset).
 #![allow(dead_code)]
 
+pub mod columns;
 pub mod fused;
 
 use std::fs;

@@ -6,7 +6,7 @@
 use runner::compile::NodeInst;
 use runner::{Diagnostic, Diagnostics, Pipeline};
 
-use super::{first_step, show};
+use super::{first_step, show, source};
 use crate::flow_sde_step::{BRANCH_PARAMS, branch_tree};
 
 pub fn check(p: &Pipeline) -> Diagnostics {
@@ -135,14 +135,6 @@ pub fn check(p: &Pipeline) -> Diagnostics {
 }
 
 /// The node feeding input `port` of `n` (its first source).
-fn source<'a>(p: &'a Pipeline, n: &NodeInst, port: &str) -> Option<&'a NodeInst> {
-    n.inputs
-        .iter()
-        .find(|(name, _)| *name == port)
-        .and_then(|(_, s)| s.first())
-        .map(|&(i, _)| &p.nodes[i])
-}
-
 fn node_error(n: &NodeInst, text: String) -> Diagnostic {
     match &n.params.owner_at {
         Some(at) => at.error(text),

@@ -45,3 +45,12 @@ pub(crate) fn show(n: &NodeInst, name: &str) -> String {
         .get(name)
         .map_or_else(|| "unset".into(), |v| v.to_string())
 }
+
+/// The node feeding input `port` of `n` (its first source).
+pub(crate) fn source<'a>(p: &'a Pipeline, n: &NodeInst, port: &str) -> Option<&'a NodeInst> {
+    n.inputs
+        .iter()
+        .find(|(name, _)| *name == port)
+        .and_then(|(_, s)| s.first())
+        .map(|&(i, _)| &p.nodes[i])
+}

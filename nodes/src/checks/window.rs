@@ -4,8 +4,8 @@
 
 use runner::{Diagnostics, Pipeline};
 
-use super::{first_step, show};
-use crate::flow_sde_step::{WINDOW_PARAMS, window};
+use super::{first_step, show, source};
+use crate::flow_sde_step::{STRATEGY_PARAMS, WINDOW_PARAMS, window};
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut d = Diagnostics::default();
@@ -31,8 +31,38 @@ pub fn check(p: &Pipeline) -> Diagnostics {
             }
             continue;
         }
-        match window(&n.params, count) {
-            Ok(Ok(Some(_))) => {}
+        match window(&n.params, count, p.seed) {
+            Ok(Ok(Some(_))) => {
+                if n.params.bool("seed_group").unwrap_or(false)
+                    && let Some(noise) = source(p, n, "x")
+                    && !(noise.ty == "gaussian_noise"
+                        && noise.params.str("per").is_ok_and(|v| v == "group"))
+                {
+                    let what = if noise.ty == "gaussian_noise" {
+                        format!("`{}` (gaussian_noise) draws one noise per sample", noise.id)
+                    } else {
+                        format!(
+                            "it comes from `{}` ({}), not a gaussian_noise node",
+                            noise.id, noise.ty
+                        )
+                    };
+                    d.push(
+                        n.params
+                            .error("seed_group", format!("the group's members must start from one noise, but {what}"))
+                            .help("set `per: group` on the gaussian_noise node that feeds the first step's `x`"),
+                    );
+                }
+                let strategy = n.params.str("window_strategy").unwrap_or("progressive");
+                for (name, only) in STRATEGY_PARAMS {
+                    if strategy != only && n.params.at.contains_key(name) {
+                        d.push(
+                            n.params
+                                .error(name, format!("has no effect with window_strategy `{strategy}` (only `{only}` reads it)"))
+                                .help(format!("set `window_strategy: {only}`, or leave this out")),
+                        );
+                    }
+                }
+            }
             Ok(Ok(None)) => {
                 for name in &WINDOW_PARAMS[1..] {
                     if n.params.at.contains_key(*name) {

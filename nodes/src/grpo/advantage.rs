@@ -168,6 +168,29 @@ pub fn step_advantages(
     Ok(out)
 }
 
+/// TempFlow-GRPO's noise-aware weights: transition k's loss is scaled by w_k = σ_k / mean_j σ_j,
+/// where σ_k is the std of the step's stochastic kernel (`Transition::sde_std`, the SDE's
+/// s_k·√(−Δt_k), also for the ODE steps of a window). The weights average 1 over the
+/// trajectory's steps, so the overall step size is Flow-GRPO's while the high-noise early
+/// steps, where one step's noise changes the image most, get more of it.
+pub fn noise_aware_weights(stds: &[f32]) -> Result<Vec<f32>> {
+    if let Some(k) = stds.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+        bail!(
+            "noise-aware weights: step {}'s kernel std is {}",
+            k + 1,
+            stds[k]
+        );
+    }
+    let mean = stds.iter().map(|&s| s as f64).sum::<f64>() / stds.len().max(1) as f64;
+    if mean <= 0.0 {
+        bail!(
+            "noise-aware weights need stochastic steps: every one of the {} steps has kernel std 0",
+            stds.len()
+        );
+    }
+    Ok(stds.iter().map(|&s| (s as f64 / mean) as f32).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +314,16 @@ mod tests {
         let e = step_advantages(&r, &G, 10, AdvantageMode::Step, StdScope::Group, EPS, None)
             .unwrap_err();
         assert!(e.to_string().contains("use mode `final`"), "{e}");
+    }
+
+    #[test]
+    fn should_weight_steps_by_their_noise_std_around_one() {
+        // stds 0.4, 0.2, 0.2, 0.0 (mean 0.2): weights 2, 1, 1, 0.
+        let w = noise_aware_weights(&[0.4, 0.2, 0.2, 0.0]).unwrap();
+        assert_eq!(w, vec![2.0, 1.0, 1.0, 0.0]);
+        let mean = w.iter().sum::<f32>() / 4.0;
+        assert!((mean - 1.0).abs() < 1e-6);
+        assert!(noise_aware_weights(&[0.0, 0.0]).is_err());
+        assert!(noise_aware_weights(&[0.1, f32::NAN]).is_err());
     }
 }

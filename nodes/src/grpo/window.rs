@@ -9,11 +9,39 @@
 //! `start` (`wrap: true`, MixGRPO's roll-back) or stays at `max_start` (`wrap: false`). With
 //! `every: 0` the window never moves: Flow-GRPO-Fast.
 //!
+//! MixGRPO's other strategies ([`WindowStrategy`], its public `GRPOTrainingStates`) change how
+//! long the window stays at each position, or draw the position:
+//! - `decay`: a position l holds for max(m, ⌊e·(1 − p) + m·p⌋) iterations, p = l / max_start,
+//!   from `every` = e at the first position down to `min_every` = m (default max(1, ⌊e/4⌋)) at
+//!   the last, so the window moves faster through the late, low-noise steps;
+//! - `exp_decay`: a position holds for ⌈e·exp(−k·max(0, l − threshold))⌉ iterations;
+//! - `random`: every `every` iterations the start is drawn uniformly from the positions
+//!   start, start + stride, … ≤ max_start, seeded by the pipeline seed and the draw's index, so
+//!   every step of the trajectory (and every rank) draws the same start. TempFlow-GRPO's
+//!   branching point is this window with one step (`pipelines/tempflow_grpo.yaml`).
+//!
 //! Because l depends on the iteration number only (no counter is carried from one iteration to
 //! the next), a resumed run samples exactly the windows an uninterrupted one does.
 
+/// How the window's start moves over training (MixGRPO's `sample_strategy`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WindowStrategy {
+    /// `every` iterations at each position.
+    Progressive,
+    /// Linearly fewer iterations at later positions, down to `min_every`.
+    Decay { min_every: u64 },
+    /// ⌈every·exp(−k·max(0, l − threshold))⌉ iterations at position l.
+    ExpDecay { threshold: usize, k: f64 },
+    /// A uniformly drawn position every `every` iterations.
+    Random { seed: u64 },
+}
+
+impl WindowStrategy {
+    pub const NAMES: &'static [&'static str] = &["progressive", "decay", "exp_decay", "random"];
+}
+
 /// A window schedule, validated against the trajectory's length ([`SdeWindow::new`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SdeWindow {
     /// w: steps per window (≥ 1).
     pub size: usize,
@@ -27,6 +55,8 @@ pub struct SdeWindow {
     pub max_start: usize,
     /// After `max_start`: back to `start` (true) or stay at `max_start` (false).
     pub wrap: bool,
+    /// How the start moves ([`SdeWindow::with_strategy`]; `Progressive` unless set).
+    pub strategy: WindowStrategy,
 }
 
 /// Which window parameter a [`SdeWindow::new`] error is about, and the message.
@@ -91,7 +121,88 @@ impl SdeWindow {
             every,
             max_start,
             wrap,
+            strategy: WindowStrategy::Progressive,
         })
+    }
+
+    /// The same window moving by `strategy`: every strategy but `progressive` needs a window
+    /// that moves (`every` ≥ 1), and `decay`'s `min_every` must be between 1 and `every`.
+    pub fn with_strategy(mut self, strategy: WindowStrategy) -> Result<Self, WindowError> {
+        let err = |param, message: String| Err(WindowError { param, message });
+        let name = match strategy {
+            WindowStrategy::Progressive => None,
+            WindowStrategy::Decay { .. } => Some("decay"),
+            WindowStrategy::ExpDecay { .. } => Some("exp_decay"),
+            WindowStrategy::Random { .. } => Some("random"),
+        };
+        if let Some(name) = name
+            && self.every == 0
+        {
+            return err(
+                "window_every",
+                format!(
+                    "window_strategy `{name}` moves the window every `window_every` iterations \
+                     (at the first position): 0 keeps it fixed; set it to 1 or more"
+                ),
+            );
+        }
+        match strategy {
+            WindowStrategy::Decay { min_every } if min_every == 0 || min_every > self.every => {
+                return err(
+                    "window_min_every",
+                    format!(
+                        "window_min_every = {min_every} must be between 1 and window_every = {}",
+                        self.every
+                    ),
+                );
+            }
+            WindowStrategy::ExpDecay { k, .. } if !(k.is_finite() && k >= 0.0) => {
+                return err(
+                    "window_decay_k",
+                    format!("window_decay_k = {k} must be finite and ≥ 0"),
+                );
+            }
+            _ => {}
+        }
+        self.strategy = strategy;
+        Ok(self)
+    }
+
+    /// The default `min_every` of `decay` for a window moving every `every` iterations
+    /// (MixGRPO's: a quarter, at least 1).
+    pub fn default_min_every(every: u64) -> u64 {
+        (every / 4).max(1)
+    }
+
+    /// Iterations the window stays at start `l` (`every` ≥ 1).
+    fn hold(&self, l: usize) -> u64 {
+        let e = self.every;
+        match self.strategy {
+            WindowStrategy::Progressive | WindowStrategy::Random { .. } => e,
+            WindowStrategy::Decay { min_every: m } => {
+                // ⌊e·(1 − p) + m·p⌋ with p = l / max_start, in integers (exact floors).
+                let (l, big) = (l as u64, self.max_start as u64);
+                if big == 0 {
+                    e
+                } else {
+                    ((e * (big - l) + m * l) / big).max(m)
+                }
+            }
+            WindowStrategy::ExpDecay { threshold, k } => {
+                let over = l.saturating_sub(threshold) as f64;
+                ((e as f64 * (-k * over).exp()).ceil() as u64).max(1)
+            }
+        }
+    }
+
+    /// The starts the window takes in order: start, start + stride, … ≤ max_start, and
+    /// (without wrapping) max_start itself when the stride does not land on it.
+    fn positions(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (self.start..=self.max_start).step_by(self.stride).collect();
+        if !self.wrap && v.last() != Some(&self.max_start) {
+            v.push(self.max_start);
+        }
+        v
     }
 
     /// The window's start l at `iteration` (1-based, as the engine counts).
@@ -99,17 +210,30 @@ impl SdeWindow {
         if self.every == 0 {
             return self.start;
         }
-        let shifts = iteration.saturating_sub(1) / self.every;
-        if self.wrap {
-            // Positions start, start + stride, … up to max_start, then start again (MixGRPO's
-            // roll-back: a start beyond max_start goes back to the first).
-            let positions = ((self.max_start - self.start) / self.stride) as u64 + 1;
-            self.start + (shifts % positions) as usize * self.stride
-        } else {
-            // Clipped at max_start, as MixGRPO does without roll-back.
-            let l = self.start as u64 + shifts.saturating_mul(self.stride as u64);
-            l.min(self.max_start as u64) as usize
+        let positions = self.positions();
+        if let WindowStrategy::Random { seed } = self.strategy {
+            // One draw per `every` iterations, the same for every step of the trajectory.
+            let draw = iteration.saturating_sub(1) / self.every;
+            let h = runner::node::stream_seed(seed, "flow_sde_step", draw, "window_start");
+            // The grid's positions (`wrap` plays no part in a draw).
+            let n = (self.max_start - self.start) / self.stride + 1;
+            return positions[(h % n as u64) as usize];
         }
+        // Walk the positions, each held for `hold(l)` iterations; with wrapping the walk is
+        // periodic, without it the last position holds forever.
+        let mut i = iteration.saturating_sub(1);
+        if self.wrap {
+            let cycle: u64 = positions.iter().map(|&l| self.hold(l)).sum();
+            i %= cycle;
+        }
+        for &l in &positions {
+            let d = self.hold(l);
+            if i < d {
+                return l;
+            }
+            i -= d;
+        }
+        self.max_start
     }
 
     /// Whether step `index` (0-based) is an SDE step at `iteration`.
@@ -182,6 +306,84 @@ mod tests {
         // Flow-GRPO-Fast: fixed.
         let fast = w(2, 0, 1, 0, None, true, 10);
         assert!((1..100).all(|it| fast.start_at(it) == 0));
+    }
+
+    #[test]
+    fn should_hold_each_position_as_long_as_the_decay_strategies_say() {
+        // decay: T = 10, w = 2, stride 2 up to 6, e = 8, m = 2: positions 0, 2, 4, 6 hold
+        // ⌊8·(1 − l/6) + 2·l/6⌋ = 8, 6, 4, 2 iterations; then back to 0.
+        let d = w(2, 0, 2, 8, Some(6), true, 10)
+            .with_strategy(WindowStrategy::Decay { min_every: 2 })
+            .unwrap();
+        let starts: Vec<usize> = (1..=22).map(|it| d.start_at(it)).collect();
+        let mut want = vec![0; 8];
+        want.extend([2; 6]);
+        want.extend([4; 4]);
+        want.extend([6; 2]);
+        want.extend([0, 0]);
+        assert_eq!(starts, want);
+        // exp_decay: e = 4, threshold 2, k = 1, no wrapping, T = 6, w = 1: positions 0..=2
+        // hold 4, then ⌈4/e⌉ = 2, ⌈4/e²⌉ = 1, ⌈4/e³⌉ = 1, and 5 stays.
+        let x = w(1, 0, 1, 4, None, false, 6)
+            .with_strategy(WindowStrategy::ExpDecay {
+                threshold: 2,
+                k: 1.0,
+            })
+            .unwrap();
+        let starts: Vec<usize> = (1..=18).map(|it| x.start_at(it)).collect();
+        let mut want = vec![0; 4];
+        want.extend([1; 4]);
+        want.extend([2; 4]);
+        want.extend([3, 3, 4, 5, 5, 5]);
+        assert_eq!(starts, want);
+        // `progressive` through the same walk: the closed form of the first test.
+        let p = w(2, 0, 2, 8, Some(6), true, 10);
+        assert!((1..=40).all(|it| p.start_at(it) == ((it as usize - 1) / 8 % 4) * 2));
+    }
+
+    #[test]
+    fn should_draw_random_starts_on_the_grid_shared_by_every_step() {
+        let r = |seed| {
+            w(1, 0, 2, 3, Some(8), true, 10)
+                .with_strategy(WindowStrategy::Random { seed })
+                .unwrap()
+        };
+        let (a, b, other) = (r(42), r(42), r(43));
+        let starts: Vec<usize> = (1..=600).map(|it| a.start_at(it)).collect();
+        // Steps of one trajectory build the same window: the same starts.
+        assert!((1..=600).all(|it| b.start_at(it) == starts[it as usize - 1]));
+        // One draw per `every` = 3 iterations, on the grid 0, 2, 4, 6, 8, each drawn.
+        assert!(starts.chunks(3).all(|c| c.iter().all(|&l| l == c[0])));
+        for l in [0, 2, 4, 6, 8] {
+            let n = starts.iter().filter(|&&s| s == l).count();
+            assert!((60..=180).contains(&n), "start {l} drawn {n} of 600 times");
+        }
+        assert!(starts.iter().all(|l| l % 2 == 0 && *l <= 8));
+        // Another pipeline seed draws other starts.
+        assert!((1..=600).any(|it| other.start_at(it) != starts[it as usize - 1]));
+    }
+
+    #[test]
+    fn should_refuse_a_strategy_without_a_moving_window() {
+        let fixed = w(2, 0, 1, 0, None, true, 10);
+        let e = fixed
+            .with_strategy(WindowStrategy::Random { seed: 0 })
+            .unwrap_err();
+        assert_eq!(e.param, "window_every");
+        let moving = w(2, 0, 1, 4, None, true, 10);
+        let e = moving
+            .with_strategy(WindowStrategy::Decay { min_every: 5 })
+            .unwrap_err();
+        assert_eq!(e.param, "window_min_every");
+        let e = moving
+            .with_strategy(WindowStrategy::ExpDecay {
+                threshold: 0,
+                k: f64::NAN,
+            })
+            .unwrap_err();
+        assert_eq!(e.param, "window_decay_k");
+        assert_eq!(SdeWindow::default_min_every(25), 6);
+        assert_eq!(SdeWindow::default_min_every(3), 1);
     }
 
     #[test]

@@ -181,12 +181,11 @@ impl SdeWindow {
             WindowStrategy::Progressive | WindowStrategy::Random { .. } => e,
             WindowStrategy::Decay { min_every: m } => {
                 // ⌊e·(1 − p) + m·p⌋ with p = l / max_start, in integers (exact floors).
+                // A window that cannot move (max_start 0) holds `every`.
                 let (l, big) = (l as u64, self.max_start as u64);
-                if big == 0 {
-                    e
-                } else {
-                    ((e * (big - l) + m * l) / big).max(m)
-                }
+                (e * (big - l) + m * l)
+                    .checked_div(big)
+                    .map_or(e, |d| d.max(m))
             }
             WindowStrategy::ExpDecay { threshold, k } => {
                 let over = l.saturating_sub(threshold) as f64;

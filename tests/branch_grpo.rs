@@ -5,31 +5,19 @@
 //! uninterrupted one, and an easy reward rises.
 
 mod common;
-use common::columns::{col, state};
+use common::columns::{col, state, with_sink};
 use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use nodes::trajectory_sink::arrow::array::{Float32Array, UInt32Array};
 use nodes::trajectory_sink::read_file;
 
-/// The tiny BranchGRPO pipeline with a trajectory_sink storing the states, written into `dir`.
-fn with_sink(dir: &Path) -> PathBuf {
-    let base = fs::read_to_string(root().join("tests/pipelines/valid-branch-tiny.yaml")).unwrap();
-    let yaml = format!(
-        "{base}  - id: sink\n    type: trajectory_sink\n    params: {{tensors: f32}}\n    inputs:\n      transitions: sde@*.transition\n      rewards: score.rewards\n      advantages: advantages.advantages\n      prompts: prompts.prompts\n"
-    );
-    let p = dir.join("branch-sink.yaml");
-    fs::write(&p, yaml).unwrap();
-    p
-}
-
 #[test]
 fn should_share_the_prefix_bit_for_bit_and_run_the_model_once_per_node() {
     let dir = tmpdir("branch-grpo");
-    let pipeline = with_sink(&dir);
+    let pipeline = with_sink(&dir, "valid-branch-tiny", "f32");
     let straight = run_new(
         &pipeline,
         &dir.join("straight"),
@@ -126,7 +114,11 @@ fn should_replay_a_branched_run_training_only_its_tree_edges() {
     // run's own, loss and gradient norm, because it trains the same (sample, transition) pairs.
     // Replayed without the mask it would average over every row and give another gradient.
     let dir = tmpdir("branch-replay");
-    let run = run_new(&with_sink(&dir), &dir.join("runs"), &["iterations=1"]);
+    let run = run_new(
+        &with_sink(&dir, "valid-branch-tiny", "f32"),
+        &dir.join("runs"),
+        &["iterations=1"],
+    );
     let b = read_file(&run.join("trajectories/iter-000001.parquet")).unwrap();
     let trained = col::<nodes::trajectory_sink::arrow::array::BooleanArray>(&b, "trained");
     // 2 prompts × 4 leaves × 4 steps; steps 1 and 2 train 2 of each group's 4 rows.

@@ -4,30 +4,18 @@
 //! no log-prob and are not trained, and that a resumed run equals an uninterrupted one.
 
 mod common;
-use common::columns::col;
+use common::columns::{col, with_sink};
 use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::fs;
-use std::path::{Path, PathBuf};
 
 use nodes::trajectory_sink::arrow::array::{Float32Array, UInt32Array, UInt64Array};
 use nodes::trajectory_sink::read_file;
 
-/// The tiny MixGRPO pipeline with a trajectory_sink, written into `dir`.
-fn with_sink(dir: &Path) -> PathBuf {
-    let base = fs::read_to_string(root().join("tests/pipelines/valid-mixgrpo-tiny.yaml")).unwrap();
-    let yaml = format!(
-        "{base}  - id: sink\n    type: trajectory_sink\n    params: {{tensors: none}}\n    inputs:\n      transitions: sde@*.transition\n      rewards: score.rewards\n      advantages: advantages.advantages\n      prompts: prompts.prompts\n"
-    );
-    let p = dir.join("mixgrpo-sink.yaml");
-    fs::write(&p, yaml).unwrap();
-    p
-}
-
 #[test]
 fn should_train_only_the_window_and_resume_exactly() {
     let dir = tmpdir("mixgrpo");
-    let pipeline = with_sink(&dir);
+    let pipeline = with_sink(&dir, "valid-mixgrpo-tiny", "none");
 
     // Straight through, 4 iterations: window starts 0, 1, 2, then back to 0.
     let straight = run_new(

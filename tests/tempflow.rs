@@ -6,31 +6,18 @@
 //! an uninterrupted one, and an easy reward rises.
 
 mod common;
-use common::columns::{col, state};
+use common::columns::{col, state, with_sink};
 use common::{metrics_without_timings, root, run_new, tmpdir};
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs;
-use std::path::{Path, PathBuf};
 
 use nodes::trajectory_sink::arrow::array::{Float32Array, UInt32Array};
 use nodes::trajectory_sink::read_file;
 
-/// The tiny TempFlow-GRPO pipeline with a trajectory_sink storing the states, in `dir`.
-fn with_sink(dir: &Path) -> PathBuf {
-    let base = fs::read_to_string(root().join("tests/pipelines/valid-tempflow-tiny.yaml")).unwrap();
-    let yaml = format!(
-        "{base}  - id: sink\n    type: trajectory_sink\n    params: {{tensors: f32}}\n    inputs:\n      transitions: sde@*.transition\n      rewards: score.rewards\n      advantages: advantages.advantages\n      prompts: prompts.prompts\n"
-    );
-    let p = dir.join("tempflow-sink.yaml");
-    fs::write(&p, yaml).unwrap();
-    p
-}
-
 #[test]
 fn should_branch_a_seed_group_at_one_step_and_credit_it_by_its_noise() {
     let dir = tmpdir("tempflow");
-    let pipeline = with_sink(&dir);
+    let pipeline = with_sink(&dir, "valid-tempflow-tiny", "f32");
     let straight = run_new(
         &pipeline,
         &dir.join("straight"),

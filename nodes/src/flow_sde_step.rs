@@ -407,26 +407,16 @@ impl TreeRows {
     /// A seed group's deterministic steps: one row (the first member) per prompt group. Only
     /// used for ODE steps, whose noise is not drawn.
     fn groups(prompts: &PromptBatch) -> Self {
-        let mut first = vec![usize::MAX; prompts.groups()];
+        let mut nodes = vec![usize::MAX; prompts.groups()];
         for (i, &g) in prompts.group.iter().enumerate() {
-            if first[g] == usize::MAX {
-                first[g] = i;
+            if nodes[g] == usize::MAX {
+                nodes[g] = i;
             }
         }
-        let nodes: Vec<usize> = first.into_iter().filter(|&r| r != usize::MAX).collect();
-        let node_of = prompts
-            .group
-            .iter()
-            .map(|g| {
-                nodes
-                    .iter()
-                    .position(|&r| prompts.group[r] == *g)
-                    .unwrap_or(0)
-            })
-            .collect();
         TreeRows {
             nodes,
-            node_of,
+            // Every group of a batch has members: group g is node g.
+            node_of: prompts.group.clone(),
             writes: (0..prompts.len()).collect(),
             metric: "seed_group_model_rows",
         }

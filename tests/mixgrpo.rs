@@ -117,3 +117,31 @@ fn should_raise_an_easy_reward_with_mixgrpo() {
     let (first, last, r) = common::first_and_last_mean(&run, "score/reward_mean", 3);
     assert!(last > first + 0.04, "reward {first:.3} → {last:.3}: {r:?}");
 }
+
+#[test]
+fn should_train_on_group_normalised_rewards_summed_by_weight() {
+    // Each reward normalised per prompt group has mean 0 in every group, so the weighted total's
+    // batch mean is 0; summed raw, it is the weighted sum of the components' means.
+    let dir = tmpdir("multi-reward");
+    let pipeline = root().join("tests/pipelines/valid-multi-reward-tiny.yaml");
+    let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let normalised = metrics_without_timings(&run_new(&pipeline, &dir.join("norm"), &[]));
+    let raw = metrics_without_timings(&run_new(
+        &pipeline,
+        &dir.join("raw"),
+        &["nodes.total.params.normalise=none"],
+    ));
+    assert_eq!(normalised.len(), 2);
+    for (n, r) in normalised.iter().zip(&raw) {
+        assert!(num(n, "total/reward_mean").abs() < 1e-5, "{n}");
+        let want = num(r, "total/bright_mean") + 0.5 * num(r, "total/sat_mean");
+        assert!((num(r, "total/reward_mean") - want).abs() < 1e-5, "{r}");
+        assert!(want > 0.1, "the raw sum is visibly not 0: {want}");
+        assert!(num(n, "update/grad_norm") > 0.0, "{n}");
+    }
+    // The first iteration's samples are the same; their components' means too.
+    assert_eq!(
+        num(&normalised[0], "total/bright_mean"),
+        num(&raw[0], "total/bright_mean")
+    );
+}

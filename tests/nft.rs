@@ -45,3 +45,30 @@ fn should_raise_an_easy_reward_with_diffusion_nft() {
     let (first, last, r) = common::first_and_last_mean(&run, "score/reward_mean", 3);
     assert!(last > first + 0.01, "reward {first:.3} → {last:.3}: {r:?}");
 }
+
+#[test]
+fn should_move_the_old_policy_by_its_ramp() {
+    // A linear ramp of rate 0 keeps decay 0: after every update the old policy (the EMA) is the
+    // new weights, so the next update starts with v_θ = v_old. The file's rate 0.1 (decay 0.1,
+    // then 0.2) leaves them apart.
+    let dir = tmpdir("nft-ramp");
+    let pipeline = root().join("tests/pipelines/valid-nft-tiny.yaml");
+    let deviation = |name: &str, set: &[&str]| -> Vec<f64> {
+        let mut all = vec!["iterations=3"];
+        all.extend_from_slice(set);
+        metrics_without_timings(&run_new(&pipeline, &dir.join(name), &all))
+            .iter()
+            .map(|r| r["update/old_deviation"].as_f64().unwrap())
+            .collect()
+    };
+    let zero = deviation("zero", &["resources.policy.params.ema_ramp_rate=0.0"]);
+    let ramp = deviation("ramp", &[]);
+    for k in 1..3 {
+        assert!(
+            zero[k] <= 1e-6 * ramp[k] && ramp[k] > 0.0,
+            "iteration {k}: old deviation {} with decay 0, {} with rate 0.1",
+            zero[k],
+            ramp[k]
+        );
+    }
+}

@@ -66,6 +66,14 @@ pub fn register(r: &mut Registry) {
             ParamDef::float("grad_clip_norm", 1.0, 0.0, 1e9, "global gradient-norm clip (0 = off)"),
             ParamDef::float("ema_decay", 0.999, 0.0, 1.0, "EMA decay of the weights; 0 = no EMA (no copy of the weights is kept: one model less in memory)"),
             ParamDef::choice(
+                "ema_ramp",
+                "warmup",
+                &["warmup", "linear"],
+                "how the EMA's decay grows to `ema_decay` over optimizer steps n: warmup (1 + n)/(10 + n), or linear rate·(n − flat) (DiffusionNFT's old policy)",
+            ),
+            ParamDef::float("ema_ramp_rate", 0.001, 0.0, 1.0, "ema_ramp linear: decay added per optimizer step"),
+            ParamDef::int("ema_ramp_flat", 0, 0, i64::MAX, "ema_ramp linear: optimizer steps at decay 0 before the ramp starts"),
+            ParamDef::choice(
                 "sample_with",
                 "current",
                 &["current", "ema"],
@@ -292,6 +300,7 @@ pub struct FlowModelRes {
 
 fn trainer_config(ctx: &BuildCtx) -> Result<TrainerConfig> {
     let p = ctx.params;
+    let linear = p.str("ema_ramp")? == "linear";
     Ok(TrainerConfig::new()
         .with_lr(p.f64("lr")?)
         .with_warmup_steps(p.i64("warmup_steps")? as u64)
@@ -300,6 +309,8 @@ fn trainer_config(ctx: &BuildCtx) -> Result<TrainerConfig> {
         .with_beta2(p.f32("beta2")?)
         .with_grad_clip_norm(p.f32("grad_clip_norm")?)
         .with_ema_decay(p.f64("ema_decay")?)
+        .with_ema_ramp_rate(linear.then_some(p.f64("ema_ramp_rate")?))
+        .with_ema_ramp_flat(linear.then_some(p.i64("ema_ramp_flat")? as u64))
         .with_seed(ctx.seed))
 }
 

@@ -12,7 +12,10 @@
 //!
 //! with A the sample's group-relative advantage and c = `adv_clip` (the public code's
 //! `adv_clip_max`). The x̂0-space losses equal the velocity losses ‖v± − (ε − x0)‖² scaled by t²;
-//! w± is the public code's adaptive weighting (`adaptive_weight: false` uses w = 1).
+//! w± is the public code's adaptive weighting (`adaptive_weight: false` uses w = 1). With
+//! `kl_beta` = κ > 0 the loss gains the public code's optional reference term
+//! κ·mean_samples mean_d (v_θ − v_ref)², v_ref the policy's frozen reference (`reference: true`)
+//! at the same x_t.
 
 use anyhow::{Result, bail};
 use burn::optim::GradientsAccumulator;
@@ -40,8 +43,10 @@ pub fn register(r: &mut Registry) {
               sample is the last row of `advantages` (step_advantage's `final` mode: one per\n\
               sample). No log-probs and no trajectories: any sampler (ODE steps included) can\n\
               produce `images`; CFG-free. Noise and t are seeded by (seed, node, iteration).\n\
-              Logs loss, positive_loss, negative_loss, r_mean, old_deviation (mean (v_θ −\n\
-              v_old)²), grad_norm, lr. A non-finite loss stops the run before the update.",
+              With `kl_beta` κ > 0 the loss adds κ·mean (v_θ − v_ref)², v_ref the policy's\n\
+              frozen reference (`reference: true`) at the same x_t. Logs loss, positive_loss,\n\
+              negative_loss, r_mean, old_deviation (mean (v_θ − v_old)²), kl (with kl_beta),\n\
+              grad_norm, lr. A non-finite loss stops the run before the update.",
         inputs: vec![
             PortDef::new("images", "images", "the clean samples x0 (t = 0) the policy generated"),
             PortDef::new("prompts", "prompts", "the batch's prompts"),
@@ -53,6 +58,7 @@ pub fn register(r: &mut Registry) {
             ParamDef::float("adv_clip", 5.0, 1e-6, 1e6, "c: advantages are clipped to ±c and mapped to r = A/(2c) + ½"),
             ParamDef::float("t_min", 0.0, 0.0, 1.0, "lowest re-noising time"),
             ParamDef::float("t_max", 1.0, 0.0, 1.0, "highest re-noising time"),
+            ParamDef::float("kl_beta", 0.0, 0.0, 1e6, "κ: weight of the reference term mean (v_θ − v_ref)² (0 = none; needs `reference: true` on the policy)"),
             ParamDef::boolean("adaptive_weight", true, "divide each sample's x̂0 loss by sg(mean |x̂0 − x0|), as the public code does"),
             ParamDef::int("steps", 1, 1, 10_000, "optimizer steps per iteration (fresh t and ε each)"),
             ParamDef::int("minibatch", 0, 0, 1 << 20, "samples per backward (0 = whole batch); one optimizer step per `steps`"),
@@ -71,6 +77,7 @@ pub fn register(r: &mut Registry) {
                 t_min,
                 t_max,
                 adaptive: p.bool("adaptive_weight")?,
+                kl_beta: p.f32("kl_beta")?,
                 steps: p.usize("steps")?,
                 minibatch: p.usize("minibatch")?,
             }))
@@ -84,6 +91,8 @@ pub struct NftUpdate {
     pub t_min: f32,
     pub t_max: f32,
     pub adaptive: bool,
+    /// κ: weight of the reference term (0 = none).
+    pub kl_beta: f32,
     pub steps: usize,
     pub minibatch: usize,
 }
@@ -96,6 +105,8 @@ pub struct NftStats {
     pub negative_loss: f64,
     pub r_mean: f64,
     pub old_deviation: f64,
+    /// mean (v_θ − v_ref)², with `kl_beta` > 0 (else 0).
+    pub kl: f64,
     pub grad_norm: f64,
     pub lr: f64,
 }
@@ -157,6 +168,17 @@ impl NftUpdate {
         } else {
             self.minibatch.min(b)
         };
+        if self.kl_beta > 0.0 && !m.has_reference() {
+            bail!(
+                "`kl_beta` > 0 needs a reference model: set `reference: true` on the flow_model resource"
+            );
+        }
+        // The frozen copy, or a LoRA policy's base (its adapters off: the trainer's own tensors).
+        let reference = if self.kl_beta > 0.0 {
+            m.reference_model()
+        } else {
+            None
+        };
         let x0_host = x0.to_vec()?;
         let mut st = NftStats::default();
         for k in 0..self.steps {
@@ -164,7 +186,7 @@ impl NftUpdate {
             let ad = m.trainer.device().clone();
             let old = m.trainer.ema();
             let mut grads = GradientsAccumulator::<M>::new();
-            let (mut lv, mut pos, mut neg, mut dev) = (0f64, 0f64, 0f64, 0f64);
+            let (mut lv, mut pos, mut neg, mut dev, mut kl) = (0f64, 0f64, 0f64, 0f64, 0f64);
             let order: Vec<usize> = (0..b).collect();
             for idx in order.chunks(mb) {
                 let n = idx.len();
@@ -179,13 +201,14 @@ impl NftUpdate {
                 let t_p = tensor_from_vec(t_v.clone(), [n], plain);
                 let x_t = noised(&x0_p, &eps_p, &t_p);
                 // The old policy: a constant of the loss, evaluated on the plain device.
+                let cond_p = prompts.conditioning_rows(idx, plain);
                 let v_old = old
-                    .velocity(
-                        x_t.clone(),
-                        t_p.clone(),
-                        &prompts.conditioning_rows(idx, plain),
-                    )?
+                    .velocity(x_t.clone(), t_p.clone(), &cond_p)?
                     .to_device(&ad);
+                let v_ref = match &reference {
+                    Some(r) => Some(r.velocity(x_t.clone(), t_p.clone(), &cond_p)?.to_device(&ad)),
+                    None => None,
+                };
                 let cond = prompts.conditioning_rows(idx, &ad);
                 let (x_t, x0_a) = (x_t.to_device(&ad), x0_p.to_device(&ad));
                 let t_a = tensor_from_vec(t_v, [n], &ad);
@@ -194,7 +217,7 @@ impl NftUpdate {
                     .model()
                     .velocity(x_t.clone(), t_a.clone(), &cond)?;
                 let r_a = tensor_from_vec(idx.iter().map(|&i| r[i]).collect(), [n], &ad);
-                let terms = self.loss_terms(v, v_old, x_t, x0_a, t_a, r_a);
+                let terms = self.loss_terms(v, v_old, v_ref, x_t, x0_a, t_a, r_a);
                 let share = n as f32 / b as f32;
                 let loss = terms.loss.clone().mul_scalar(share);
                 let host = to_vec(&Tensor::cat(
@@ -203,6 +226,7 @@ impl NftUpdate {
                         terms.positive.detach(),
                         terms.negative.detach(),
                         terms.old_deviation.detach(),
+                        terms.kl.clone().unwrap_or_else(|| Tensor::zeros([1], &ad)).detach(),
                     ],
                     0,
                 ))?;
@@ -217,6 +241,7 @@ impl NftUpdate {
                 pos += host[1] as f64 * s;
                 neg += host[2] as f64 * s;
                 dev += host[3] as f64 * s;
+                kl += host[4] as f64 * s;
                 grads.accumulate(m.trainer.model(), m.trainer.backward(loss));
             }
             let stats = m.trainer.apply_gradients(grads.grads(), lv as f32);
@@ -224,6 +249,7 @@ impl NftUpdate {
             st.positive_loss += pos;
             st.negative_loss += neg;
             st.old_deviation += dev;
+            st.kl += kl;
             st.grad_norm += stats.grad_norm as f64;
             st.lr = stats.lr;
         }
@@ -233,6 +259,7 @@ impl NftUpdate {
             &mut st.positive_loss,
             &mut st.negative_loss,
             &mut st.old_deviation,
+            &mut st.kl,
             &mut st.grad_norm,
         ] {
             *v /= s;
@@ -242,11 +269,14 @@ impl NftUpdate {
     }
 
     /// DiffusionNFT's loss of one minibatch (module docs) from the trained velocity `v`, the old
-    /// policy's `v_old` (a constant), the state x_t, the clean samples, t [n] and r [n].
+    /// policy's `v_old` and the reference's `v_ref` (constants; `None` without `kl_beta`), the
+    /// state x_t, the clean samples, t [n] and r [n].
+    #[allow(clippy::too_many_arguments)]
     pub fn loss_terms(
         &self,
         v: Tensor<4>,
         v_old: Tensor<4>,
+        v_ref: Option<Tensor<4>>,
         x_t: Tensor<4>,
         x0: Tensor<4>,
         t: Tensor<1>,
@@ -285,12 +315,19 @@ impl NftUpdate {
         let loss = (r * lp.clone() + one_minus_r * ln.clone())
             .mean()
             .mul_scalar(self.adv_clip / beta);
+        // Every sample has the same c·h·w values: the mean over all is the mean over samples.
+        let kl = v_ref.map(|v_ref| (v.clone() - v_ref.detach()).square().mean());
+        let loss = match &kl {
+            Some(kl) => loss + kl.clone().mul_scalar(self.kl_beta),
+            None => loss,
+        };
         let old_deviation = (v - v_old).square().mean();
         LossTerms {
             loss,
             positive: lp.mean(),
             negative: ln.mean(),
             old_deviation,
+            kl,
         }
     }
 }
@@ -301,6 +338,8 @@ pub struct LossTerms {
     pub positive: Tensor<1>,
     pub negative: Tensor<1>,
     pub old_deviation: Tensor<1>,
+    /// mean (v_θ − v_ref)² [1], with a reference.
+    pub kl: Option<Tensor<1>>,
 }
 
 /// x_t = (1 − t)·x0 + t·ε, t [n] per sample.
@@ -348,6 +387,9 @@ impl Node for NftUpdate {
         ] {
             ctx.metric(k, v);
         }
+        if self.kl_beta > 0.0 {
+            ctx.metric("kl", st.kl);
+        }
         Ok(Outputs::new())
     }
 }
@@ -361,14 +403,14 @@ mod tests {
     use std::sync::Arc;
 
     /// A tiny model moved away from its zero-velocity init by a few flow-matching steps (its
-    /// EMA, the old policy, lags behind: v_θ ≠ v_old).
+    /// EMA, the old policy, lags behind: v_θ ≠ v_old; its reference stays at the init).
     fn trained_tiny() -> FlowModelRes {
         let dev = Device::flex();
         let cfg = FlowModelConfig::tiny(world::vocab_size(), world::MAX_TOKENS).with_seed(3);
         let mut res = FlowModelRes::new(
             cfg.init(&dev),
             TrainerConfig::new().with_lr(1e-2),
-            false,
+            true,
             true,
         );
         let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -411,6 +453,7 @@ mod tests {
             t_min: 0.1,
             t_max: 0.9,
             adaptive,
+            kl_beta: 0.0,
             steps: 1,
             minibatch,
         }
@@ -442,7 +485,22 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        let vo = to_vec(&unet.trainer.ema().velocity(xt, tt, &cond).unwrap()).unwrap();
+        let vo = to_vec(
+            &unet
+                .trainer
+                .ema()
+                .velocity(xt.clone(), tt.clone(), &cond)
+                .unwrap(),
+        )
+        .unwrap();
+        let vr = to_vec(
+            &unet
+                .reference_model()
+                .unwrap()
+                .velocity(xt, tt, &cond)
+                .unwrap(),
+        )
+        .unwrap();
         let (beta, c) = (u.beta as f64, u.adv_clip as f64);
         let mut total = 0.0;
         for (i, &ri) in r.iter().enumerate().take(b) {
@@ -466,7 +524,13 @@ mod tests {
             let ri = ri as f64;
             total += (ri * part(1.0) + (1.0 - ri) * part(-1.0)) / beta;
         }
-        c * total / b as f64
+        let kl = v
+            .iter()
+            .zip(&vr)
+            .map(|(&a, &r)| (a as f64 - r as f64).powi(2))
+            .sum::<f64>()
+            / v.len() as f64;
+        c * total / b as f64 + u.kl_beta as f64 * kl
     }
 
     #[test]
@@ -487,10 +551,13 @@ mod tests {
             .collect::<Vec<_>>();
         let adv = [1.5, -0.5, 4.0, -6.0, 0.0, 0.7, -2.0, 2.0, 0.3, -0.3];
         assert_eq!(adv.len(), b);
-        for (beta, adaptive) in [(1.0, true), (0.3, true), (0.6, false)] {
+        for (beta, adaptive, kl_beta) in [(1.0, true, 0.0), (0.3, true, 0.0), (0.6, false, 0.0), (0.6, true, 50.0)] {
             let mut res = trained_tiny();
             let images = Images::from_vec(x0.clone(), b, 0.0, &res.device);
-            let u = nft(beta, adaptive, 0);
+            let u = NftUpdate {
+                kl_beta,
+                ..nft(beta, adaptive, 0)
+            };
             let r = u.reward_prob(&adv);
             let want = direct(&u, &res, &x0, &p, &r, 11);
             let st = u.update(&mut res, &images, &p, &r, 11).unwrap();
@@ -504,6 +571,17 @@ mod tests {
                 st.old_deviation > 0.0,
                 "v_θ = v_old: the test would not see β"
             );
+            if kl_beta > 0.0 {
+                // The reference term is a visible share of the loss (the test sees κ).
+                assert!(
+                    kl_beta as f64 * st.kl > 0.05 * st.loss,
+                    "κ·kl {} of loss {}",
+                    kl_beta as f64 * st.kl,
+                    st.loss
+                );
+            } else {
+                assert_eq!(st.kl, 0.0);
+            }
             // The step was taken: the weights (and with them the objective) moved.
             assert!(st.grad_norm > 0.0);
             let after = direct(&u, &res, &x0, &p, &r, 11);

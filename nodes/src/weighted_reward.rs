@@ -1,9 +1,13 @@
-//! `weighted_reward`: one reward from several (PickScore + OCR + …), with weights.
+//! `weighted_reward`: one reward from several (PickScore + OCR + …), with weights; with
+//! `normalise: group` each component is first normalised within its prompt groups, so that
+//! rewards of different scales count by their weights (MixGRPO's and DanceGRPO's multi-reward
+//! advantages, GDPO's "normalise, then sum").
 
 use anyhow::{Result, bail};
 use runner::{Inputs, Node, NodeCtx, NodeType, Outputs, ParamDef, ParamKind, PortDef, Registry};
 use serde_json::Value;
 
+use crate::grpo::{StdScope, normalise};
 use crate::nonfinite::{self, OnNonFinite};
 use crate::shape_eval::log_metrics;
 use crate::types::{PromptBatch, Rewards};
@@ -18,9 +22,14 @@ pub fn register(r: &mut Registry) {
               mapping naming it (`[{pickscore: 1.0}, {ocr: 0.5}]`). Every component must have one\n\
               value per sample. Logs each component's unweighted mean as `<name>_mean` and the\n\
               total as `reward_mean`. `correct`/`criteria` are taken from the first component\n\
-              that has them. A non-finite component makes the total non-finite: `on_nonfinite`\n\
-              decides (groups come from `prompts` when connected, else the whole batch is one\n\
-              group).",
+              that has them. With `normalise: group` each component becomes its group-relative\n\
+              advantage (r − mean_group)/(std_group + 1e-4) before weighting, so the total is\n\
+              Σ_c w_c·A_c (needs `prompts`, which names the groups); `step_advantage` then\n\
+              normalises that sum once more per group, which rescales each group's values but\n\
+              keeps their ratios. A non-finite component makes the total non-finite:\n\
+              `on_nonfinite` decides (groups come from `prompts` when connected, else the whole\n\
+              batch is one group; with `normalise: group` and `skip` a component's non-finite\n\
+              values take its group's mean before it is normalised).",
         inputs: vec![
             PortDef::new(
                 "rewards",
@@ -42,6 +51,12 @@ pub fn register(r: &mut Registry) {
                 ParamKind::Any,
                 "one weight per component: [1.0, 0.5] or [{pickscore: 1.0}, {ocr: 0.5}]",
             ),
+            ParamDef::choice(
+                "normalise",
+                "none",
+                &["none", "group"],
+                "group: normalise each component within its prompt groups before the weighted sum (multi-reward advantages)",
+            ),
             nonfinite::param(),
         ],
         resources: vec![],
@@ -51,6 +66,7 @@ pub fn register(r: &mut Registry) {
             Ok(Box::new(WeightedReward {
                 names,
                 weights,
+                normalise: ctx.params.str("normalise")? == "group",
                 on_nonfinite: OnNonFinite::from_params(ctx.params)?,
             }))
         },
@@ -95,9 +111,14 @@ pub fn parse_weights(v: &Value) -> Result<(Vec<String>, Vec<f64>)> {
     Ok((names, weights))
 }
 
+/// Added to each group's std by `normalise: group` (step_advantage's default `eps`).
+const NORM_EPS: f32 = 1e-4;
+
 struct WeightedReward {
     names: Vec<String>,
     weights: Vec<f64>,
+    /// `normalise: group`: each component normalised within its groups before the sum.
+    normalise: bool,
     on_nonfinite: OnNonFinite,
 }
 
@@ -145,8 +166,15 @@ impl Node for WeightedReward {
             ),
             None => format!("sample {i}"),
         };
-        let mut total = vec![0f64; n];
-        for ((c, name), w) in comps.iter().zip(&self.names).zip(&self.weights) {
+        let groups = match (self.normalise, prompts) {
+            (false, _) => None,
+            (true, Some(p)) => Some(p.group.clone()),
+            (true, None) => bail!(
+                "weighted_reward `{}`: `normalise: group` needs the `prompts` input (it names each sample's group)",
+                ctx.id
+            ),
+        };
+        for (c, name) in comps.iter().zip(&self.names) {
             let finite: Vec<f64> = c
                 .values
                 .iter()
@@ -158,9 +186,6 @@ impl Node for WeightedReward {
                     &format!("{name}_mean"),
                     finite.iter().sum::<f64>() / finite.len() as f64,
                 );
-            }
-            for (t, v) in total.iter_mut().zip(&c.values) {
-                *t += w * *v as f64;
             }
             if self.on_nonfinite == OnNonFinite::Error
                 && let Some(i) = c.values.iter().position(|v| !v.is_finite())
@@ -174,11 +199,13 @@ impl Node for WeightedReward {
                 );
             }
         }
+        let values: Vec<&[f32]> = comps.iter().map(|c| c.values.as_slice()).collect();
+        let (total, filled) = weighted_sum(&values, &self.weights, groups.as_deref());
         let mut values: Vec<f32> = total.iter().map(|v| *v as f32).collect();
         let bad = match self.on_nonfinite {
             OnNonFinite::Skip => {
                 let group = prompts.map_or_else(|| vec![0; n], |p| p.group.clone());
-                nonfinite::fill_with_group_mean(&mut values, &group)
+                nonfinite::fill_with_group_mean(&mut values, &group) + filled
             }
             OnNonFinite::Error => {
                 // Finite components can still overflow to ±inf.
@@ -208,6 +235,36 @@ impl Node for WeightedReward {
     }
 }
 
+/// Σ_c w_c·r_c per sample; with `groups`, each component is first normalised within its
+/// groups, (r − mean)/(std + 1e-4), its non-finite values replaced by their group's mean. Returns
+/// the totals and how many samples had a value replaced.
+pub fn weighted_sum(
+    components: &[&[f32]],
+    weights: &[f64],
+    groups: Option<&[usize]>,
+) -> (Vec<f64>, usize) {
+    let n = components.first().map_or(0, |c| c.len());
+    let mut total = vec![0f64; n];
+    let mut filled = vec![false; n];
+    for (c, w) in components.iter().zip(weights) {
+        let values = match groups {
+            Some(g) => {
+                let mut v = c.to_vec();
+                for (f, x) in filled.iter_mut().zip(&v) {
+                    *f |= !x.is_finite();
+                }
+                nonfinite::fill_with_group_mean(&mut v, g);
+                normalise(&v, g, StdScope::Group, NORM_EPS)
+            }
+            None => c.to_vec(),
+        };
+        for (t, v) in total.iter_mut().zip(&values) {
+            *t += w * *v as f64;
+        }
+    }
+    (total, filled.iter().filter(|&&f| f).count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +284,48 @@ mod tests {
         ] {
             assert!(parse_weights(&bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod normalise_tests {
+    use super::*;
+
+    #[test]
+    fn should_sum_raw_rewards_without_normalising() {
+        let (t, filled) = weighted_sum(&[&[1.0, 3.0], &[10.0, 30.0]], &[1.0, 0.5], None);
+        assert_eq!(t, vec![6.0, 18.0]);
+        assert_eq!(filled, 0);
+    }
+
+    #[test]
+    fn should_normalise_each_component_within_its_groups_before_the_sum() {
+        // Two groups of two. A component on a 100× larger scale counts by its weight only.
+        let small: &[f32] = &[0.0, 1.0, 2.0, 2.0];
+        let large: &[f32] = &[300.0, 100.0, 500.0, 700.0];
+        let groups = [0, 0, 1, 1];
+        let (t, _) = weighted_sum(&[small, large], &[1.0, 0.5], Some(&groups));
+        // Group 0: small → (∓0.5)/(0.5 + 1e-4); large → (±100)/(100 + 1e-4).
+        let a = 0.5 / (0.5 + 1e-4);
+        let b = 100.0 / (100.0 + 1e-4);
+        let want = [-a + 0.5 * b, a - 0.5 * b, 0.0 - 0.5 * b, 0.0 + 0.5 * b];
+        for (got, want) in t.iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{t:?} vs {want:?}");
+        }
+        // Without normalising, the large component decides alone.
+        let (raw, _) = weighted_sum(&[small, large], &[1.0, 0.5], None);
+        assert!(raw[0] > raw[1]);
+        assert!(t[0] < t[1]);
+    }
+
+    #[test]
+    fn should_fill_a_non_finite_component_with_its_group_mean_before_normalising() {
+        let c: &[f32] = &[1.0, f32::NAN, 3.0, 0.0, 4.0, 8.0];
+        let groups = [0, 0, 0, 1, 1, 1];
+        let (t, filled) = weighted_sum(&[c], &[1.0], Some(&groups));
+        assert_eq!(filled, 1);
+        // Group 0 becomes [1, 2, 3]: the filled sample sits at the mean.
+        assert!(t[1].abs() < 1e-9, "{t:?}");
+        assert!(t.iter().all(|v| v.is_finite()));
     }
 }

@@ -7,9 +7,11 @@ use runner::compile::{NodeInst, Pipeline, ResourceInst};
 pub mod branch;
 pub mod checkpointing;
 pub mod conditioning;
+pub mod ema;
 pub mod lora;
 pub mod memory;
 pub mod nft;
+pub mod reward;
 pub mod schedule;
 pub mod window;
 
@@ -21,6 +23,8 @@ pub fn register(r: &mut Registry) {
     r.checks.push(checkpointing::check);
     r.checks.push(window::check);
     r.checks.push(nft::check);
+    r.checks.push(ema::check);
+    r.checks.push(reward::check);
     r.checks.push(branch::check);
 }
 

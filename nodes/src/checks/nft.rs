@@ -1,10 +1,31 @@
-//! `nft_update`: its re-noising range must not be empty (`t_min` ≤ `t_max`).
+//! `nft_update`: its re-noising range must not be empty (`t_min` ≤ `t_max`), and its reference
+//! term (`kl_beta` > 0) needs a policy that keeps a reference (`reference: true`).
 
 use runner::{Diagnostics, Pipeline};
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut d = Diagnostics::default();
     for n in p.nodes.iter().filter(|n| n.ty == "nft_update") {
+        if n.params.f64("kl_beta").is_ok_and(|k| k > 0.0)
+            && let Some(&(_, i, _)) = n.uses.iter().find(|(slot, _, _)| *slot == "policy")
+            && let r = &p.resources[i]
+            && r.params.bool("reference").is_ok_and(|v| !v)
+        {
+            d.push(
+                n.params
+                    .error(
+                        "kl_beta",
+                        format!(
+                            "kl_beta > 0 needs a reference model, but resource `{}` keeps none",
+                            r.name
+                        ),
+                    )
+                    .help(format!(
+                        "set `reference: true` on `{}` (a LoRA policy's reference is its base: no copy)",
+                        r.name
+                    )),
+            );
+        }
         let (Ok(lo), Ok(hi)) = (n.params.f64("t_min"), n.params.f64("t_max")) else {
             continue;
         };

@@ -58,12 +58,43 @@ pub struct TrainerConfig {
     /// Global gradient L2-norm clipping threshold (<= 0 disables).
     #[config(default = 1.0)]
     pub grad_clip_norm: f32,
-    /// EMA decay; the effective decay is `min(ema_decay, (1 + n) / (10 + n))` at update n.
+    /// EMA decay, the cap of its ramp ([`ema_decay_at`](Self::ema_decay_at)).
     #[config(default = 0.999)]
     pub ema_decay: f64,
+    /// `Some(rate)`: the EMA's decay ramps linearly, `min(ema_decay, rate·(n − flat))` after n
+    /// optimizer steps (DiffusionNFT's old-policy schedule); `None`: the warm-up
+    /// `min(ema_decay, (1 + n)/(10 + n))`. Optional so that states written before it load.
+    pub ema_ramp_rate: Option<f64>,
+    /// With `ema_ramp_rate`: the first `flat` steps keep decay 0 (the EMA follows the weights).
+    pub ema_ramp_flat: Option<u64>,
     /// Seed of the CFG-dropout stream (combined with the step index, so resume is exact).
     #[config(default = 0)]
     pub seed: u64,
+}
+
+impl TrainerConfig {
+    /// The EMA decay applied by optimizer step `step` (0-based).
+    ///
+    /// Warm-up: `min(ema_decay, (1 + step)/(10 + step))`. Linear: with n = step + 1 the steps
+    /// taken including this one, 0 while n < flat, then `min(ema_decay, rate·(n − flat))` (the
+    /// public DiffusionNFT code's `return_decay`, whose step counter is incremented first).
+    pub fn ema_decay_at(&self, step: u64) -> f64 {
+        match self.ema_ramp_rate {
+            None => {
+                let n = step as f64;
+                self.ema_decay.min((1.0 + n) / (10.0 + n))
+            }
+            Some(rate) => {
+                let n = step + 1;
+                let flat = self.ema_ramp_flat.unwrap_or(0);
+                if n < flat {
+                    0.0
+                } else {
+                    self.ema_decay.min(rate * (n - flat) as f64)
+                }
+            }
+        }
+    }
 }
 
 /// Per-parameter AdamW state, flattened.
@@ -404,9 +435,8 @@ impl<M: VelocityModel> Trainer<M> {
         self.model = self.model.clone().map(&mut mapper);
         let updated = mapper.updated;
 
-        // EMA update with warmup of the decay.
-        let n = self.step as f64;
-        let decay = self.config.ema_decay.min((1.0 + n) / (10.0 + n));
+        // EMA update, its decay ramped over the steps taken.
+        let decay = self.config.ema_decay_at(self.step);
         self.ema = if self.config.ema_decay > 0.0 {
             // A resumed run may switch the EMA on: it starts from the weights before this step.
             let ema = self
@@ -822,5 +852,53 @@ impl ModuleMapper for EmaMapper<'_> {
             None => ema,
         };
         Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_warm_up_the_ema_decay_by_default() {
+        let c = TrainerConfig::new().with_ema_decay(0.5);
+        let got: Vec<f64> = (0..4).map(|s| c.ema_decay_at(s)).collect();
+        // (1 + n)/(10 + n): 0.1, 2/11, 0.25, then capped at 0.5 from n = 8 on.
+        assert_eq!(got, vec![0.1, 2.0 / 11.0, 0.25, 4.0 / 13.0]);
+        assert_eq!(c.ema_decay_at(8), 0.5);
+    }
+
+    #[test]
+    fn should_ramp_the_ema_decay_linearly_as_diffusion_nft_does() {
+        // DiffusionNFT's first setting: min(0.001·n, 0.5), n counting this step.
+        let c = TrainerConfig::new()
+            .with_ema_decay(0.5)
+            .with_ema_ramp_rate(Some(0.001));
+        assert_eq!(c.ema_decay_at(0), 0.001);
+        assert_eq!(c.ema_decay_at(9), 0.01);
+        assert_eq!(c.ema_decay_at(499), 0.5);
+        assert_eq!(c.ema_decay_at(5000), 0.5);
+        // Its second: 75 steps flat at 0, then 0.0075 per step up to 0.999.
+        let c = TrainerConfig::new()
+            .with_ema_decay(0.999)
+            .with_ema_ramp_rate(Some(0.0075))
+            .with_ema_ramp_flat(Some(75));
+        assert_eq!(c.ema_decay_at(0), 0.0);
+        assert_eq!(c.ema_decay_at(73), 0.0);
+        assert_eq!(c.ema_decay_at(74), 0.0); // n = 75: (75 − 75)·rate
+        assert!((c.ema_decay_at(75) - 0.0075).abs() < 1e-12);
+        assert!((c.ema_decay_at(174) - 0.75).abs() < 1e-12);
+        assert_eq!(c.ema_decay_at(1000), 0.999);
+    }
+
+    #[test]
+    fn should_read_a_trainer_config_written_before_the_ramp_existed() {
+        // The `flowrun.trainer_config` of a state saved before `ema_ramp_*` were added.
+        let old = r#"{"lr":3e-5,"warmup_steps":0,"weight_decay":0.0,"beta1":0.9,"beta2":0.999,"epsilon":1e-8,"grad_clip_norm":1.0,"ema_decay":0.5,"seed":7}"#;
+        let c: TrainerConfig = serde_json::from_str(old).unwrap();
+        assert_eq!(c.ema_ramp_rate, None);
+        assert_eq!(c.ema_decay_at(0), 0.1);
+        let back: TrainerConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
     }
 }

@@ -206,7 +206,10 @@ impl NftUpdate {
                     .velocity(x_t.clone(), t_p.clone(), &cond_p)?
                     .to_device(&ad);
                 let v_ref = match &reference {
-                    Some(r) => Some(r.velocity(x_t.clone(), t_p.clone(), &cond_p)?.to_device(&ad)),
+                    Some(r) => Some(
+                        r.velocity(x_t.clone(), t_p.clone(), &cond_p)?
+                            .to_device(&ad),
+                    ),
                     None => None,
                 };
                 let cond = prompts.conditioning_rows(idx, &ad);
@@ -226,7 +229,11 @@ impl NftUpdate {
                         terms.positive.detach(),
                         terms.negative.detach(),
                         terms.old_deviation.detach(),
-                        terms.kl.clone().unwrap_or_else(|| Tensor::zeros([1], &ad)).detach(),
+                        terms
+                            .kl
+                            .clone()
+                            .unwrap_or_else(|| Tensor::zeros([1], &ad))
+                            .detach(),
                     ],
                     0,
                 ))?;
@@ -551,7 +558,12 @@ mod tests {
             .collect::<Vec<_>>();
         let adv = [1.5, -0.5, 4.0, -6.0, 0.0, 0.7, -2.0, 2.0, 0.3, -0.3];
         assert_eq!(adv.len(), b);
-        for (beta, adaptive, kl_beta) in [(1.0, true, 0.0), (0.3, true, 0.0), (0.6, false, 0.0), (0.6, true, 50.0)] {
+        for (beta, adaptive, kl_beta) in [
+            (1.0, true, 0.0),
+            (0.3, true, 0.0),
+            (0.6, false, 0.0),
+            (0.6, true, 50.0),
+        ] {
             let mut res = trained_tiny();
             let images = Images::from_vec(x0.clone(), b, 0.0, &res.device);
             let u = NftUpdate {

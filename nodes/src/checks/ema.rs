@@ -16,7 +16,12 @@ pub fn check(p: &Pipeline) -> Diagnostics {
                 if r.params.at.contains_key(name) {
                     d.push(
                         r.params
-                            .error(name, format!("has no effect with ema_ramp `{ramp}` (only `linear` reads it)"))
+                            .error(
+                                name,
+                                format!(
+                                    "has no effect with ema_ramp `{ramp}` (only `linear` reads it)"
+                                ),
+                            )
                             .help("set `ema_ramp: linear`, or leave this out"),
                     );
                 }

@@ -10,7 +10,10 @@ pub fn check(p: &Pipeline) -> Diagnostics {
         {
             d.push(
                 n.params
-                    .error("normalise", "`group` needs the `prompts` input: it names each sample's group")
+                    .error(
+                        "normalise",
+                        "`group` needs the `prompts` input: it names each sample's group",
+                    )
                     .help("connect `prompts: <prompt_loader>.prompts`"),
             );
         }

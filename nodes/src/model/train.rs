@@ -898,7 +898,8 @@ mod tests {
         let c: TrainerConfig = serde_json::from_str(old).unwrap();
         assert_eq!(c.ema_ramp_rate, None);
         assert_eq!(c.ema_decay_at(0), 0.1);
-        let back: TrainerConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        let back: TrainerConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
     }
 }

@@ -203,6 +203,20 @@ impl<M: VelocityModel> PolicyModel<M> {
         self.reference.clone()
     }
 
+    /// The reference a penalty of weight `weight` (parameter `param`) needs: `None` at weight 0,
+    /// an error when the policy keeps none.
+    pub fn kl_reference(&self, param: &str, weight: f32) -> Result<Option<M>> {
+        if weight <= 0.0 {
+            return Ok(None);
+        }
+        if !self.has_reference() {
+            bail!(
+                "`{param}` > 0 needs a reference model: set `reference: true` on the flow_model resource"
+            );
+        }
+        Ok(self.reference_model())
+    }
+
     /// Whether the policy has a KL reference.
     pub fn has_reference(&self) -> bool {
         self.reference_is_base || self.reference.is_some()

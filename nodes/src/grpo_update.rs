@@ -348,18 +348,9 @@ impl GrpoUpdate {
         if host.is_empty() {
             bail!("no stochastic transitions to train on (is every τ 0?)");
         }
-        if self.beta > 0.0 && !m.has_reference() {
-            bail!(
-                "`beta` > 0 needs a reference model: set `reference: true` on the flow_model resource"
-            );
-        }
         let ad: Device = m.trainer.device().clone();
         // The frozen copy, or a LoRA policy's base (its adapters off: the trainer's own tensors).
-        let reference = if self.beta > 0.0 {
-            m.reference_model()
-        } else {
-            None
-        };
+        let reference = m.kl_reference("beta", self.beta)?;
         let mb = if self.minibatch == 0 {
             global
         } else {

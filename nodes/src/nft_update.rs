@@ -168,17 +168,8 @@ impl NftUpdate {
         } else {
             self.minibatch.min(b)
         };
-        if self.kl_beta > 0.0 && !m.has_reference() {
-            bail!(
-                "`kl_beta` > 0 needs a reference model: set `reference: true` on the flow_model resource"
-            );
-        }
         // The frozen copy, or a LoRA policy's base (its adapters off: the trainer's own tensors).
-        let reference = if self.kl_beta > 0.0 {
-            m.reference_model()
-        } else {
-            None
-        };
+        let reference = m.kl_reference("kl_beta", self.kl_beta)?;
         let x0_host = x0.to_vec()?;
         let mut st = NftStats::default();
         for k in 0..self.steps {

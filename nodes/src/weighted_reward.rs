@@ -168,7 +168,7 @@ impl Node for WeightedReward {
         };
         let groups = match (self.normalise, prompts) {
             (false, _) => None,
-            (true, Some(p)) => Some(p.group.clone()),
+            (true, Some(p)) => Some(p.group.as_slice()),
             (true, None) => bail!(
                 "weighted_reward `{}`: `normalise: group` needs the `prompts` input (it names each sample's group)",
                 ctx.id
@@ -200,7 +200,7 @@ impl Node for WeightedReward {
             }
         }
         let values: Vec<&[f32]> = comps.iter().map(|c| c.values.as_slice()).collect();
-        let (total, filled) = weighted_sum(&values, &self.weights, groups.as_deref());
+        let (total, filled) = weighted_sum(&values, &self.weights, groups);
         let mut values: Vec<f32> = total.iter().map(|v| *v as f32).collect();
         let bad = match self.on_nonfinite {
             OnNonFinite::Skip => {

@@ -172,7 +172,7 @@ fn kept_transition(
     let b = prompts.len();
     let (v, graph) = res
         .sampler()
-        .velocity(x, t, &prompts.conditioning(&dev), 1.0)
+        .velocity(x, t, &prompts.conditioning(&dev), 1.0, true)
         .unwrap();
     let k = LinearGaussian::tafs(t, t_next, tau).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);

@@ -235,10 +235,10 @@ impl<M: VelocityModel> PolicyModel<M> {
         let keep = (res.keep_rollout_graph && !res.sample_with_ema)
             .then(|| (self.trainer.device().clone(), self.trainer.step_count()));
         PolicySampler {
-            model: match keep {
-                Some(_) => Box::new(self.trainer.model().clone()),
-                None => Box::new(self.sampling_model(res.sample_with_ema)),
-            },
+            model: Box::new(self.sampling_model(res.sample_with_ema)),
+            tracked: keep
+                .is_some()
+                .then(|| Box::new(self.trainer.model().clone()) as Box<dyn SamplerModel>),
             device: res.device.clone(),
             keep,
         }
@@ -617,11 +617,13 @@ impl<M: VelocityModel> SamplerModel for M {
 /// What a sampler node needs from the policy: the model to run and where (see
 /// [`FlowModelRes::sampler`]).
 pub struct PolicySampler {
+    /// The sampling weights on the plain device (no autodiff).
     model: Box<dyn SamplerModel>,
+    /// With `rollout_graph: keep`: the trainer's own autodiff model (the same weights).
+    tracked: Option<Box<dyn SamplerModel>>,
     /// Plain device: where the node's outputs live.
     pub device: Device,
-    /// With `rollout_graph: keep`: the trainer's autodiff device and step count (the model is
-    /// then the trainer's own autodiff model).
+    /// With `rollout_graph: keep`: the trainer's autodiff device and step count.
     keep: Option<(Device, u64)>,
 }
 
@@ -637,7 +639,9 @@ impl PolicySampler {
     }
 
     /// v_θ(x, t, c) with classifier-free guidance `cfg`, on the plain device, and, with
-    /// `rollout_graph: keep`, the forward's autodiff graph for the update.
+    /// `rollout_graph: keep` and `train` (the update trains on this step), the forward's
+    /// autodiff graph for the update. A step the update skips (an ODE step) runs without
+    /// autodiff: a graph built and dropped would stay in memory until the next backward.
     /// x: [B, C, H, W] on the plain device; cond: batch B.
     pub fn velocity(
         &self,
@@ -645,17 +649,14 @@ impl PolicySampler {
         t: f32,
         cond: &Conditioning,
         cfg: f32,
+        train: bool,
     ) -> Result<(Tensor<4>, Option<RolloutGraph>)> {
         let b = x.dims()[0];
-        match &self.keep {
-            None => {
-                let tt = Tensor::<1>::full([b], t, &self.device);
-                Ok((self.model.velocity_cfg(x.clone(), tt, cond, cfg)?, None))
-            }
-            Some((ad, step)) => {
+        match (&self.keep, &self.tracked) {
+            (Some((ad, step)), Some(tracked)) if train => {
                 // The state is data, not a function of the weights: the graph starts at x.
                 let tt = Tensor::<1>::full([b], t, ad);
-                let v = self.model.velocity_cfg(
+                let v = tracked.velocity_cfg(
                     x.clone().to_device(ad),
                     tt,
                     &cond.clone().to_device(ad),
@@ -663,6 +664,10 @@ impl PolicySampler {
                 )?;
                 let plain = v.clone().detach().to_device(&self.device);
                 Ok((plain, Some(RolloutGraph::new(v, *step))))
+            }
+            _ => {
+                let tt = Tensor::<1>::full([b], t, &self.device);
+                Ok((self.model.velocity_cfg(x.clone(), tt, cond, cfg)?, None))
             }
         }
     }

@@ -283,17 +283,37 @@ impl Node for FlowSdeStep {
             None if self.seed_group && before_window => Some(TreeRows::groups(prompts)),
             None => None,
         };
+        let sde = self
+            .window
+            .is_none_or(|w| w.contains(self.index, ctx.iteration));
+        if let Some(w) = &self.window
+            && self.index == 0
+        {
+            ctx.metric("window_start", w.start_at(ctx.iteration) as f64);
+        }
+        // An ODE step carries no log-prob: the update skips it, so it keeps no graph.
+        let (k, tau) = if sde {
+            (self.kernel, self.noise_level)
+        } else {
+            (self.ode, 0.0)
+        };
         let (x_t, v, graph) = match &tree {
             None => {
                 let x_t = x.tensor.clone();
-                let (v, graph) =
-                    policy.velocity(&x_t, self.t, &prompts.conditioning(&device), self.cfg)?;
+                let (v, graph) = policy.velocity(
+                    &x_t,
+                    self.t,
+                    &prompts.conditioning(&device),
+                    self.cfg,
+                    k.is_stochastic(),
+                )?;
                 (x_t, v, graph)
             }
             Some(rows) => {
                 let x_u = select_rows(&x.tensor, &rows.nodes);
                 let cond = prompts.conditioning_rows(&rows.nodes, &device);
-                let (v_u, graph) = policy.velocity(&x_u, self.t, &cond, self.cfg)?;
+                let (v_u, graph) =
+                    policy.velocity(&x_u, self.t, &cond, self.cfg, k.is_stochastic())?;
                 ctx.metric(rows.metric, rows.nodes.len() as f64);
                 // Back to one row per sample (through the graph too: the update trains rows).
                 let graph = graph.and_then(|g| {
@@ -307,19 +327,6 @@ impl Node for FlowSdeStep {
                     graph,
                 )
             }
-        };
-        let sde = self
-            .window
-            .is_none_or(|w| w.contains(self.index, ctx.iteration));
-        if let Some(w) = &self.window
-            && self.index == 0
-        {
-            ctx.metric("window_start", w.start_at(ctx.iteration) as f64);
-        }
-        let (k, tau) = if sde {
-            (self.kernel, self.noise_level)
-        } else {
-            (self.ode, 0.0)
         };
         let eps = if k.is_stochastic() {
             let mut rng = ChaCha8Rng::seed_from_u64(ctx.seed_for("eps"));
@@ -352,7 +359,7 @@ impl Node for FlowSdeStep {
             x_next: x_next.clone(),
             old_logprob,
             sampler: "flow_sde",
-            graph: if k.is_stochastic() { graph } else { None },
+            graph,
             branch: self.branch.clone(),
         };
         Ok(Outputs::new()

@@ -785,7 +785,7 @@ mod tests {
         // As the samplers do: with `keep_rollout_graph` the velocity's graph comes along.
         let (v, graph) = res
             .sampler()
-            .velocity(&x, 0.75, &prompts.conditioning(&dev), 1.0)
+            .velocity(&x, 0.75, &prompts.conditioning(&dev), 1.0, true)
             .unwrap();
         let k = LinearGaussian::tafs(0.75, 0.5, tau).unwrap();
         let eps = tensor_from_vec(

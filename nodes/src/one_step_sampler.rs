@@ -69,6 +69,9 @@ impl Node for OneStepSampler {
             self.t,
             &prompts.conditioning(&policy.device),
             self.cfg,
+            // With `rollout_graph: keep` the graph rides on `pred` to a renoiser's transition;
+            // a step whose `pred` nobody reads (the last, with `when: not_last`) keeps none.
+            ctx.is_read("pred"),
         )?;
         let x0 = x_t.clone() - v.clone().mul_scalar(self.t);
         let eps = x_t.clone() + v.clone().mul_scalar(1.0 - self.t);

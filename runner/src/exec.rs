@@ -119,6 +119,8 @@ struct Runtime {
     /// For each node: the distinct nodes it reads from.
     deps: Vec<Vec<usize>>,
     dependents: Vec<Vec<usize>>,
+    /// For each node: its outputs that another node reads ([`NodeCtx::is_read`]).
+    read: Vec<Arc<std::collections::HashSet<&'static str>>>,
     run_dir: PathBuf,
     /// Each node's wall time the last time it ran (∞ before its first run). Nodes that took
     /// less than [`INLINE_BELOW_S`] run inline on the scheduler's thread: a hop to the blocking
@@ -584,7 +586,11 @@ fn build(
     let count = pipeline.nodes.len();
     let mut deps = vec![Vec::new(); count];
     let mut dependents = vec![Vec::new(); count];
+    let mut read = vec![std::collections::HashSet::new(); count];
     for (i, n) in pipeline.nodes.iter().enumerate() {
+        for (s, port) in n.inputs.iter().flat_map(|(_, srcs)| srcs.iter()) {
+            read[*s].insert(*port);
+        }
         let sources = n
             .inputs
             .iter()
@@ -603,6 +609,7 @@ fn build(
         deps,
         last_secs: vec![f64::INFINITY; count],
         dependents,
+        read: read.into_iter().map(Arc::new).collect(),
         run_dir: run_dir.to_path_buf(),
         collective,
     })
@@ -962,6 +969,7 @@ async fn run_iteration(rt: &mut Runtime, it: u64) -> Result<IterationOutput> {
                 images_due,
                 collective: rt.collective.clone(),
                 global_metrics: Mutex::new(Vec::new()),
+                read: rt.read[i].clone(),
             };
             let handle = rt.nodes[i].clone();
             let span = info_span!("node", id = %node.id, it);

@@ -213,6 +213,8 @@ pub struct NodeCtx {
     pub(crate) collective: Option<crate::dist::SharedCollective>,
     /// Metrics the node already reduced over all ranks ([`NodeCtx::metric_global`]).
     pub(crate) global_metrics: Mutex<Vec<String>>,
+    /// The node's outputs that another node reads.
+    pub(crate) read: Arc<std::collections::HashSet<&'static str>>,
 }
 
 /// The seed [`NodeCtx::seed_for`] gives node `id` at `iteration` for `stream`, under the
@@ -230,6 +232,12 @@ impl NodeCtx {
     /// scheduling order.
     pub fn seed_for(&self, stream: &str) -> u64 {
         stream_seed(self.seed, &self.id, self.iteration, stream)
+    }
+
+    /// Whether another node reads output `port` (from the pipeline's wiring): a node may skip
+    /// the work, or the memory, of an output nobody reads.
+    pub fn is_read(&self, port: &str) -> bool {
+        self.read.contains(port)
     }
 
     /// Record a metric for this iteration (logged as `node_id/name`). In a data-parallel run

@@ -260,7 +260,7 @@ fn rollout(
     for (k, &(t, t_next, tau)) in sched.iter().enumerate() {
         // one_step_sampler
         let t0 = Instant::now();
-        let (v, graph) = sampler.velocity(&x, t, &prompts.conditioning(&dev), cfg)?;
+        let (v, graph) = sampler.velocity(&x, t, &prompts.conditioning(&dev), cfg, true)?;
         forward_s += t0.elapsed().as_secs_f64();
         let x0 = x.clone() - v.clone().mul_scalar(t);
         let eps_hat = x.clone() + v.clone().mul_scalar(1.0 - t);

@@ -5,13 +5,16 @@
 //! "What validation estimates"):
 //! * weights: each `flow_model` holds about [`WEIGHT_COPIES`] f32 copies of its parameters
 //!   (weights, gradient, two AdamW moments, the sampling and reference copies);
-//! * activations: one autodiff forward of one sample keeps
-//!   `CONV_BYTES · V_conv + ATTN_BYTES · V_attn` bytes, where `V_conv` is the UNet's feature
-//!   volume (channels × side² summed over its residual blocks) and `V_attn` the attention score
-//!   volume (heads × image tokens × keys); with `rollout_graph: keep` the update holds one such
-//!   graph per sample and transition, with `recompute` about [`RECOMPUTE_FRACTION`] of one per
-//!   sample of a minibatch;
-//! * a fixed [`BASE_BYTES`] (binary, dataset, runtime).
+//! * activations: one kept autodiff forward of one sample holds `conv · V_conv + attn · V_attn`
+//!   bytes, where `V_conv` is the UNet's feature volume (channels × side² summed over its
+//!   residual blocks) and `V_attn` the attention score volume (heads × image tokens × keys);
+//!   with `rollout_graph: keep` the update holds one such graph per sample and trained
+//!   transition (a windowed sampler's ODE steps keep none), with `recompute` about `recompute`
+//!   times one per sample of the update's minibatch;
+//! * a fixed `base` (binary, dataset, runtime, libtorch's libraries),
+//!
+//! with `conv`, `attn`, `recompute` and `base` fitted per backend ([`UNET_FLEX`],
+//! [`UNET_LIBTORCH`]).
 //!
 //! For `arch: sd3` the activations are per transformer block and row (CFG: 2 rows per sample):
 //! `α·T·D + β·heads·T²` with T image + text tokens, D the inner width, α and β per kind of
@@ -56,17 +59,40 @@ pub const SD3_UPDATE_FACTOR_FLEX: f64 = 1.0;
 /// sample"). Not 0.5: the velocity, log-probs, loss and the adapters' path stay f32.
 pub const SD3_HALF_ACTIVATION_FACTOR: f64 = 0.73;
 
-/// Bytes one autodiff forward keeps per element of the UNet's feature volume: fitted to the
-/// peak RSS of runs of the main job on flex over 3 iterations (the second and later
-/// iterations peak ~25% above the first), `small` and `tiny` models, 16–256 samples.
-pub const CONV_BYTES: f64 = 122.0;
-/// Bytes per element of the attention score volume (same fit).
-pub const ATTN_BYTES: f64 = 20.2;
-/// Peak of a `recompute` update per sample of a minibatch, as a fraction of one kept graph.
-pub const RECOMPUTE_FRACTION: f64 = 0.65;
+/// The ShapeWorld UNet's memory on one backend, fitted to the peak RSS of TAFS-GRPO runs over 3
+/// iterations (`small` and `tiny` models, 16–256 samples, `rollout_graph` keep and recompute;
+/// README "What validation estimates" has the runs and the command).
+pub struct UnetFit {
+    /// Bytes one kept forward graph holds per element of the UNet's feature volume.
+    pub conv: f64,
+    /// Bytes per element of the attention score volume.
+    pub attn: f64,
+    /// Peak of a `recompute` update per sample of a minibatch (its forward and backward), as a
+    /// multiple of one kept graph.
+    pub recompute: f64,
+    /// The process before any batch (binary, runtime, dataset; libtorch's libraries).
+    pub base: f64,
+}
+
+/// flex: its fused convolution, GroupNorm and attention kernels keep little beyond their
+/// inputs, so a kept graph is small and a recompute update's backward buffers exceed it.
+pub const UNET_FLEX: UnetFit = UnetFit {
+    conv: 36.6,
+    attn: 4.15,
+    recompute: 1.15,
+    base: 48.0 * MIB,
+};
+/// libtorch CPU: the libraries take ~0.5 GiB; a kept graph is about twice flex's.
+pub const UNET_LIBTORCH: UnetFit = UnetFit {
+    conv: 75.1,
+    attn: 4.04,
+    recompute: 1.3,
+    base: 512.0 * MIB,
+};
+
 /// f32 copies of the parameters a trained model holds.
 pub const WEIGHT_COPIES: f64 = 6.0;
-/// The process without any batch.
+/// The process without any batch (the SD3 estimate's; the UNet's is per backend, [`UnetFit`]).
 pub const BASE_BYTES: f64 = 24.0 * MIB;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -74,6 +100,9 @@ const GIB: f64 = 1024.0 * MIB;
 
 /// Samplers and steps whose forward passes become the update's graph.
 const TRANSITION_NODES: &[&str] = &["annealed_renoiser", "flow_sde_step"];
+
+/// The update nodes whose `minibatch` sets how many samples one backward holds.
+const UPDATE_NODES: &[&str] = &["grpo_update", "nft_update"];
 
 pub fn check(p: &Pipeline) -> Diagnostics {
     let mut diags = Diagnostics::default();
@@ -137,6 +166,11 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
     let mut graph = 0.0f64;
     let mut keep = false;
     let mut sizes = Vec::new();
+    let fit = if p.device.starts_with("libtorch") {
+        &UNET_LIBTORCH
+    } else {
+        &UNET_FLEX
+    };
     for r in super::flow_models(p) {
         // Calibrated on the ShapeWorld UNet only: no estimate for other architectures.
         if r.params.str("arch").is_ok_and(|a| a != "shapes_unet") {
@@ -152,12 +186,12 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
             }
             _ => WEIGHT_COPIES * 4.0 * param_count(&cfg) as f64,
         };
-        graph = graph.max(graph_bytes(&cfg));
+        graph = graph.max(graph_bytes(&cfg, fit));
         keep |= r.params.str("rollout_graph").ok() == Some("keep");
         sizes.push(format!(
             "`{}` (~{} per sample graph)",
             r.name,
-            human(graph_bytes(&cfg))
+            human(graph_bytes(&cfg, fit))
         ));
     }
     if sizes.is_empty() {
@@ -198,14 +232,7 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
         return None; // set by the data (a replay of stored iterations): not known here
     }
     let transitions = transitions(p);
-    let minibatch = p
-        .nodes
-        .iter()
-        .filter(|n| n.ty == "grpo_update")
-        .filter_map(|n| n.params.i64("minibatch").ok())
-        .map(|m| m as u64)
-        .max()
-        .unwrap_or(0);
+    let minibatch = update_minibatch(p, batch);
     let b = batch as f64;
     let (activations, mode) = if keep {
         (
@@ -213,17 +240,13 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
             format!("{transitions} kept rollout graphs per sample (`rollout_graph: keep`)"),
         )
     } else {
-        let mb = if minibatch == 0 || minibatch > batch {
-            batch
-        } else {
-            minibatch
-        } as f64;
+        let mb = minibatch as f64;
         (
-            mb * RECOMPUTE_FRACTION * graph,
+            mb * fit.recompute * graph,
             format!("a recomputed graph per sample of a minibatch of {mb}"),
         )
     };
-    let bytes = BASE_BYTES + weights + activations;
+    let bytes = fit.base + weights + activations;
     let why = format!(
         "{batch} samples per iteration ({batch_words}), {mode}, model {}",
         sizes.join(", ")
@@ -231,13 +254,40 @@ pub fn estimate(p: &Pipeline) -> Option<Estimate> {
     Some(Estimate { bytes, why, at })
 }
 
-/// Stochastic transitions per sample: the samplers whose forwards the update trains on.
+/// Trained transitions per sample: the sampler steps whose forwards the update trains on, and
+/// so whose graphs `rollout_graph: keep` holds. An Euler (ODE) step — `flow_sde_step` with
+/// `noise_level: 0`, or outside its SDE window — keeps none; a windowed repeat keeps at most
+/// `window_size` of its stochastic steps (the most any window position covers).
 fn transitions(p: &Pipeline) -> f64 {
+    let mut plain = 0usize;
+    let mut windowed = 0usize;
+    let mut window = 0usize;
+    for n in p.nodes.iter().filter(|n| TRANSITION_NODES.contains(&n.ty)) {
+        if n.params.f64("noise_level").is_ok_and(|a| a <= 0.0) {
+            continue; // every step of it is deterministic
+        }
+        match n.params.usize("window_size") {
+            Ok(w) if w > 0 => {
+                windowed += 1;
+                window = window.max(w);
+            }
+            _ => plain += 1,
+        }
+    }
+    (plain + windowed.min(window)).max(1) as f64
+}
+
+/// The samples per backward of the pipeline's update (`grpo_update` or `nft_update`
+/// `minibatch`), `batch` when the update takes the whole batch at once (0 or ≥ batch).
+fn update_minibatch(p: &Pipeline, batch: u64) -> u64 {
     p.nodes
         .iter()
-        .filter(|n| TRANSITION_NODES.contains(&n.ty))
-        .count()
-        .max(1) as f64
+        .filter(|n| UPDATE_NODES.contains(&n.ty))
+        .filter_map(|n| n.params.i64("minibatch").ok())
+        .map(|m| m as u64)
+        .filter(|&m| m > 0 && m < batch)
+        .max()
+        .unwrap_or(batch)
 }
 
 /// The resource's `lora:` settings, when valid (invalid ones are reported by their own check).
@@ -375,12 +425,8 @@ fn estimate_sd3(p: &Pipeline, r: &runner::compile::ResourceInst) -> Option<Estim
         ppi.saturating_mul(g)
     };
     let transitions = transitions(p);
-    let update = p.nodes.iter().find(|n| n.ty == "grpo_update");
-    let minibatch = update
-        .and_then(|n| n.params.i64("minibatch").ok())
-        .map(|m| m as u64)
-        .filter(|&m| m > 0 && m < batch)
-        .unwrap_or(batch);
+    let update = p.nodes.iter().find(|n| UPDATE_NODES.contains(&n.ty));
+    let minibatch = update_minibatch(p, batch);
     let (activations, mode) = if keep {
         (
             batch as f64 * transitions * per_sample,
@@ -503,8 +549,8 @@ fn param_count(cfg: &FlowModelConfig) -> usize {
     cfg.init_zeros(&burn::tensor::Device::flex()).num_params()
 }
 
-/// Bytes one sample's autodiff forward keeps (see the module doc).
-pub fn graph_bytes(cfg: &FlowModelConfig) -> f64 {
+/// Bytes one sample's kept autodiff forward holds on the backend of `fit` (see the module doc).
+pub fn graph_bytes(cfg: &FlowModelConfig, fit: &UnetFit) -> f64 {
     let n = cfg.channels.len();
     let side = |l: usize| (cfg.image_size >> l) as f64;
     let tokens = cfg.max_tokens as f64;
@@ -529,7 +575,7 @@ pub fn graph_bytes(cfg: &FlowModelConfig) -> f64 {
     conv += cfg.mid_blocks.max(1) as f64 * c_mid * s2;
     let heads = (cfg.channels[n - 1] / cfg.attn_head_dim.max(1)).max(1) as f64;
     attn += heads * s2 * (s2 + tokens);
-    CONV_BYTES * conv + ATTN_BYTES * attn
+    fit.conv * conv + fit.attn * attn
 }
 
 /// This machine's memory: the smaller of the physical memory and the cgroup's limit.

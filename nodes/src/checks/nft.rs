@@ -1,5 +1,7 @@
 //! `nft_update`: its re-noising range must not be empty (`t_min` ≤ `t_max`), and its reference
-//! term (`kl_beta` > 0) needs a policy that keeps a reference (`reference: true`).
+//! term (`kl_beta` > 0) needs a policy that keeps a reference (`reference: true`). It trains
+//! on fresh re-noisings of the final images and reads no rollout graph: a policy that keeps
+//! them (`rollout_graph: keep`) for no `grpo_update` only holds memory, and is refused.
 
 use runner::{Diagnostics, Pipeline};
 
@@ -24,6 +26,26 @@ pub fn check(p: &Pipeline) -> Diagnostics {
                         "set `reference: true` on `{}` (a LoRA policy's reference is its base: no copy)",
                         r.name
                     )),
+            );
+        }
+        if let Some(&(_, i, _)) = n.uses.iter().find(|(slot, _, _)| *slot == "policy")
+            && let r = &p.resources[i]
+            && r.params.str("rollout_graph").ok() == Some("keep")
+            && !p.nodes.iter().any(|u| {
+                u.ty == "grpo_update" && u.uses.iter().any(|&(s, j, _)| s == "policy" && j == i)
+            })
+        {
+            d.push(
+                r.params
+                    .error(
+                        "rollout_graph",
+                        format!(
+                            "`rollout_graph: keep` on `{}` holds every sampler step's graph, but \
+                             its update `{}` (nft_update) re-noises the final images and reads none",
+                            r.name, n.id
+                        ),
+                    )
+                    .help("set `rollout_graph: recompute` (the default)"),
             );
         }
         let (Ok(lo), Ok(hi)) = (n.params.f64("t_min"), n.params.f64("t_max")) else {
